@@ -1,0 +1,53 @@
+"""The typer app, the consoles and what every command shares."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+
+from fluxredux.config import ModelChoice
+from fluxredux.errors import ClientError, FluxReduxError
+
+app = typer.Typer(
+    help="fluxredux: self-hosted FLUX.1 Redux [schnell] image variations.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain: "[schnell]" is a name, not markup
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
+        force=True,
+    )
+    # Libraries' INFO chatter (HTTP requests, weight loading) only with --verbose.
+    for noisy in ("httpx", "huggingface_hub", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+
+
+def fail(exc: FluxReduxError) -> typer.Exit:
+    """Print a domain error plainly (no stack trace); exit 2 for a caller mistake."""
+    err.print(f"[bold red]error[/] [dim]({exc.code})[/]: {escape(exc.message)}", highlight=False)
+    return typer.Exit(code=2 if isinstance(exc, ClientError) else 1)
+
+
+ModelOption = Annotated[
+    ModelChoice | None,
+    typer.Option(
+        "--model",
+        help="auto: the real model on a CUDA GPU, else the demo model. flux: real weights. "
+        "demo: random weights (outputs are noise). Default: FLUXREDUX_MODEL or auto.",
+    ),
+]
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")]

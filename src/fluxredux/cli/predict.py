@@ -1,0 +1,113 @@
+"""``fluxredux predict``: one prediction in this process, files written locally."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fluxredux.cli.app import ModelOption, VerboseOption, app, err, fail, out, setup_logging
+from fluxredux.cli.input_flags import flag_name, with_input_flags
+from fluxredux.config import Settings
+from fluxredux.errors import FluxReduxError, ImageError, InvalidInput
+from fluxredux.images import EXTENSIONS, DecodeLimits, decode_image
+from fluxredux.schema import PredictionInput, field_errors
+from fluxredux.worker.predictor import PredictionResult
+
+
+@app.command()
+@with_input_flags
+def predict(
+    image: Annotated[Path, typer.Argument(help="Reference image file (JPEG, PNG, WEBP or GIF).")],
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where to write the images.")] = Path(
+        "."
+    ),
+    model: ModelOption = None,
+    verbose: VerboseOption = False,
+    *,
+    inputs: dict[str, Any],
+) -> None:
+    """Generate variations of IMAGE in this process and write them to --output-dir."""
+    setup_logging(verbose)
+    settings = Settings() if model is None else Settings(model=model)
+    try:
+        reference = _read_image(image, settings)
+        prediction_input = _validate(inputs)
+        result = _run(prediction_input, reference, settings)
+    except FluxReduxError as exc:
+        raise fail(exc) from None
+    _report(result, image, output_dir)
+
+
+def _read_image(path: Path, settings: Settings) -> tuple[bytes, Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageError("image_unreadable", f"cannot read {path}: {exc.strerror or exc}") from exc
+    limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    return data, decode_image(data, limits)
+
+
+# The image is read from disk and decoded above; this placeholder only lets the same
+# model as the API validate the flags (it accepts any data: URI).
+LOCAL_FILE = "data:,local-file"
+
+
+def _validate(flags: dict[str, Any]) -> PredictionInput:
+    try:
+        return PredictionInput(redux_image=LOCAL_FILE, **flags)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{flag_name(e.field)}: {e.message}" if e.field in flags else str(e) for e in field_errors(exc)
+        )
+        raise InvalidInput(problems) from None
+
+
+def _run(inputs: PredictionInput, reference: tuple[bytes, Any], settings: Settings) -> PredictionResult:
+    # Imported here: torch and diffusers take seconds to import, and `--help` should not.
+    from fluxredux.pipeline.model import load_model
+    from fluxredux.safety import SafetyChecker
+    from fluxredux.safety.nudenet_detector import NudeNetDetector
+    from fluxredux.worker.predictor import Predictor
+
+    with err.status("loading the model..."):
+        image_model = load_model(settings)
+        checker = None
+        if not inputs.disable_safety_checker:
+            checker = SafetyChecker(NudeNetDetector(), threshold=settings.safety_threshold)
+    if image_model.info.is_demo:
+        err.print(f"[bold yellow]{image_model.info.notice}[/]")
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("denoising", total=inputs.num_inference_steps)
+        result = Predictor(image_model, checker).predict(
+            inputs,
+            reference[1],
+            on_step=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    return result
+
+
+def _report(result: PredictionResult, image: Path, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for output in result.outputs:
+        path = output_dir / f"{image.stem}-{result.seed}-{output.index}.{EXTENSIONS[output.output_format]}"
+        path.write_bytes(output.data)
+        out.print(f"{path}  {output.width}x{output.height}  {len(output.data):,} bytes", highlight=False)
+    dropped = [i for i, verdict in enumerate(result.safety) if verdict.unsafe]
+    if dropped:
+        err.print(f"safety checker removed {len(dropped)} image(s): {dropped}")
+    timings = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
+    err.print(f"time: {timings}", highlight=False)
+    if result.notice:
+        out.print(f"[bold yellow]{result.notice}[/]")
+    out.print(f"seed: {result.seed}", highlight=False)

@@ -1,0 +1,69 @@
+"""One domain error hierarchy.
+
+Each error carries a stable machine-readable ``code`` and a message a user can act
+on. No HTTP status codes here: the API maps error classes to statuses in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FluxReduxError(Exception):
+    """Base of every error fluxredux raises on purpose."""
+
+    code = "error"
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.message, "code": self.code, **self.detail}
+
+
+class ClientError(FluxReduxError):
+    """The caller's request is wrong; retrying it unchanged will fail again."""
+
+    code = "invalid_request"
+
+
+class InvalidInput(ClientError):
+    """One or more input fields are invalid."""
+
+    code = "invalid_input"
+
+
+class ImageError(ClientError):
+    """The reference image cannot be used. ``code`` names the specific reason."""
+
+    code = "invalid_image"
+
+    def __init__(self, code: str, message: str, **detail: Any) -> None:
+        super().__init__(message, **detail)
+        self.code = code
+
+
+class WeightsNotFound(FluxReduxError):
+    """Model weights are not on this machine; the message says how to get them."""
+
+    code = "weights_not_found"
+
+
+class ModelUnavailable(FluxReduxError):
+    """The requested model cannot run here (e.g. the real model without a GPU)."""
+
+    code = "model_unavailable"
+
+
+class PredictionCancelled(FluxReduxError):
+    """The prediction was cancelled while it ran."""
+
+    code = "cancelled"
+
+
+class AllOutputsUnsafe(FluxReduxError):
+    """Every generated image was flagged by the safety checker."""
+
+    code = "nsfw_content"

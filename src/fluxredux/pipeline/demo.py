@@ -1,0 +1,136 @@
+"""The demo model: a tiny random-weight FLUX.1 Redux [schnell], written to disk in the
+real diffusers layout and then loaded back through the real loader.
+
+It runs on any machine in well under a second per image, so the whole service (and the
+real loading code) can be exercised without a GPU or a 24 GB download. Its weights are
+random: the images it makes are noise, and everything that shows them says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import FluxPipeline, FluxPriorReduxPipeline
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+from fluxredux.pipeline.architecture import TINY, build_random_components, quiet_library_progress
+
+log = logging.getLogger(__name__)
+
+DEMO_NOTICE = "demo model: random weights, outputs are noise"
+# Bump when the demo architecture changes, so stale copies in caches are rebuilt.
+DEMO_VERSION = "v1"
+DEMO_SEED = 1234
+
+
+@dataclass(frozen=True)
+class DemoModelPaths:
+    schnell: Path
+    redux: Path
+
+
+def demo_model_paths(cache_dir: Path) -> DemoModelPaths:
+    root = Path(cache_dir) / f"demo-model-{DEMO_VERSION}"
+    return DemoModelPaths(schnell=root / "FLUX.1-schnell", redux=root / "FLUX.1-Redux-dev")
+
+
+def ensure_demo_model(cache_dir: Path) -> DemoModelPaths:
+    """Write the demo model under ``cache_dir`` unless it is there already.
+
+    Written to a temporary folder and renamed into place, so a crash or a concurrent
+    writer never leaves a half-written model behind.
+    """
+    paths = demo_model_paths(cache_dir)
+    root = paths.schnell.parent
+    if root.is_dir():
+        return paths
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    try:
+        write_demo_model(staging)
+        try:
+            os.rename(staging, root)
+        except OSError:
+            if not root.is_dir():  # lost a race to another writer: theirs is identical
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("wrote the demo model to %s", root)
+    return paths
+
+
+def write_demo_model(root: Path) -> DemoModelPaths:
+    """Build the tiny model deterministically and save it in the diffusers layout."""
+    with quiet_library_progress():
+        return _write_demo_model(root)
+
+
+def _write_demo_model(root: Path) -> DemoModelPaths:
+    parts = build_random_components(TINY, seed=DEMO_SEED)
+    text_encoder, tokenizer, text_encoder_2, tokenizer_2 = _tiny_text_encoders()
+    # Text encoders are saved too, exactly like the real FLUX.1-schnell folder holds
+    # them, so the loader is shown to skip them on a real layout.
+    FluxPipeline(
+        scheduler=parts.scheduler,
+        vae=parts.vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=parts.transformer,
+    ).save_pretrained(root / "FLUX.1-schnell")
+    FluxPriorReduxPipeline(
+        image_encoder=parts.image_encoder,
+        feature_extractor=parts.feature_extractor,
+        image_embedder=parts.image_embedder,
+    ).save_pretrained(root / "FLUX.1-Redux-dev")
+    (root / "README.txt").write_text(
+        f"fluxredux {DEMO_NOTICE}.\nA tiny FLUX.1 Redux [schnell] built from configs for tests and demos.\n"
+    )
+    return DemoModelPaths(schnell=root / "FLUX.1-schnell", redux=root / "FLUX.1-Redux-dev")
+
+
+def _tiny_text_encoders() -> tuple[CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast]:
+    torch.manual_seed(DEMO_SEED + 1)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=16,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    t5 = T5EncoderModel(
+        T5Config(
+            d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4, vocab_size=16, decoder_start_token_id=0
+        )
+    ).eval()
+    # transformers 5 builds tokenizers offline from in-memory vocabularies (the
+    # vocab_file= forms would silently build empty ones).
+    clip_tokenizer = CLIPTokenizer(
+        vocab={"<|startoftext|>": 0, "<|endoftext|>": 1, "t": 2, "h": 3, "th</w>": 4, "a</w>": 5, "th": 6},
+        merges=[("t", "h")],
+    )
+    t5_tokenizer = T5TokenizerFast(
+        vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581a", -1.0), ("b", -2.0)], extra_ids=0
+    )
+    return clip, clip_tokenizer, t5, t5_tokenizer

@@ -1,0 +1,274 @@
+"""Loading FLUX.1 [schnell] + the Redux prior, and generating images with them.
+
+The only module (with its siblings in this package) that imports torch and diffusers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+from PIL import Image
+from transformers import SiglipImageProcessorPil, SiglipVisionModel
+
+from fluxredux.config import Settings
+from fluxredux.errors import ModelUnavailable, PredictionCancelled
+from fluxredux.pipeline.architecture import quiet_library_progress
+from fluxredux.pipeline.conditioning import Conditioning, redux_conditioning
+from fluxredux.pipeline.demo import DEMO_NOTICE, ensure_demo_model
+from fluxredux.weights import REDUX, SCHNELL, resolve_weights
+
+log = logging.getLogger(__name__)
+
+ModelKind = Literal["flux", "demo"]
+ProgressCallback = Callable[[int, int], None]  # (step done, total steps)
+CancelCheck = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    kind: ModelKind
+    device: str
+    dtype: str
+    schnell: str
+    redux: str
+    offload: str = "none"
+
+    @property
+    def is_demo(self) -> bool:
+        return self.kind == "demo"
+
+    @property
+    def notice(self) -> str | None:
+        """What every output display must say about this model, if anything."""
+        return DEMO_NOTICE if self.is_demo else None
+
+    def describe(self) -> str:
+        name = "DEMO model (random weights, outputs are noise)" if self.is_demo else "FLUX.1 Redux [schnell]"
+        return f"{name} on {self.device} ({self.dtype}, offload {self.offload})"
+
+
+@dataclass
+class Generation:
+    images: list[np.ndarray]  # (H, W, 3) uint8 each
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: prior, denoise, decode
+
+
+def choose_model_kind(choice: str, cuda_available: bool) -> ModelKind:
+    if choice == "auto":
+        return "flux" if cuda_available else "demo"
+    if choice in ("flux", "demo"):
+        return choice  # type: ignore[return-value]
+    raise ModelUnavailable(f"unknown model choice {choice!r}; use auto, flux or demo")
+
+
+def load_model(settings: Settings) -> ReduxModel:
+    """Load the model the settings ask for, saying loudly which one it is."""
+    cuda = torch.cuda.is_available()
+    kind = choose_model_kind(settings.model, cuda)
+    device = torch.device(settings.device or ("cuda" if cuda else "cpu"))
+    if kind == "demo":
+        paths = ensure_demo_model(settings.cache_dir)
+        schnell_ref, redux_ref = str(paths.schnell), str(paths.redux)
+        why = "no CUDA GPU found" if settings.model == "auto" else "--model demo"
+        log.warning("Using the DEMO model (%s): random weights, outputs are noise.", why)
+    else:
+        schnell_ref, redux_ref = settings.schnell_model, settings.redux_model
+    model = ReduxModel.load(schnell_ref, redux_ref, kind=kind, device=device, offload=settings.offload)
+    log.info("model ready: %s", model.info.describe())
+    return model
+
+
+class ReduxModel:
+    """FLUX.1 [schnell] conditioned on one reference image through the Redux prior."""
+
+    def __init__(
+        self,
+        pipe: FluxPipeline,
+        image_encoder: SiglipVisionModel,
+        feature_extractor: SiglipImageProcessorPil,
+        image_embedder: ReduxImageEncoder,
+        info: ModelInfo,
+    ) -> None:
+        self.pipe = pipe
+        self.image_encoder = image_encoder
+        self.feature_extractor = feature_extractor
+        self.image_embedder = image_embedder
+        self.info = info
+        self.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
+
+    @classmethod
+    def load(
+        cls,
+        schnell_ref: str,
+        redux_ref: str,
+        *,
+        kind: ModelKind,
+        device: torch.device,
+        offload: str = "none",
+    ) -> ReduxModel:
+        """Load from local folders or the Hugging Face cache; never downloads.
+
+        Both locations are checked before any weight is read, so missing weights are
+        reported within a second, not after minutes of loading the other half.
+        """
+        if offload != "none" and device.type != "cuda":
+            raise ModelUnavailable(f"offload '{offload}' needs a CUDA device; this one is {device}")
+        schnell_dir = resolve_weights(schnell_ref, SCHNELL)
+        redux_dir = resolve_weights(redux_ref, REDUX)
+        # bf16 on GPUs (the weights' own precision); fp32 on CPUs, where bf16 is ~15x slower.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+        log.info("loading %s from %s and %s", kind, schnell_dir, redux_dir)
+        with quiet_library_progress():
+            pipe, image_encoder, feature_extractor, image_embedder = cls._load_components(
+                schnell_dir, redux_dir, dtype
+            )
+        # The Redux prior is small (0.9 GiB) and runs once per prediction: it stays on the device.
+        image_encoder.to(device).eval()
+        image_embedder.to(device).eval()
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        info = ModelInfo(
+            kind=kind,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            schnell=schnell_ref,
+            redux=redux_ref,
+            offload=offload,
+        )
+        return cls(pipe, image_encoder, feature_extractor, image_embedder, info)
+
+    @staticmethod
+    def _load_components(
+        schnell_dir: Path, redux_dir: Path, dtype: torch.dtype
+    ) -> tuple[FluxPipeline, SiglipVisionModel, SiglipImageProcessorPil, ReduxImageEncoder]:
+        # Text encoders and tokenizers are passed as None: Redux conditions on the image
+        # alone, and not loading T5-XXL saves 9 GiB and ~20 s.
+        pipe = FluxPipeline.from_pretrained(
+            schnell_dir,
+            text_encoder=None,
+            text_encoder_2=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            dtype=dtype,
+            local_files_only=True,
+        )
+        image_encoder = SiglipVisionModel.from_pretrained(
+            redux_dir, subfolder="image_encoder", dtype=dtype, local_files_only=True
+        )
+        feature_extractor = SiglipImageProcessorPil.from_pretrained(
+            redux_dir, subfolder="feature_extractor", local_files_only=True
+        )
+        image_embedder = ReduxImageEncoder.from_pretrained(
+            redux_dir, subfolder="image_embedder", dtype=dtype, local_files_only=True
+        )
+        return pipe, image_encoder, feature_extractor, image_embedder
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.pipe._execution_device)
+
+    def condition(self, image: Image.Image) -> Conditioning:
+        config = self.pipe.transformer.config
+        return redux_conditioning(
+            image,
+            image_encoder=self.image_encoder,
+            feature_extractor=self.feature_extractor,
+            image_embedder=self.image_embedder,
+            joint_attention_dim=config.joint_attention_dim,
+            pooled_projection_dim=config.pooled_projection_dim,
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        image: Image.Image,
+        *,
+        width: int,
+        height: int,
+        num_outputs: int,
+        num_inference_steps: int,
+        seed: int,
+        on_step: ProgressCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> Generation:
+        """Generate ``num_outputs`` images as one batch.
+
+        ``is_cancelled`` is checked before the work starts and after every denoising
+        step; a cancel raises PredictionCancelled within one step.
+        """
+        multiple = self.pipe.vae_scale_factor * 2
+        if width % multiple or height % multiple:
+            # diffusers would silently resize; the size table never needs it.
+            raise ValueError(f"width and height must be multiples of {multiple}, got {width}x{height}")
+        cancelled = is_cancelled or (lambda: False)
+        timings: dict[str, float] = {}
+
+        def raise_if_cancelled() -> None:
+            if cancelled():
+                raise PredictionCancelled("the prediction was cancelled")
+
+        raise_if_cancelled()
+        started = time.perf_counter()
+        conditioning = self.condition(image)
+        timings["prior"] = self._elapsed(started)
+
+        def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if on_step is not None:
+                on_step(step + 1, num_inference_steps)
+            raise_if_cancelled()
+            return {}
+
+        raise_if_cancelled()
+        started = time.perf_counter()
+        # The generator lives on the CPU: the same seed gives the same noise on any device.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = self.pipe(
+            prompt_embeds=conditioning.prompt_embeds,
+            pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
+            width=width,
+            height=height,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=0.0,  # schnell is guidance-distilled
+            num_images_per_prompt=num_outputs,
+            generator=generator,
+            output_type="latent",
+            callback_on_step_end=step_end,
+        ).images
+        timings["denoise"] = self._elapsed(started)
+
+        raise_if_cancelled()
+        started = time.perf_counter()
+        images = self.decode(latents, width=width, height=height)
+        timings["decode"] = self._elapsed(started)
+        return Generation(images=images, seed=seed, timings=timings)
+
+    def decode(self, latents: torch.Tensor, *, width: int, height: int) -> list[np.ndarray]:
+        """Packed latents -> uint8 RGB arrays. Quantised on the device, where it is free."""
+        vae = self.pipe.vae
+        latents = FluxPipeline._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        decoded = vae.decode(latents.to(device=self.device, dtype=vae.dtype), return_dict=False)[0]
+        pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        array = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        return [np.ascontiguousarray(one) for one in array]
+
+    def _elapsed(self, started: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # honest timings: wait for queued kernels
+        return time.perf_counter() - started

@@ -1,0 +1,147 @@
+"""The input contract: one pydantic model that validates requests and drives the
+OpenAPI schema, the CLI flags and the web form.
+
+This module imports pydantic and the standard library only: the HTTP process, the
+client and the CLI import it without paying for torch, PIL or FastAPI.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MODEL_NAME = "flux-redux-schnell"
+MODEL_VERSION = "0.0.1"
+
+AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
+Megapixels = Literal["1", "0.25"]
+OutputFormat = Literal["webp", "jpg", "png"]
+
+ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
+MEGAPIXELS: tuple[str, ...] = get_args(Megapixels)
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+
+# (width, height) at 1 megapixel. A fixed table, not a formula, exactly as the hosted
+# model serves it; 0.25 MP halves both sides. Every side is a multiple of 16 (the
+# FLUX latent grid) even when halved, so nothing is silently resized downstream.
+_SIZES_1MP: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "21:9": (1536, 640),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "4:5": (896, 1088),
+    "5:4": (1088, 896),
+    "3:4": (896, 1152),
+    "4:3": (1152, 896),
+    "9:16": (768, 1344),
+    "9:21": (640, 1536),
+}
+
+MAX_SEED = 2**63 - 1
+
+# An uploaded file's id (issued by the server); URLs and data: URIs are told apart by
+# their scheme.
+_FILE_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+# A data: URI may carry an image up to the decoder's byte limit; base64 adds a third.
+MAX_REDUX_IMAGE_CHARS = 64 * 1024 * 1024
+
+
+def output_size(aspect_ratio: str, megapixels: str) -> tuple[int, int]:
+    """(width, height) of the images generated for these settings."""
+    width, height = _SIZES_1MP[aspect_ratio]
+    if megapixels == "0.25":
+        return width // 2, height // 2
+    return width, height
+
+
+class PredictionInput(BaseModel):
+    """Inputs of one flux-redux-schnell prediction.
+
+    Numbers may arrive as JSON numbers or numeric strings (the hosted API's own
+    example sends ``"num_outputs": "1"``); unknown fields are rejected by name.
+    """
+
+    model_config = ConfigDict(extra="forbid", title="Input", frozen=True)
+
+    redux_image: str = Field(
+        description="Reference image: an http(s) URL, a data: URI, or the id of an uploaded file. "
+        "JPEG, PNG, WEBP or GIF (first frame).",
+        min_length=1,
+        max_length=MAX_REDUX_IMAGE_CHARS,
+        json_schema_extra={"x-fluxredux-kind": "image"},
+    )
+    aspect_ratio: AspectRatio = Field("1:1", description="Aspect ratio of the generated images.")
+    megapixels: Megapixels = Field("1", description="Approximate size of the generated images.")
+    num_outputs: int = Field(1, ge=1, le=4, description="Number of images to generate.")
+    num_inference_steps: int = Field(
+        4, ge=1, le=4, description="Denoising steps. More steps: more detail, more time."
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Random seed for reproducible results. Leave empty for a random seed; "
+        "the seed used is returned.",
+    )
+    output_format: OutputFormat = Field("webp", description="File format of the images.")
+    output_quality: int = Field(
+        80, ge=0, le=100, description="Quality when saving webp or jpg (0-100). Ignored for png."
+    )
+    disable_safety_checker: bool = Field(False, description="Skip the safety checker on generated images.")
+
+    @field_validator("megapixels", mode="before")
+    @classmethod
+    def _megapixels_from_number(cls, value: Any) -> Any:
+        # The choices are strings ("1", "0.25") but clients send 1, 0.25 or 1.0 too.
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int | float):
+            return {1.0: "1", 0.25: "0.25"}.get(float(value), str(value))
+        return value
+
+    @field_validator("redux_image")
+    @classmethod
+    def _redux_image_reference(cls, value: str) -> str:
+        value = value.strip()
+        lowered = value[:16].lower()
+        if lowered.startswith(("http://", "https://", "data:")) or _FILE_ID.match(value):
+            return value
+        raise ValueError("must be an http(s) URL, a data: URI, or the id of an uploaded file")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of each generated image."""
+        return output_size(self.aspect_ratio, self.megapixels)
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One invalid input, in words a user can act on."""
+
+    field: str
+    message: str
+    type: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+def field_errors(exc: ValidationError) -> list[FieldError]:
+    """Turn pydantic's errors into one message per field, naming unknown fields."""
+    errors = []
+    for err in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in err["loc"])
+        if err["type"] == "extra_forbidden":
+            message = f"unknown field '{field}'"
+            allowed = ", ".join(PredictionInput.model_fields)
+            message += f" (allowed: {allowed})"
+        else:
+            message = err["msg"]
+            if message.startswith("Value error, "):
+                message = message[len("Value error, ") :]
+        errors.append(FieldError(field=field, message=message, type=err["type"]))
+    return errors

@@ -1,0 +1,1 @@
+"""Running predictions: input image -> model -> safety check -> encoded files."""

@@ -1,0 +1,159 @@
+"""One prediction, end to end: reference image -> model -> safety -> encoded files.
+
+The model is anything with ``info`` and ``generate`` (the real FLUX model, the demo
+model, or a fake in tests); this module itself never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from fluxredux.errors import AllOutputsUnsafe
+from fluxredux.images import CONTENT_TYPES, EXTENSIONS, encode_image
+from fluxredux.safety import SafetyChecker, SafetyVerdict
+from fluxredux.schema import PredictionInput
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+CancelCheck = Callable[[], bool]
+
+
+class ModelInfoLike(Protocol):
+    @property
+    def is_demo(self) -> bool: ...
+    @property
+    def notice(self) -> str | None: ...
+    def describe(self) -> str: ...
+
+
+class GenerationLike(Protocol):
+    images: list[np.ndarray]
+    seed: int
+    timings: dict[str, float]
+
+
+class ImageModel(Protocol):
+    @property
+    def info(self) -> ModelInfoLike: ...
+
+    def generate(
+        self,
+        image: Image.Image,
+        *,
+        width: int,
+        height: int,
+        num_outputs: int,
+        num_inference_steps: int,
+        seed: int,
+        on_step: ProgressCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> GenerationLike: ...
+
+
+@dataclass(frozen=True)
+class OutputImage:
+    index: int  # position in the generated batch (unsafe ones leave gaps)
+    data: bytes
+    output_format: str
+    width: int
+    height: int
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.output_format]
+
+    @property
+    def filename(self) -> str:
+        return f"out-{self.index}.{EXTENSIONS[self.output_format]}"
+
+
+@dataclass
+class PredictionResult:
+    outputs: list[OutputImage]
+    seed: int
+    timings: dict[str, float]
+    # One verdict per generated image; empty when the checker was disabled.
+    safety: list[SafetyVerdict] = field(default_factory=list)
+    notice: str | None = None  # e.g. the demo model's "outputs are noise"
+
+    @property
+    def predict_time(self) -> float:
+        return sum(self.timings.values())
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**32)
+
+
+class Predictor:
+    def __init__(self, model: ImageModel, safety: SafetyChecker | None) -> None:
+        self.model = model
+        self.safety = safety
+
+    def predict(
+        self,
+        inputs: PredictionInput,
+        image: Image.Image,
+        *,
+        on_step: ProgressCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> PredictionResult:
+        seed = inputs.seed if inputs.seed is not None else random_seed()
+        width, height = inputs.size
+        generation = self.model.generate(
+            image,
+            width=width,
+            height=height,
+            num_outputs=inputs.num_outputs,
+            num_inference_steps=inputs.num_inference_steps,
+            seed=seed,
+            on_step=on_step,
+            is_cancelled=is_cancelled,
+        )
+        timings = dict(generation.timings)
+        pixels = list(enumerate(generation.images))
+
+        verdicts: list[SafetyVerdict] = []
+        if not inputs.disable_safety_checker:
+            if self.safety is None:
+                raise RuntimeError("the safety checker is enabled but none is configured")
+            started = time.perf_counter()
+            verdicts = self.safety.check_all([array for _, array in pixels])
+            timings["safety"] = time.perf_counter() - started
+            kept = [
+                (i, array) for (i, array), verdict in zip(pixels, verdicts, strict=True) if not verdict.unsafe
+            ]
+            if not kept:
+                raise AllOutputsUnsafe(
+                    "All generated images were flagged as NSFW by the safety checker. "
+                    "Try again with a different seed or reference image.",
+                    flagged=len(pixels),
+                )
+            if len(kept) < len(pixels):
+                log.info("safety checker dropped %d of %d images", len(pixels) - len(kept), len(pixels))
+            pixels = kept
+
+        started = time.perf_counter()
+        outputs = [
+            OutputImage(
+                index=i,
+                data=encode_image(array, inputs.output_format, inputs.output_quality),
+                output_format=inputs.output_format,
+                width=array.shape[1],
+                height=array.shape[0],
+            )
+            for i, array in pixels
+        ]
+        timings["encode"] = time.perf_counter() - started
+        return PredictionResult(
+            outputs=outputs, seed=seed, timings=timings, safety=verdicts, notice=self.model.info.notice
+        )

@@ -71,6 +71,8 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
             raise _too_many_pixels(None, limits) from exc
         except UnidentifiedImageError as exc:
             other = _sniff_other_format(data)
+            if other is None and (_declared_webp_size(data) or 0) > len(data):
+                raise _truncated() from exc
             if other:
                 raise ImageError(
                     "image_unsupported_format",
@@ -80,6 +82,12 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
             raise ImageError(
                 "image_not_an_image", "the file is not an image (JPEG, PNG, WEBP or GIF expected)"
             ) from exc
+        except OSError as exc:
+            # A recognised format whose decoder refused the data at open (Pillow's WEBP
+            # decoder reads the whole file up front).
+            if (_declared_webp_size(data) or 0) > len(data):
+                raise _truncated() from exc
+            raise ImageError("image_corrupt", "the image file is damaged and cannot be decoded") from exc
 
         width, height = image.size
         if width * height > limits.max_pixels:
@@ -91,9 +99,7 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
             raise _too_many_pixels((width, height), limits) from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
-                raise ImageError(
-                    "image_truncated", "the image file is truncated (incomplete download?)"
-                ) from exc
+                raise _truncated() from exc
             raise ImageError("image_corrupt", f"the {image.format} image could not be decoded") from exc
 
     return to_rgb(ImageOps.exif_transpose(image))
@@ -116,13 +122,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _truncated() -> ImageError:
+    return ImageError("image_truncated", "the image file is truncated (incomplete download?)")
+
+
 def _too_many_pixels(size: tuple[int, int] | None, limits: DecodeLimits) -> ImageError:
-    shown = f"{size[0]}x{size[1]} pixels" if size else "too many pixels"
+    # Without a size, Pillow's own (larger, global) bomb limit tripped while opening.
+    what = f"the image is {size[0]}x{size[1]} pixels" if size else "the image has far too many pixels"
     return ImageError(
         "image_too_many_pixels",
-        f"the image is {shown}; the limit is {limits.max_pixels:,} pixels",
+        f"{what}; the limit is {limits.max_pixels:,} pixels",
         limit_pixels=limits.max_pixels,
     )
+
+
+def _declared_webp_size(data: bytes) -> int | None:
+    """The file size a WEBP's RIFF header promises, to tell truncation from damage."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return int.from_bytes(data[4:8], "little") + 8
+    return None
 
 
 def _sniff_other_format(data: bytes) -> str | None:

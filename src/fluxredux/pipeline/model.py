@@ -21,7 +21,7 @@ from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from fluxredux.config import Settings
 from fluxredux.errors import ModelUnavailable, PredictionCancelled
-from fluxredux.pipeline.architecture import quiet_library_progress
+from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
 from fluxredux.pipeline.conditioning import Conditioning, redux_conditioning
 from fluxredux.pipeline.demo import DEMO_NOTICE, ensure_demo_model
 from fluxredux.weights import REDUX, SCHNELL, resolve_weights
@@ -151,6 +151,31 @@ class ReduxModel:
             offload=offload,
         )
         return cls(pipe, image_encoder, feature_extractor, image_embedder, info)
+
+    @classmethod
+    def from_random(
+        cls, spec: ArchitectureSpec, *, device: torch.device, dtype: torch.dtype, seed: int = 0
+    ) -> ReduxModel:
+        """Random weights in memory, nothing on disk: with the FULL spec on a GPU this
+        times exactly like the real model (the benchmark's --full-size-random)."""
+        parts = build_random_components(spec, seed=seed, device=device, dtype=dtype)
+        pipe = FluxPipeline(
+            scheduler=parts.scheduler,
+            vae=parts.vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=parts.transformer,
+        )
+        info = ModelInfo(
+            kind="demo",
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            schnell=f"random:{spec.name}",
+            redux=f"random:{spec.name}",
+        )
+        return cls(pipe, parts.image_encoder, parts.feature_extractor, parts.image_embedder, info)
 
     @staticmethod
     def _load_components(

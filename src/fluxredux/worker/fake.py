@@ -1,0 +1,63 @@
+"""A model with the real model's interface that takes no time: API, queue and
+benchmark runs use it to measure and test everything but the model.
+
+Each image is one flat colour derived from the seed and its index, so tests can tell
+outputs apart and check that the same seed gives the same files.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from fluxredux.errors import PredictionCancelled
+from fluxredux.worker.predictor import CancelCheck, ProgressCallback
+
+
+@dataclass(frozen=True)
+class FakeModelInfo:
+    kind: str = "fake"
+    is_demo: bool = True
+    notice: str | None = "fake model: flat colours, no model ran"
+
+    def describe(self) -> str:
+        return "FAKE model (flat colours, no model ran)"
+
+
+@dataclass
+class FakeGeneration:
+    images: list[np.ndarray]
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class FakeModel:
+    def __init__(self) -> None:
+        self.info = FakeModelInfo()
+
+    def generate(
+        self,
+        image: Image.Image,
+        *,
+        width: int,
+        height: int,
+        num_outputs: int,
+        num_inference_steps: int,
+        seed: int,
+        on_step: ProgressCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> FakeGeneration:
+        for step in range(1, num_inference_steps + 1):
+            if is_cancelled is not None and is_cancelled():
+                raise PredictionCancelled("the prediction was cancelled")
+            if on_step is not None:
+                on_step(step, num_inference_steps)
+        rng = random.Random(seed)
+        images = []
+        for _ in range(num_outputs):
+            colour = np.array([rng.randrange(256) for _ in range(3)], dtype=np.uint8)
+            images.append(np.broadcast_to(colour, (height, width, 3)).copy())
+        return FakeGeneration(images=images, seed=seed, timings={"prior": 0.0, "denoise": 0.0, "decode": 0.0})

@@ -1,0 +1,43 @@
+"""Shared fixtures.
+
+The model fixtures use the demo model: tiny random weights written to disk in the real
+diffusers layout and loaded back through the real loader. Its images are noise; the
+tests check sizes, formats, determinism and control flow, never what the images show.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_IMAGE = REPO / "examples" / "sample.jpg"
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache dir holding the demo model, written once per test session."""
+    from fluxredux.pipeline.demo import ensure_demo_model
+
+    cache = tmp_path_factory.mktemp("fluxredux-cache")
+    ensure_demo_model(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def demo_model(model_cache_dir: Path) -> Any:
+    """The demo model loaded through the real loader (load_model with settings)."""
+    from fluxredux.config import Settings
+    from fluxredux.pipeline.model import load_model
+
+    return load_model(Settings(model="demo", cache_dir=model_cache_dir))
+
+
+@pytest.fixture(scope="session")
+def reference_image() -> Image.Image:
+    from fluxredux.images import DecodeLimits, decode_image
+
+    return decode_image(SAMPLE_IMAGE.read_bytes(), DecodeLimits())

@@ -1,0 +1,108 @@
+"""`fluxredux predict` as a user runs it: a real process, real files, plain errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import SAMPLE_IMAGE
+
+FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
+
+
+def run_cli(*args: str, cache: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    environment = {
+        **os.environ,
+        "FLUXREDUX_CACHE_DIR": str(cache),
+        "CUDA_VISIBLE_DEVICES": "",  # `auto` must pick the demo model even on a GPU box
+        "COLUMNS": "200",
+        **env,
+    }
+    environment.pop("FLUXREDUX_MODEL", None)
+    return subprocess.run(
+        [FLUXREDUX, *args], capture_output=True, text=True, cwd=cwd, env=environment, timeout=300
+    )
+
+
+def test_predict_writes_the_asked_size_and_format_and_prints_the_seed(
+    tmp_path: Path, model_cache_dir: Path
+) -> None:
+    args = (str(SAMPLE_IMAGE), "--aspect-ratio", "16:9", "--output-format", "png", "-o", "out/")
+    result = run_cli("predict", *args, cache=model_cache_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (written,) = (tmp_path / "out").iterdir()
+    with Image.open(written) as image:
+        assert (image.format, image.size) == ("PNG", (1344, 768))
+    assert f"{Path('out') / written.name}  1344x768  " in result.stdout
+    assert "seed: " in result.stdout and result.stdout.strip().splitlines()[-1].startswith("seed: ")
+    # No GPU here: auto picked the demo model, and both streams say so.
+    assert "demo model: random weights, outputs are noise" in result.stdout
+    assert "DEMO model" in result.stderr
+    assert "4/4" in result.stderr  # the per-step progress bar ran to the end
+
+
+def test_same_seed_twice_gives_identical_files(tmp_path: Path, model_cache_dir: Path) -> None:
+    for out in ("a", "b"):
+        args = (str(SAMPLE_IMAGE), "--seed", "7", "--megapixels", "0.25", "--num-outputs", "2", "-o", out)
+        result = run_cli("predict", *args, cache=model_cache_dir, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().endswith("seed: 7")
+    first = sorted((tmp_path / "a").iterdir())
+    second = sorted((tmp_path / "b").iterdir())
+    assert [p.name for p in first] == ["sample-7-0.webp", "sample-7-1.webp"]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+
+
+def test_bad_flags_are_named_and_nothing_runs(tmp_path: Path, model_cache_dir: Path) -> None:
+    args = (str(SAMPLE_IMAGE), "--num-outputs", "9", "--aspect-ratio", "5:7", "-o", "out")
+    result = run_cli("predict", *args, cache=model_cache_dir, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--num-outputs: Input should be less than or equal to 4" in result.stderr
+    assert "--aspect-ratio: Input should be" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b"", "image_empty"),
+        (b"hello, I am a text file" * 4, "image_not_an_image"),
+        (b"BM" + bytes(60), "image_unsupported_format"),
+    ],
+)
+def test_bad_image_files_get_their_specific_error(
+    tmp_path: Path, model_cache_dir: Path, content: bytes, code: str
+) -> None:
+    (tmp_path / "bad.jpg").write_bytes(content)
+    result = run_cli("predict", "bad.jpg", cache=model_cache_dir, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"error ({code})" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_real_weights_fail_fast_with_instructions(tmp_path: Path, model_cache_dir: Path) -> None:
+    result = run_cli(
+        "predict", str(SAMPLE_IMAGE), "--model", "flux", cache=model_cache_dir, cwd=tmp_path,
+        HF_HUB_CACHE=str(tmp_path / "empty-hf-cache"), HF_HUB_OFFLINE="1",
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "error (weights_not_found)" in result.stderr
+    assert "fluxredux download" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_input_field_is_a_flag() -> None:
+    from fluxredux.schema import PredictionInput
+
+    result = subprocess.run(
+        [FLUXREDUX, "predict", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
+    )
+    for field in PredictionInput.model_fields:
+        if field != "redux_image":
+            assert "--" + field.replace("_", "-") in result.stdout

@@ -1,0 +1,207 @@
+"""The real model code path, on the demo model (tiny random weights: outputs are noise).
+
+The demo model is written in the real diffusers layout and loaded through the real
+loader, so these tests run the same code as a GPU server, only smaller.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fluxredux.errors import ModelUnavailable, PredictionCancelled
+from fluxredux.pipeline.model import ReduxModel, choose_model_kind
+from fluxredux.schema import ASPECT_RATIOS, MEGAPIXELS, PredictionInput, output_size
+from fluxredux.worker.predictor import PredictionResult, Predictor
+
+INPUT = "data:,x"
+
+
+def predict(model: Any, image: Image.Image, **fields: Any) -> PredictionResult:
+    inputs = PredictionInput(redux_image=INPUT, disable_safety_checker=True, **fields)
+    return Predictor(model, safety=None).predict(inputs, image)
+
+
+def decoded(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+@pytest.mark.parametrize("megapixels", MEGAPIXELS)
+@pytest.mark.parametrize("aspect_ratio", ASPECT_RATIOS)
+def test_every_size_in_the_table(
+    demo_model: ReduxModel, reference_image: Image.Image, aspect_ratio: str, megapixels: str
+) -> None:
+    result = predict(
+        demo_model, reference_image, aspect_ratio=aspect_ratio, megapixels=megapixels, num_inference_steps=1
+    )
+    (output,) = result.outputs
+    assert decoded(output.data).size == output_size(aspect_ratio, megapixels)
+    assert (output.width, output.height) == output_size(aspect_ratio, megapixels)
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(
+    demo_model: ReduxModel, reference_image: Image.Image
+) -> None:
+    settings = {"megapixels": "0.25", "output_format": "png", "num_outputs": 2}
+    first = predict(demo_model, reference_image, seed=42, **settings)
+    again = predict(demo_model, reference_image, seed=42, **settings)
+    other = predict(demo_model, reference_image, seed=43, **settings)
+    assert [o.data for o in first.outputs] == [o.data for o in again.outputs]
+    assert first.outputs[0].data != other.outputs[0].data
+    assert first.seed == 42
+
+
+def test_random_seed_is_reported_and_reproduces(demo_model: ReduxModel, reference_image: Image.Image) -> None:
+    first = predict(demo_model, reference_image, megapixels="0.25", output_format="png")
+    second = predict(demo_model, reference_image, megapixels="0.25", output_format="png")
+    assert first.seed != second.seed  # drawn at random when absent (2**-32 chance of a clash)
+    replay = predict(demo_model, reference_image, megapixels="0.25", output_format="png", seed=first.seed)
+    assert replay.outputs[0].data == first.outputs[0].data
+
+
+def test_four_outputs_are_four_distinct_images(demo_model: ReduxModel, reference_image: Image.Image) -> None:
+    result = predict(
+        demo_model, reference_image, megapixels="0.25", num_outputs=4, seed=5, output_format="png"
+    )
+    assert len(result.outputs) == 4
+    assert len({o.data for o in result.outputs}) == 4
+    assert [o.filename for o in result.outputs] == [f"out-{i}.png" for i in range(4)]
+
+
+def test_the_reference_image_conditions_the_output(demo_model: ReduxModel) -> None:
+    dark, bright = Image.new("RGB", (64, 64), (10, 10, 10)), Image.new("RGB", (64, 64), (250, 240, 200))
+    a = predict(demo_model, dark, megapixels="0.25", seed=9, output_format="png")
+    b = predict(demo_model, bright, megapixels="0.25", seed=9, output_format="png")
+    assert a.outputs[0].data != b.outputs[0].data
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4])
+def test_each_step_count_is_honoured_with_progress(
+    demo_model: ReduxModel, reference_image: Image.Image, steps: int
+) -> None:
+    progress: list[tuple[int, int]] = []
+    generation = demo_model.generate(
+        reference_image, width=256, height=256, num_outputs=1, num_inference_steps=steps, seed=3,
+        on_step=lambda done, total: progress.append((done, total)),
+    )  # fmt: skip
+    assert progress == [(i, steps) for i in range(1, steps + 1)]
+    assert set(generation.timings) == {"prior", "denoise", "decode"}
+
+
+def test_more_steps_change_the_image(demo_model: ReduxModel, reference_image: Image.Image) -> None:
+    one = predict(
+        demo_model, reference_image, megapixels="0.25", seed=3, num_inference_steps=1, output_format="png"
+    )
+    four = predict(
+        demo_model, reference_image, megapixels="0.25", seed=3, num_inference_steps=4, output_format="png"
+    )
+    assert one.outputs[0].data != four.outputs[0].data
+
+
+def test_cancel_stops_within_one_step(demo_model: ReduxModel, reference_image: Image.Image) -> None:
+    steps_done: list[int] = []
+    with pytest.raises(PredictionCancelled):
+        demo_model.generate(
+            reference_image, width=256, height=256, num_outputs=1, num_inference_steps=4, seed=1,
+            on_step=lambda done, total: steps_done.append(done),
+            is_cancelled=lambda: len(steps_done) >= 2,
+        )  # fmt: skip
+    assert steps_done == [1, 2]
+
+
+def test_cancel_before_start_runs_nothing(demo_model: ReduxModel, reference_image: Image.Image) -> None:
+    steps_done: list[int] = []
+    with pytest.raises(PredictionCancelled):
+        demo_model.generate(
+            reference_image, width=256, height=256, num_outputs=1, num_inference_steps=4, seed=1,
+            on_step=lambda done, total: steps_done.append(done), is_cancelled=lambda: True,
+        )  # fmt: skip
+    assert steps_done == []
+
+
+def test_sizes_off_the_latent_grid_are_refused_not_resized(
+    demo_model: ReduxModel, reference_image: Image.Image
+) -> None:
+    with pytest.raises(ValueError, match="multiples of 16"):
+        demo_model.generate(
+            reference_image, width=500, height=512, num_outputs=1, num_inference_steps=1, seed=1
+        )
+
+
+def test_text_encoders_are_not_loaded_though_the_folder_has_them(demo_model: ReduxModel) -> None:
+    schnell = Path(demo_model.info.schnell)
+    assert (schnell / "text_encoder_2" / "model.safetensors").is_file()
+    assert (schnell / "tokenizer" / "tokenizer.json").is_file()
+    pipe = demo_model.pipe
+    assert (pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2) == (None,) * 4
+    assert pipe.transformer.config.guidance_embeds is False
+
+
+def test_demo_model_says_what_it_is(demo_model: ReduxModel) -> None:
+    assert demo_model.info.kind == "demo"
+    assert demo_model.info.notice == "demo model: random weights, outputs are noise"
+    assert "DEMO" in demo_model.info.describe()
+    assert demo_model.info.dtype == "float32"  # fp32 on CPU; bf16 is ~15x slower there
+
+
+def test_demo_model_is_built_deterministically(tmp_path: Path, model_cache_dir: Path) -> None:
+    from fluxredux.pipeline.demo import demo_model_paths, write_demo_model
+
+    fresh = write_demo_model(tmp_path / "again")
+    cached = demo_model_paths(model_cache_dir)
+    for sub in ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (fresh.schnell / sub).read_bytes() == (cached.schnell / sub).read_bytes()
+    for sub in ("image_encoder/model.safetensors", "image_embedder/diffusion_pytorch_model.safetensors"):
+        assert (fresh.redux / sub).read_bytes() == (cached.redux / sub).read_bytes()
+
+
+def test_auto_picks_the_real_model_only_with_cuda() -> None:
+    assert choose_model_kind("auto", cuda_available=False) == "demo"
+    assert choose_model_kind("auto", cuda_available=True) == "flux"
+    assert choose_model_kind("flux", cuda_available=False) == "flux"
+    with pytest.raises(ModelUnavailable):
+        choose_model_kind("sdxl", cuda_available=True)
+
+
+def test_offload_needs_cuda(model_cache_dir: Path) -> None:
+    from fluxredux.pipeline.demo import demo_model_paths
+
+    paths = demo_model_paths(model_cache_dir)
+    with pytest.raises(ModelUnavailable, match="needs a CUDA device"):
+        ReduxModel.load(
+            str(paths.schnell), str(paths.redux), kind="demo", device=torch.device("cpu"), offload="model"
+        )
+
+
+def test_conditioning_equals_diffusers_prior_at_full_width() -> None:
+    """Our zero-padding sized from the transformer config == FluxPriorReduxPipeline's
+    hard-coded (512, 4096) / 768 at the real width. Tiny SigLIP, real-width embedder."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from fluxredux.pipeline.architecture import TINY, feature_extractor_for
+    from fluxredux.pipeline.conditioning import redux_conditioning
+
+    torch.manual_seed(0)
+    encoder = SiglipVisionModel(SiglipVisionConfig(**TINY.siglip)).eval()
+    embedder = ReduxImageEncoder(redux_dim=TINY.siglip["hidden_size"], txt_in_features=4096).eval()
+    extractor = feature_extractor_for(TINY.siglip["image_size"])
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        ours = redux_conditioning(
+            image, image_encoder=encoder, feature_extractor=extractor, image_embedder=embedder,
+            joint_attention_dim=4096, pooled_projection_dim=768, device=torch.device("cpu"),
+        )  # fmt: skip
+        prior = FluxPriorReduxPipeline(
+            image_encoder=encoder, feature_extractor=extractor, image_embedder=embedder
+        )(image, return_dict=False)
+    assert ours.prompt_embeds.shape == prior[0].shape == (1, 512 + 16, 4096)
+    assert torch.equal(ours.prompt_embeds, prior[0])
+    assert torch.equal(ours.pooled_prompt_embeds, prior[1])

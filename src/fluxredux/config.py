@@ -12,7 +12,7 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ModelChoice = Literal["auto", "flux", "demo"]
+ModelChoice = Literal["auto", "flux", "demo", "fake"]
 Offload = Literal["none", "model", "sequential"]
 
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     model: ModelChoice = Field(
         "auto",
         description="auto: the real model when a CUDA GPU is present, else the demo model. "
-        "flux: the real FLUX.1 weights. demo: tiny random weights (outputs are noise).",
+        "flux: the real FLUX.1 weights. demo: tiny random weights (outputs are noise). "
+        "fake: no model at all, flat colours (for testing and benchmarking the service).",
     )
     schnell_model: str = Field(
         SCHNELL_REPO, description="FLUX.1 [schnell]: a local diffusers folder or a Hugging Face repo id."
@@ -50,3 +51,43 @@ class Settings(BaseSettings):
     safety_threshold: float = Field(
         0.5, ge=0, le=1, description="Detector score at or above which an explicit detection counts."
     )
+
+    # --- the server -------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    data_dir: Path = Field(
+        default_factory=lambda: platformdirs.user_data_path("fluxredux"),
+        description="Job database, uploaded inputs and outputs.",
+    )
+    public_url: str | None = Field(
+        None, description="Base URL for links in responses (default: the URL the request came to)."
+    )
+    rate_limit_per_minute: int = Field(60, ge=1, description="Prediction creations per key per minute.")
+    read_limit_per_minute: int = Field(1200, ge=1, description="Polls, lists and uploads per key per minute.")
+    max_in_flight_per_key: int = Field(10, ge=1, description="Queued + running predictions per key.")
+    max_queue: int = Field(1000, ge=1, description="Queued predictions in all; over it: 503.")
+    max_body_bytes: int = Field(40 * 1024 * 1024, gt=0, description="Largest request body.")
+    sync_wait_seconds: float = Field(60.0, gt=0, le=600, description="How long /run and ?wait= may hold.")
+    retention_hours: float = Field(
+        24 * 7, gt=0, description="Predictions, inputs and outputs are deleted after."
+    )
+    lease_seconds: float = Field(30.0, gt=0, description="A worker's lease on a running job.")
+    heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker renews its lease.")
+    max_attempts: int = Field(2, ge=1, description="Runs of a job whose worker was lost (2: re-run once).")
+    allow_private_urls: bool = Field(
+        False, description="Let redux_image and webhook URLs reach private/loopback hosts (on-prem only)."
+    )
+    fetch_timeout_seconds: float = Field(20.0, gt=0, description="Time limit for fetching a redux_image URL.")
+    webhook_secret: str | None = Field(
+        None, description="Signs webhooks that carry no webhook_secret of their own."
+    )
+    webhook_attempts: int = Field(6, ge=1, description="Deliveries tried per webhook.")
+    webhook_first_delay_seconds: float = Field(1.0, gt=0, description="Backoff before the 2nd try (doubles).")
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "fluxredux.db"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"

@@ -67,3 +67,51 @@ class AllOutputsUnsafe(FluxReduxError):
     """Every generated image was flagged by the safety checker."""
 
     code = "nsfw_content"
+
+
+class UnknownModel(ClientError):
+    """The request names a model this server does not serve."""
+
+    code = "unknown_model"
+
+
+class Unauthorized(FluxReduxError):
+    """Missing, unknown or revoked API key."""
+
+    code = "unauthorized"
+
+
+class NotFound(FluxReduxError):
+    """No such prediction or file (or not the caller's)."""
+
+    code = "not_found"
+
+
+class RateLimited(FluxReduxError):
+    """Over a per-key limit; ``retry_after`` seconds until a retry can succeed."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float, **detail: Any) -> None:
+        super().__init__(message, retry_after=max(1, int(retry_after + 0.999)), **detail)
+        self.retry_after: int = self.detail["retry_after"]
+
+
+class QueueFull(FluxReduxError):
+    """The server's queue is at its cap; nothing was queued."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: float = 5, **detail: Any) -> None:
+        super().__init__(message, retry_after=int(retry_after), **detail)
+        self.retry_after: int = self.detail["retry_after"]
+
+
+class PayloadTooLarge(ClientError):
+    """The request body is over the server's cap."""
+
+    code = "payload_too_large"
+
+
+class FetchRefused(ImageError):
+    """A redux_image URL was refused or could not be fetched; ``code`` says why."""

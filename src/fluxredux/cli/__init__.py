@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fluxredux.cli import download, predict
+from fluxredux.cli import download, predict, run, serve
 from fluxredux.cli.app import app
 
-__all__ = ["app", "download", "main", "predict"]
+__all__ = ["app", "download", "main", "predict", "run", "serve"]
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from fluxredux.config import ModelChoice
 from fluxredux.errors import ClientError, FluxReduxError
+from fluxredux.logs import quiet_libraries
 
 app = typer.Typer(
     help="fluxredux: self-hosted FLUX.1 Redux [schnell] image variations.",
@@ -31,9 +32,7 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=err, show_path=False, show_time=False)],
         force=True,
     )
-    # Libraries' INFO chatter (HTTP requests, weight loading) only with --verbose.
-    for noisy in ("httpx", "huggingface_hub", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.ERROR)
+    quiet_libraries(verbose)
 
 
 def fail(exc: FluxReduxError) -> typer.Exit:

@@ -8,6 +8,7 @@ outputs apart and check that the same seed gives the same files.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,8 +36,9 @@ class FakeGeneration:
 
 
 class FakeModel:
-    def __init__(self) -> None:
+    def __init__(self, step_seconds: float = 0.0) -> None:
         self.info = FakeModelInfo()
+        self.step_seconds = step_seconds  # > 0 makes runs slow enough to cancel mid-way
 
     def generate(
         self,
@@ -53,6 +55,8 @@ class FakeModel:
         for step in range(1, num_inference_steps + 1):
             if is_cancelled is not None and is_cancelled():
                 raise PredictionCancelled("the prediction was cancelled")
+            if self.step_seconds:
+                time.sleep(self.step_seconds)
             if on_step is not None:
                 on_step(step, num_inference_steps)
         rng = random.Random(seed)

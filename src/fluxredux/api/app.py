@@ -1,0 +1,134 @@
+"""The FastAPI app factory. Never imports torch: the model lives in the worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fluxredux import __version__
+from fluxredux.api import errors
+from fluxredux.api.routes import files, predictions, system
+from fluxredux.api.services import Services
+from fluxredux.errors import PayloadTooLarge
+from fluxredux.events import JobEvent
+from fluxredux.jobs.model import Status
+
+log = logging.getLogger(__name__)
+
+
+class BodyLimit:
+    """Refuse request bodies over the cap, counting streamed bytes too (no Content-Length needed)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(
+            f"the request body is over the {self.max_bytes:,}-byte limit", limit_bytes=self.max_bytes
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await errors.error_response(too_large)(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+async def maintenance(services: Services) -> None:
+    """Recover jobs of lost workers (expired leases) and delete what is past retention."""
+    settings = services.settings
+    last_cleanup = 0.0
+    while True:
+        try:
+            services.lifecycle.reap(max_attempts=settings.max_attempts)
+            if time.monotonic() - last_cleanup > 600:
+                last_cleanup = time.monotonic()
+                await asyncio.to_thread(delete_expired, services)
+        except Exception:
+            log.exception("maintenance failed")
+        await asyncio.sleep(min(10.0, settings.lease_seconds / 3))
+
+
+def delete_expired(services: Services, now: float | None = None) -> int:
+    """Delete finished predictions older than the retention, with their files."""
+    cutoff = (now or time.time()) - services.settings.retention_hours * 3600
+    expired = services.store.find(completed_before=cutoff, limit=10_000)
+    for job in expired:
+        services.files.delete([*job.output, *([job.input_file] if job.input_file else [])])
+    services.store.delete(job.id for job in expired)
+    services.files.delete_older_than(cutoff)  # uploads that no prediction used
+    return len(expired)
+
+
+def create_app(services: Services) -> FastAPI:
+    def on_event(event: JobEvent) -> None:
+        if event.status not in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
+            return
+        services.metrics.finished.labels(event.status).inc()
+        job = services.store.get(event.job_id)
+        if job is None:
+            return
+        if job.status == Status.SUCCEEDED and "predict_time" in job.metrics:
+            services.metrics.predict_time.observe(job.metrics["predict_time"])
+        services.webhooks.schedule(job)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services.notifier.bind(asyncio.get_running_loop())
+        services.notifier.listen(on_event)
+        services.webhooks.resume_pending()
+        background = asyncio.create_task(maintenance(services))
+        try:
+            yield
+        finally:
+            background.cancel()
+            await services.webhooks.aclose()
+            await services.fetcher.aclose()
+
+    app = FastAPI(
+        title="fluxredux",
+        version=__version__,
+        description="Self-hosted FLUX.1 Redux [schnell] predictions, compatible with the hosted "
+        "flux-redux-schnell API.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    errors.install(app)
+    app.include_router(predictions.router)
+    app.include_router(files.router)
+    app.include_router(system.router)
+
+    @app.middleware("http")
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        route: Any = request.scope.get("route")
+        services.metrics.requests.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).inc()
+        return response
+
+    app.add_middleware(BodyLimit, max_bytes=services.settings.max_body_bytes)
+    return app

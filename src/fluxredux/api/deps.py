@@ -1,0 +1,40 @@
+"""Request dependencies: the services, the caller's API key, the links' base URL."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from fluxredux.api.services import Services
+from fluxredux.keys import ApiKey
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_api_key(
+    services: ServicesDep,
+    x_api_key: Annotated[str | None, Header(description="Your API key.")] = None,
+    authorization: Annotated[str | None, Header(description="Or: Bearer <API key>.")] = None,
+) -> ApiKey:
+    presented = x_api_key
+    if not presented and authorization and authorization.lower().startswith("bearer "):
+        presented = authorization[7:].strip()
+    return services.keys.verify(presented)
+
+
+ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]
+
+
+def base_url(request: Request) -> str:
+    services: Services = request.app.state.services
+    return (services.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+BaseUrlDep = Annotated[str, Depends(base_url)]

@@ -1,0 +1,70 @@
+"""One job, as the Eachlabs-compatible API shows it: a thin translation of the state machine."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from fluxredux.jobs.model import Job, Status
+from fluxredux.schema import Prediction, PublicStatus
+
+PUBLIC_STATUS: dict[Status, PublicStatus] = {
+    Status.STARTING: "starting",
+    Status.PROCESSING: "processing",
+    Status.SUCCEEDED: "success",
+    Status.FAILED: "error",
+    Status.CANCELED: "cancelled",
+}
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def file_url(base_url: str, name: str) -> str:
+    return f"{base_url}/files/{name}"
+
+
+def render(job: Job, base_url: str) -> Prediction:
+    base_url = base_url.rstrip("/")
+    urls = [file_url(base_url, name) for name in job.output]
+    output: str | list[str] | None = None
+    if job.status == Status.SUCCEEDED:
+        output = urls[0] if job.input.get("num_outputs", 1) == 1 and len(urls) == 1 else urls
+    shown_input: dict[str, Any] = dict(job.input)
+    if job.input_file and not str(shown_input.get("redux_image", "")).startswith(("http://", "https://")):
+        shown_input["redux_image"] = file_url(base_url, job.input_file)
+    metrics: dict[str, Any] = dict(job.metrics)
+    if job.started_at is not None:
+        metrics["queue_time"] = round(job.started_at - job.created_at, 4)
+    if job.completed_at is not None:
+        metrics["total_time"] = round(job.completed_at - job.created_at, 4)
+    total = job.progress_total or int(job.input.get("num_inference_steps", 4))
+    return Prediction.model_validate(
+        {
+            "id": job.id,
+            "model": job.model,
+            "version": job.version,
+            "status": PUBLIC_STATUS[job.status],
+            "input": shown_input,
+            "output": output,
+            "error": job.error,
+            "error_code": job.error_code,
+            "logs": job.logs,
+            "seed": job.seed,
+            "metrics": metrics,
+            "progress": {"step": job.progress_step, "total": total},
+            "safety": job.extra.get("safety", []),
+            "demo": bool(job.extra.get("demo", False)),
+            "created_at": _iso(job.created_at),
+            "started_at": _iso(job.started_at),
+            "completed_at": _iso(job.completed_at),
+            "urls": {
+                "get": f"{base_url}/v1/prediction/{job.id}",
+                "cancel": f"{base_url}/v1/prediction/{job.id}/cancel",
+                "share": f"{base_url}/p/{job.id}",
+            },
+        }
+    )

@@ -1,0 +1,157 @@
+"""/v1/prediction: create, get (long-poll), run (sync), cancel, list."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ServicesDep
+from fluxredux.api.inputs import resolve_reference
+from fluxredux.api.render import render
+from fluxredux.api.services import Services
+from fluxredux.errors import InvalidInput, NotFound, QueueFull, RateLimited, UnknownModel
+from fluxredux.jobs import Job, new_id
+from fluxredux.keys import ApiKey
+from fluxredux.net import check_url_shape
+from fluxredux.schema import MODEL_NAME, Prediction, PredictionCreated, PredictionList, PredictionRequest
+
+router = APIRouter(prefix="/v1/prediction", tags=["predictions"])
+
+WaitQuery = Annotated[
+    float,
+    Query(ge=0, le=60, description="Hold the request until the prediction ends, at most this many seconds."),
+]
+
+
+async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -> Job:
+    """Validate everything, check limits, store the reference image, queue the job."""
+    if body.model != MODEL_NAME:
+        raise UnknownModel(f"unknown model '{body.model}'; this server runs '{MODEL_NAME}'", model=body.model)
+    if body.webhook_url:
+        check_url_shape(body.webhook_url)
+    settings = services.settings
+    in_flight = services.lifecycle.in_flight(key.id)
+    if in_flight >= settings.max_in_flight_per_key:
+        raise RateLimited(
+            f"too many predictions in flight: {in_flight} of {settings.max_in_flight_per_key} "
+            "allowed per API key; wait for one to finish",
+            retry_after=2,
+            limit=settings.max_in_flight_per_key,
+        )
+    services.creations.hit(key.id, "prediction creations")
+    if services.lifecycle.queue_depth() >= settings.max_queue:
+        raise QueueFull(f"the server's queue is full ({settings.max_queue} waiting); try again shortly")
+    stored = await resolve_reference(
+        body.input.redux_image, services.files, services.fetcher, services.decode_limits
+    )
+    job_input = body.input.model_dump(mode="json")
+    if not body.input.redux_image.startswith(("http://", "https://")):
+        job_input["redux_image"] = stored.file_id  # not a 30 MB data: URI echoed on every poll
+    job = Job(
+        id=new_id(),
+        owner=key.id,
+        input=job_input,
+        created_at=time.time(),
+        version=body.version,
+        webhook_url=body.webhook_url,
+        webhook_secret=body.webhook_secret,
+        input_file=stored.name,
+        progress_total=body.input.num_inference_steps,
+    )
+    services.lifecycle.create(job)
+    services.wake_worker()
+    return job
+
+
+async def wait_until_done(services: Services, job_id: str, timeout: float) -> Job | None:
+    """Long-poll: woken by the job's state change, not by re-reading on a timer."""
+    deadline = time.monotonic() + timeout
+    event = services.notifier.subscribe(job_id)
+    try:
+        while True:
+            job = services.store.get(job_id)
+            remaining = deadline - time.monotonic()
+            if job is None or job.is_terminal or remaining <= 0:
+                return job
+            event.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+    finally:
+        services.notifier.unsubscribe(job_id, event)
+
+
+def owned_job(services: Services, job_id: str, key: ApiKey) -> Job:
+    job = services.store.get(job_id)
+    if job is None or job.owner != key.id:  # another key's prediction is as good as absent
+        raise NotFound(f"no prediction with id '{job_id}'", id=job_id)
+    return job
+
+
+@router.post("/", response_model=PredictionCreated, summary="Create a prediction")
+async def create_prediction(
+    body: PredictionRequest, key: ApiKeyDep, services: ServicesDep
+) -> PredictionCreated:
+    job = await create_job(body, key, services)
+    return PredictionCreated(predictionID=job.id)
+
+
+@router.post("/run", response_model=Prediction, summary="Create a prediction and wait for its result")
+async def run_prediction(
+    body: PredictionRequest, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep
+) -> Prediction:
+    job = await create_job(body, key, services)
+    finished = await wait_until_done(services, job.id, services.settings.sync_wait_seconds)
+    return render(finished or job, base)
+
+
+@router.get("/", response_model=PredictionList, summary="Your predictions, newest first")
+async def list_predictions(
+    key: ApiKeyDep,
+    services: ServicesDep,
+    base: BaseUrlDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="The 'next' value of the previous page.")] = None,
+) -> PredictionList:
+    services.reads.hit(key.id, "reads")
+    before = None
+    if cursor:
+        try:
+            before = float(cursor)
+        except ValueError:
+            raise InvalidInput(
+                "invalid cursor: pass the 'next' value of the previous page", cursor=cursor
+            ) from None
+    jobs = services.store.list_by_owner(key.id, limit + 1, before)
+    page = jobs[:limit]
+    next_cursor = repr(page[-1].created_at) if len(jobs) > limit else None
+    return PredictionList(items=[render(job, base) for job in page], next=next_cursor)
+
+
+@router.get("/{prediction_id}", response_model=Prediction, summary="Get a prediction (long-poll with ?wait=)")
+async def get_prediction(
+    prediction_id: str, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep, wait: WaitQuery = 0
+) -> Prediction:
+    services.reads.hit(key.id, "reads")
+    job = owned_job(services, prediction_id, key)
+    if wait > 0 and not job.is_terminal:
+        job = (
+            await wait_until_done(services, prediction_id, min(wait, services.settings.sync_wait_seconds))
+            or job
+        )
+    return render(job, base)
+
+
+@router.post("/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")
+async def cancel_prediction(
+    prediction_id: str, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep
+) -> Prediction:
+    services.reads.hit(key.id, "reads")
+    owned_job(services, prediction_id, key)
+    job = services.lifecycle.cancel(prediction_id)
+    if job is None:
+        raise NotFound(f"no prediction with id '{prediction_id}'", id=prediction_id)
+    return render(job, base)

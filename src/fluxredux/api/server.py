@@ -1,0 +1,80 @@
+"""``fluxredux serve``: the HTTP server, its worker process, and start-up recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import uvicorn
+
+from fluxredux.api.app import create_app
+from fluxredux.api.services import Services, build_services
+from fluxredux.config import Settings
+from fluxredux.jobs.model import Status
+from fluxredux.worker.supervisor import WorkerSupervisor
+
+log = logging.getLogger("fluxredux.serve")
+
+
+def ensure_first_key(services: Services) -> str | None:
+    """On the very first start there is no key: create one, so the API is usable at once."""
+    if services.keys.list():
+        return None
+    _key, secret = services.keys.create("default")
+    return secret
+
+
+def recover_after_restart(services: Services) -> int:
+    """Jobs left processing by a previous run's workers (none of them is alive now):
+    re-run once, or fail as "worker lost"."""
+    owners = {job.lease_owner for job in services.store.find([Status.PROCESSING]) if job.lease_owner}
+    return len(services.lifecycle.reap(max_attempts=services.settings.max_attempts, dead_owners=owners))
+
+
+def bind(settings: Settings) -> socket.socket:
+    """Bind first, so port 0 becomes a real port before anything prints a URL."""
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    settings.port = sock.getsockname()[1]
+    return sock
+
+
+def serve(settings: Settings, *, announce: bool = True) -> None:
+    services = build_services(settings)
+    sock = bind(settings)
+    url = settings.public_url or f"http://{settings.host}:{settings.port}"
+    first_key = ensure_first_key(services)
+    recovered = recover_after_restart(services)
+    supervisor = WorkerSupervisor(settings, services.lifecycle, services.notifier.publish)
+    services.wake_worker = supervisor.wake
+    services.worker_status = lambda: {
+        "ready": supervisor.state.ready,
+        "pid": supervisor.state.pid,
+        "restarts": supervisor.state.restarts,
+        "error": supervisor.state.error,
+        **supervisor.state.model,
+    }
+    if announce:
+        log.info("fluxredux serving on %s (API docs: %s/docs)", url, url)
+        log.info("data: %s", settings.data_dir)
+        if settings.model in ("demo", "fake") or settings.model == "auto":
+            log.info("model: %s (the worker says which model it loaded)", settings.model)
+        if recovered:
+            log.warning("recovered %d prediction(s) interrupted by the last shutdown", recovered)
+        if first_key:
+            print(
+                f"\nNo API key existed, so one was created. It is shown only this once:\n\n    {first_key}\n",
+                flush=True,
+            )
+    supervisor.start()
+    config = uvicorn.Config(
+        create_app(services), log_level="warning", access_log=False, timeout_graceful_shutdown=5
+    )
+    try:
+        asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    finally:
+        supervisor.stop()
+        services.close()

@@ -1,0 +1,94 @@
+"""``fluxredux run``: one prediction on a server, with progress, files downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fluxredux.cli.app import VerboseOption, app, err, fail, out, setup_logging
+from fluxredux.cli.input_flags import flag_name, with_input_flags
+from fluxredux.client import FluxRedux
+from fluxredux.errors import FluxReduxError, InvalidInput
+from fluxredux.schema import Prediction, PredictionInput, field_errors
+
+
+@app.command()
+@with_input_flags
+def run(
+    image: Annotated[
+        str, typer.Argument(help="Reference image: a local file, an http(s) URL or an uploaded file id.")
+    ],
+    server: Annotated[
+        str, typer.Option(envvar="FLUXREDUX_SERVER", help="Server URL.")
+    ] = "http://127.0.0.1:8000",
+    key: Annotated[str | None, typer.Option(envvar="FLUXREDUX_API_KEY", help="API key.")] = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where to save the images.")] = Path(
+        "."
+    ),
+    verbose: VerboseOption = False,
+    *,
+    inputs: dict[str, Any],
+) -> None:
+    """Run a prediction on a fluxredux server and download its images."""
+    setup_logging(verbose)
+    if not key:
+        raise fail(InvalidInput("an API key is needed: --key or FLUXREDUX_API_KEY"))
+    local = Path(image)
+    reference: Any = local if local.is_file() else image
+    try:
+        # Validate the flags locally first: same model, same messages as the server.
+        PredictionInput(redux_image="data:,check", **inputs)
+    except ValidationError as exc:
+        problems = "; ".join(f"{flag_name(e.field)}: {e.message}" for e in field_errors(exc))
+        raise fail(InvalidInput(problems)) from None
+    try:
+        with FluxRedux(server, key) as client:
+            prediction = _run_with_progress(client, {"redux_image": reference, **inputs})
+            _save(client, prediction, output_dir)
+    except FluxReduxError as exc:
+        raise fail(exc) from None
+
+
+def _run_with_progress(client: FluxRedux, inputs: dict[str, Any]) -> Prediction:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[state]}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        task = progress.add_task(
+            "uploading" if not isinstance(inputs["redux_image"], str) else "creating", total=None, state=""
+        )
+        prediction_id = client.create(inputs)
+        progress.update(task, description=prediction_id)
+
+        def show(prediction: Prediction) -> None:
+            if prediction.status == "starting":
+                progress.update(task, state="queued")
+            elif prediction.status == "processing":
+                step, total = prediction.progress.step, prediction.progress.total
+                progress.update(task, total=total, completed=step, state=f"step {step} of {total}")
+            else:
+                progress.update(task, completed=prediction.progress.total, state=prediction.status)
+
+        return client.wait(prediction_id, poll=0.25, on_update=show)
+
+
+def _save(client: FluxRedux, prediction: Prediction, output_dir: Path) -> None:
+    if prediction.status != "success":
+        raise FluxReduxError(prediction.error or f"the prediction ended as {prediction.status}")
+    urls = [prediction.output] if isinstance(prediction.output, str) else list(prediction.output or [])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for url in urls:
+        path = output_dir / url.rsplit("/", 1)[-1]
+        data = client.download(url)
+        path.write_bytes(data)
+        out.print(f"{path}  {len(data):,} bytes", highlight=False)
+    if prediction.demo:
+        out.print("[bold yellow]demo model: random weights, outputs are noise[/]")
+    out.print(f"seed: {prediction.seed}", highlight=False)

@@ -1,0 +1,209 @@
+"""Python client for a fluxredux server (or any flux-redux-schnell-compatible API).
+
+    from fluxredux.client import FluxRedux
+    client = FluxRedux("http://127.0.0.1:8000", api_key="fr_...")
+    prediction = client.run({"redux_image": Path("photo.jpg"), "aspect_ratio": "16:9"})
+    print(prediction.output)
+
+Imports only httpx, pydantic and fluxredux.schema/errors: no torch, no server code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fluxredux.errors import FluxReduxError
+from fluxredux.schema import MODEL_NAME, MODEL_VERSION, Prediction, PredictionList, UploadedFile
+
+__all__ = ["ApiError", "AsyncFluxRedux", "FluxRedux"]
+
+TERMINAL = frozenset({"success", "error", "cancelled"})
+LONG_POLL = 55.0  # seconds per ?wait= request; the server allows up to 60
+
+
+class ApiError(FluxReduxError):
+    """The server answered with an error: ``status`` (HTTP), ``code`` and its message."""
+
+    def __init__(self, status: int, body: Mapping[str, Any]) -> None:
+        super().__init__(
+            str(body.get("error", f"HTTP {status}")), **{k: v for k, v in body.items() if k != "error"}
+        )
+        self.status = status
+        self.code = str(body.get("code", "http_error"))
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": response.text[:500] or f"HTTP {response.status_code}"}
+    raise ApiError(response.status_code, body if isinstance(body, dict) else {"error": str(body)})
+
+
+def _body(inputs: Mapping[str, Any], webhook_url: str | None, webhook_secret: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": MODEL_NAME, "version": MODEL_VERSION, "input": dict(inputs)}
+    if webhook_url:
+        body["webhook_url"] = webhook_url
+    if webhook_secret:
+        body["webhook_secret"] = webhook_secret
+    return body
+
+
+def _upload_parts(source: Path | bytes) -> dict[str, tuple[str, bytes]]:
+    if isinstance(source, Path):
+        return {"file": (source.name, source.read_bytes())}
+    return {"file": ("image", source)}
+
+
+def _headers(api_key: str) -> dict[str, str]:
+    return {"X-API-Key": api_key, "User-Agent": "fluxredux-client"}
+
+
+class FluxRedux:
+    """Synchronous client."""
+
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0, **httpx_options: Any) -> None:
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout, **httpx_options
+        )
+
+    def __enter__(self) -> FluxRedux:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        response = self._http.request(method, url, **kwargs)
+        _raise_for(response)
+        return response
+
+    def upload(self, source: Path | bytes) -> UploadedFile:
+        return UploadedFile.model_validate(
+            self._request("POST", "/v1/files", files=_upload_parts(source)).json()
+        )
+
+    def _inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        resolved = dict(inputs)
+        if isinstance(resolved.get("redux_image"), Path | bytes):  # a local file: upload it first
+            resolved["redux_image"] = self.upload(resolved["redux_image"]).id
+        return resolved
+
+    def create(
+        self, inputs: Mapping[str, Any], *, webhook_url: str | None = None, webhook_secret: str | None = None
+    ) -> str:
+        body = _body(self._inputs(inputs), webhook_url, webhook_secret)
+        return str(self._request("POST", "/v1/prediction/", json=body).json()["predictionID"])
+
+    def get(self, prediction_id: str, *, wait: float = 0) -> Prediction:
+        params = {"wait": wait} if wait else None
+        response = self._request("GET", f"/v1/prediction/{prediction_id}", params=params, timeout=wait + 30)
+        return Prediction.model_validate(response.json())
+
+    def wait(
+        self,
+        prediction_id: str,
+        *,
+        timeout: float | None = None,
+        poll: float | None = None,
+        on_update: Callable[[Prediction], None] | None = None,
+    ) -> Prediction:
+        """Until the prediction ends: long-polls, or polls every ``poll`` s to report progress."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = LONG_POLL if deadline is None else max(0.0, min(LONG_POLL, deadline - time.monotonic()))
+            prediction = self.get(prediction_id, wait=0 if poll else left)
+            if on_update is not None:
+                on_update(prediction)
+            if prediction.status in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
+                return prediction
+            if poll:
+                time.sleep(poll)
+
+    def run(self, inputs: Mapping[str, Any], *, timeout: float | None = None) -> Prediction:
+        return self.wait(self.create(inputs), timeout=timeout)
+
+    def cancel(self, prediction_id: str) -> Prediction:
+        return Prediction.model_validate(
+            self._request("POST", f"/v1/prediction/{prediction_id}/cancel").json()
+        )
+
+    def list(self, *, limit: int = 20, cursor: str | None = None) -> PredictionList:
+        params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        return PredictionList.model_validate(self._request("GET", "/v1/prediction/", params=params).json())
+
+    def download(self, url: str) -> bytes:
+        return self._request("GET", url).content
+
+
+class AsyncFluxRedux:
+    """Asynchronous client: the same methods, awaited."""
+
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0, **httpx_options: Any) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout, **httpx_options
+        )
+
+    async def __aenter__(self) -> AsyncFluxRedux:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        response = await self._http.request(method, url, **kwargs)
+        _raise_for(response)
+        return response
+
+    async def upload(self, source: Path | bytes) -> UploadedFile:
+        response = await self._request("POST", "/v1/files", files=_upload_parts(source))
+        return UploadedFile.model_validate(response.json())
+
+    async def create(
+        self, inputs: Mapping[str, Any], *, webhook_url: str | None = None, webhook_secret: str | None = None
+    ) -> str:
+        resolved = dict(inputs)
+        if isinstance(resolved.get("redux_image"), Path | bytes):
+            resolved["redux_image"] = (await self.upload(resolved["redux_image"])).id
+        response = await self._request(
+            "POST", "/v1/prediction/", json=_body(resolved, webhook_url, webhook_secret)
+        )
+        return str(response.json()["predictionID"])
+
+    async def get(self, prediction_id: str, *, wait: float = 0) -> Prediction:
+        params = {"wait": wait} if wait else None
+        response = await self._request(
+            "GET", f"/v1/prediction/{prediction_id}", params=params, timeout=wait + 30
+        )
+        return Prediction.model_validate(response.json())
+
+    async def wait(self, prediction_id: str, *, timeout: float | None = None) -> Prediction:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = LONG_POLL if deadline is None else max(0.0, min(LONG_POLL, deadline - time.monotonic()))
+            prediction = await self.get(prediction_id, wait=left)
+            if prediction.status in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
+                return prediction
+
+    async def run(self, inputs: Mapping[str, Any], *, timeout: float | None = None) -> Prediction:
+        return await self.wait(await self.create(inputs), timeout=timeout)
+
+    async def cancel(self, prediction_id: str) -> Prediction:
+        response = await self._request("POST", f"/v1/prediction/{prediction_id}/cancel")
+        return Prediction.model_validate(response.json())
+
+    async def download(self, url: str) -> bytes:
+        return (await self._request("GET", url)).content

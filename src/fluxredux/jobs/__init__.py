@@ -1,0 +1,18 @@
+"""Prediction jobs: the state machine, the store protocol and its backends."""
+
+from fluxredux.jobs.lifecycle import Lifecycle, transition
+from fluxredux.jobs.model import IN_FLIGHT, TERMINAL, Job, Status, new_id
+from fluxredux.jobs.sqlite import SQLiteJobStore
+from fluxredux.jobs.store import JobStore
+
+__all__ = [
+    "IN_FLIGHT",
+    "TERMINAL",
+    "Job",
+    "JobStore",
+    "Lifecycle",
+    "SQLiteJobStore",
+    "Status",
+    "new_id",
+    "transition",
+]

@@ -1,0 +1,176 @@
+"""The prediction state machine: every status change goes through ``Lifecycle``.
+
+Each method is one transition, applied atomically through the store with a guard
+(compare-and-set on status, lease owner and attempt), so a stale worker can never
+overwrite a newer state and terminal states never change. Every change that happens
+is published (long-poll wake-ups, webhooks, metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fluxredux.jobs.model import IN_FLIGHT, Job, Status
+from fluxredux.jobs.store import JobStore
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Job], None]
+Clock = Callable[[], float]
+
+WORKER_LOST = "the worker running this prediction stopped unexpectedly (worker lost); please retry"
+
+_ALLOWED = {
+    Status.STARTING: {Status.PROCESSING, Status.CANCELED},
+    Status.PROCESSING: {Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.STARTING},
+}
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+def transition(job: Job, to: Status, now: float, **fields: Any) -> Job:
+    """The one place a job's status changes: checks the move, stamps times, queues webhooks."""
+    if to not in _ALLOWED.get(job.status, set()):
+        raise InvalidTransition(f"{job.id}: {job.status.value} -> {to.value} is not allowed")
+    job.status = to
+    for name, value in fields.items():
+        setattr(job, name, value)
+    if to == Status.PROCESSING and job.started_at is None:
+        job.started_at = now
+    if to.is_terminal:
+        job.completed_at = now
+        job.lease_owner = job.lease_expires_at = None
+        if job.webhook_url:
+            job.webhook_state = "pending"
+    if to == Status.STARTING:  # back in the queue after a lost worker
+        job.lease_owner = job.lease_expires_at = None
+        job.progress_step = 0
+    return job
+
+
+class Lifecycle:
+    def __init__(self, store: JobStore, *, clock: Clock = time.time, publish: Publish | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self._publish = publish or (lambda job: None)
+
+    def _emit(self, job: Job | None) -> Job | None:
+        if job is not None:
+            try:
+                self._publish(job)
+            except Exception:  # a broken listener must never undo or block a transition
+                log.exception("publishing a change of %s failed", job.id)
+        return job
+
+    def create(self, job: Job) -> Job:
+        self.store.insert(job)
+        self._emit(job)
+        return job
+
+    def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
+        now = self.clock()
+
+        def start(job: Job) -> Job:
+            job.attempt += 1
+            return transition(
+                job, Status.PROCESSING, now, lease_owner=worker_id, lease_expires_at=now + lease_seconds
+            )
+
+        return self._emit(self.store.claim(start))
+
+    def heartbeat(
+        self,
+        job: Job,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        step: int | None = None,
+        total: int | None = None,
+    ) -> Job | None:
+        """Extend the lease (and record progress). None: the job is no longer ours."""
+        now = self.clock()
+
+        def extend(current: Job) -> Job | None:
+            if not _owned(current, worker_id, job.attempt):
+                return None
+            current.lease_expires_at = now + lease_seconds
+            if step is not None:
+                current.progress_step, current.progress_total = step, total or current.progress_total
+            return current
+
+        updated = self.store.update(job.id, extend)
+        if step is not None:
+            self._emit(updated)
+        return updated
+
+    def finish(self, job: Job, worker_id: str, to: Status, **fields: Any) -> Job | None:
+        """The worker's end of a run: succeeded, failed or canceled. None if not ours anymore."""
+        now = self.clock()
+
+        def end(current: Job) -> Job | None:
+            if not _owned(current, worker_id, job.attempt):
+                return None
+            return transition(current, to, now, **fields)
+
+        return self._emit(self.store.update(job.id, end))
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Queued: canceled at once. Running: flagged, the worker stops within a step.
+        Finished: unchanged. Idempotent. None: no such job."""
+        now = self.clock()
+
+        def request(current: Job) -> Job | None:
+            if current.status == Status.STARTING:
+                return transition(current, Status.CANCELED, now)
+            if current.status == Status.PROCESSING and not current.cancel_requested:
+                current.cancel_requested = True
+                return current
+            return None
+
+        changed = self._emit(self.store.update(job_id, request))
+        return changed or self.store.get(job_id)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        job = self.store.get(job_id)
+        return job is None or job.cancel_requested or job.is_terminal
+
+    def reap(self, *, max_attempts: int, dead_owners: Iterable[str] | None = None) -> list[Job]:
+        """Jobs whose worker is gone (lease expired, or its owner known dead): re-run
+        once, then fail as "worker lost". Nothing stays processing forever."""
+        now = self.clock()
+        dead = set(dead_owners or ())
+        candidates = self.store.find([Status.PROCESSING], lease_expired_at=now)
+        if dead:
+            candidates += [j for j in self.store.find([Status.PROCESSING]) if j.lease_owner in dead]
+        reaped = []
+        for candidate in {j.id: j for j in candidates}.values():
+
+            def recover(current: Job, owner: str | None = candidate.lease_owner) -> Job | None:
+                if current.status != Status.PROCESSING or current.lease_owner != owner:
+                    return None  # moved on since we looked
+                if current.cancel_requested:
+                    return transition(current, Status.CANCELED, now)
+                if current.attempt < max_attempts:
+                    return transition(current, Status.STARTING, now)
+                return transition(current, Status.FAILED, now, error=WORKER_LOST, error_code="worker_lost")
+
+            job = self._emit(self.store.update(candidate.id, recover))
+            if job is not None:
+                log.warning("prediction %s: worker lost -> %s", job.id, job.status.value)
+                reaped.append(job)
+        return reaped
+
+    def in_flight(self, owner: str) -> int:
+        return self.store.count(IN_FLIGHT, owner=owner)
+
+    def queue_depth(self) -> int:
+        return self.store.count([Status.STARTING])
+
+
+def _owned(job: Job, worker_id: str, attempt: int) -> bool:
+    return job.status == Status.PROCESSING and job.lease_owner == worker_id and job.attempt == attempt

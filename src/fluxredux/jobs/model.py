@@ -1,0 +1,68 @@
+"""A prediction job and its lifecycle states. Pure data: no storage, no HTTP."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Status(str, Enum):
+    """starting -> processing -> succeeded | failed | canceled; terminal states never change.
+
+    (processing -> starting happens once when a worker is lost and the job is re-run.)
+    """
+
+    STARTING = "starting"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED})
+IN_FLIGHT = frozenset({Status.STARTING, Status.PROCESSING})
+
+
+def new_id() -> str:
+    """128 random bits, URL-safe: prediction ids double as share links."""
+    return secrets.token_urlsafe(16)
+
+
+@dataclass
+class Job:
+    id: str
+    owner: str  # the API key id that created it
+    input: dict[str, Any]
+    created_at: float
+    status: Status = Status.STARTING
+    model: str = "flux-redux-schnell"
+    version: str = "0.0.1"
+    started_at: float | None = None
+    completed_at: float | None = None
+    attempt: int = 0  # how many times a worker claimed it
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
+    cancel_requested: bool = False
+    progress_step: int = 0
+    progress_total: int = 0
+    output: list[str] = field(default_factory=list)  # output file names
+    seed: int | None = None
+    error: str | None = None
+    error_code: str | None = None
+    logs: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. per-image safety flags
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_state: str | None = None  # pending -> delivered | failed
+    input_file: str | None = None  # the stored reference image
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status.is_terminal

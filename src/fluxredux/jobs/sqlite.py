@@ -1,0 +1,180 @@
+"""The embedded job store: one SQLite file in WAL mode, shared by the HTTP process and
+its worker processes. Every change is a read-modify-write inside BEGIN IMMEDIATE, so
+concurrent writers (another process included) serialise on SQLite's write lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fluxredux.jobs.model import Job, Status
+from fluxredux.jobs.store import Change
+
+_COLUMNS = (
+    "id",
+    "owner",
+    "status",
+    "created_at",
+    "completed_at",
+    "lease_expires_at",
+    "webhook_state",
+)
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    completed_at REAL,
+    lease_expires_at REAL,
+    webhook_state TEXT,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
+"""
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    """A connection tuned for many short transactions from several processes."""
+    connection = sqlite3.connect(str(path), timeout=30, isolation_level=None, check_same_thread=False)
+    connection.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a power cut may lose the last transactions, never corrupt the
+    # file; a process crash (kill -9) loses nothing.
+    connection.execute("PRAGMA synchronous=NORMAL")
+    connection.execute("PRAGMA busy_timeout=30000")
+    return connection
+
+
+def _to_row(job: Job) -> tuple[Any, ...]:
+    data = dataclasses.asdict(job)
+    data["status"] = job.status.value
+    return (*(data[c] for c in _COLUMNS), json.dumps(data, separators=(",", ":")))
+
+
+def _from_row(data: str) -> Job:
+    fields = json.loads(data)
+    fields["status"] = Status(fields["status"])
+    return Job(**fields)
+
+
+class SQLiteJobStore:
+    def __init__(self, path: Path | str) -> None:
+        self._db = connect(path)
+        self._lock = threading.Lock()  # one connection, many threads of this process
+        self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(sql, tuple(params)).fetchall()
+        return [_from_row(row[0]) for row in rows]
+
+    def insert(self, job: Job) -> None:
+        placeholders = ",".join("?" * (len(_COLUMNS) + 1))
+        with self._transaction() as db:
+            db.execute(f"INSERT INTO jobs ({','.join(_COLUMNS)}, data) VALUES ({placeholders})", _to_row(job))
+
+    def get(self, job_id: str) -> Job | None:
+        found = self._query("SELECT data FROM jobs WHERE id = ?", (job_id,))
+        return found[0] if found else None
+
+    def _apply(self, db: sqlite3.Connection, current: Job, change: Change) -> Job | None:
+        updated = change(dataclasses.replace(current))
+        if updated is None:
+            return None
+        assignments = ",".join(f"{c} = ?" for c in _COLUMNS[1:])
+        row = _to_row(updated)
+        db.execute(f"UPDATE jobs SET {assignments}, data = ? WHERE id = ?", (*row[1:], current.id))
+        return updated
+
+    def update(self, job_id: str, change: Change) -> Job | None:
+        with self._transaction() as db:
+            row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return self._apply(db, _from_row(row[0]), change) if row else None
+
+    def claim(self, change: Change) -> Job | None:
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT data FROM jobs WHERE status = ? ORDER BY created_at, id LIMIT 1",
+                (Status.STARTING.value,),
+            ).fetchone()
+            return self._apply(db, _from_row(row[0]), change) if row else None
+
+    def list_by_owner(self, owner: str, limit: int, before: float | None = None) -> list[Job]:
+        return self._query(
+            "SELECT data FROM jobs WHERE owner = ? AND created_at < ? "
+            "ORDER BY created_at DESC, id DESC LIMIT ?",
+            (owner, before if before is not None else float("inf"), limit),
+        )
+
+    def find(
+        self,
+        statuses: Iterable[Status] | None = None,
+        *,
+        lease_expired_at: float | None = None,
+        webhook_state: str | None = None,
+        completed_before: float | None = None,
+        limit: int = 1000,
+    ) -> list[Job]:
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if statuses is not None:
+            wanted = [s.value for s in statuses]
+            where.append(f"status IN ({','.join('?' * len(wanted))})")
+            params.extend(wanted)
+        if lease_expired_at is not None:
+            where.append("lease_expires_at IS NOT NULL AND lease_expires_at <= ?")
+            params.append(lease_expired_at)
+        if webhook_state is not None:
+            where.append("webhook_state = ?")
+            params.append(webhook_state)
+        if completed_before is not None:
+            where.append("completed_at IS NOT NULL AND completed_at < ?")
+            params.append(completed_before)
+        sql = f"SELECT data FROM jobs WHERE {' AND '.join(where)} ORDER BY created_at, id LIMIT ?"
+        return self._query(sql, (*params, limit))
+
+    def count(self, statuses: Iterable[Status], owner: str | None = None) -> int:
+        wanted = [s.value for s in statuses]
+        sql = f"SELECT COUNT(*) FROM jobs WHERE status IN ({','.join('?' * len(wanted))})"
+        params: list[Any] = list(wanted)
+        if owner is not None:
+            sql += " AND owner = ?"
+            params.append(owner)
+        with self._lock:
+            return int(self._db.execute(sql, params).fetchone()[0])
+
+    def counts_by_status(self) -> dict[Status, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall()
+        counts = dict.fromkeys(Status, 0)
+        counts.update({Status(status): n for status, n in rows})
+        return counts
+
+    def delete(self, job_ids: Iterable[str]) -> None:
+        ids = list(job_ids)
+        if ids:
+            with self._transaction() as db:
+                db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,107 @@
+"""The worker process: loads the model, then claims and runs jobs until its parent goes.
+
+Started by ``fluxredux serve`` (see supervisor.py), configured by FLUXREDUX_* variables.
+It talks to its parent over two pipes: stdin brings wake-ups ("a job was queued"), the
+event pipe (FLUXREDUX_EVENT_FD) carries one line per job change. When stdin closes the
+parent is gone, and the worker exits at once: the parent's restart recovers its job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+import threading
+from typing import TextIO
+
+from fluxredux.config import Settings
+from fluxredux.errors import FluxReduxError
+from fluxredux.images import DecodeLimits
+from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore
+from fluxredux.logs import quiet_libraries
+from fluxredux.safety import SafetyChecker
+from fluxredux.storage import FileStore
+from fluxredux.worker.loop import Worker, WorkerConfig
+from fluxredux.worker.predictor import ImageModel, Predictor
+
+log = logging.getLogger("fluxredux.worker")
+
+
+def build_model(settings: Settings) -> ImageModel:
+    if settings.model == "fake":
+        from fluxredux.worker.fake import FakeModel
+
+        return FakeModel()
+    from fluxredux.pipeline.model import load_model
+
+    return load_model(settings)
+
+
+def build_checker(settings: Settings) -> SafetyChecker:
+    from fluxredux.safety.nudenet_detector import NudeNetDetector
+
+    return SafetyChecker(NudeNetDetector(), threshold=settings.safety_threshold)
+
+
+class EventPipe:
+    """Line-oriented messages to the parent; safe from several threads."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def send(self, kind: str, payload: str) -> None:
+        with self.lock:
+            self.stream.write(f"{kind} {payload}\n")
+            self.stream.flush()
+
+    def job_changed(self, job: Job) -> None:
+        self.send("job", f"{job.id} {job.status.value}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="worker: %(levelname)s %(message)s", stream=sys.stderr)
+    quiet_libraries(verbose=False)
+    settings = Settings()
+    events = EventPipe(os.fdopen(int(os.environ["FLUXREDUX_EVENT_FD"]), "w"))
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+    events.send("hello", worker_id)
+    try:
+        model = build_model(settings)
+        checker = build_checker(settings)
+    except FluxReduxError as exc:
+        events.send("failed", json.dumps(exc.to_dict()))
+        log.error("%s", exc.message)
+        sys.exit(3)
+    info = model.info
+    events.send(
+        "ready", json.dumps({"description": info.describe(), "demo": info.is_demo, "notice": info.notice})
+    )
+
+    store = SQLiteJobStore(settings.database_path)
+    worker = Worker(
+        Lifecycle(store, publish=events.job_changed),
+        Predictor(model, checker),
+        FileStore(settings.files_dir),
+        WorkerConfig(
+            worker_id=worker_id,
+            lease_seconds=settings.lease_seconds,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            decode_limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
+        ),
+    )
+    threading.Thread(target=_watch_parent, args=(worker,), daemon=True).start()
+    worker.run_forever(threading.Event())
+
+
+def _watch_parent(worker: Worker) -> None:
+    for _line in sys.stdin:
+        worker.wakeup.set()
+    os._exit(0)  # stdin closed: the server is gone; it recovers our job when it restarts
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""A real HTTP server on a loopback port, in this process, with a worker thread.
+
+The worker runs the same loop as the worker process, on the fake model (flat colours,
+no torch) unless a test passes another; the safety detector is a stub that finds
+nothing, so no test image is ever withheld by accident.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import uvicorn
+from PIL import Image
+
+from fluxredux.api.app import create_app
+from fluxredux.api.services import Services, build_services
+from fluxredux.config import Settings
+from fluxredux.events import JobEvent
+from fluxredux.jobs import Lifecycle, SQLiteJobStore
+from fluxredux.net import SafeFetcher
+from fluxredux.safety import Detection, SafetyChecker
+from fluxredux.storage import FileStore
+from fluxredux.worker.fake import FakeModel
+from fluxredux.worker.loop import Worker, WorkerConfig
+from fluxredux.worker.predictor import ImageModel, Predictor
+
+
+class NothingFound:
+    def detect(self, pixels: np.ndarray) -> list[Detection]:
+        return []
+
+
+def png_data_uri(width: int = 24, height: int = 16) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 120, 40)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Harness:
+    url: str
+    key: str
+    services: Services
+    http: httpx.Client
+    worker: Worker | None
+
+    def body(self, **inputs: Any) -> dict[str, Any]:
+        return {
+            "model": "flux-redux-schnell",
+            "version": "0.0.1",
+            "input": {"redux_image": png_data_uri(), **inputs},
+        }
+
+    def create(self, **inputs: Any) -> httpx.Response:
+        return self.http.post("/v1/prediction/", json=self.body(**inputs))
+
+    def create_id(self, **inputs: Any) -> str:
+        response = self.create(**inputs)
+        assert response.status_code == 200, response.text
+        return str(response.json()["predictionID"])
+
+    def get(self, prediction_id: str, **params: Any) -> dict[str, Any]:
+        response = self.http.get(f"/v1/prediction/{prediction_id}", params=params)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def wait_status(self, prediction_id: str, statuses: set[str], timeout: float = 20) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            prediction = self.get(prediction_id)
+            if prediction["status"] in statuses or time.monotonic() > deadline:
+                return prediction
+            time.sleep(0.02)
+
+
+@contextmanager
+def running_server(
+    tmp_path: Path,
+    *,
+    model: ImageModel | None = None,
+    run_worker: bool = True,
+    fetcher: SafeFetcher | None = None,
+    **overrides: Any,
+) -> Iterator[Harness]:
+    port = free_port()
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        host="127.0.0.1",
+        port=port,
+        model="fake",
+        heartbeat_seconds=0.5,
+        **overrides,
+    )
+    services = build_services(settings, fetcher=fetcher)
+    _key, secret = services.keys.create("tests")
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(services), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+
+    worker = None
+    stop = threading.Event()
+    if run_worker:
+        # Its own store connection, as the worker process has; events go to the server's notifier.
+        lifecycle = Lifecycle(
+            SQLiteJobStore(settings.database_path),
+            publish=lambda job: services.notifier.publish(JobEvent(job.id, job.status.value)),
+        )
+        worker = Worker(
+            lifecycle,
+            Predictor(model or FakeModel(), SafetyChecker(NothingFound())),
+            FileStore(settings.files_dir),
+            WorkerConfig(worker_id="test-worker", lease_seconds=5, heartbeat_seconds=0.5),
+        )
+        services.wake_worker = worker.wakeup.set
+        services.worker_status = lambda: {"ready": True, "demo": True}
+        threading.Thread(target=worker.run_forever, args=(stop,), daemon=True).start()
+
+    http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": secret}, timeout=30)
+    try:
+        yield Harness(url=f"http://127.0.0.1:{port}", key=secret, services=services, http=http, worker=worker)
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.wakeup.set()
+        http.close()
+        server.should_exit = True
+        thread.join(10)
+        services.close()

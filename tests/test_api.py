@@ -1,0 +1,311 @@
+"""The HTTP API as a client sees it, on a real server (fake model: flat colours, no torch)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from fluxredux.worker.fake import FakeModel
+from tests.harness import Harness, png_data_uri, running_server
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Harness:
+    with running_server(tmp_path) as harness:
+        yield harness
+
+
+@pytest.fixture
+def queued_api(tmp_path: Path) -> Harness:
+    """No worker: predictions stay queued."""
+    with running_server(tmp_path, run_worker=False) as harness:
+        yield harness
+
+
+def test_create_poll_and_download(api: Harness) -> None:
+    created = api.create(num_outputs="1", output_format="png", seed="5")
+    assert created.status_code == 200
+    body = created.json()
+    assert body["status"] == "success" and body["predictionID"]
+    prediction = api.get(body["predictionID"], wait=10)
+    assert prediction["status"] == "success"
+    assert isinstance(prediction["output"], str)  # one image: one URL
+    assert prediction["seed"] == 5
+    assert set(prediction["metrics"]) >= {"predict_time", "queue_time", "total_time"}
+    assert prediction["urls"]["get"].endswith(f"/v1/prediction/{body['predictionID']}")
+    image = httpx.get(prediction["output"])  # no key: the unguessable URL is the capability
+    assert image.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(image.content)).size == (1024, 1024)
+
+
+def test_several_outputs_are_a_list_with_the_right_content_type(api: Harness) -> None:
+    prediction = api.get(api.create_id(num_outputs=3, megapixels="0.25", output_format="jpg"), wait=10)
+    assert isinstance(prediction["output"], list) and len(prediction["output"]) == 3
+    for url in prediction["output"]:
+        response = httpx.get(url)
+        assert response.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(response.content)).format == "JPEG"
+    assert len(set(prediction["output"])) == 3
+
+
+def test_the_input_is_echoed_without_the_data_uri(api: Harness) -> None:
+    prediction = api.get(api.create_id(aspect_ratio="16:9"), wait=10)
+    assert prediction["input"]["aspect_ratio"] == "16:9"
+    assert prediction["input"]["redux_image"].startswith(api.url + "/files/")
+    assert httpx.get(prediction["input"]["redux_image"]).headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "code", "text"),
+    [
+        ({"model": "sdxl"}, 400, "unknown_model", "unknown model 'sdxl'"),
+        ({"input": {"redux_image": "x" * 3}}, 400, "invalid_input", "input.redux_image"),
+        ({"input": {"num_outputs": 7}}, 400, "invalid_input", "input.num_outputs"),
+        ({"input": {"steps": 4}}, 400, "invalid_input", "unknown field 'input.steps'"),
+        (
+            {"input": {"redux_image": "data:image/png;base64,aGVsbG8="}},
+            400,
+            "image_not_an_image",
+            "not an image",
+        ),
+        ({"input": {"redux_image": "data:,"}}, 400, "image_empty", "empty"),
+        (
+            {"input": {"redux_image": "AAAAAAAAAAAAAAAAAAAAAA"}},
+            400,
+            "image_file_not_found",
+            "no uploaded file",
+        ),
+        ({"webhook_url": "ftp://x"}, 400, "url_scheme", "only http and https"),
+        ({"extra": 1}, 400, "invalid_input", "unknown field 'extra'"),
+    ],
+)
+def test_client_mistakes_get_a_clear_400(
+    api: Harness, change: dict, status: int, code: str, text: str
+) -> None:
+    body = api.body()
+    for key, value in change.items():
+        if key == "input":
+            body["input"].update(value)
+        else:
+            body[key] = value
+    response = api.http.post("/v1/prediction/", json=body)
+    assert response.status_code == status
+    error = response.json()
+    assert error["code"] == code
+    assert text in error["error"]
+    assert api.services.store.counts_by_status()  # the server is fine; nothing was queued:
+    assert sum(api.services.store.counts_by_status().values()) == 0
+
+
+def test_a_malformed_json_body_is_a_400(api: Harness) -> None:
+    response = api.http.post(
+        "/v1/prediction/", content=b"{not json", headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400 and response.json()["code"] == "invalid_input"
+
+
+def test_keys(api: Harness) -> None:
+    url = api.url + "/v1/prediction/"
+    assert httpx.post(url, json=api.body()).status_code == 401
+    bad = httpx.post(url, json=api.body(), headers={"X-API-Key": "fr_000000000000_nope"})
+    assert (bad.status_code, bad.json()["code"]) == (401, "unauthorized")
+    bearer = httpx.post(url, json=api.body(), headers={"Authorization": f"Bearer {api.key}"})
+    assert bearer.status_code == 200
+
+
+def test_unknown_and_foreign_ids_are_404(api: Harness) -> None:
+    assert api.http.get("/v1/prediction/nope").status_code == 404
+    prediction_id = api.create_id()
+    _key, other = api.services.keys.create("someone else")
+    foreign = httpx.get(f"{api.url}/v1/prediction/{prediction_id}", headers={"X-API-Key": other})
+    assert (foreign.status_code, foreign.json()["code"]) == (404, "not_found")
+    assert httpx.get(f"{api.url}/files/AAAAAAAAAAAAAAAAAAAAAA.png").status_code == 404
+    assert httpx.get(f"{api.url}/files/..%2Ffluxredux.db").status_code == 404
+
+
+def test_the_61st_creation_in_a_minute_is_429(tmp_path: Path) -> None:
+    with running_server(tmp_path, run_worker=False, max_in_flight_per_key=1000) as api:
+        body = api.body()
+        for _ in range(60):
+            assert api.http.post("/v1/prediction/", json=body).status_code == 200
+        refused = api.http.post("/v1/prediction/", json=body)
+        assert refused.status_code == 429
+        assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert refused.json()["code"] == "rate_limited"
+        assert api.services.lifecycle.queue_depth() == 60  # nothing more was queued
+        assert api.http.get("/v1/prediction/").status_code == 200  # polling is not counted
+
+
+def test_the_11th_prediction_in_flight_is_429(queued_api: Harness) -> None:
+    for _ in range(10):
+        queued_api.create_id()
+    refused = queued_api.create()
+    assert refused.status_code == 429
+    assert "in flight" in refused.json()["error"]
+    assert refused.headers["Retry-After"]
+    _key, other = queued_api.services.keys.create("other")  # the limit is per key
+    assert (
+        httpx.post(
+            queued_api.url + "/v1/prediction/", json=queued_api.body(), headers={"X-API-Key": other}
+        ).status_code
+        == 200
+    )
+
+
+def test_a_full_queue_is_503(tmp_path: Path) -> None:
+    with running_server(tmp_path, run_worker=False, max_queue=2) as api:
+        api.create_id(), api.create_id()
+        refused = api.create()
+        assert refused.status_code == 503 and refused.json()["code"] == "queue_full"
+        assert refused.headers["Retry-After"]
+
+
+def test_an_oversized_body_is_413(tmp_path: Path) -> None:
+    with running_server(tmp_path, run_worker=False, max_body_bytes=10_000) as api:
+        response = api.http.post("/v1/prediction/", json=api.body() | {"pad": "x" * 20_000})
+        assert response.status_code == 413 and response.json()["code"] == "payload_too_large"
+
+
+def test_cancel_a_queued_prediction(queued_api: Harness) -> None:
+    prediction_id = queued_api.create_id()
+    response = queued_api.http.post(f"/v1/prediction/{prediction_id}/cancel")
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert queued_api.http.post(f"/v1/prediction/{prediction_id}/cancel").json()["status"] == "cancelled"
+
+
+def test_cancel_a_running_prediction_stops_within_a_step(tmp_path: Path) -> None:
+    with running_server(tmp_path, model=FakeModel(step_seconds=0.3)) as api:
+        prediction_id = api.create_id(num_inference_steps=4)
+        running = api.wait_status(prediction_id, {"processing"})
+        assert running["status"] == "processing"
+        asked = time.monotonic()
+        api.http.post(f"/v1/prediction/{prediction_id}/cancel")
+        final = api.get(prediction_id, wait=10)
+        assert final["status"] == "cancelled"
+        assert time.monotonic() - asked < 1.0  # one 0.3 s step, plus margin
+        assert final["output"] is None
+
+
+def test_cancel_after_success_changes_nothing(api: Harness) -> None:
+    prediction_id = api.create_id()
+    done = api.get(prediction_id, wait=10)
+    again = api.http.post(f"/v1/prediction/{prediction_id}/cancel").json()
+    assert again["status"] == "success" and again["output"] == done["output"]
+
+
+def test_long_poll_answers_within_100ms_of_completion(tmp_path: Path) -> None:
+    with running_server(tmp_path, model=FakeModel(step_seconds=0.15)) as api:
+        prediction_id = api.create_id(num_inference_steps=4)
+        response = api.http.get(f"/v1/prediction/{prediction_id}", params={"wait": 20})
+        answered = time.time()
+        prediction = response.json()
+        assert prediction["status"] == "success"
+        job = api.services.store.get(prediction_id)
+        assert job is not None and job.completed_at is not None
+        assert answered - job.completed_at < 0.1
+
+
+def test_long_poll_gives_up_after_wait(queued_api: Harness) -> None:
+    prediction_id = queued_api.create_id()
+    started = time.monotonic()
+    assert queued_api.get(prediction_id, wait=0.5)["status"] == "starting"
+    assert 0.45 < time.monotonic() - started < 3
+
+
+def test_sync_run(api: Harness) -> None:
+    response = api.http.post("/v1/prediction/run", json=api.body(num_outputs=2, megapixels="0.25"))
+    assert response.status_code == 200
+    prediction = response.json()
+    assert prediction["status"] == "success" and len(prediction["output"]) == 2
+
+
+def test_list_is_newest_first_and_paginated(api: Harness) -> None:
+    ids = [api.create_id() for _ in range(5)]
+    first = api.http.get("/v1/prediction/", params={"limit": 3}).json()
+    assert [p["id"] for p in first["items"]] == ids[::-1][:3]
+    second = api.http.get("/v1/prediction/", params={"limit": 3, "cursor": first["next"]}).json()
+    assert [p["id"] for p in second["items"]] == ids[::-1][3:]
+    assert second["next"] is None
+
+
+def test_upload_then_use_the_file_id(api: Harness) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(buffer, "WEBP")
+    uploaded = api.http.post(
+        "/v1/files", files={"file": ("ref.webp", buffer.getvalue(), "image/webp")}
+    ).json()
+    assert (uploaded["width"], uploaded["height"], uploaded["content_type"]) == (40, 30, "image/webp")
+    body = api.body()
+    body["input"]["redux_image"] = uploaded["id"]
+    created = api.http.post("/v1/prediction/", json=body)
+    assert created.status_code == 200
+    assert api.get(created.json()["predictionID"], wait=10)["status"] == "success"
+
+
+def test_uploading_a_non_image_is_a_400(api: Harness) -> None:
+    response = api.http.post(
+        "/v1/files", files={"file": ("notes.txt", b"hello there, not an image", "text/plain")}
+    )
+    assert response.status_code == 400 and response.json()["code"] == "image_not_an_image"
+
+
+def test_health_and_metrics(api: Harness) -> None:
+    api.get(api.create_id(), wait=10)
+    health = httpx.get(api.url + "/health").json()
+    assert health["status"] == "ok" and health["model"]["ready"] is True
+    metrics = httpx.get(api.url + "/metrics").text
+    assert 'fluxredux_predictions{status="succeeded"} 1.0' in metrics
+    assert "fluxredux_queue_depth 0.0" in metrics
+    assert "fluxredux_predict_time_seconds_count 1.0" in metrics
+    assert 'fluxredux_http_requests_total{method="POST",route="/v1/prediction/",status="200"} 1.0' in metrics
+
+
+def test_openapi_describes_the_input_model(api: Harness) -> None:
+    schema = httpx.get(api.url + "/openapi.json").json()
+    properties = schema["components"]["schemas"]["PredictionInput"]["properties"]
+    assert properties["aspect_ratio"]["enum"][:2] == ["1:1", "16:9"]
+    assert "/v1/prediction/{prediction_id}/cancel" in schema["paths"]
+
+
+def test_progress_is_reported_while_running(tmp_path: Path) -> None:
+    with running_server(tmp_path, model=FakeModel(step_seconds=0.2)) as api:
+        prediction_id = api.create_id(num_inference_steps=4)
+        seen = set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            prediction = api.get(prediction_id)
+            seen.add(prediction["progress"]["step"])
+            if prediction["status"] == "success":
+                break
+            time.sleep(0.05)
+        assert {1, 2, 3} & seen and 4 in seen
+        assert prediction["progress"] == {"step": 4, "total": 4}
+
+
+def test_concurrent_long_polls_all_wake(api: Harness) -> None:
+    ids = [api.create_id() for _ in range(5)]
+    results: list[str] = []
+
+    def poll(prediction_id: str) -> None:
+        results.append(
+            httpx.get(
+                f"{api.url}/v1/prediction/{prediction_id}?wait=10", headers={"X-API-Key": api.key}
+            ).json()["status"]
+        )
+
+    threads = [threading.Thread(target=poll, args=(i,)) for i in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == ["success"] * 5
+
+
+def test_png_data_uri_helper_is_a_real_image() -> None:
+    assert png_data_uri().startswith("data:image/png;base64,")

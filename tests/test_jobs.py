@@ -1,0 +1,249 @@
+"""The job store contract and the state machine, run against every backend.
+
+Add a backend to BACKENDS and the whole suite runs against it too (huey-style).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fluxredux.jobs import Job, JobStore, Lifecycle, SQLiteJobStore, Status, new_id
+from fluxredux.jobs.lifecycle import WORKER_LOST, InvalidTransition, transition
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+BACKENDS: dict[str, Callable[[Path], JobStore]] = {
+    "sqlite": lambda tmp: SQLiteJobStore(tmp / "jobs.db"),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    backend = BACKENDS[request.param](tmp_path)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def events() -> list[Job]:
+    return []
+
+
+@pytest.fixture
+def lifecycle(store: JobStore, clock: FakeClock, events: list[Job]) -> Lifecycle:
+    return Lifecycle(store, clock=clock, publish=events.append)
+
+
+def make_job(clock: FakeClock, owner: str = "k1", **fields: object) -> Job:
+    clock.now += 1
+    return Job(id=new_id(), owner=owner, input={"num_outputs": 1}, created_at=clock.now, **fields)  # type: ignore[arg-type]
+
+
+# --- the storage contract ---------------------------------------------------------
+
+
+def test_insert_get_round_trip(store: JobStore, clock: FakeClock) -> None:
+    job = make_job(clock, metrics={"predict_time": 1.5}, extra={"safety": [{"unsafe": False}]})
+    store.insert(job)
+    assert store.get(job.id) == job
+    assert store.get("missing") is None
+
+
+def test_update_is_atomic_under_concurrency(store: JobStore, clock: FakeClock) -> None:
+    job = make_job(clock)
+    store.insert(job)
+
+    def bump(current: Job) -> Job:
+        current.progress_step += 1
+        return current
+
+    threads = [
+        threading.Thread(target=lambda: [store.update(job.id, bump) for _ in range(50)]) for _ in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = store.get(job.id)
+    assert stored is not None and stored.progress_step == 200
+
+
+def test_update_returning_none_changes_nothing(store: JobStore, clock: FakeClock) -> None:
+    job = make_job(clock)
+    store.insert(job)
+    assert store.update(job.id, lambda current: None) is None
+    assert store.get(job.id) == job
+    assert store.update("missing", lambda current: current) is None
+
+
+def test_claim_takes_the_oldest_starting_job_once(store: JobStore, clock: FakeClock) -> None:
+    first, second = make_job(clock), make_job(clock)
+    store.insert(second)
+    store.insert(first)
+
+    def take(job: Job) -> Job:
+        return transition(job, Status.PROCESSING, clock.now)
+
+    assert [store.claim(take).id, store.claim(take).id] == [first.id, second.id]  # type: ignore[union-attr]
+    assert store.claim(take) is None
+
+
+def test_list_by_owner_is_newest_first_and_pages(store: JobStore, clock: FakeClock) -> None:
+    mine = [make_job(clock) for _ in range(5)]
+    for job in [*mine, make_job(clock, owner="someone-else")]:
+        store.insert(job)
+    page = store.list_by_owner("k1", 3)
+    assert [j.id for j in page] == [j.id for j in reversed(mine)][:3]
+    rest = store.list_by_owner("k1", 3, before=page[-1].created_at)
+    assert [j.id for j in rest] == [mine[1].id, mine[0].id]
+
+
+def test_find_count_and_delete(store: JobStore, clock: FakeClock) -> None:
+    jobs = [make_job(clock) for _ in range(3)]
+    for job in jobs:
+        store.insert(job)
+    store.update(jobs[0].id, lambda j: transition(j, Status.CANCELED, clock.now))
+    assert store.count([Status.STARTING]) == 2
+    assert store.count([Status.STARTING, Status.CANCELED], owner="k1") == 3
+    assert [j.id for j in store.find([Status.CANCELED])] == [jobs[0].id]
+    assert [j.id for j in store.find(completed_before=clock.now + 1)] == [jobs[0].id]
+    assert store.counts_by_status()[Status.STARTING] == 2
+    store.delete([jobs[0].id])
+    assert store.get(jobs[0].id) is None
+
+
+# --- the state machine ---------------------------------------------------------------
+
+
+def test_terminal_states_never_change(clock: FakeClock) -> None:
+    job = transition(make_job(clock), Status.CANCELED, clock.now)
+    for target in Status:
+        with pytest.raises(InvalidTransition):
+            transition(job, target, clock.now)
+
+
+def test_claim_leases_and_publishes(lifecycle: Lifecycle, clock: FakeClock, events: list[Job]) -> None:
+    job = lifecycle.create(make_job(clock))
+    claimed = lifecycle.claim("w1", lease_seconds=30)
+    assert claimed is not None and claimed.id == job.id
+    assert (claimed.status, claimed.attempt, claimed.lease_owner) == (Status.PROCESSING, 1, "w1")
+    assert claimed.lease_expires_at == clock.now + 30
+    assert [e.status for e in events] == [Status.STARTING, Status.PROCESSING]
+
+
+def test_cancel_in_each_state(lifecycle: Lifecycle, clock: FakeClock) -> None:
+    queued = lifecycle.create(make_job(clock))
+    canceled = lifecycle.cancel(queued.id)
+    assert canceled is not None and canceled.status == Status.CANCELED  # queued: at once, never runs
+    assert lifecycle.claim("w1", 30) is None
+
+    running = lifecycle.create(make_job(clock))
+    claimed = lifecycle.claim("w1", 30)
+    assert claimed is not None
+    flagged = lifecycle.cancel(running.id)
+    assert flagged is not None and (flagged.status, flagged.cancel_requested) == (Status.PROCESSING, True)
+    assert lifecycle.is_cancel_requested(running.id)
+    done = lifecycle.finish(claimed, "w1", Status.CANCELED)
+    assert done is not None and done.status == Status.CANCELED
+
+    finished = lifecycle.create(make_job(clock))
+    claimed = lifecycle.claim("w1", 30)
+    assert claimed is not None
+    lifecycle.finish(claimed, "w1", Status.SUCCEEDED, output=["a.webp"])
+    after = lifecycle.cancel(finished.id)
+    assert after is not None and after.status == Status.SUCCEEDED and not after.cancel_requested
+    again = lifecycle.cancel(finished.id)  # repeated calls are harmless
+    assert again == after
+    assert lifecycle.cancel("missing") is None
+
+
+def test_a_stale_worker_cannot_overwrite_a_newer_attempt(lifecycle: Lifecycle, clock: FakeClock) -> None:
+    job = lifecycle.create(make_job(clock))
+    first = lifecycle.claim("w1", lease_seconds=30)
+    assert first is not None
+    clock.now += 31  # w1's lease runs out
+    assert [j.status for j in lifecycle.reap(max_attempts=2)] == [Status.STARTING]
+    second = lifecycle.claim("w2", lease_seconds=30)
+    assert second is not None and second.attempt == 2
+    assert lifecycle.heartbeat(first, "w1", 30) is None
+    assert lifecycle.finish(first, "w1", Status.SUCCEEDED, output=["stale.webp"]) is None
+    done = lifecycle.finish(second, "w2", Status.SUCCEEDED, output=["fresh.webp"])
+    assert done is not None and done.output == ["fresh.webp"]
+    stored = lifecycle.store.get(job.id)
+    assert stored is not None and stored.output == ["fresh.webp"]
+
+
+def test_lost_worker_reruns_once_then_fails(lifecycle: Lifecycle, clock: FakeClock) -> None:
+    job = lifecycle.create(make_job(clock))
+    lifecycle.claim("w1", 30)
+    assert [j.status for j in lifecycle.reap(max_attempts=2, dead_owners={"w1"})] == [Status.STARTING]
+    lifecycle.claim("w2", 30)
+    (failed,) = lifecycle.reap(max_attempts=2, dead_owners={"w2"})
+    assert (failed.status, failed.error, failed.error_code) == (Status.FAILED, WORKER_LOST, "worker_lost")
+    assert lifecycle.store.get(job.id) == failed
+
+
+def test_heartbeat_keeps_a_lease_alive(lifecycle: Lifecycle, clock: FakeClock) -> None:
+    lifecycle.create(make_job(clock))
+    claimed = lifecycle.claim("w1", 30)
+    assert claimed is not None
+    for _ in range(5):
+        clock.now += 20
+        assert lifecycle.heartbeat(claimed, "w1", 30, step=1, total=4) is not None
+    assert lifecycle.reap(max_attempts=2) == []
+
+
+def test_a_cancel_requested_job_of_a_lost_worker_ends_cancelled(
+    lifecycle: Lifecycle, clock: FakeClock
+) -> None:
+    job = lifecycle.create(make_job(clock))
+    lifecycle.claim("w1", 30)
+    lifecycle.cancel(job.id)
+    (reaped,) = lifecycle.reap(max_attempts=2, dead_owners={"w1"})
+    assert reaped.status == Status.CANCELED
+
+
+def test_webhook_is_queued_on_every_terminal_state(lifecycle: Lifecycle, clock: FakeClock) -> None:
+    job = lifecycle.create(make_job(clock, webhook_url="https://hooks.example/x"))
+    assert job.webhook_state is None
+    canceled = lifecycle.cancel(job.id)
+    assert canceled is not None and canceled.webhook_state == "pending"
+    assert [j.id for j in lifecycle.store.find(webhook_state="pending")] == [job.id]
+
+
+def test_sqlite_updates_from_two_connections_serialise(tmp_path: Path, clock: FakeClock) -> None:
+    """Two connections stand for two processes (the server and its worker)."""
+    first, second = SQLiteJobStore(tmp_path / "shared.db"), SQLiteJobStore(tmp_path / "shared.db")
+    job = make_job(clock)
+    first.insert(job)
+
+    def bump(current: Job) -> Job:
+        current.progress_step += 1
+        return current
+
+    threads = [
+        threading.Thread(target=lambda s=s: [s.update(job.id, bump) for _ in range(100)])
+        for s in (first, second)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = second.get(job.id)
+    assert stored is not None and stored.progress_step == 200

@@ -309,3 +309,16 @@ def test_concurrent_long_polls_all_wake(api: Harness) -> None:
 
 def test_png_data_uri_helper_is_a_real_image() -> None:
     assert png_data_uri().startswith("data:image/png;base64,")
+
+
+def test_retention_deletes_old_predictions_and_their_files(api: Harness) -> None:
+    from fluxredux.api.app import delete_expired
+
+    prediction = api.get(api.create_id(), wait=10)
+    assert httpx.get(prediction["output"]).status_code == 200
+    assert delete_expired(api.services) == 0  # nothing is old yet
+    week_later = time.time() + api.services.settings.retention_hours * 3600 + 60
+    assert delete_expired(api.services, now=week_later) == 1
+    assert api.http.get(f"/v1/prediction/{prediction['id']}").status_code == 404
+    assert httpx.get(prediction["output"]).status_code == 404
+    assert httpx.get(prediction["input"]["redux_image"]).status_code == 404

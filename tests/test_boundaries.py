@@ -1,5 +1,6 @@
 """The light parts stay light: what the HTTP process, the client and the CLI's start-up
-import must not pull in torch or diffusers (DESIGN section 4, boundary 1)."""
+import must not pull in torch or diffusers (DESIGN section 4, boundary 1). The running
+server process is checked too, in test_serve.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ LIGHT_MODULES = [
     "fluxredux.worker.predictor",
     "fluxredux.worker.fake",
     "fluxredux.cli",
+    "fluxredux.api.app",
+    "fluxredux.api.server",
+    "fluxredux.client",
+    "fluxredux.jobs",
+    "fluxredux.worker.supervisor",
 ]
 
 

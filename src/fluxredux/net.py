@@ -32,7 +32,8 @@ def address_kind(ip: IPAddress) -> str | None:
     """Why an address is not public ("loopback", "private", ...), or None if it is."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return address_kind(ip.ipv4_mapped)
-    for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    # Most specific first: Python counts link-local and 0.0.0.0 as "private" too.
+    for kind in ("loopback", "link_local", "unspecified", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
             return kind.replace("_", "-")
     if not ip.is_global:
@@ -107,7 +108,7 @@ class SafeFetcher:
             if kind:
                 raise FetchRefused(
                     "url_not_public",
-                    f"refused to fetch {url.host}: it resolves to {ip}, a {kind} address",
+                    f"refused to fetch {url.host}: it resolves to {ip} ({kind} address)",
                     address=str(ip),
                 )
         return addresses[0]

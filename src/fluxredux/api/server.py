@@ -33,9 +33,14 @@ def recover_after_restart(services: Services) -> int:
 
 
 def bind(settings: Settings) -> socket.socket:
-    """Bind first, so port 0 becomes a real port before anything prints a URL."""
+    """Bind first, so port 0 becomes a real port before anything prints a URL.
+
+    proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on connections whose
+    socket says so, and without it every keep-alive response stalls ~40 ms (Nagle's
+    algorithm meeting the client's delayed ACK).
+    """
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.port))
     settings.port = sock.getsockname()[1]

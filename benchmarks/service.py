@@ -72,7 +72,7 @@ def wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 async def run_load(count: int, concurrency: int, one: Any) -> tuple[list[Any], float]:
@@ -91,7 +91,9 @@ async def run_load(count: int, concurrency: int, one: Any) -> tuple[list[Any], f
     return results, time.perf_counter() - started
 
 
-async def measure(args: argparse.Namespace, service_url: str, key: str, bare_url: str) -> list[dict[str, Any]]:
+async def measure(
+    args: argparse.Namespace, service_url: str, key: str, bare_url: str
+) -> list[dict[str, Any]]:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 140, 200)).save(buffer, "PNG")
     image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -107,7 +109,9 @@ async def measure(args: argparse.Namespace, service_url: str, key: str, bare_url
             started = time.perf_counter()
             created = await client.post(f"{service_url}/v1/prediction/", json=body)
             prediction_id = created.json()["predictionID"]
-            result = (await client.get(f"{service_url}/v1/prediction/{prediction_id}", params={"wait": 30})).json()
+            result = (
+                await client.get(f"{service_url}/v1/prediction/{prediction_id}", params={"wait": 30})
+            ).json()
             assert result["status"] == "success", result
             return time.perf_counter() - started, result["metrics"]["predict_time"]
 
@@ -145,7 +149,9 @@ async def measure(args: argparse.Namespace, service_url: str, key: str, bare_url
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--predictions", type=int, default=200, help="per concurrency level")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 50])
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "service.json")

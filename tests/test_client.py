@@ -37,7 +37,9 @@ def test_create_wait_with_progress_and_cancel(api: Harness) -> None:
         prediction_id = client.create({"redux_image": SAMPLE_IMAGE})
         done = client.wait(prediction_id, poll=0.02, on_update=lambda p: seen.append(p.status))
         assert done.status == "success" and seen[-1] == "success"
-        cancelled = client.cancel(client.create({"redux_image": SAMPLE_IMAGE.read_bytes(), "num_inference_steps": 4}))
+        cancelled = client.cancel(
+            client.create({"redux_image": SAMPLE_IMAGE.read_bytes(), "num_inference_steps": 4})
+        )
         assert cancelled.status in {"cancelled", "processing"}
         assert client.wait(cancelled.id, timeout=10).status in {"cancelled", "success"}
 

@@ -155,7 +155,11 @@ def test_private_addresses_are_refused_with_the_reason(url: str, text: str) -> N
 
 @pytest.mark.parametrize(
     ("url", "code"),
-    [("file:///etc/passwd", "url_scheme"), ("gopher://x/", "url_scheme"), ("http://u:p@example.com/", "url_credentials")],
+    [
+        ("file:///etc/passwd", "url_scheme"),
+        ("gopher://x/", "url_scheme"),
+        ("http://u:p@example.com/", "url_credentials"),
+    ],
 )
 def test_only_plain_http_urls(url: str, code: str) -> None:
     assert refusal(url).code == code

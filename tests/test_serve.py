@@ -39,7 +39,9 @@ class ServerProcess:
         return dict(httpx.get(self.url + "/health", timeout=5).json())
 
 
-def start_server(data_dir: Path, cache: Path, log: Path, *, key: str | None = None, model: str = "demo") -> ServerProcess:
+def start_server(
+    data_dir: Path, cache: Path, log: Path, *, key: str | None = None, model: str = "demo"
+) -> ServerProcess:
     port = free_port()
     env = {**os.environ, "FLUXREDUX_CACHE_DIR": str(cache), "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "200"}
     handle = log.open("a")
@@ -121,7 +123,9 @@ def test_the_spec_pages_example_flow(server_dirs: tuple[Path, Path], model_cache
         stop(server)
 
 
-def test_fluxredux_run_against_a_server(server_dirs: tuple[Path, Path], model_cache_dir: Path, tmp_path: Path) -> None:
+def test_fluxredux_run_against_a_server(
+    server_dirs: tuple[Path, Path], model_cache_dir: Path, tmp_path: Path
+) -> None:
     data_dir, log = server_dirs
     server = start_server(data_dir, model_cache_dir, log)
     try:
@@ -150,7 +154,10 @@ def test_nothing_accepted_is_lost_when_the_server_is_killed(
     first = httpx.post(server.url + "/v1/prediction/", json=body, headers=headers).json()["predictionID"]
     done = httpx.get(f"{server.url}/v1/prediction/{first}?wait=60", headers=headers, timeout=70).json()
     assert done["status"] == "success"
-    ids = [httpx.post(server.url + "/v1/prediction/", json=body, headers=headers).json()["predictionID"] for _ in range(4)]
+    ids = [
+        httpx.post(server.url + "/v1/prediction/", json=body, headers=headers).json()["predictionID"]
+        for _ in range(4)
+    ]
     deadline = time.monotonic() + 30
     while httpx.get(f"{server.url}/v1/prediction/{ids[0]}", headers=headers).json()["status"] != "processing":
         assert time.monotonic() < deadline
@@ -162,7 +169,9 @@ def test_nothing_accepted_is_lost_when_the_server_is_killed(
     try:
         assert "recovered 1 prediction(s) interrupted by the last shutdown" in log.read_text()
         for prediction_id in ids:
-            result = httpx.get(f"{again.url}/v1/prediction/{prediction_id}?wait=60", headers=headers, timeout=70).json()
+            result = httpx.get(
+                f"{again.url}/v1/prediction/{prediction_id}?wait=60", headers=headers, timeout=70
+            ).json()
             assert result["status"] in TERMINAL, result
             assert result["status"] == "success" or result["error_code"] == "worker_lost"
         kept = httpx.get(f"{again.url}/v1/prediction/{first}", headers=headers).json()
@@ -181,13 +190,20 @@ def test_a_crashed_worker_is_restarted_and_its_job_rerun(
         headers = {"X-API-Key": server.key}
         image = "data:image/jpeg;base64," + base64.b64encode(SAMPLE_IMAGE.read_bytes()).decode()
         body = {"model": "flux-redux-schnell", "input": {"redux_image": image, "num_outputs": 4}}
-        prediction_id = httpx.post(server.url + "/v1/prediction/", json=body, headers=headers).json()["predictionID"]
+        prediction_id = httpx.post(server.url + "/v1/prediction/", json=body, headers=headers).json()[
+            "predictionID"
+        ]
         deadline = time.monotonic() + 30
-        while httpx.get(f"{server.url}/v1/prediction/{prediction_id}", headers=headers).json()["status"] != "processing":
+        while (
+            httpx.get(f"{server.url}/v1/prediction/{prediction_id}", headers=headers).json()["status"]
+            != "processing"
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.02)
         os.kill(server.health()["model"]["pid"], signal.SIGKILL)
-        result = httpx.get(f"{server.url}/v1/prediction/{prediction_id}?wait=60", headers=headers, timeout=70).json()
+        result = httpx.get(
+            f"{server.url}/v1/prediction/{prediction_id}?wait=60", headers=headers, timeout=70
+        ).json()
         assert result["status"] == "success", result
         assert len(result["output"]) == 4
         assert server.health()["model"]["restarts"] == 1
@@ -198,18 +214,29 @@ def test_a_crashed_worker_is_restarted_and_its_job_rerun(
 
 def test_keys_create_prints_the_key_alone_on_the_last_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [FLUXREDUX, "keys", "create", "--name", "ci", "--data-dir", str(tmp_path)], capture_output=True, text=True
+        [FLUXREDUX, "keys", "create", "--name", "ci", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     key = result.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"fr_[0-9a-f]{12}_[A-Za-z0-9_-]{43}", key)
-    listed = subprocess.run([FLUXREDUX, "keys", "list", "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    listed = subprocess.run(
+        [FLUXREDUX, "keys", "list", "--data-dir", str(tmp_path)], capture_output=True, text=True
+    )
     key_id = key.split("_")[1]
     assert f"{key_id}  active" in listed.stdout and key not in listed.stdout  # stored as a hash only
     assert key not in (tmp_path / "fluxredux.db").read_bytes().decode("latin-1")
-    revoked = subprocess.run([FLUXREDUX, "keys", "revoke", key_id, "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    revoked = subprocess.run(
+        [FLUXREDUX, "keys", "revoke", key_id, "--data-dir", str(tmp_path)], capture_output=True, text=True
+    )
     assert revoked.returncode == 0
-    assert "revoked" in subprocess.run([FLUXREDUX, "keys", "list", "--data-dir", str(tmp_path)], capture_output=True, text=True).stdout
+    assert (
+        "revoked"
+        in subprocess.run(
+            [FLUXREDUX, "keys", "list", "--data-dir", str(tmp_path)], capture_output=True, text=True
+        ).stdout
+    )
 
 
 def test_server_and_client_modules_import_no_torch() -> None:
@@ -217,7 +244,9 @@ def test_server_and_client_modules_import_no_torch() -> None:
         "import sys, fluxredux.api.app, fluxredux.api.server, fluxredux.client, fluxredux.cli\n"
         "print(json.dumps(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)))"
     )
-    result = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True
+    )
     assert json.loads(result.stdout) == []
 
 

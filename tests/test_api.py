@@ -322,3 +322,13 @@ def test_retention_deletes_old_predictions_and_their_files(api: Harness) -> None
     assert api.http.get(f"/v1/prediction/{prediction['id']}").status_code == 404
     assert httpx.get(prediction["output"]).status_code == 404
     assert httpx.get(prediction["input"]["redux_image"]).status_code == 404
+
+
+def test_creation_is_refused_while_the_model_cannot_load(queued_api: Harness) -> None:
+    error = {"error": "FLUX.1 [schnell] weights not found: ...", "code": "weights_not_found"}
+    queued_api.services.worker_status = lambda: {"ready": False, "error": error}
+    response = queued_api.create()
+    assert response.status_code == 503
+    assert response.json()["code"] == "model_unavailable"
+    assert "weights not found" in response.json()["error"]
+    assert queued_api.services.lifecycle.queue_depth() == 0

@@ -106,3 +106,13 @@ def test_every_input_field_is_a_flag() -> None:
     for field in PredictionInput.model_fields:
         if field != "redux_image":
             assert "--" + field.replace("_", "-") in result.stdout
+
+
+def test_predict_with_the_fake_model_needs_no_torch(tmp_path: Path, model_cache_dir: Path) -> None:
+    result = run_cli(
+        "predict", str(SAMPLE_IMAGE), "--model", "fake", "--num-outputs", "2", "-o", "o",
+        "--disable-safety-checker", cache=model_cache_dir, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "o").iterdir())) == 2
+    assert "fake model" in result.stdout

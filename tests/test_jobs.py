@@ -65,14 +65,14 @@ def test_insert_get_round_trip(store: JobStore, clock: FakeClock) -> None:
     assert store.get("missing") is None
 
 
+def bump(current: Job) -> Job:
+    current.progress_step += 1
+    return current
+
+
 def test_update_is_atomic_under_concurrency(store: JobStore, clock: FakeClock) -> None:
     job = make_job(clock)
     store.insert(job)
-
-    def bump(current: Job) -> Job:
-        current.progress_step += 1
-        return current
-
     threads = [
         threading.Thread(target=lambda: [store.update(job.id, bump) for _ in range(50)]) for _ in range(4)
     ]
@@ -232,11 +232,6 @@ def test_sqlite_updates_from_two_connections_serialise(tmp_path: Path, clock: Fa
     first, second = SQLiteJobStore(tmp_path / "shared.db"), SQLiteJobStore(tmp_path / "shared.db")
     job = make_job(clock)
     first.insert(job)
-
-    def bump(current: Job) -> Job:
-        current.progress_step += 1
-        return current
-
     threads = [
         threading.Thread(target=lambda s=s: [s.update(job.id, bump) for _ in range(100)])
         for s in (first, second)

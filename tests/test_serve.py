@@ -38,6 +38,27 @@ class ServerProcess:
     def health(self) -> dict:
         return dict(httpx.get(self.url + "/health", timeout=5).json())
 
+    def create(self, **inputs: object) -> str:
+        image = "data:image/jpeg;base64," + base64.b64encode(SAMPLE_IMAGE.read_bytes()).decode()
+        body = {"model": "flux-redux-schnell", "input": {"redux_image": image, **inputs}}
+        response = httpx.post(self.url + "/v1/prediction/", json=body, headers={"X-API-Key": self.key})
+        return str(response.json()["predictionID"])
+
+    def prediction(self, prediction_id: str, wait: float = 0) -> dict:
+        response = httpx.get(
+            f"{self.url}/v1/prediction/{prediction_id}",
+            params={"wait": wait},
+            headers={"X-API-Key": self.key},
+            timeout=wait + 10,
+        )
+        return dict(response.json())
+
+    def wait_until_processing(self, prediction_id: str) -> None:
+        deadline = time.monotonic() + 30
+        while self.prediction(prediction_id)["status"] != "processing":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
 
 def start_server(
     data_dir: Path, cache: Path, log: Path, *, key: str | None = None, model: str = "demo"
@@ -148,20 +169,10 @@ def test_nothing_accepted_is_lost_when_the_server_is_killed(
 ) -> None:
     data_dir, log = server_dirs
     server = start_server(data_dir, model_cache_dir, log)
-    headers = {"X-API-Key": server.key}
-    image = "data:image/jpeg;base64," + base64.b64encode(SAMPLE_IMAGE.read_bytes()).decode()
-    body = {"model": "flux-redux-schnell", "input": {"redux_image": image, "num_outputs": 2, "seed": 1}}
-    first = httpx.post(server.url + "/v1/prediction/", json=body, headers=headers).json()["predictionID"]
-    done = httpx.get(f"{server.url}/v1/prediction/{first}?wait=60", headers=headers, timeout=70).json()
-    assert done["status"] == "success"
-    ids = [
-        httpx.post(server.url + "/v1/prediction/", json=body, headers=headers).json()["predictionID"]
-        for _ in range(4)
-    ]
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{server.url}/v1/prediction/{ids[0]}", headers=headers).json()["status"] != "processing":
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    first = server.create(num_outputs=2, seed=1)
+    assert server.prediction(first, wait=60)["status"] == "success"
+    ids = [server.create(num_outputs=2, seed=1) for _ in range(4)]
+    server.wait_until_processing(ids[0])
     server.process.kill()  # kill -9: no shutdown code runs
     server.process.wait()
 
@@ -169,12 +180,10 @@ def test_nothing_accepted_is_lost_when_the_server_is_killed(
     try:
         assert "recovered 1 prediction(s) interrupted by the last shutdown" in log.read_text()
         for prediction_id in ids:
-            result = httpx.get(
-                f"{again.url}/v1/prediction/{prediction_id}?wait=60", headers=headers, timeout=70
-            ).json()
+            result = again.prediction(prediction_id, wait=60)
             assert result["status"] in TERMINAL, result
             assert result["status"] == "success" or result["error_code"] == "worker_lost"
-        kept = httpx.get(f"{again.url}/v1/prediction/{first}", headers=headers).json()
+        kept = again.prediction(first)
         assert kept["status"] == "success"
         assert all(httpx.get(url.replace(server.url, again.url)).status_code == 200 for url in kept["output"])
     finally:
@@ -187,23 +196,10 @@ def test_a_crashed_worker_is_restarted_and_its_job_rerun(
     data_dir, log = server_dirs
     server = start_server(data_dir, model_cache_dir, log)
     try:
-        headers = {"X-API-Key": server.key}
-        image = "data:image/jpeg;base64," + base64.b64encode(SAMPLE_IMAGE.read_bytes()).decode()
-        body = {"model": "flux-redux-schnell", "input": {"redux_image": image, "num_outputs": 4}}
-        prediction_id = httpx.post(server.url + "/v1/prediction/", json=body, headers=headers).json()[
-            "predictionID"
-        ]
-        deadline = time.monotonic() + 30
-        while (
-            httpx.get(f"{server.url}/v1/prediction/{prediction_id}", headers=headers).json()["status"]
-            != "processing"
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        prediction_id = server.create(num_outputs=4)
+        server.wait_until_processing(prediction_id)
         os.kill(server.health()["model"]["pid"], signal.SIGKILL)
-        result = httpx.get(
-            f"{server.url}/v1/prediction/{prediction_id}?wait=60", headers=headers, timeout=70
-        ).json()
+        result = server.prediction(prediction_id, wait=60)
         assert result["status"] == "success", result
         assert len(result["output"]) == 4
         assert server.health()["model"]["restarts"] == 1

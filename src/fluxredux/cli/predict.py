@@ -68,16 +68,12 @@ def _validate(flags: dict[str, Any]) -> PredictionInput:
 
 def _run(inputs: PredictionInput, reference: tuple[bytes, Any], settings: Settings) -> PredictionResult:
     # Imported here: torch and diffusers take seconds to import, and `--help` should not.
-    from fluxredux.pipeline.model import load_model
-    from fluxredux.safety import SafetyChecker
-    from fluxredux.safety.nudenet_detector import NudeNetDetector
+    from fluxredux.worker.child import build_checker, build_model
     from fluxredux.worker.predictor import Predictor
 
     with err.status("loading the model..."):
-        image_model = load_model(settings)
-        checker = None
-        if not inputs.disable_safety_checker:
-            checker = SafetyChecker(NudeNetDetector(), threshold=settings.safety_threshold)
+        image_model = build_model(settings)
+        checker = None if inputs.disable_safety_checker else build_checker(settings)
     if image_model.info.is_demo:
         err.print(f"[bold yellow]{image_model.info.notice}[/]")
     with Progress(

@@ -13,7 +13,7 @@ from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ServicesDep
 from fluxredux.api.inputs import resolve_reference
 from fluxredux.api.render import render
 from fluxredux.api.services import Services
-from fluxredux.errors import InvalidInput, NotFound, QueueFull, RateLimited, UnknownModel
+from fluxredux.errors import InvalidInput, ModelUnavailable, NotFound, QueueFull, RateLimited, UnknownModel
 from fluxredux.jobs import Job, new_id
 from fluxredux.keys import ApiKey
 from fluxredux.net import check_url_shape
@@ -34,6 +34,12 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
     if body.webhook_url:
         check_url_shape(body.webhook_url)
     settings = services.settings
+    worker = services.worker_status()
+    if worker.get("error") and not worker.get("ready"):
+        # Queueing work that no worker can run would only hide the problem.
+        raise ModelUnavailable(
+            f"the model is not available: {worker['error'].get('error', 'it failed to load')}"
+        )
     in_flight = services.lifecycle.in_flight(key.id)
     if in_flight >= settings.max_in_flight_per_key:
         raise RateLimited(

@@ -10,15 +10,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxredux import __version__
 from fluxredux.api import errors
-from fluxredux.api.routes import files, predictions, system
+from fluxredux.api.routes import files, predictions, system, web
 from fluxredux.api.services import Services
 from fluxredux.errors import PayloadTooLarge
 from fluxredux.events import JobEvent
 from fluxredux.jobs.model import Status
+from fluxredux.web import STATIC_DIR
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(predictions.router)
     app.include_router(files.router)
     app.include_router(system.router)
+    app.include_router(web.router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.middleware("http")
     async def count_requests(

@@ -17,6 +17,7 @@ async def health(services: ServicesDep) -> dict[str, Any]:
         "status": "ok",
         "model": services.worker_status(),
         "queue_depth": services.lifecycle.queue_depth(),
+        "limits": {"max_image_bytes": services.settings.max_image_bytes},
     }
 
 

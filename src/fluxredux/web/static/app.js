@@ -1,0 +1,526 @@
+// fluxredux playground. Talks only to the public API; the form is built from the
+// input model's JSON schema in /openapi.json, so a new input field appears here by itself.
+import { api, ApiError, outputUrls, extensionOf, formatBytes, formatSeconds, el } from "/static/common.js";
+
+const KEY_STORAGE = "fluxredux.apiKey";
+const ACCEPTED_TYPES = ["image/jpeg", "image/png", "image/webp", "image/gif"];
+const TERMINAL = new Set(["success", "error", "cancelled"]);
+
+const state = {
+  key: localStorage.getItem(KEY_STORAGE) || "",
+  fields: new Map(), // name -> {read, write, error}
+  file: null, // a File chosen by drop / picker / paste
+  uploadedId: null, // its id on the server once uploaded (or a reused input's id)
+  lastSeed: null,
+  current: null, // the prediction being watched
+  maxImageBytes: 25 * 1024 * 1024,
+  pollTimer: null,
+  clockTimer: null,
+};
+
+const $ = (id) => document.getElementById(id);
+
+// --- API key ------------------------------------------------------------------------
+
+function promptKey(message) {
+  if (message) $("key-message").textContent = message;
+  $("key-input").value = state.key;
+  if (!$("key-dialog").open) $("key-dialog").showModal();
+  $("key-input").focus();
+}
+
+$("key-form").addEventListener("submit", () => {
+  state.key = $("key-input").value.trim();
+  localStorage.setItem(KEY_STORAGE, state.key);
+  loadHistory();
+});
+$("change-key").addEventListener("click", () => promptKey());
+
+async function call(path, options = {}) {
+  try {
+    return await api(path, { ...options, key: state.key });
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) {
+      promptKey("The server refused that API key. Enter a valid key.");
+    }
+    throw error;
+  }
+}
+
+// --- the form, from the schema -------------------------------------------------------
+
+function labelFor(name, prop) {
+  return prop.title || name.replace(/_/g, " ");
+}
+
+function fieldShell(name, prop) {
+  const wrap = el("div", { class: "field", id: `field-${name}` });
+  const error = el("p", { class: "error", id: `error-${name}`, role: "alert" });
+  return { wrap, error, hint: prop.description ? el("p", { class: "hint" }, prop.description) : null };
+}
+
+function radioGroup(name, prop, frames) {
+  const { wrap, error, hint } = fieldShell(name, prop);
+  const group = el("fieldset", { class: frames ? "choices frames" : "choices" });
+  group.append(el("legend", {}, labelFor(name, prop)));
+  for (const option of prop.enum) {
+    const input = el("input", { type: "radio", name, value: option });
+    if (String(option) === String(prop.default)) input.checked = true;
+    const label = el("label", { class: "choice" }, input);
+    if (frames) {
+      const [w, h] = String(option).split(":").map(Number);
+      const scale = 22 / Math.max(w, h);
+      label.append(el("span", { class: "frame", style: `width:${w * scale}px;height:${h * scale}px`, "aria-hidden": "true" }));
+    }
+    label.append(el("span", {}, String(option)));
+    group.append(label);
+  }
+  wrap.append(group);
+  if (hint) wrap.append(hint);
+  wrap.append(error);
+  return {
+    wrap,
+    error,
+    read: () => group.querySelector("input:checked")?.value,
+    write: (value) => {
+      for (const input of group.querySelectorAll("input")) input.checked = input.value === String(value);
+    },
+  };
+}
+
+function selectField(name, prop) {
+  const { wrap, error, hint } = fieldShell(name, prop);
+  const select = el("select", { id: `input-${name}`, name });
+  for (const option of prop.enum) select.append(el("option", { value: option }, String(option)));
+  select.value = String(prop.default);
+  wrap.append(el("label", { for: select.id }, labelFor(name, prop)), select);
+  if (hint) wrap.append(hint);
+  wrap.append(error);
+  return { wrap, error, read: () => select.value, write: (v) => (select.value = String(v)) };
+}
+
+function sliderField(name, prop) {
+  const { wrap, error, hint } = fieldShell(name, prop);
+  const input = el("input", {
+    type: "range", id: `input-${name}`, name, min: prop.minimum, max: prop.maximum, step: 1, value: prop.default,
+  });
+  const value = el("output", { for: input.id }, String(prop.default));
+  input.addEventListener("input", () => (value.textContent = input.value));
+  wrap.append(el("label", { for: input.id }, labelFor(name, prop), " ", value), input);
+  if (hint) wrap.append(hint);
+  wrap.append(error);
+  return {
+    wrap,
+    error,
+    read: () => Number(input.value),
+    write: (v) => {
+      input.value = v;
+      value.textContent = String(v);
+    },
+  };
+}
+
+function switchField(name, prop) {
+  const { wrap, error, hint } = fieldShell(name, prop);
+  const input = el("input", { type: "checkbox", role: "switch", id: `input-${name}`, name });
+  input.checked = Boolean(prop.default);
+  wrap.append(el("label", { class: "switch", for: input.id }, input, el("span", {}, labelFor(name, prop))));
+  if (hint) wrap.append(hint);
+  wrap.append(error);
+  return { wrap, error, read: () => input.checked, write: (v) => (input.checked = Boolean(v)) };
+}
+
+function seedField(name, prop, numeric) {
+  const { wrap, error, hint } = fieldShell(name, prop);
+  const input = el("input", {
+    type: "number", id: `input-${name}`, name, min: numeric.minimum ?? 0, step: 1, inputmode: "numeric", disabled: "",
+  });
+  const random = el("input", { type: "checkbox", id: `random-${name}`, checked: "" });
+  const reuse = el("button", { type: "button", class: "ghost" }, "Reuse last seed");
+  random.addEventListener("change", () => {
+    input.disabled = random.checked;
+    if (!random.checked) input.focus();
+  });
+  reuse.addEventListener("click", () => {
+    if (state.lastSeed === null) return;
+    random.checked = false;
+    input.disabled = false;
+    input.value = state.lastSeed;
+  });
+  wrap.append(
+    el("label", { for: input.id }, labelFor(name, prop)),
+    el("div", { class: "row" }, input, el("label", { class: "switch", for: random.id }, random, el("span", {}, "Random")), reuse),
+  );
+  if (hint) wrap.append(hint);
+  wrap.append(error);
+  return {
+    wrap,
+    error,
+    read: () => (random.checked || input.value === "" ? null : Number(input.value)),
+    write: (v) => {
+      random.checked = v === null || v === undefined;
+      input.disabled = random.checked;
+      input.value = random.checked ? "" : v;
+    },
+  };
+}
+
+function buildField(name, prop) {
+  const nullable = Array.isArray(prop.anyOf) && prop.anyOf.some((p) => p.type === "null");
+  const numeric = nullable ? prop.anyOf.find((p) => p.type === "integer") : null;
+  if (numeric) return seedField(name, prop, numeric);
+  if (prop.enum) {
+    if (name === "aspect_ratio") return radioGroup(name, prop, true);
+    return prop.enum.length <= 4 ? radioGroup(name, prop, false) : selectField(name, prop);
+  }
+  if (prop.type === "boolean") return switchField(name, prop);
+  if (prop.type === "integer" && prop.maximum - prop.minimum <= 100) return sliderField(name, prop);
+  return null;
+}
+
+async function buildForm() {
+  const spec = await (await fetch("/openapi.json")).json();
+  const schema = spec.components.schemas.PredictionInput;
+  const container = $("schema-fields");
+  for (const [name, prop] of Object.entries(schema.properties)) {
+    if (prop["x-fluxredux-kind"] === "image") continue; // the reference image has its own panel
+    const field = buildField(name, prop);
+    if (!field) continue;
+    state.fields.set(name, field);
+    container.append(field.wrap);
+  }
+}
+
+// --- the reference image ---------------------------------------------------------------
+
+function setReferenceError(message) {
+  $("error-redux_image").textContent = message || "";
+}
+
+function chooseFile(file) {
+  setReferenceError("");
+  if (!file) return;
+  if (!ACCEPTED_TYPES.includes(file.type)) {
+    setReferenceError(`“${file.name}” is not a JPEG, PNG, WEBP or GIF image.`);
+    return;
+  }
+  if (file.size > state.maxImageBytes) {
+    setReferenceError(`“${file.name}” is ${formatBytes(file.size)}; the limit is ${formatBytes(state.maxImageBytes)}.`);
+    return;
+  }
+  state.file = file;
+  state.uploadedId = null;
+  $("url-input").value = "";
+  showThumbnail(URL.createObjectURL(file), `${file.name} — ${formatBytes(file.size)}`);
+}
+
+function showThumbnail(src, caption) {
+  const thumb = $("reference-thumb");
+  thumb.onload = () => {
+    $("reference-info").textContent = `${caption}, ${thumb.naturalWidth}×${thumb.naturalHeight}`;
+  };
+  thumb.src = src;
+  thumb.hidden = false;
+  $("dropzone-hint").hidden = true;
+}
+
+function clearReference() {
+  state.file = null;
+  state.uploadedId = null;
+  $("reference-thumb").hidden = true;
+  $("dropzone-hint").hidden = false;
+  $("reference-info").textContent = "";
+}
+
+const dropzone = $("dropzone");
+dropzone.addEventListener("click", () => $("file-input").click());
+dropzone.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" || event.key === " ") {
+    event.preventDefault();
+    $("file-input").click();
+  }
+});
+dropzone.addEventListener("dragover", (event) => {
+  event.preventDefault();
+  dropzone.classList.add("over");
+});
+dropzone.addEventListener("dragleave", () => dropzone.classList.remove("over"));
+dropzone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  dropzone.classList.remove("over");
+  chooseFile(event.dataTransfer.files[0]);
+});
+$("file-input").addEventListener("change", (event) => chooseFile(event.target.files[0]));
+document.addEventListener("paste", (event) => {
+  const file = [...(event.clipboardData?.files || [])][0];
+  if (file) chooseFile(file);
+});
+$("url-input").addEventListener("change", () => {
+  const url = $("url-input").value.trim();
+  if (!url) return;
+  clearReference();
+  showThumbnail(url, "from URL");
+});
+
+// --- running --------------------------------------------------------------------------
+
+function clearErrors() {
+  for (const node of document.querySelectorAll(".error")) node.textContent = "";
+}
+
+function showApiError(error) {
+  if (!(error instanceof ApiError)) {
+    $("error-form").textContent = `Could not reach the server: ${error.message}`;
+    return;
+  }
+  const body = error.body;
+  let placed = false;
+  for (const item of body.fields || []) {
+    const name = String(item.field).replace(/^input\./, "");
+    const target = $(`error-${name}`);
+    if (target) {
+      target.textContent = item.message;
+      placed = true;
+    }
+  }
+  if (/^(image_|url_)/.test(body.code || "")) {
+    setReferenceError(body.error);
+    placed = true;
+  }
+  if (!placed) $("error-form").textContent = body.error || `The server answered ${error.status}.`;
+}
+
+async function referenceValue() {
+  if (state.uploadedId) return state.uploadedId;
+  if (state.file) {
+    const form = new FormData();
+    form.append("file", state.file, state.file.name);
+    const uploaded = await call("/v1/files", { method: "POST", body: form });
+    state.uploadedId = uploaded.id;
+    return uploaded.id;
+  }
+  const url = $("url-input").value.trim();
+  return url || null;
+}
+
+async function run(event) {
+  event?.preventDefault();
+  if ($("run").disabled) return;
+  clearErrors();
+  if (!state.key) {
+    promptKey("Enter your API key to run predictions.");
+    return;
+  }
+  $("run").disabled = true;
+  setStatus("Creating the prediction…");
+  try {
+    const input = {};
+    for (const [name, field] of state.fields) {
+      const value = field.read();
+      if (value !== undefined) input[name] = value;
+    }
+    const reference = await referenceValue();
+    if (!reference) {
+      setReferenceError("Choose a reference image first: drop one, paste one, pick a file or give a URL.");
+      setStatus("Ready.");
+      return;
+    }
+    input.redux_image = reference;
+    const created = await call("/v1/prediction/", {
+      method: "POST",
+      body: JSON.stringify({ model: "flux-redux-schnell", version: "0.0.1", input }),
+    });
+    watch(created.predictionID);
+  } catch (error) {
+    setStatus("Not started.");
+    showApiError(error);
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+function setStatus(text, progress) {
+  $("status-text").textContent = text;
+  const bar = $("progress");
+  bar.hidden = progress === undefined;
+  if (progress !== undefined) {
+    bar.max = progress.total || 1;
+    bar.value = progress.step;
+  }
+}
+
+function watch(id) {
+  clearTimeout(state.pollTimer);
+  clearInterval(state.clockTimer);
+  state.current = id;
+  const started = Date.now();
+  $("cancel").hidden = false;
+  $("gallery").replaceChildren();
+  $("summary").textContent = "";
+  $("share-note").textContent = "";
+  setStatus("Queued…", { step: 0, total: 1 });
+  state.clockTimer = setInterval(() => ($("elapsed").textContent = formatSeconds((Date.now() - started) / 1000)), 100);
+  const poll = async () => {
+    if (state.current !== id) return;
+    let prediction;
+    try {
+      prediction = await call(`/v1/prediction/${id}`);
+    } catch (error) {
+      showApiError(error);
+      state.pollTimer = setTimeout(poll, 1000);
+      return;
+    }
+    if (prediction.status === "starting") setStatus("Queued…", { step: 0, total: prediction.progress.total });
+    if (prediction.status === "processing") {
+      const { step, total } = prediction.progress;
+      setStatus(`Step ${step} of ${total}`, prediction.progress);
+    }
+    if (TERMINAL.has(prediction.status)) {
+      clearInterval(state.clockTimer);
+      $("cancel").hidden = true;
+      showPrediction(prediction);
+      loadHistory();
+      return;
+    }
+    state.pollTimer = setTimeout(poll, 200);
+  };
+  poll();
+}
+
+$("cancel").addEventListener("click", async () => {
+  if (!state.current) return;
+  try {
+    await call(`/v1/prediction/${state.current}/cancel`, { method: "POST" });
+  } catch (error) {
+    showApiError(error);
+  }
+});
+
+// --- results ----------------------------------------------------------------------------
+
+function showPrediction(prediction) {
+  const urls = outputUrls(prediction);
+  if (prediction.status === "success") {
+    setStatus(`Done in ${formatSeconds(prediction.metrics.total_time ?? 0)}.`);
+  } else if (prediction.status === "cancelled") {
+    setStatus("Cancelled.");
+  } else if (prediction.status === "error") {
+    setStatus(`Failed: ${prediction.error}`);
+  }
+  if (prediction.seed !== null && prediction.seed !== undefined) state.lastSeed = prediction.seed;
+  const parts = [];
+  if (prediction.seed !== null && prediction.seed !== undefined) parts.push(`seed ${prediction.seed}`);
+  if (prediction.metrics.predict_time) parts.push(`model ${formatSeconds(prediction.metrics.predict_time)}`);
+  if (prediction.status === "success") parts.push(safetySummary(prediction));
+  $("summary").textContent = parts.join(" · ");
+  const gallery = $("gallery");
+  gallery.replaceChildren();
+  urls.forEach((url, index) => gallery.append(outputCard(prediction, url, index, urls.length)));
+}
+
+function safetySummary(prediction) {
+  const verdicts = prediction.safety || [];
+  if (!verdicts.length) return "safety checker off";
+  const withheld = verdicts.filter((v) => v.unsafe).length;
+  return withheld ? `safety: ${withheld} of ${verdicts.length} withheld` : "safety: all passed";
+}
+
+function outputCard(prediction, url, index, count) {
+  const ext = extensionOf(url);
+  const alt = `Output ${index + 1} of ${count}${prediction.demo ? " (demo model: noise)" : ""}, seed ${prediction.seed}`;
+  const image = el("img", { src: url, alt, loading: "lazy" });
+  const open = el("button", { type: "button", class: "image-button", "aria-label": `View output ${index + 1} large` }, image);
+  open.addEventListener("click", () => {
+    $("viewer-image").src = url;
+    $("viewer-image").alt = alt;
+    $("viewer").showModal();
+  });
+  const download = el("a", { href: url, download: `fluxredux-${prediction.id}-${index + 1}.${ext}`, class: "button" }, "Download");
+  const share = el("button", { type: "button" }, "Share");
+  share.addEventListener("click", () => shareLink(prediction.id));
+  const verdicts = (prediction.safety || []).filter((v) => !v.unsafe);
+  const safety = verdicts[index] ? "safety: passed" : prediction.safety?.length ? "" : "safety: not checked";
+  return el("figure", { class: "card" }, open, el("figcaption", {}, el("span", { class: "hint" }, `${ext.toUpperCase()} · ${safety}`), el("span", { class: "row" }, download, share)));
+}
+
+async function shareLink(id) {
+  const link = `${location.origin}/p/${id}`;
+  let copied = false;
+  try {
+    await navigator.clipboard.writeText(link);
+    copied = true;
+  } catch {
+    copied = false;
+  }
+  const note = $("share-note");
+  note.replaceChildren(copied ? "Link copied: " : "Share this link: ", el("a", { href: link, id: "share-link" }, link));
+}
+
+// --- history ----------------------------------------------------------------------------
+
+async function loadHistory() {
+  if (!state.key) return;
+  let page;
+  try {
+    page = await call("/v1/prediction/?limit=20");
+  } catch {
+    return;
+  }
+  const list = $("history-list");
+  list.replaceChildren();
+  for (const prediction of page.items) {
+    const first = outputUrls(prediction)[0];
+    const thumb = first ? el("img", { src: first, alt: "", loading: "lazy" }) : el("span", { class: "thumb-empty", "aria-hidden": "true" });
+    const when = new Date(prediction.created_at).toLocaleTimeString();
+    const label = `${prediction.status} · ${prediction.input.aspect_ratio} · ×${prediction.input.num_outputs} · ${when}`;
+    const button = el("button", { type: "button", class: "history-item", "aria-label": `Open prediction: ${label}` }, thumb, el("span", {}, label));
+    button.addEventListener("click", () => loadPrediction(prediction));
+    list.append(el("li", {}, button));
+  }
+}
+
+function loadPrediction(prediction) {
+  clearTimeout(state.pollTimer);
+  clearInterval(state.clockTimer);
+  state.current = prediction.id;
+  $("cancel").hidden = TERMINAL.has(prediction.status);
+  for (const [name, field] of state.fields) {
+    if (name in prediction.input) field.write(prediction.input[name]);
+  }
+  const reference = String(prediction.input.redux_image || "");
+  clearReference();
+  const ownFile = reference.match(new RegExp(`^${location.origin}/files/([A-Za-z0-9_-]{22})\\.`));
+  if (ownFile) {
+    state.uploadedId = ownFile[1]; // reuse the stored input without uploading it again
+    showThumbnail(reference, "earlier input");
+  } else if (reference) {
+    $("url-input").value = reference;
+    showThumbnail(reference, "from URL");
+  }
+  if (TERMINAL.has(prediction.status)) showPrediction(prediction);
+  else watch(prediction.id);
+}
+
+$("refresh-history").addEventListener("click", loadHistory);
+
+// --- start ------------------------------------------------------------------------------
+
+$("predict-form").addEventListener("submit", run);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) run(event);
+});
+
+async function start() {
+  try {
+    const health = await (await fetch("/health")).json();
+    $("demo-banner").hidden = !health.model?.demo;
+    if (health.limits?.max_image_bytes) state.maxImageBytes = health.limits.max_image_bytes;
+  } catch {
+    // the form still works; the banner simply stays hidden
+  }
+  await buildForm();
+  if (!state.key) promptKey();
+  else loadHistory();
+}
+
+start();

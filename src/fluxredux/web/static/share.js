@@ -1,0 +1,39 @@
+// The read-only share page: /p/{id}. No key: the prediction id is the capability.
+import { api, el, outputUrls, extensionOf, formatSeconds } from "/static/common.js";
+
+const id = location.pathname.split("/").pop();
+const $ = (name) => document.getElementById(name);
+
+async function show() {
+  let prediction;
+  try {
+    prediction = await api(`/v1/share/${encodeURIComponent(id)}`);
+  } catch (error) {
+    $("status").textContent = error.status === 404 ? "This result does not exist or has expired." : error.message;
+    return;
+  }
+  $("demo-banner").hidden = !prediction.demo;
+  const reference = $("reference");
+  if (String(prediction.input.redux_image || "").startsWith("http")) {
+    reference.src = prediction.input.redux_image;
+    reference.hidden = false;
+  }
+  const inputs = $("inputs");
+  for (const [name, value] of Object.entries(prediction.input)) {
+    if (name === "redux_image") continue;
+    inputs.append(el("dt", {}, name.replace(/_/g, " ")), el("dd", {}, value === null ? "random" : String(value)));
+  }
+  inputs.append(el("dt", {}, "seed used"), el("dd", {}, String(prediction.seed ?? "—")));
+  const labels = { success: "Done", error: `Failed: ${prediction.error}`, cancelled: "Cancelled", starting: "Queued", processing: "Running" };
+  const time = prediction.metrics.total_time ? ` in ${formatSeconds(prediction.metrics.total_time)}` : "";
+  $("status").textContent = `${labels[prediction.status] || prediction.status}${prediction.status === "success" ? time : ""}.`;
+  const urls = outputUrls(prediction);
+  urls.forEach((url, index) => {
+    const alt = `Output ${index + 1} of ${urls.length}${prediction.demo ? " (demo model: noise)" : ""}`;
+    const download = el("a", { href: url, download: `fluxredux-${prediction.id}-${index + 1}.${extensionOf(url)}`, class: "button" }, "Download");
+    $("gallery").append(el("figure", { class: "card" }, el("img", { src: url, alt }), el("figcaption", {}, download)));
+  });
+  if (!["success", "error", "cancelled"].includes(prediction.status)) setTimeout(() => location.reload(), 2000);
+}
+
+show();

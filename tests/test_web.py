@@ -133,7 +133,12 @@ def test_run_watch_download_and_share(browser: Browser, api: Harness, tmp_path: 
     expect(stranger.get_by_role("img", name="The reference image")).to_be_visible()
     expect(stranger.get_by_text("Done")).to_be_visible()
 
-    expect(page.get_by_role("button", name="Open prediction")).to_have_count(1)  # history
+    # History: a fresh page lists the prediction; a click brings back its inputs and outputs.
+    page.reload()
+    page.get_by_role("button", name="Open prediction").click()
+    expect(page.get_by_role("radio", name="16:9")).to_be_checked()
+    expect(page.get_by_role("img", name="Output")).to_have_count(2)
+    expect(page.locator("#reference-info")).to_contain_text("earlier input")
     assert watched.errors == []
     assert watched.foreign_requests() == []
 

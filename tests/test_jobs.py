@@ -13,6 +13,7 @@ import pytest
 
 from fluxredux.jobs import Job, JobStore, Lifecycle, SQLiteJobStore, Status, new_id
 from fluxredux.jobs.lifecycle import WORKER_LOST, InvalidTransition, transition
+from fluxredux.jobs.memory import MemoryJobStore
 
 
 class FakeClock:
@@ -25,6 +26,7 @@ class FakeClock:
 
 BACKENDS: dict[str, Callable[[Path], JobStore]] = {
     "sqlite": lambda tmp: SQLiteJobStore(tmp / "jobs.db"),
+    "memory": lambda tmp: MemoryJobStore(),
 }
 
 

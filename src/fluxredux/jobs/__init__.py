@@ -1,6 +1,7 @@
 """Prediction jobs: the state machine, the store protocol and its backends."""
 
 from fluxredux.jobs.lifecycle import Lifecycle, transition
+from fluxredux.jobs.memory import MemoryJobStore
 from fluxredux.jobs.model import IN_FLIGHT, TERMINAL, Job, Status, new_id
 from fluxredux.jobs.sqlite import SQLiteJobStore
 from fluxredux.jobs.store import JobStore
@@ -11,6 +12,7 @@ __all__ = [
     "Job",
     "JobStore",
     "Lifecycle",
+    "MemoryJobStore",
     "SQLiteJobStore",
     "Status",
     "new_id",

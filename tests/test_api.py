@@ -332,3 +332,24 @@ def test_creation_is_refused_while_the_model_cannot_load(queued_api: Harness) ->
     assert response.json()["code"] == "model_unavailable"
     assert "weights not found" in response.json()["error"]
     assert queued_api.services.lifecycle.queue_depth() == 0
+
+
+def test_concurrent_creations_cannot_exceed_the_in_flight_limit(queued_api: Harness) -> None:
+    """Twenty creations at once race through image decoding; the limit still holds."""
+    body = queued_api.body()
+    statuses: list[int] = []
+
+    def create() -> None:
+        statuses.append(
+            httpx.post(
+                queued_api.url + "/v1/prediction/", json=body, headers={"X-API-Key": queued_api.key}
+            ).status_code
+        )
+
+    threads = [threading.Thread(target=create) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(statuses) == [200] * 10 + [429] * 10
+    assert queued_api.services.lifecycle.queue_depth() == 10

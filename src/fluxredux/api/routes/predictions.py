@@ -27,19 +27,8 @@ WaitQuery = Annotated[
 ]
 
 
-async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -> Job:
-    """Validate everything, check limits, store the reference image, queue the job."""
-    if body.model != MODEL_NAME:
-        raise UnknownModel(f"unknown model '{body.model}'; this server runs '{MODEL_NAME}'", model=body.model)
-    if body.webhook_url:
-        check_url_shape(body.webhook_url)
+def check_capacity(services: Services, key: ApiKey) -> None:
     settings = services.settings
-    worker = services.worker_status()
-    if worker.get("error") and not worker.get("ready"):
-        # Queueing work that no worker can run would only hide the problem.
-        raise ModelUnavailable(
-            f"the model is not available: {worker['error'].get('error', 'it failed to load')}"
-        )
     in_flight = services.lifecycle.in_flight(key.id)
     if in_flight >= settings.max_in_flight_per_key:
         raise RateLimited(
@@ -48,12 +37,30 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
             retry_after=2,
             limit=settings.max_in_flight_per_key,
         )
-    services.creations.hit(key.id, "prediction creations")
     if services.lifecycle.queue_depth() >= settings.max_queue:
         raise QueueFull(f"the server's queue is full ({settings.max_queue} waiting); try again shortly")
+
+
+async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -> Job:
+    """Validate everything, check limits, store the reference image, queue the job."""
+    if body.model != MODEL_NAME:
+        raise UnknownModel(f"unknown model '{body.model}'; this server runs '{MODEL_NAME}'", model=body.model)
+    if body.webhook_url:
+        check_url_shape(body.webhook_url)
+    worker = services.worker_status()
+    if worker.get("error") and not worker.get("ready"):
+        # Queueing work that no worker can run would only hide the problem.
+        raise ModelUnavailable(
+            f"the model is not available: {worker['error'].get('error', 'it failed to load')}"
+        )
+    check_capacity(services, key)  # refuse early, before fetching or decoding anything
+    services.creations.hit(key.id, "prediction creations")
     stored = await resolve_reference(
         body.input.redux_image, services.files, services.fetcher, services.decode_limits
     )
+    # Again, with no await between this check and the insert below: requests of the same
+    # key that were fetching images meanwhile cannot push it over its in-flight limit.
+    check_capacity(services, key)
     job_input = body.input.model_dump(mode="json")
     if not body.input.redux_image.startswith(("http://", "https://")):
         job_input["redux_image"] = stored.file_id  # not a 30 MB data: URI echoed on every poll
@@ -79,11 +86,11 @@ async def wait_until_done(services: Services, job_id: str, timeout: float) -> Jo
     event = services.notifier.subscribe(job_id)
     try:
         while True:
+            event.clear()  # before reading: a change that lands after the read still wakes us
             job = services.store.get(job_id)
             remaining = deadline - time.monotonic()
             if job is None or job.is_terminal or remaining <= 0:
                 return job
-            event.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), remaining)
     finally:

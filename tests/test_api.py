@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -353,3 +354,19 @@ def test_concurrent_creations_cannot_exceed_the_in_flight_limit(queued_api: Harn
         thread.join()
     assert sorted(statuses) == [200] * 10 + [429] * 10
     assert queued_api.services.lifecycle.queue_depth() == 10
+
+
+def test_a_streamed_body_without_length_is_capped_too(tmp_path: Path) -> None:
+    with running_server(tmp_path, run_worker=False, max_body_bytes=10_000) as api:
+
+        def chunks() -> Iterator[bytes]:
+            yield b'{"model": "flux-redux-schnell", "input": {"redux_image": "'
+            for _ in range(20):
+                yield b"x" * 1000
+            yield b'"}}'
+
+        response = api.http.post(
+            "/v1/prediction/", content=chunks(), headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 413
+        assert response.json()["code"] == "payload_too_large"

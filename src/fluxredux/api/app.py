@@ -44,17 +44,29 @@ class BodyLimit:
             await errors.error_response(too_large)(scope, receive, send)
             return
         received = 0
+        exceeded = started = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    exceeded = True
                     raise too_large
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # whatever the app answers to a cut-off body, the answer is 413
+            started = True
+            await send(message)
+
+        with contextlib.suppress(PayloadTooLarge):
+            await self.app(scope, counting_receive, guarded_send)
+        if exceeded and not started:
+            await errors.error_response(too_large)(scope, receive, send)
 
 
 async def maintenance(services: Services) -> None:

@@ -67,6 +67,10 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         log.info("data: %s", settings.data_dir)
         if settings.model in ("demo", "fake") or settings.model == "auto":
             log.info("model: %s (the worker says which model it loaded)", settings.model)
+        if settings.host in ("0.0.0.0", "::") and not settings.public_url:
+            log.warning(
+                "listening on all interfaces: set FLUXREDUX_PUBLIC_URL so that webhooks carry reachable links"
+            )
         if recovered:
             log.warning("recovered %d prediction(s) interrupted by the last shutdown", recovered)
         if first_key:

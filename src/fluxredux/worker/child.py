@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -63,6 +64,9 @@ class EventPipe:
 
 
 def main() -> None:
+    # Ctrl+C in a terminal reaches the whole process group; the server decides when the
+    # worker stops (it terminates it on shutdown), so the worker ignores SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="worker: %(levelname)s %(message)s", stream=sys.stderr)
     quiet_libraries(verbose=False)
     settings = Settings()

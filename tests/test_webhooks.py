@@ -131,3 +131,20 @@ def test_sign_is_hmac_sha256_over_timestamp_and_body() -> None:
 
     expected = hmac.new(b"k", b"123.{}", hashlib.sha256).hexdigest()
     assert sign("k", "123", b"{}") == f"v1={expected}"
+
+
+def test_pending_deliveries_resume_after_a_restart(tmp_path: Path, receiver: Receiver) -> None:
+    """A webhook that was due when the server stopped is sent when it starts again."""
+    from fluxredux.jobs import Job, SQLiteJobStore, Status, new_id
+
+    (tmp_path / "data").mkdir()
+    store = SQLiteJobStore(tmp_path / "data" / "fluxredux.db")
+    job = Job(
+        id=new_id(), owner="k", input={"num_outputs": 1}, created_at=time.time() - 5, status=Status.CANCELED,
+        completed_at=time.time() - 4, webhook_url=receiver.url, webhook_state="pending",
+    )  # fmt: skip
+    store.insert(job)
+    store.close()
+    with running_server(tmp_path, run_worker=False, allow_private_urls=True):
+        assert receiver.arrived.wait(10)
+    assert json.loads(receiver.deliveries[-1][1])["id"] == job.id

@@ -116,3 +116,24 @@ def test_predict_with_the_fake_model_needs_no_torch(tmp_path: Path, model_cache_
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "o").iterdir())) == 2
     assert "fake model" in result.stdout
+
+
+def test_run_says_plainly_when_the_server_is_unreachable(tmp_path: Path, model_cache_dir: Path) -> None:
+    from tests.harness import free_port
+
+    result = run_cli(
+        "run", str(SAMPLE_IMAGE), "--server", f"http://127.0.0.1:{free_port()}", "--key", "fr_x_y",
+        cache=model_cache_dir, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot reach the server" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_checks_flags_before_calling_the_server(tmp_path: Path, model_cache_dir: Path) -> None:
+    result = run_cli(
+        "run", str(SAMPLE_IMAGE), "--server", "http://127.0.0.1:9", "--key", "fr_x_y", "--megapixels", "2",
+        cache=model_cache_dir, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--megapixels: Input should be '1' or '0.25'" in result.stderr

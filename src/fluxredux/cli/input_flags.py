@@ -14,8 +14,10 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 
-from fluxredux.schema import PredictionInput
+from fluxredux.errors import InvalidInput
+from fluxredux.schema import PredictionInput, field_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -80,3 +82,19 @@ def with_input_flags(func: F) -> F:
     wrapper.__signature__ = signature.replace(parameters=new_params)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in new_params}
     return wrapper  # type: ignore[return-value]
+
+
+# The image is given apart from the flags; this placeholder only lets the input model
+# validate the flags (it accepts any data: URI).
+IMAGE_PLACEHOLDER = "data:,image-given-apart"
+
+
+def validate_flags(flags: dict[str, Any]) -> PredictionInput:
+    """The flags checked by the input model itself; errors name the flag."""
+    try:
+        return PredictionInput(redux_image=IMAGE_PLACEHOLDER, **flags)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{flag_name(e.field)}: {e.message}" if e.field in flags else str(e) for e in field_errors(exc)
+        )
+        raise InvalidInput(problems) from None

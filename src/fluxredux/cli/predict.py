@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fluxredux.cli.app import ModelOption, VerboseOption, app, err, fail, out, setup_logging
-from fluxredux.cli.input_flags import flag_name, with_input_flags
+from fluxredux.cli.input_flags import validate_flags, with_input_flags
 from fluxredux.config import Settings
-from fluxredux.errors import FluxReduxError, ImageError, InvalidInput
+from fluxredux.errors import FluxReduxError, ImageError
 from fluxredux.images import EXTENSIONS, DecodeLimits, decode_image
-from fluxredux.schema import PredictionInput, field_errors
+from fluxredux.schema import PredictionInput
 from fluxredux.worker.predictor import PredictionResult
 
 
@@ -35,7 +34,7 @@ def predict(
     settings = Settings() if model is None else Settings(model=model)
     try:
         reference = _read_image(image, settings)
-        prediction_input = _validate(inputs)
+        prediction_input = validate_flags(inputs)
         result = _run(prediction_input, reference, settings)
     except FluxReduxError as exc:
         raise fail(exc) from None
@@ -49,21 +48,6 @@ def _read_image(path: Path, settings: Settings) -> tuple[bytes, Any]:
         raise ImageError("image_unreadable", f"cannot read {path}: {exc.strerror or exc}") from exc
     limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
     return data, decode_image(data, limits)
-
-
-# The image is read from disk and decoded above; this placeholder only lets the same
-# model as the API validate the flags (it accepts any data: URI).
-LOCAL_FILE = "data:,local-file"
-
-
-def _validate(flags: dict[str, Any]) -> PredictionInput:
-    try:
-        return PredictionInput(redux_image=LOCAL_FILE, **flags)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{flag_name(e.field)}: {e.message}" if e.field in flags else str(e) for e in field_errors(exc)
-        )
-        raise InvalidInput(problems) from None
 
 
 def _run(inputs: PredictionInput, reference: tuple[bytes, Any], settings: Settings) -> PredictionResult:

@@ -5,15 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
-from pydantic import ValidationError
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fluxredux.cli.app import VerboseOption, app, err, fail, out, setup_logging
-from fluxredux.cli.input_flags import flag_name, with_input_flags
+from fluxredux.cli.input_flags import validate_flags, with_input_flags
 from fluxredux.client import FluxRedux
 from fluxredux.errors import FluxReduxError, InvalidInput
-from fluxredux.schema import Prediction, PredictionInput, field_errors
+from fluxredux.schema import Prediction
 
 
 @app.command()
@@ -40,17 +40,14 @@ def run(
     local = Path(image)
     reference: Any = local if local.is_file() else image
     try:
-        # Validate the flags locally first: same model, same messages as the server.
-        PredictionInput(redux_image="data:,check", **inputs)
-    except ValidationError as exc:
-        problems = "; ".join(f"{flag_name(e.field)}: {e.message}" for e in field_errors(exc))
-        raise fail(InvalidInput(problems)) from None
-    try:
+        validate_flags(inputs)  # locally first: same model, same messages as the server
         with FluxRedux(server, key) as client:
             prediction = _run_with_progress(client, {"redux_image": reference, **inputs})
             _save(client, prediction, output_dir)
     except FluxReduxError as exc:
         raise fail(exc) from None
+    except httpx.HTTPError as exc:
+        raise fail(FluxReduxError(f"cannot reach the server at {server}: {exc}")) from None
 
 
 def _run_with_progress(client: FluxRedux, inputs: dict[str, Any]) -> Prediction:

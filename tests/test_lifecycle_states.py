@@ -1,0 +1,131 @@
+"""A Hypothesis state machine over the job lifecycle: random interleavings of creates,
+claims by several workers, heartbeats, finishes (also by stale workers), cancels, clock
+jumps and reaps. After every step the invariants a user relies on must hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from tempfile import mkdtemp
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from fluxredux.jobs import Job, Lifecycle, MemoryJobStore, SQLiteJobStore, Status, new_id
+from fluxredux.jobs.store import JobStore
+
+WORKERS = ("w1", "w2", "w3")
+LEASE = 30.0
+MAX_ATTEMPTS = 2
+
+
+class LifecycleMachine(RuleBasedStateMachine):
+    store: JobStore
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1_000_000.0
+        self.ids: list[str] = []
+        self.claimed: dict[str, Job] = {}  # what each worker believes it runs
+        self.terminal: dict[str, Job] = {}  # first terminal state seen per job
+
+    @initialize(backend=st.sampled_from(["memory", "sqlite"]))
+    def open_store(self, backend: str) -> None:
+        self.store = MemoryJobStore() if backend == "memory" else SQLiteJobStore(Path(mkdtemp()) / "jobs.db")
+        self.lifecycle = Lifecycle(self.store, clock=lambda: self.now)
+
+    @rule()
+    def create(self) -> None:
+        self.now += 1
+        job = Job(id=new_id(), owner="k", input={"num_outputs": 1}, created_at=self.now)
+        self.ids.append(self.lifecycle.create(job).id)
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def claim(self, worker: str) -> None:
+        if worker in self.claimed:
+            return
+        job = self.lifecycle.claim(worker, LEASE)
+        if job is not None:
+            self.claimed[worker] = job
+
+    def still_owns(self, worker: str) -> bool:
+        """The model's answer: is this worker's claim the job's current attempt?"""
+        mine = self.claimed[worker]
+        current = self.store.get(mine.id)
+        assert current is not None
+        return (current.status, current.lease_owner, current.attempt) == (
+            Status.PROCESSING,
+            worker,
+            mine.attempt,
+        )
+
+    @rule(worker=st.sampled_from(WORKERS))
+    def heartbeat(self, worker: str) -> None:
+        if worker in self.claimed:
+            owns = self.still_owns(worker)
+            result = self.lifecycle.heartbeat(self.claimed[worker], worker, LEASE, step=1, total=4)
+            assert (result is not None) == owns  # a stale worker cannot extend a lease
+
+    @rule(
+        worker=st.sampled_from(WORKERS),
+        outcome=st.sampled_from([Status.SUCCEEDED, Status.FAILED, Status.CANCELED]),
+    )
+    def finish(self, worker: str, outcome: Status) -> None:
+        if worker not in self.claimed:
+            return
+        owns = self.still_owns(worker)
+        job = self.claimed.pop(worker)
+        output = [f"{worker}-{job.attempt}.webp"] if outcome == Status.SUCCEEDED else []
+        result = self.lifecycle.finish(job, worker, outcome, output=output)
+        assert (result is not None) == owns  # only the current attempt's worker may finish it
+
+    @rule(index=st.integers(min_value=0, max_value=20))
+    def cancel(self, index: int) -> None:
+        if self.ids:
+            self.lifecycle.cancel(self.ids[index % len(self.ids)])
+
+    @rule(seconds=st.sampled_from([1.0, 10.0, 31.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule(dead=st.sets(st.sampled_from(WORKERS), max_size=2))
+    def reap(self, dead: set[str]) -> None:
+        self.lifecycle.reap(max_attempts=MAX_ATTEMPTS, dead_owners=dead)
+
+    @invariant()
+    def terminal_states_never_change(self) -> None:
+        for job_id in self.ids:
+            job = self.store.get(job_id)
+            assert job is not None
+            if job.is_terminal:
+                first = self.terminal.setdefault(job_id, job)
+                assert (job.status, job.output, job.completed_at) == (
+                    first.status,
+                    first.output,
+                    first.completed_at,
+                )
+
+    @invariant()
+    def running_jobs_have_one_owner_and_a_lease(self) -> None:
+        for job_id in self.ids:
+            job = self.store.get(job_id)
+            assert job is not None
+            if job.status == Status.PROCESSING:
+                assert job.lease_owner in WORKERS and job.lease_expires_at is not None
+                assert 1 <= job.attempt <= MAX_ATTEMPTS
+            else:
+                assert job.lease_owner is None
+
+    @invariant()
+    def a_job_is_never_run_more_than_allowed(self) -> None:
+        for job_id in self.ids:
+            job = self.store.get(job_id)
+            assert job is not None and job.attempt <= MAX_ATTEMPTS
+
+    def teardown(self) -> None:
+        if hasattr(self, "store"):
+            self.store.close()
+
+
+LifecycleMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+test_lifecycle_state_machine = LifecycleMachine.TestCase

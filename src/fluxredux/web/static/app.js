@@ -359,6 +359,9 @@ function watch(id) {
   $("summary").textContent = "";
   $("share-note").textContent = "";
   setStatus("Queued…", { step: 0, total: 1 });
+  // On a phone the output panel sits below the form: bring the progress into view.
+  const panel = $("results-title").getBoundingClientRect();
+  if (panel.top > window.innerHeight) $("results-title").scrollIntoView({ behavior: "smooth", block: "start" });
   state.clockTimer = setInterval(() => ($("elapsed").textContent = formatSeconds((Date.now() - started) / 1000)), 100);
   const poll = async () => {
     if (state.current !== id) return;

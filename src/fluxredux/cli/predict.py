@@ -12,7 +12,7 @@ from fluxredux.cli.app import ModelOption, VerboseOption, app, err, fail, out, s
 from fluxredux.cli.input_flags import validate_flags, with_input_flags
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ImageError
-from fluxredux.images import EXTENSIONS, DecodeLimits, decode_image
+from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.schema import PredictionInput
 from fluxredux.worker.predictor import PredictionResult
 
@@ -80,7 +80,7 @@ def _run(inputs: PredictionInput, reference: tuple[bytes, Any], settings: Settin
 def _report(result: PredictionResult, image: Path, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     for output in result.outputs:
-        path = output_dir / f"{image.stem}-{result.seed}-{output.index}.{EXTENSIONS[output.output_format]}"
+        path = output_dir / f"{image.stem}-{result.seed}-{output.index}.{output.extension}"
         path.write_bytes(output.data)
         out.print(f"{path}  {output.width}x{output.height}  {len(output.data):,} bytes", highlight=False)
     dropped = [i for i, verdict in enumerate(result.safety) if verdict.unsafe]

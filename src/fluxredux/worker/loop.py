@@ -109,7 +109,7 @@ class Worker:
         )
 
     def _succeed(self, job: Job, result: PredictionResult, elapsed: float) -> None:
-        names = [self.files.save(output.data, output.filename.rsplit(".", 1)[1]) for output in result.outputs]
+        names = [self.files.save(output.data, output.extension) for output in result.outputs]
         dropped = [i for i, verdict in enumerate(result.safety) if verdict.unsafe]
         logs = [f"seed: {result.seed}"]
         if result.notice:

@@ -74,8 +74,12 @@ class OutputImage:
         return CONTENT_TYPES[self.output_format]
 
     @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.output_format]
+
+    @property
     def filename(self) -> str:
-        return f"out-{self.index}.{EXTENSIONS[self.output_format]}"
+        return f"out-{self.index}.{self.extension}"
 
 
 @dataclass

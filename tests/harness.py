@@ -26,6 +26,7 @@ from PIL import Image
 from fluxredux.api.app import create_app
 from fluxredux.api.services import Services, build_services
 from fluxredux.config import Settings
+from fluxredux.errors import FluxReduxError, ModelUnavailable
 from fluxredux.events import JobEvent
 from fluxredux.jobs import Lifecycle, SQLiteJobStore
 from fluxredux.net import SafeFetcher
@@ -54,12 +55,39 @@ def free_port() -> int:
 
 
 @dataclass
+class ThreadWorkers:
+    """The worker monitor of a harness whose worker (if any) is a thread of this process.
+
+    ``error`` plays a model that failed to load; ``problem`` a worker that is down."""
+
+    worker: Worker | None = None
+    error: dict[str, Any] | None = None
+    problem: str | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {"ready": self.worker is not None and self.error is None, "demo": True, "error": self.error}
+
+    def problems(self) -> list[str]:
+        return [self.problem] if self.problem else []
+
+    def refusal(self) -> FluxReduxError | None:
+        if self.error is not None:
+            return ModelUnavailable(f"the model is not available: {self.error['error']}")
+        return None
+
+    def wake(self) -> None:
+        if self.worker is not None:
+            self.worker.wakeup.set()
+
+
+@dataclass
 class Harness:
     url: str
     key: str
     services: Services
     http: httpx.Client
     worker: Worker | None
+    workers: ThreadWorkers
 
     def body(self, **inputs: Any) -> dict[str, Any]:
         return {
@@ -108,7 +136,8 @@ def running_server(
         heartbeat_seconds=0.5,
         **overrides,
     )
-    services = build_services(settings, fetcher=fetcher)
+    workers = ThreadWorkers()
+    services = build_services(settings, lambda *_: workers, fetcher=fetcher)
     _key, secret = services.keys.create("tests")
     server = uvicorn.Server(
         uvicorn.Config(create_app(services), host="127.0.0.1", port=port, log_level="warning")
@@ -134,13 +163,19 @@ def running_server(
             FileStore(settings.files_dir),
             WorkerConfig(worker_id="test-worker", lease_seconds=5, heartbeat_seconds=0.5),
         )
-        services.wake_worker = worker.wakeup.set
-        services.worker_status = lambda: {"ready": True, "demo": True}
+        workers.worker = worker
         threading.Thread(target=worker.run_forever, args=(stop,), daemon=True).start()
 
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": secret}, timeout=30)
     try:
-        yield Harness(url=f"http://127.0.0.1:{port}", key=secret, services=services, http=http, worker=worker)
+        yield Harness(
+            url=f"http://127.0.0.1:{port}",
+            key=secret,
+            services=services,
+            http=http,
+            worker=worker,
+            workers=workers,
+        )
     finally:
         stop.set()
         if worker is not None:

@@ -327,7 +327,7 @@ def test_retention_deletes_old_predictions_and_their_files(api: Harness) -> None
 
 def test_creation_is_refused_while_the_model_cannot_load(queued_api: Harness) -> None:
     error = {"error": "FLUX.1 [schnell] weights not found: ...", "code": "weights_not_found"}
-    queued_api.services.worker_status = lambda: {"ready": False, "error": error}
+    queued_api.workers.error = error
     response = queued_api.create()
     assert response.status_code == 503
     assert response.json()["code"] == "model_unavailable"

@@ -118,11 +118,16 @@ def test_run_watch_download_and_share(browser: Browser, api: Harness, tmp_path: 
     download.save_as(saved)
     assert Image.open(saved).format == "WEBP"
 
-    page.get_by_role("button", name="Share").first.click()
+    # Share: a link with its own token (not the prediction id), outputs only by default.
+    prediction_id = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0].id
+    include_reference = page.get_by_role("checkbox", name="Include the reference image")
+    expect(include_reference).to_be_visible()
+    expect(include_reference).not_to_be_checked()
+    page.get_by_role("button", name="Share", exact=True).click()
     link = page.locator("#share-link").get_attribute("href")
-    assert link and link.endswith(
-        "/p/" + api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0].id
-    )
+    assert link and "/p/" in link and prediction_id not in link
+    share = api.services.shares.get(link.rsplit("/p/", 1)[1])
+    assert share is not None and share.prediction_id == prediction_id and not share.include_reference
     sources = [images.nth(i).get_attribute("src") for i in range(2)]
 
     stranger = browser.new_context().new_page()  # no key, no local storage
@@ -130,15 +135,40 @@ def test_run_watch_download_and_share(browser: Browser, api: Harness, tmp_path: 
     shared = stranger.get_by_role("img", name="Output")
     expect(shared).to_have_count(2)
     assert [shared.nth(i).get_attribute("src") for i in range(2)] == sources
-    expect(stranger.get_by_role("img", name="The reference image")).to_be_visible()
     expect(stranger.get_by_text("Done")).to_be_visible()
+    expect(stranger.get_by_role("img", name="The reference image")).to_be_hidden()
 
-    # History: a fresh page lists the prediction; a click brings back its inputs and outputs.
+    # Ticked, the reference image is shared too, under another link.
+    include_reference.check()
+    page.get_by_role("button", name="Share", exact=True).click()
+    expect(page.locator("#share-link")).not_to_have_attribute("href", link)
+    with_reference = page.locator("#share-link").get_attribute("href")
+    assert with_reference and prediction_id not in with_reference
+    second = browser.new_context().new_page()
+    second.goto(with_reference)
+    expect(second.get_by_role("img", name="Output")).to_have_count(2)
+    reference = second.get_by_role("img", name="The reference image")
+    expect(reference).to_be_visible()
+    assert reference.evaluate("img => img.decode().then(() => img.naturalWidth)") == 768
+
+    # Stop sharing the first link: the stranger's page now opens nothing.
+    expect(page.locator(".share-link")).to_have_count(2)
+    page.get_by_role("button", name="Stop sharing (outputs only)").click()
+    expect(page.locator("#share-note")).to_contain_text("Sharing stopped")
+    expect(page.locator(".share-link")).to_have_count(1)
+    stranger.reload()
+    expect(stranger.get_by_text("Nothing is shared at this link")).to_be_visible()
+    expect(stranger.get_by_role("img", name="Output")).to_have_count(0)
+
+    # History: a fresh page lists the prediction; a click brings back its inputs, outputs
+    # and the link still shared.
     page.reload()
     page.get_by_role("button", name="Open prediction").click()
     expect(page.get_by_role("radio", name="16:9")).to_be_checked()
     expect(page.get_by_role("img", name="Output")).to_have_count(2)
     expect(page.locator("#reference-info")).to_contain_text("earlier input")
+    expect(page.locator(".share-link")).to_have_text([with_reference])
+    expect(page.get_by_role("checkbox", name="Include the reference image")).not_to_be_checked()
     assert watched.errors == []
     assert watched.foreign_requests() == []
 

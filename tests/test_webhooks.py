@@ -114,14 +114,19 @@ def test_cancelled_predictions_are_delivered_too(tmp_path: Path, receiver: Recei
     assert SIGNATURE_HEADER not in headers  # no secret anywhere: sent unsigned
 
 
-def test_a_loopback_webhook_is_refused_by_default(tmp_path: Path, receiver: Receiver) -> None:
+def test_a_loopback_webhook_is_refused_at_create(tmp_path: Path, receiver: Receiver) -> None:
+    """Refused when the prediction is created, naming the field, not silently dropped later."""
     with running_server(tmp_path, webhook_first_delay_seconds=0.05) as api:
-        prediction_id = create_with_hook(api, receiver.url)
-        assert api.get(prediction_id, wait=10)["status"] == "success"
-        deadline = time.monotonic() + 5
-        while api.services.store.get(prediction_id).webhook_state != "failed":  # type: ignore[union-attr]
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        body = api.body() | {"webhook_url": receiver.url}
+        response = api.http.post("/v1/prediction/", json=body)
+        assert response.status_code == 400, response.text
+        error = response.json()
+        assert error["field"] == "webhook_url" and error["code"] == "url_not_public"
+        assert "loopback" in error["error"]
+        assert api.services.lifecycle.queue_depth() == 0 and api.services.store.find() == []
+        for url in ("http://10.0.0.1/hook", "http://[::1]:9/hook", "ftp://example.com/hook"):
+            refused = api.http.post("/v1/prediction/", json=api.body() | {"webhook_url": url})
+            assert refused.status_code == 400 and refused.json()["field"] == "webhook_url", refused.text
     assert receiver.deliveries == []
 
 

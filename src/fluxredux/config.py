@@ -5,6 +5,7 @@ Built once at the entry point and passed down; no module reads the environment i
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +14,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelChoice = Literal["auto", "flux", "demo", "fake"]
+MetricsAccess = Literal["open", "key", "off"]
 Offload = Literal["none", "model", "sequential"]
 
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
@@ -40,6 +42,9 @@ class Settings(BaseSettings):
         "slower); sequential: stream weights layer by layer (smallest GPU footprint, much slower).",
     )
     device: str | None = Field(None, description="torch device; default cuda when present, else cpu.")
+    fake_step_seconds: float = Field(
+        0.0, ge=0, le=60, description="The fake model's time per denoising step (service tests, benchmarks)."
+    )
     cache_dir: Path = Field(
         default_factory=lambda: platformdirs.user_cache_path("fluxredux"),
         description="Where the demo model is written.",
@@ -67,6 +72,24 @@ class Settings(BaseSettings):
     max_in_flight_per_key: int = Field(10, ge=1, description="Queued + running predictions per key.")
     max_queue: int = Field(1000, ge=1, description="Queued predictions in all; over it: 503.")
     max_body_bytes: int = Field(40 * 1024 * 1024, gt=0, description="Largest request body.")
+    # uvicorn times out idle keep-alive connections only; these bound a slow (or stalled)
+    # client, which otherwise holds its connection forever (see api/timeouts.py).
+    header_timeout_seconds: float = Field(
+        10.0, gt=0, le=3600, description="Time allowed to receive a request's line and headers."
+    )
+    body_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="Time allowed to receive a request body (more for steady uploads)."
+    )
+    body_min_bytes_per_second: int = Field(
+        64 * 1024,
+        ge=0,
+        description="Each this many body bytes received add a second to the body's time (0: no extension).",
+    )
+    metrics_access: MetricsAccess | Literal["auto"] = Field(
+        "auto",
+        description="/metrics: open (anyone), key (an API key, sent as for the API), off (404). "
+        "auto: key when listening beyond loopback, else open.",
+    )
     sync_wait_seconds: float = Field(60.0, gt=0, le=600, description="How long /run and ?wait= may hold.")
     retention_hours: float = Field(
         24 * 7, gt=0, description="Predictions, inputs and outputs are deleted after."
@@ -74,6 +97,12 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0, description="A worker's lease on a running job.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker renews its lease.")
     max_attempts: int = Field(2, ge=1, description="Runs of a job whose worker was lost (2: re-run once).")
+    store_busy_timeout_seconds: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="How long a write waits for the job store's lock before giving up (a 503, retried).",
+    )
     allow_private_urls: bool = Field(
         False, description="Let redux_image and webhook URLs reach private/loopback hosts (on-prem only)."
     )
@@ -85,9 +114,26 @@ class Settings(BaseSettings):
     webhook_first_delay_seconds: float = Field(1.0, gt=0, description="Backoff before the 2nd try (doubles).")
 
     @property
+    def metrics_policy(self) -> MetricsAccess:
+        """``metrics_access`` with ``auto`` decided: only a loopback-only server is open."""
+        if self.metrics_access != "auto":
+            return self.metrics_access
+        return "open" if is_loopback(self.host) else "key"
+
+    @property
     def database_path(self) -> Path:
         return self.data_dir / "fluxredux.db"
 
     @property
     def files_dir(self) -> Path:
         return self.data_dir / "files"
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` can be reached from this machine only (127.x, ::1, localhost)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name (or "", all interfaces): assume reachable from outside
+        return False

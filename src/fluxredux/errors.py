@@ -107,6 +107,34 @@ class QueueFull(FluxReduxError):
         self.retry_after: int = self.detail["retry_after"]
 
 
+class Unavailable(FluxReduxError):
+    """The server cannot take this request right now; retrying after ``retry_after`` s may work."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, retry_after: float = 2, **detail: Any) -> None:
+        super().__init__(message, retry_after=max(1, int(retry_after + 0.999)), **detail)
+        self.retry_after: int = self.detail["retry_after"]
+
+
+class StoreUnavailable(Unavailable):
+    """The job store (or file storage) cannot be read or written: locked, full, read-only."""
+
+    code = "store_unavailable"
+
+
+class NoWorker(Unavailable):
+    """No worker is alive or starting, so an accepted prediction would never run."""
+
+    code = "no_worker"
+
+
+class StorageError(FluxReduxError):
+    """Writing or reading a stored file failed (disk full, read-only, file-size limit)."""
+
+    code = "storage_error"
+
+
 class PayloadTooLarge(ClientError):
     """The request body is over the server's cap."""
 

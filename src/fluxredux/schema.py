@@ -8,6 +8,7 @@ client and the CLI import it without paying for torch, PIL or FastAPI.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -48,6 +49,11 @@ MAX_SEED = 2**63 - 1
 _FILE_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 # A data: URI may carry an image up to the decoder's byte limit; base64 adds a third.
 MAX_REDUX_IMAGE_CHARS = 64 * 1024 * 1024
+# A URL is stored with the prediction and echoed on every poll, so it gets a bound of its
+# own: long enough for signed object-store URLs, far below what a data: URI may carry.
+MAX_URL_CHARS = 8192
+# Free-form strings that are stored and echoed (model, version): generous, not unbounded.
+MAX_NAME_CHARS = 64
 
 
 def output_size(aspect_ratio: str, megapixels: str) -> tuple[int, int]:
@@ -108,7 +114,11 @@ class PredictionInput(BaseModel):
     def _redux_image_reference(cls, value: str) -> str:
         value = value.strip()
         lowered = value[:16].lower()
-        if lowered.startswith(("http://", "https://", "data:")) or _FILE_ID.match(value):
+        if lowered.startswith(("http://", "https://")):
+            if len(value) > MAX_URL_CHARS:
+                raise ValueError(f"a URL must be at most {MAX_URL_CHARS:,} characters")
+            return value
+        if lowered.startswith("data:") or _FILE_ID.match(value):
             return value
         raise ValueError("must be an http(s) URL, a data: URI, or the id of an uploaded file")
 
@@ -130,11 +140,22 @@ class FieldError:
         return f"{self.field}: {self.message}" if self.field else self.message
 
 
+def shorten(value: str, limit: int = 64) -> str:
+    """At most ``limit`` characters of ``value``, marked when cut: an error names a bad
+    value (or a bad field name: JSON keys can be megabytes too) without echoing all of it."""
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value):,} characters)"
+
+
+def field_path(loc: Iterable[int | str]) -> str:
+    """``input.num_outputs`` from pydantic's location tuple, each part shortened."""
+    return ".".join(shorten(str(part)) for part in loc)
+
+
 def field_errors(exc: ValidationError) -> list[FieldError]:
     """Turn pydantic's errors into one message per field, naming unknown fields."""
     errors = []
     for err in exc.errors(include_url=False):
-        field = ".".join(str(part) for part in err["loc"])
+        field = field_path(err["loc"])
         if err["type"] == "extra_forbidden":
             message = f"unknown field '{field}'"
             allowed = ", ".join(PredictionInput.model_fields)
@@ -157,8 +178,8 @@ class PredictionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(MODEL_NAME, description=f"Must be '{MODEL_NAME}'.")
-    version: str = Field(MODEL_VERSION, description="Accepted and recorded.")
+    model: str = Field(MODEL_NAME, max_length=MAX_NAME_CHARS, description=f"Must be '{MODEL_NAME}'.")
+    version: str = Field(MODEL_VERSION, max_length=MAX_NAME_CHARS, description="Accepted and recorded.")
     input: PredictionInput
     webhook_url: str | None = Field(
         None, max_length=2048, description="Receives the prediction (POST) when it reaches a terminal state."
@@ -185,7 +206,6 @@ class PredictionMetrics(BaseModel):
 class PredictionUrls(BaseModel):
     get: str
     cancel: str
-    share: str
 
 
 class PredictionProgress(BaseModel):

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from fluxredux.errors import FetchRefused
+from fluxredux.errors import FetchRefused, StoreUnavailable
 from fluxredux.jobs.model import Job
 from fluxredux.jobs.store import JobStore
 from fluxredux.net import SafeFetcher, check_url_shape
@@ -80,8 +80,13 @@ class WebhookSender:
         self._tasks[job.id] = task
         task.add_done_callback(lambda _t: self._tasks.pop(job.id, None))
 
-    def resume_pending(self) -> None:
-        for job in self.store.find(webhook_state="pending"):
+    async def resume_pending(self) -> None:
+        try:
+            jobs = await asyncio.to_thread(self.store.find, webhook_state="pending")
+        except StoreUnavailable as exc:
+            log.warning("pending webhooks not resumed now: %s", exc.message)
+            return
+        for job in jobs:
             self.schedule(job)
 
     async def _deliver(self, job: Job) -> None:
@@ -101,7 +106,13 @@ class WebhookSender:
             if attempt < self.policy.attempts:
                 await asyncio.sleep(delay)
                 delay *= 2
-        self.store.update(job.id, lambda current: _with_webhook_state(current, outcome))
+        try:
+            await asyncio.to_thread(
+                self.store.update, job.id, lambda current: _with_webhook_state(current, outcome)
+            )
+        except StoreUnavailable as exc:  # still "pending": sent again after a restart (at least once)
+            log.warning("webhook for %s %s, but not recorded: %s", job.id, outcome, exc.message)
+            return
         log.info("webhook for %s %s", job.id, outcome)
 
     async def _post(self, job: Job, body: bytes, secret: str | None) -> bool:

@@ -15,9 +15,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxredux import __version__
 from fluxredux.api import errors
-from fluxredux.api.routes import files, predictions, system, web
+from fluxredux.api.routes import files, predictions, shares, system, web
 from fluxredux.api.services import Services
-from fluxredux.errors import PayloadTooLarge
+from fluxredux.errors import PayloadTooLarge, StoreUnavailable
 from fluxredux.events import JobEvent
 from fluxredux.jobs.model import Status
 from fluxredux.web import STATIC_DIR
@@ -75,7 +75,7 @@ async def maintenance(services: Services) -> None:
     last_cleanup = 0.0
     while True:
         try:
-            services.lifecycle.reap(max_attempts=settings.max_attempts)
+            await asyncio.to_thread(services.lifecycle.reap, max_attempts=settings.max_attempts)
             if time.monotonic() - last_cleanup > 600:
                 last_cleanup = time.monotonic()
                 await asyncio.to_thread(delete_expired, services)
@@ -90,33 +90,48 @@ def delete_expired(services: Services, now: float | None = None) -> int:
     expired = services.store.find(completed_before=cutoff, limit=10_000)
     for job in expired:
         services.files.delete([*job.output, *([job.input_file] if job.input_file else [])])
+    services.shares.delete_for_predictions(job.id for job in expired)  # their links die with them
     services.store.delete(job.id for job in expired)
     services.files.delete_older_than(cutoff)  # uploads that no prediction used
     return len(expired)
 
 
 def create_app(services: Services) -> FastAPI:
-    def on_event(event: JobEvent) -> None:
-        if event.status not in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
+    pending: set[asyncio.Task[None]] = set()  # strong references until each task is done
+
+    async def after_terminal(event: JobEvent) -> None:
+        try:
+            job = await asyncio.to_thread(services.store.get, event.job_id)
+        except StoreUnavailable as exc:  # the webhook is resumed by the next sweep or restart
+            log.warning("prediction %s ended, but could not be read: %s", event.job_id, exc.message)
             return
-        services.metrics.finished.labels(event.status).inc()
-        job = services.store.get(event.job_id)
         if job is None:
             return
         if job.status == Status.SUCCEEDED and "predict_time" in job.metrics:
             services.metrics.predict_time.observe(job.metrics["predict_time"])
         services.webhooks.schedule(job)
 
+    def on_event(event: JobEvent) -> None:
+        if event.status not in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
+            return
+        services.metrics.finished.labels(event.status).inc()
+        # Called on the event loop: the store is read in a thread, never here.
+        task = asyncio.get_running_loop().create_task(after_terminal(event))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services.notifier.bind(asyncio.get_running_loop())
         services.notifier.listen(on_event)
-        services.webhooks.resume_pending()
+        await services.webhooks.resume_pending()
         background = asyncio.create_task(maintenance(services))
         try:
             yield
         finally:
             background.cancel()
+            for task in pending:
+                task.cancel()
             await services.webhooks.aclose()
             await services.fetcher.aclose()
 
@@ -130,6 +145,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     errors.install(app)
     app.include_router(predictions.router)
+    app.include_router(shares.router)
     app.include_router(files.router)
     app.include_router(system.router)
     app.include_router(web.router)

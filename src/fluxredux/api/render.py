@@ -64,7 +64,6 @@ def render(job: Job, base_url: str) -> Prediction:
             "urls": {
                 "get": f"{base_url}/v1/prediction/{job.id}",
                 "cancel": f"{base_url}/v1/prediction/{job.id}/cancel",
-                "share": f"{base_url}/p/{job.id}",
             },
         }
     )

@@ -10,7 +10,10 @@ import uvicorn
 
 from fluxredux.api.app import create_app
 from fluxredux.api.services import Services, build_services
+from fluxredux.api.timeouts import timeout_protocol
 from fluxredux.config import Settings
+from fluxredux.events import Notifier
+from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.model import Status
 from fluxredux.worker.supervisor import WorkerSupervisor
 
@@ -47,21 +50,19 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
+def worker_process(settings: Settings, lifecycle: Lifecycle, notifier: Notifier) -> WorkerSupervisor:
+    """The embedded default: one worker child process, started and watched by this one."""
+    return WorkerSupervisor(settings, lifecycle, notifier.publish)
+
+
 def serve(settings: Settings, *, announce: bool = True) -> None:
-    services = build_services(settings)
+    services = build_services(settings, worker_process)
+    supervisor = services.workers
+    assert isinstance(supervisor, WorkerSupervisor)
     sock = bind(settings)
     url = settings.public_url or f"http://{settings.host}:{settings.port}"
     first_key = ensure_first_key(services)
     recovered = recover_after_restart(services)
-    supervisor = WorkerSupervisor(settings, services.lifecycle, services.notifier.publish)
-    services.wake_worker = supervisor.wake
-    services.worker_status = lambda: {
-        "ready": supervisor.state.ready,
-        "pid": supervisor.state.pid,
-        "restarts": supervisor.state.restarts,
-        "error": supervisor.state.error,
-        **supervisor.state.model,
-    }
     if announce:
         log.info("fluxredux serving on %s (API docs: %s/docs)", url, url)
         log.info("data: %s", settings.data_dir)
@@ -80,7 +81,11 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
             )
     supervisor.start()
     config = uvicorn.Config(
-        create_app(services), log_level="warning", access_log=False, timeout_graceful_shutdown=5
+        create_app(services),
+        http=timeout_protocol(settings),  # bounds slow headers and bodies (api/timeouts.py)
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
     )
     try:
         asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fluxredux.api.limits import SlidingWindowLimiter
@@ -17,8 +17,10 @@ from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore
 from fluxredux.jobs.store import JobStore
 from fluxredux.keys import KeyStore
 from fluxredux.net import FetchPolicy, SafeFetcher
+from fluxredux.shares import ShareStore
 from fluxredux.storage import FileStore
 from fluxredux.webhooks import WebhookPolicy, WebhookSender
+from fluxredux.worker.monitor import WorkerMonitor
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Services:
     store: JobStore
     lifecycle: Lifecycle
     keys: KeyStore
+    shares: ShareStore
     files: FileStore
     notifier: Notifier
     fetcher: SafeFetcher
@@ -34,9 +37,8 @@ class Services:
     metrics: Metrics
     creations: SlidingWindowLimiter
     reads: SlidingWindowLimiter
-    # Set by whoever runs the worker (the supervisor, or a thread in tests).
-    wake_worker: Callable[[], None] = lambda: None
-    worker_status: Callable[[], dict[str, Any]] = field(default=lambda: {"ready": False})
+    # Whoever runs the models: the supervisor of a worker process, or a thread in tests.
+    workers: WorkerMonitor
 
     @property
     def decode_limits(self) -> DecodeLimits:
@@ -45,13 +47,22 @@ class Services:
     def close(self) -> None:
         self.store.close()
         self.keys.close()
+        self.shares.close()
+
+
+# Builds the worker monitor from the store's lifecycle and the job-change notifier.
+WorkersFactory = Callable[[Settings, Lifecycle, Notifier], WorkerMonitor]
 
 
 def build_services(
-    settings: Settings, *, fetcher: SafeFetcher | None = None, clock: Callable[[], float] = time.time
+    settings: Settings,
+    workers: WorkersFactory,
+    *,
+    fetcher: SafeFetcher | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SQLiteJobStore(settings.database_path)
+    store = SQLiteJobStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds)
     notifier = Notifier()
     lifecycle = Lifecycle(
         store, clock=clock, publish=lambda job: notifier.publish(JobEvent(job.id, job.status.value))
@@ -84,11 +95,13 @@ def build_services(
         store=store,
         lifecycle=lifecycle,
         keys=KeyStore(settings.database_path),
+        shares=ShareStore(settings.database_path),
         files=FileStore(settings.files_dir),
         notifier=notifier,
         fetcher=fetcher,
         webhooks=webhooks,
         metrics=Metrics(store),
+        workers=workers(settings, lifecycle, notifier),
         creations=SlidingWindowLimiter(settings.rate_limit_per_minute),
         reads=SlidingWindowLimiter(settings.read_limit_per_minute),
     )

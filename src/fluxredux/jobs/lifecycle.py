@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from fluxredux.jobs.model import IN_FLIGHT, Job, Status
-from fluxredux.jobs.store import JobStore
+from fluxredux.jobs.store import Capacity, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,13 @@ class Lifecycle:
         self.store.insert(job)
         self._emit(job)
         return job
+
+    def create_if_under_capacity(self, job: Job, per_owner_limit: int, queue_limit: int) -> Capacity:
+        """Queue ``job`` unless its owner or the queue is at its limit, atomically."""
+        capacity = self.store.create_if_under_capacity(job, per_owner_limit, queue_limit)
+        if capacity.accepted:
+            self._emit(job)
+        return capacity
 
     def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
         now = self.clock()

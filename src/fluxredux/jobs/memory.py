@@ -7,8 +7,8 @@ import copy
 import threading
 from collections.abc import Iterable
 
-from fluxredux.jobs.model import Job, Status
-from fluxredux.jobs.store import Change
+from fluxredux.jobs.model import IN_FLIGHT, Job, Status
+from fluxredux.jobs.store import Capacity, Change
 
 
 class MemoryJobStore:
@@ -21,6 +21,20 @@ class MemoryJobStore:
             if job.id in self._jobs:
                 raise KeyError(f"job {job.id} exists")
             self._jobs[job.id] = copy.deepcopy(job)
+
+    def create_if_under_capacity(self, job: Job, per_owner_limit: int, queue_limit: int) -> Capacity:
+        with self._lock:
+            jobs = self._jobs.values()
+            capacity = Capacity(
+                in_flight=sum(1 for j in jobs if j.owner == job.owner and j.status in IN_FLIGHT),
+                queued=sum(1 for j in jobs if j.status == Status.STARTING),
+            )
+            if capacity.in_flight < per_owner_limit and capacity.queued < queue_limit:
+                if job.id in self._jobs:
+                    raise KeyError(f"job {job.id} exists")
+                self._jobs[job.id] = copy.deepcopy(job)
+                capacity.accepted = True
+            return capacity
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -103,6 +117,9 @@ class MemoryJobStore:
         with self._lock:
             for job_id in job_ids:
                 self._jobs.pop(job_id, None)
+
+    def check_writable(self) -> None:
+        pass  # memory is always writable
 
     def close(self) -> None:
         pass

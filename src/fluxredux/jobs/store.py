@@ -3,11 +3,13 @@
 Backends only store and atomically update jobs; what a valid change is (the state
 machine) lives in ``lifecycle.py`` and is applied through ``update``/``claim``, so every
 backend enforces the same rules. One contract test suite runs against each backend.
+Operational failures (unreachable, locked, full) are raised as ``StoreUnavailable``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from fluxredux.jobs.model import Job, Status
@@ -15,9 +17,22 @@ from fluxredux.jobs.model import Job, Status
 Change = Callable[[Job], Job | None]  # returns the new job, or None for "no change"
 
 
+@dataclass
+class Capacity:
+    """What ``create_if_under_capacity`` saw: the counts before the insert, and its outcome."""
+
+    in_flight: int  # the owner's jobs waiting or running
+    queued: int  # all jobs waiting
+    accepted: bool = False
+
+
 class JobStore(Protocol):
     def insert(self, job: Job) -> None:
         """Add a new job (its id must be new)."""
+
+    def create_if_under_capacity(self, job: Job, per_owner_limit: int, queue_limit: int) -> Capacity:
+        """Insert ``job`` only if its owner has fewer than ``per_owner_limit`` jobs in flight
+        and fewer than ``queue_limit`` jobs wait in all; one atomic operation."""
 
     def get(self, job_id: str) -> Job | None: ...
 
@@ -49,5 +64,8 @@ class JobStore(Protocol):
     def counts_by_status(self) -> dict[Status, int]: ...
 
     def delete(self, job_ids: Iterable[str]) -> None: ...
+
+    def check_writable(self) -> None:
+        """Raise StoreUnavailable unless a write can be committed now (readiness probe)."""
 
     def close(self) -> None: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 
@@ -35,11 +36,21 @@ class FileStore:
         return name
 
     def path(self, name: str) -> Path | None:
-        """The file's path, or None for a malformed or unknown name (no traversal)."""
+        """The file's path, or None for a malformed or unknown name (no traversal).
+
+        The name regex keeps the path inside the root, but a link in the files directory
+        (made by mistake, by another program, or by whoever can write there) would still
+        lead out of it: only a regular file that is inside the root once resolved counts.
+        """
         if not _NAME.match(name):
             return None
         path = self.root / name
-        return path if path.is_file() else None
+        try:
+            resolved = path.resolve(strict=True)
+            regular = stat.S_ISREG(resolved.stat().st_mode)
+        except (OSError, RuntimeError):  # missing, a dangling link, a link loop
+            return None
+        return path if regular and resolved.parent == self.root.resolve() else None
 
     def find(self, file_id: str) -> str | None:
         """The name of the file with this id (uploads are referred to by id alone)."""

@@ -35,7 +35,7 @@ def build_model(settings: Settings) -> ImageModel:
     if settings.model == "fake":
         from fluxredux.worker.fake import FakeModel
 
-        return FakeModel()
+        return FakeModel(step_seconds=settings.fake_step_seconds)
     from fluxredux.pipeline.model import load_model
 
     return load_model(settings)
@@ -62,6 +62,9 @@ class EventPipe:
     def job_changed(self, job: Job) -> None:
         self.send("job", f"{job.id} {job.status.value}")
 
+    def storage(self, problem: str | None) -> None:
+        self.send("storage", json.dumps({"error": problem}))
+
 
 def main() -> None:
     # Ctrl+C in a terminal reaches the whole process group; the server decides when the
@@ -85,7 +88,7 @@ def main() -> None:
         "ready", json.dumps({"description": info.describe(), "demo": info.is_demo, "notice": info.notice})
     )
 
-    store = SQLiteJobStore(settings.database_path)
+    store = SQLiteJobStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds)
     worker = Worker(
         Lifecycle(store, publish=events.job_changed),
         Predictor(model, checker),
@@ -96,6 +99,7 @@ def main() -> None:
             heartbeat_seconds=settings.heartbeat_seconds,
             decode_limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
         ),
+        report_storage=events.storage,
     )
     threading.Thread(target=_watch_parent, args=(worker,), daemon=True).start()
     worker.run_forever(threading.Event())

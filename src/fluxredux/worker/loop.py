@@ -4,6 +4,9 @@ A claimed job carries this worker's id and a lease that a heartbeat thread exten
 this process dies, the lease runs out (or the supervisor sees the exit) and the job is
 re-run once or failed as "worker lost". Every step of a run re-checks the job's cancel
 flag, so a cancel stops a running prediction within one denoising step.
+
+Faults of the store or the disk never end this process: a locked or unreachable store
+is retried, and outputs that cannot be written fail that one job as ``storage_error``.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
-from fluxredux.errors import FluxReduxError, PredictionCancelled
+from fluxredux.errors import FluxReduxError, PredictionCancelled, StorageError, StoreUnavailable
 from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.jobs.lifecycle import Lifecycle
 from fluxredux.jobs.model import Job, Status
@@ -27,6 +32,9 @@ log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "the prediction failed because of an internal error; it was logged on the server"
 
+# Called with a description of a storage failure, or None once storage works again.
+StorageReport = Callable[[str | None], None]
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -35,21 +43,46 @@ class WorkerConfig:
     heartbeat_seconds: float = 5.0
     idle_poll_seconds: float = 1.0  # a safety net: new jobs normally wake the worker at once
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
+    storage_retry_seconds: float = 1.0  # one retry of a failed output write, after this pause
+    storage_probe_seconds: float = 5.0  # while writes fail: how often to try a write again
+    finish_retry_seconds: float = 60.0  # how long to keep trying to record a finished run
+    max_backoff_seconds: float = 10.0  # after an unexpected error in the loop itself
 
 
 class Worker:
     def __init__(
-        self, lifecycle: Lifecycle, predictor: Predictor, files: FileStore, config: WorkerConfig
+        self,
+        lifecycle: Lifecycle,
+        predictor: Predictor,
+        files: FileStore,
+        config: WorkerConfig,
+        report_storage: StorageReport = lambda problem: None,
     ) -> None:
         self.lifecycle = lifecycle
         self.predictor = predictor
         self.files = files
         self.config = config
+        self.report_storage = report_storage
         self.wakeup = threading.Event()
+        self._storage_problem: str | None = None
+        self._failed_write_size = 0
+        self._last_probe = 0.0
 
     def run_forever(self, stop: threading.Event) -> None:
+        """Claim and run jobs until ``stop``. Nothing that goes wrong here ends the loop: a
+        store that is locked or unreachable is retried with a growing pause."""
+        backoff = 0.0
         while not stop.is_set():
-            if not self.run_once():
+            try:
+                ran = self.run_once()
+                backoff = 0.0
+            except Exception:
+                backoff = min(max(backoff * 2, 0.5), self.config.max_backoff_seconds)
+                log.exception("the worker loop failed; retrying in %.1f s", backoff)
+                stop.wait(backoff)
+                continue
+            if not ran:
+                self._probe_storage()
                 self.wakeup.wait(self.config.idle_poll_seconds)
                 self.wakeup.clear()
 
@@ -71,11 +104,14 @@ class Worker:
 
     def _heartbeat(self, job: Job, stop: threading.Event) -> None:
         while not stop.wait(self.config.heartbeat_seconds):
-            if self.lifecycle.heartbeat(job, self.config.worker_id, self.config.lease_seconds) is None:
-                return  # no longer ours (canceled, reaped): the run notices at its next step
+            try:
+                if self.lifecycle.heartbeat(job, self.config.worker_id, self.config.lease_seconds) is None:
+                    return  # no longer ours (canceled, reaped): the run notices at its next step
+            except StoreUnavailable as exc:
+                # Keep beating: the lease is only lost if the store stays unwritable past it.
+                log.warning("prediction %s: lease not renewed: %s", job.id, exc.message)
 
     def _run(self, job: Job) -> None:
-        worker_id = self.config.worker_id
         started = time.perf_counter()
         try:
             inputs = PredictionInput.model_validate(job.input)
@@ -84,41 +120,126 @@ class Worker:
                 inputs,
                 image,
                 on_step=lambda step, total: self._progress(job, step, total),
-                is_cancelled=lambda: self.lifecycle.is_cancel_requested(job.id),
+                is_cancelled=lambda: self._cancel_requested(job),
             )
+            names = self._store_outputs(result)
         except PredictionCancelled:
-            self.lifecycle.finish(job, worker_id, Status.CANCELED, logs="cancelled while running")
+            self._finish(job, Status.CANCELED, logs="cancelled while running")
             return
         except FluxReduxError as exc:  # the user can act on these (unsafe outputs, bad image)
-            self.lifecycle.finish(job, worker_id, Status.FAILED, error=exc.message, error_code=exc.code)
+            self._finish(job, Status.FAILED, error=exc.message, error_code=exc.code)
             return
         except Exception:
             log.exception("prediction %s failed", job.id)
-            self.lifecycle.finish(job, worker_id, Status.FAILED, error=INTERNAL_ERROR, error_code="internal")
+            self._finish(job, Status.FAILED, error=INTERNAL_ERROR, error_code="internal")
             return
-        self._succeed(job, result, time.perf_counter() - started)
+        self._succeed(job, result, names, time.perf_counter() - started)
 
     def _reference(self, job: Job) -> Image.Image:
         if job.input_file is None:
             raise FluxReduxError("the prediction has no stored reference image")
-        return decode_image(self.files.read(job.input_file), self.config.decode_limits)
+        try:
+            data = self.files.read(job.input_file)
+        except FileNotFoundError:
+            raise FluxReduxError(
+                "the reference image is no longer stored; create the prediction again"
+            ) from None
+        except OSError as exc:
+            raise StorageError(f"the reference image could not be read from storage: {exc}") from exc
+        return decode_image(data, self.config.decode_limits)
 
     def _progress(self, job: Job, step: int, total: int) -> None:
-        self.lifecycle.heartbeat(
-            job, self.config.worker_id, self.config.lease_seconds, step=step, total=total
-        )
+        try:
+            self.lifecycle.heartbeat(
+                job, self.config.worker_id, self.config.lease_seconds, step=step, total=total
+            )
+        except StoreUnavailable as exc:  # progress is nice to have; the run goes on
+            log.warning("prediction %s: progress not recorded: %s", job.id, exc.message)
 
-    def _succeed(self, job: Job, result: PredictionResult, elapsed: float) -> None:
-        names = [self.files.save(output.data, output.extension) for output in result.outputs]
+    def _cancel_requested(self, job: Job) -> bool:
+        try:
+            return self.lifecycle.is_cancel_requested(job.id)
+        except StoreUnavailable:
+            return False  # cannot tell now; asked again at the next step
+
+    def _store_outputs(self, result: PredictionResult) -> list[str]:
+        """Write every output, or none: one retry after a pause, then StorageError."""
+        try:
+            names = self._save_all(result)
+        except OSError as first:
+            log.warning("writing outputs failed (%s); retrying once", first)
+            time.sleep(self.config.storage_retry_seconds)
+            try:
+                names = self._save_all(result)
+            except OSError as exc:
+                self._failed_write_size = max(len(o.data) for o in result.outputs)
+                self._set_storage_problem(f"outputs could not be written: {exc}")
+                raise StorageError(
+                    f"the images were generated but could not be stored ({exc.strerror or exc}); "
+                    "the server's storage is full or not writable"
+                ) from exc
+        self._set_storage_problem(None)
+        return names
+
+    def _save_all(self, result: PredictionResult) -> list[str]:
+        names: list[str] = []
+        try:
+            for output in result.outputs:
+                names.append(self.files.save(output.data, output.extension))
+        except OSError:
+            self.files.delete(names)  # no half-stored results
+            raise
+        return names
+
+    def _set_storage_problem(self, problem: str | None) -> None:
+        if problem != self._storage_problem:
+            self._storage_problem = problem
+            if problem:
+                log.error("storage: %s", problem)
+            else:
+                log.info("storage: writable again")
+            self.report_storage(problem)
+
+    def _probe_storage(self) -> None:
+        """While output writes fail, try a write of the same size now and then, so that
+        readiness comes back by itself once space is freed or the mount is writable."""
+        now = time.monotonic()
+        if self._storage_problem is None or now - self._last_probe < self.config.storage_probe_seconds:
+            return
+        self._last_probe = now
+        try:
+            name = self.files.save(bytes(self._failed_write_size), "png")
+            self.files.delete([name])
+        except OSError as exc:
+            log.debug("storage still failing: %s", exc)
+            return
+        self._set_storage_problem(None)
+
+    def _finish(self, job: Job, to: Status, **fields: Any) -> Job | None:
+        """Record the end of a run. A store that is briefly locked or down must not throw
+        away a finished run: retry for a while; the lease keeps others off meanwhile."""
+        deadline = time.monotonic() + self.config.finish_retry_seconds
+        pause = 0.2
+        while True:
+            try:
+                return self.lifecycle.finish(job, self.config.worker_id, to, **fields)
+            except StoreUnavailable as exc:
+                if time.monotonic() > deadline:
+                    log.error("prediction %s: could not record its end: %s", job.id, exc.message)
+                    return None  # its lease runs out and it is re-run or failed as worker lost
+                log.warning("prediction %s: recording its end failed (%s); retrying", job.id, exc.message)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    def _succeed(self, job: Job, result: PredictionResult, names: list[str], elapsed: float) -> None:
         dropped = [i for i, verdict in enumerate(result.safety) if verdict.unsafe]
         logs = [f"seed: {result.seed}"]
         if result.notice:
             logs.insert(0, result.notice)
         if dropped:
             logs.append(f"safety checker removed {len(dropped)} of {len(result.safety)} images")
-        finished = self.lifecycle.finish(
+        finished = self._finish(
             job,
-            self.config.worker_id,
             Status.SUCCEEDED,
             output=names,
             seed=result.seed,

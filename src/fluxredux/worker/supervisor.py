@@ -12,11 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fluxredux.config import Settings
+from fluxredux.errors import FluxReduxError, ModelUnavailable, NoWorker
 from fluxredux.events import JobEvent
 from fluxredux.jobs import Lifecycle
 
@@ -25,32 +26,111 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class WorkerState:
-    """What /health reports about the model."""
+    """What /health and /ready report about the worker process and its model."""
 
     pid: int | None = None
     worker_id: str | None = None
-    ready: bool = False
+    alive: bool = False  # a worker process is running (loading the model, or ready)
+    ready: bool = False  # ... and its model is loaded
     model: dict[str, Any] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None  # the model could not be loaded
     restarts: int = 0
+    exits_before_ready: int = 0  # in a row: a worker that keeps dying while it starts
+    down_since: float | None = None  # monotonic; while no process runs
+    next_start_at: float | None = None  # monotonic; when the next start is due
+    storage_error: str | None = None  # the worker could not write outputs
+    supervisor_error: str | None = None  # the last thing that went wrong here
+
+
+# Exits in a row, before the model is ready, after which creates are refused.
+CRASH_LOOP = 3
+# Slack on top of the restart backoff before "no worker started in time" is declared.
+START_GRACE_SECONDS = 5.0
 
 
 class WorkerSupervisor:
+    """Runs one worker child and keeps it running. Its loop survives any exception (a
+    store that is locked while a dead worker's job is recovered, a failed spawn): it
+    logs, backs off and tries again, and says so through ``problems()``."""
+
     def __init__(
-        self, settings: Settings, lifecycle: Lifecycle, on_event: Callable[[JobEvent], None]
+        self,
+        settings: Settings,
+        lifecycle: Lifecycle,
+        on_event: Callable[[JobEvent], None],
+        *,
+        command: Sequence[str] = (sys.executable, "-m", "fluxredux.worker.child"),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
         self.on_event = on_event
-        self.state = WorkerState()
+        self.command = list(command)
+        self.clock = clock
+        self.state = WorkerState(down_since=clock())
         self._process: subprocess.Popen[bytes] | None = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._delay = 1.0
+        self._dead_owners: set[str] = set()  # workers whose jobs still await recovery
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._supervise, name="worker-supervisor", daemon=True)
         self._thread.start()
+
+    # --- WorkerMonitor --------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        state = self.state
+        return {
+            "ready": state.ready,
+            "alive": state.alive,
+            "pid": state.pid,
+            "restarts": state.restarts,
+            "error": state.error,
+            "storage_error": state.storage_error,
+            **state.model,
+        }
+
+    def problems(self) -> list[str]:
+        state, now = self.state, self.clock()
+        found = []
+        if self._thread is None or not self._thread.is_alive():
+            found.append("the worker supervisor is not running: no worker will be started")
+        elif not state.alive:
+            due = state.next_start_at
+            when = f"; next start in {max(0.0, due - now):.0f} s" if due is not None else ""
+            found.append(f"no worker process is running{when}")
+        if state.error and not state.ready:
+            found.append(f"the model could not be loaded: {state.error.get('error', 'unknown error')}")
+        if state.storage_error:
+            found.append(f"the worker cannot store outputs: {state.storage_error}")
+        return found
+
+    def refusal(self) -> FluxReduxError | None:
+        state, now = self.state, self.clock()
+        if state.error and not state.ready:
+            # Queueing work that no worker can run would only hide the problem.
+            return ModelUnavailable(
+                f"the model is not available: {state.error.get('error', 'it failed to load')}"
+            )
+        if self._thread is None or not self._thread.is_alive():
+            return NoWorker("no worker can be started (its supervisor stopped); see the server log")
+        if state.exits_before_ready >= CRASH_LOOP:
+            return NoWorker(
+                f"the worker exited {state.exits_before_ready} times in a row while starting; "
+                "see the server log",
+                retry_after=self._delay,
+            )
+        overdue = state.down_since is not None and now - state.down_since > self._delay + START_GRACE_SECONDS
+        if not state.alive and overdue:
+            assert state.down_since is not None
+            return NoWorker(
+                f"no worker has been running for {now - state.down_since:.0f} s; see the server log",
+                retry_after=self._delay,
+            )
+        return None
 
     def wake(self) -> None:
         """Tell the worker a job was queued (it also polls, so a lost wake-up only delays)."""
@@ -63,6 +143,8 @@ class WorkerSupervisor:
                 process.stdin.flush()
             except (BrokenPipeError, ValueError, OSError):
                 pass
+
+    # --- running the child ----------------------------------------------------------
 
     def stop(self, timeout: float = 10) -> None:
         self._stopping.set()
@@ -80,40 +162,72 @@ class WorkerSupervisor:
     def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
         read_fd, write_fd = os.pipe()
         env = {**os.environ, **settings_env(self.settings), "FLUXREDUX_EVENT_FD": str(write_fd)}
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fluxredux.worker.child"],
-            stdin=subprocess.PIPE,
-            pass_fds=(write_fd,),
-            env=env,
-        )
-        os.close(write_fd)
+        try:
+            process = subprocess.Popen(self.command, stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
         return process, read_fd
 
     def _supervise(self) -> None:
-        delay = 1.0
         while not self._stopping.is_set():
-            started = time.monotonic()
-            process, read_fd = self._spawn()
-            with self._lock:
-                self._process = process
-            self.state.pid = process.pid
-            reader = threading.Thread(target=self._read_events, args=(read_fd,), daemon=True)
-            reader.start()
-            code = process.wait()
-            reader.join(5)
-            self.state.ready = False
+            started = self.clock()
+            try:
+                self._run_child()
+            except Exception as exc:  # a failed spawn, a broken pipe: never the end of supervision
+                self.state.supervisor_error = f"{type(exc).__name__}: {exc}"
+                log.exception("could not run the worker process")
             if self._stopping.is_set():
                 return
-            log.error("the worker process exited (code %s); restarting it", code)
-            if self.state.worker_id:
-                # Its job is re-run once, then failed as "worker lost": nothing stays processing.
-                self.lifecycle.reap(
-                    max_attempts=self.settings.max_attempts, dead_owners={self.state.worker_id}
-                )
+            self._recover_jobs()
             self.state.restarts += 1
             # Back off when it dies young (a model that cannot load), not after long runs.
-            delay = 1.0 if time.monotonic() - started > 60 else min(delay * 2, 30.0)
-            self._stopping.wait(delay)
+            self._delay = 1.0 if self.clock() - started > 60 else min(self._delay * 2, 30.0)
+            self.state.next_start_at = self.clock() + self._delay
+            log.error("restarting the worker process in %.0f s", self._delay)
+            self._stopping.wait(self._delay)
+
+    def _run_child(self) -> None:
+        """Start the worker, wait for it to exit, and note what is needed to recover."""
+        process, read_fd = self._spawn()
+        with self._lock:
+            self._process = process
+        state = self.state
+        state.pid, state.worker_id, state.alive, state.down_since = process.pid, None, True, None
+        state.next_start_at = None
+        reader = threading.Thread(target=self._read_events, args=(read_fd,), daemon=True)
+        reader.start()
+        while True:
+            try:
+                code = process.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                self._recover_jobs()  # retries a recovery that failed earlier (store locked)
+        reader.join(5)
+        if not state.ready:
+            state.exits_before_ready += 1
+        state.alive = state.ready = False
+        state.down_since = self.clock()
+        if state.worker_id:
+            self._dead_owners.add(state.worker_id)
+        if not self._stopping.is_set():
+            log.error("the worker process exited (code %s)", code)
+
+    def _recover_jobs(self) -> None:
+        """A dead worker's job is re-run once, then failed as "worker lost". If the store
+        cannot be written now, keep the owners and try again later (the lease expiry
+        recovers the jobs anyway, through the server's maintenance)."""
+        if not self._dead_owners:
+            return
+        try:
+            self.lifecycle.reap(max_attempts=self.settings.max_attempts, dead_owners=set(self._dead_owners))
+        except Exception as exc:
+            self.state.supervisor_error = f"recovering the jobs of a dead worker failed: {exc}"
+            log.warning("%s; will retry", self.state.supervisor_error)
+            return
+        self._dead_owners.clear()
 
     def _read_events(self, read_fd: int) -> None:
         with os.fdopen(read_fd, "r") as stream:
@@ -132,7 +246,7 @@ class WorkerSupervisor:
             self.state.worker_id = payload
         elif kind == "ready":
             self.state.model = json.loads(payload)
-            self.state.ready, self.state.error = True, None
+            self.state.ready, self.state.error, self.state.exits_before_ready = True, None, 0
             if self.state.model.get("demo"):
                 log.warning("MODEL: %s", self.state.model["description"])
             else:
@@ -140,6 +254,8 @@ class WorkerSupervisor:
         elif kind == "failed":
             self.state.error = json.loads(payload)
             log.error("the model could not be loaded: %s", self.state.error.get("error"))
+        elif kind == "storage":
+            self.state.storage_error = json.loads(payload).get("error")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

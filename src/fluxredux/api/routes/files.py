@@ -8,12 +8,13 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import FileResponse
 
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ServicesDep
+from fluxredux.api.errors import error_responses
 from fluxredux.api.inputs import check_and_store
 from fluxredux.api.render import file_url
 from fluxredux.errors import ImageError, NotFound
 from fluxredux.schema import UploadedFile
 
-router = APIRouter(tags=["files"])
+router = APIRouter(tags=["files"], responses=error_responses(400, 401, 404, 413, 429, 503))
 
 CONTENT_TYPES = {
     "webp": "image/webp",

@@ -10,16 +10,29 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ServicesDep
+from fluxredux.api.errors import error_responses
 from fluxredux.api.inputs import resolve_reference
 from fluxredux.api.render import render
 from fluxredux.api.services import Services
-from fluxredux.errors import InvalidInput, ModelUnavailable, NotFound, QueueFull, RateLimited, UnknownModel
+from fluxredux.config import Settings
+from fluxredux.errors import (
+    FetchRefused,
+    FluxReduxError,
+    InvalidInput,
+    NotFound,
+    QueueFull,
+    RateLimited,
+    UnknownModel,
+)
 from fluxredux.jobs import Job, new_id
+from fluxredux.jobs.store import Capacity
 from fluxredux.keys import ApiKey
 from fluxredux.net import check_url_shape
 from fluxredux.schema import MODEL_NAME, Prediction, PredictionCreated, PredictionList, PredictionRequest
 
-router = APIRouter(prefix="/v1/prediction", tags=["predictions"])
+router = APIRouter(
+    prefix="/v1/prediction", tags=["predictions"], responses=error_responses(400, 401, 404, 413, 429, 503)
+)
 
 WaitQuery = Annotated[
     float,
@@ -27,40 +40,48 @@ WaitQuery = Annotated[
 ]
 
 
-def check_capacity(services: Services, key: ApiKey) -> None:
-    settings = services.settings
-    in_flight = services.lifecycle.in_flight(key.id)
-    if in_flight >= settings.max_in_flight_per_key:
-        raise RateLimited(
-            f"too many predictions in flight: {in_flight} of {settings.max_in_flight_per_key} "
+def capacity_error(settings: Settings, capacity: Capacity) -> FluxReduxError | None:
+    if capacity.in_flight >= settings.max_in_flight_per_key:
+        return RateLimited(
+            f"too many predictions in flight: {capacity.in_flight} of {settings.max_in_flight_per_key} "
             "allowed per API key; wait for one to finish",
             retry_after=2,
             limit=settings.max_in_flight_per_key,
         )
-    if services.lifecycle.queue_depth() >= settings.max_queue:
-        raise QueueFull(f"the server's queue is full ({settings.max_queue} waiting); try again shortly")
+    if capacity.queued >= settings.max_queue:
+        return QueueFull(f"the server's queue is full ({settings.max_queue} waiting); try again shortly")
+    return None
+
+
+async def check_webhook_target(services: Services, url: str) -> None:
+    """Refuse a webhook URL now, naming the field, rather than drop its deliveries later."""
+    try:
+        await services.fetcher.checked_address(check_url_shape(url))
+    except FetchRefused as exc:
+        raise FetchRefused(exc.code, f"webhook_url: {exc.message}", field="webhook_url") from None
 
 
 async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -> Job:
     """Validate everything, check limits, store the reference image, queue the job."""
+    settings = services.settings
     if body.model != MODEL_NAME:
         raise UnknownModel(f"unknown model '{body.model}'; this server runs '{MODEL_NAME}'", model=body.model)
+    refusal = services.workers.refusal()
+    if refusal is not None:  # accepting work that no worker can run would only hide the problem
+        raise refusal
+    # Refuse early, before fetching or decoding anything; the insert below checks again.
+    early = Capacity(
+        in_flight=await asyncio.to_thread(services.lifecycle.in_flight, key.id),
+        queued=await asyncio.to_thread(services.lifecycle.queue_depth),
+    )
+    if (error := capacity_error(settings, early)) is not None:
+        raise error
     if body.webhook_url:
-        check_url_shape(body.webhook_url)
-    worker = services.worker_status()
-    if worker.get("error") and not worker.get("ready"):
-        # Queueing work that no worker can run would only hide the problem.
-        raise ModelUnavailable(
-            f"the model is not available: {worker['error'].get('error', 'it failed to load')}"
-        )
-    check_capacity(services, key)  # refuse early, before fetching or decoding anything
+        await check_webhook_target(services, body.webhook_url)
     services.creations.hit(key.id, "prediction creations")
     stored = await resolve_reference(
         body.input.redux_image, services.files, services.fetcher, services.decode_limits
     )
-    # Again, with no await between this check and the insert below: requests of the same
-    # key that were fetching images meanwhile cannot push it over its in-flight limit.
-    check_capacity(services, key)
     job_input = body.input.model_dump(mode="json")
     if not body.input.redux_image.startswith(("http://", "https://")):
         job_input["redux_image"] = stored.file_id  # not a 30 MB data: URI echoed on every poll
@@ -75,8 +96,14 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
         input_file=stored.name,
         progress_total=body.input.num_inference_steps,
     )
-    services.lifecycle.create(job)
-    services.wake_worker()
+    # Count and insert in one store operation: concurrent creations (of this process or
+    # another) cannot push a key over its in-flight limit or the queue over its cap.
+    capacity = await asyncio.to_thread(
+        services.lifecycle.create_if_under_capacity, job, settings.max_in_flight_per_key, settings.max_queue
+    )
+    if not capacity.accepted:
+        raise capacity_error(settings, capacity) or QueueFull("the server's queue is full; try again shortly")
+    services.workers.wake()
     return job
 
 
@@ -87,7 +114,7 @@ async def wait_until_done(services: Services, job_id: str, timeout: float) -> Jo
     try:
         while True:
             event.clear()  # before reading: a change that lands after the read still wakes us
-            job = services.store.get(job_id)
+            job = await asyncio.to_thread(services.store.get, job_id)
             remaining = deadline - time.monotonic()
             if job is None or job.is_terminal or remaining <= 0:
                 return job
@@ -98,6 +125,7 @@ async def wait_until_done(services: Services, job_id: str, timeout: float) -> Jo
 
 
 def owned_job(services: Services, job_id: str, key: ApiKey) -> Job:
+    """The caller's job (blocking: call it through asyncio.to_thread)."""
     job = services.store.get(job_id)
     if job is None or job.owner != key.id:  # another key's prediction is as good as absent
         raise NotFound(f"no prediction with id '{job_id}'", id=job_id)
@@ -127,7 +155,9 @@ async def list_predictions(
     services: ServicesDep,
     base: BaseUrlDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(description="The 'next' value of the previous page.")] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=64, description="The 'next' value of the previous page.")
+    ] = None,
 ) -> PredictionList:
     services.reads.hit(key.id, "reads")
     before = None
@@ -138,7 +168,7 @@ async def list_predictions(
             raise InvalidInput(
                 "invalid cursor: pass the 'next' value of the previous page", cursor=cursor
             ) from None
-    jobs = services.store.list_by_owner(key.id, limit + 1, before)
+    jobs = await asyncio.to_thread(services.store.list_by_owner, key.id, limit + 1, before)
     page = jobs[:limit]
     next_cursor = repr(page[-1].created_at) if len(jobs) > limit else None
     return PredictionList(items=[render(job, base) for job in page], next=next_cursor)
@@ -149,7 +179,7 @@ async def get_prediction(
     prediction_id: str, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep, wait: WaitQuery = 0
 ) -> Prediction:
     services.reads.hit(key.id, "reads")
-    job = owned_job(services, prediction_id, key)
+    job = await asyncio.to_thread(owned_job, services, prediction_id, key)
     if wait > 0 and not job.is_terminal:
         job = (
             await wait_until_done(services, prediction_id, min(wait, services.settings.sync_wait_seconds))
@@ -163,8 +193,8 @@ async def cancel_prediction(
     prediction_id: str, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep
 ) -> Prediction:
     services.reads.hit(key.id, "reads")
-    owned_job(services, prediction_id, key)
-    job = services.lifecycle.cancel(prediction_id)
+    await asyncio.to_thread(owned_job, services, prediction_id, key)
+    job = await asyncio.to_thread(services.lifecycle.cancel, prediction_id)
     if job is None:
         raise NotFound(f"no prediction with id '{prediction_id}'", id=prediction_id)
     return render(job, base)

@@ -1,26 +1,89 @@
-"""/health and /metrics."""
+"""/health (liveness), /ready (readiness) and /metrics."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import tempfile
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from fluxredux.api.deps import ServicesDep
+from fluxredux.api.deps import ServicesDep, get_api_key
+from fluxredux.api.errors import error_responses
+from fluxredux.api.services import Services
+from fluxredux.errors import NotFound, StoreUnavailable
+
+
+class NotReady(BaseModel):
+    ready: Literal[False] = False
+    error: str
+    code: Literal["not_ready"] = "not_ready"
+    reasons: list[str]
+
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/health", summary="Liveness, and whether the model is loaded (demo or real)")
+@router.get("/health", summary="Liveness: the process answers (and what the worker says about the model)")
 async def health(services: ServicesDep) -> dict[str, Any]:
+    try:
+        queue_depth: int | None = await asyncio.to_thread(services.lifecycle.queue_depth)
+    except StoreUnavailable:
+        queue_depth = None  # liveness does not depend on the store; /ready does
     return {
         "status": "ok",
-        "model": services.worker_status(),
-        "queue_depth": services.lifecycle.queue_depth(),
+        "model": services.workers.status(),
+        "queue_depth": queue_depth,
         "limits": {"max_image_bytes": services.settings.max_image_bytes},
     }
 
 
-@router.get("/metrics", summary="Prometheus metrics")
-async def metrics(services: ServicesDep) -> Response:
+def readiness_problems(services: Services) -> list[str]:
+    """Why predictions accepted now would not run (blocking: it writes to the stores)."""
+    problems = list(services.workers.problems())
+    try:
+        services.store.check_writable()
+    except StoreUnavailable as exc:
+        problems.append(exc.message)
+    try:  # a tiny real write: a read-only or full disk fails here
+        with tempfile.NamedTemporaryFile(dir=services.files.root, prefix=".ready-") as probe:
+            probe.write(b"ready")
+            probe.flush()
+    except OSError as exc:
+        problems.append(f"the file storage cannot be written ({exc.strerror or exc})")
+    return problems
+
+
+@router.get(
+    "/ready",
+    summary="Readiness: 200 when accepted predictions will run, 503 with the reasons when not",
+    responses={503: {"description": "Not ready; `reasons` says why", "model": NotReady}},
+)
+async def ready(services: ServicesDep) -> JSONResponse:
+    problems = await asyncio.to_thread(readiness_problems, services)
+    if problems:
+        body = NotReady(error="not ready: " + "; ".join(problems), reasons=problems)
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse({"ready": True, "model": services.workers.status()})
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (FLUXREDUX_METRICS_ACCESS: open, key or off)",
+    responses=error_responses(401, 404),
+)
+async def metrics(
+    services: ServicesDep,
+    x_api_key: Annotated[str | None, Header(description="An API key, when metrics need one.")] = None,
+    authorization: Annotated[str | None, Header(description="Or: Bearer <API key>.")] = None,
+) -> Response:
+    # Queue depths, request counts and timings tell an outsider how busy (and how big) the
+    # server is: a server reachable beyond loopback asks for a key by default.
+    access = services.settings.metrics_policy
+    if access == "off":
+        raise NotFound("metrics are turned off on this server (FLUXREDUX_METRICS_ACCESS=off)")
+    if access == "key":
+        await asyncio.to_thread(get_api_key, services, x_api_key, authorization)
     return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

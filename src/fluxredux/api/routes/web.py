@@ -1,14 +1,15 @@
-"""The playground page, the share page, and the one public read of a prediction."""
+"""The playground page and the share page (the share API itself is in routes/shares.py)."""
 
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from fluxredux.api.deps import BaseUrlDep, ServicesDep
-from fluxredux.api.render import render
+from fluxredux.api.deps import ServicesDep
+from fluxredux.api.routes.shares import shared_job
 from fluxredux.errors import NotFound
-from fluxredux.schema import Prediction
 from fluxredux.web import STATIC_DIR
 
 router = APIRouter()
@@ -22,15 +23,13 @@ async def playground() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html", headers=NO_CACHE)
 
 
-@router.get("/p/{prediction_id}", include_in_schema=False)
-async def share_page(prediction_id: str) -> FileResponse:
-    return FileResponse(STATIC_DIR / "share.html", headers=NO_CACHE)
-
-
-@router.get("/v1/share/{prediction_id}", response_model=Prediction, tags=["predictions"],
-            summary="A prediction by its id, without a key (the 128-bit id is the capability)")  # fmt: skip
-async def shared_prediction(prediction_id: str, services: ServicesDep, base: BaseUrlDep) -> Prediction:
-    job = services.store.get(prediction_id)
-    if job is None:
-        raise NotFound(f"no prediction with id '{prediction_id}'", id=prediction_id)
-    return render(job, base)
+@router.get("/p/{token}", include_in_schema=False)
+async def share_page(token: str, services: ServicesDep) -> FileResponse:
+    # An unknown or revoked token (or a bare prediction id) is a 404, still with the page:
+    # it reads /v1/share/{token} itself and says in words that the link opens nothing.
+    try:
+        await asyncio.to_thread(shared_job, services, token)
+        status = 200
+    except NotFound:
+        status = 404
+    return FileResponse(STATIC_DIR / "share.html", status_code=status, headers=NO_CACHE)

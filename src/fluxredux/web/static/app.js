@@ -16,6 +16,7 @@ const state = {
   maxImageBytes: 25 * 1024 * 1024,
   pollTimer: null,
   clockTimer: null,
+  shares: [], // the active shares of the prediction shown
 };
 
 const $ = (id) => document.getElementById(id);
@@ -357,7 +358,7 @@ function watch(id) {
   $("cancel").hidden = false;
   $("gallery").replaceChildren();
   $("summary").textContent = "";
-  $("share-note").textContent = "";
+  hideShares();
   setStatus("Queued…", { step: 0, total: 1 });
   // On a phone the output panel sits below the form: bring the progress into view.
   const panel = $("results-title").getBoundingClientRect();
@@ -419,6 +420,8 @@ function showPrediction(prediction) {
   const gallery = $("gallery");
   gallery.replaceChildren();
   urls.forEach((url, index) => gallery.append(outputCard(prediction, url, index, urls.length)));
+  if (prediction.status === "success") showShares(prediction.id);
+  else hideShares();
 }
 
 function safetySummary(prediction) {
@@ -439,25 +442,100 @@ function outputCard(prediction, url, index, count) {
     $("viewer").showModal();
   });
   const download = el("a", { href: url, download: `fluxredux-${prediction.id}-${index + 1}.${ext}`, class: "button" }, "Download");
-  const share = el("button", { type: "button" }, "Share");
-  share.addEventListener("click", () => shareLink(prediction.id));
   const verdicts = (prediction.safety || []).filter((v) => !v.unsafe);
   const safety = verdicts[index] ? "safety: passed" : prediction.safety?.length ? "" : "safety: not checked";
-  return el("figure", { class: "card" }, open, el("figcaption", {}, el("span", { class: "hint" }, `${ext.toUpperCase()} · ${safety}`), el("span", { class: "row" }, download, share)));
+  return el("figure", { class: "card" }, open, el("figcaption", {}, el("span", { class: "hint" }, `${ext.toUpperCase()} · ${safety}`), el("span", { class: "row" }, download)));
 }
 
-async function shareLink(id) {
-  const link = `${location.origin}/p/${id}`;
+// --- sharing ----------------------------------------------------------------------------
+// A share is made on purpose, through the API: its link carries its own random token, not
+// the prediction id (which is no secret), and "Stop sharing" revokes it on the server.
+
+function hideShares() {
+  state.shares = [];
+  $("share-box").hidden = true;
+  $("share-note").textContent = "";
+  $("share-list").replaceChildren();
+  $("share-reference").checked = false; // every prediction starts with the private choice
+}
+
+async function showShares(id) {
+  hideShares();
+  $("share-box").hidden = false;
+  let page;
+  try {
+    page = await call(`/v1/prediction/${id}/shares`);
+  } catch {
+    return; // the Share button still works
+  }
+  if (state.current !== id) return; // another prediction was opened meanwhile
+  state.shares = page.items;
+  renderShares();
+}
+
+function renderShares() {
+  $("share-list").replaceChildren(...state.shares.map(shareRow));
+}
+
+function shareRow(share) {
+  const what = share.include_reference ? "outputs and reference image" : "outputs only";
+  const link = el("a", { href: share.url, class: "share-link", target: "_blank", rel: "noopener" }, share.url);
+  const stop = el("button", { type: "button", class: "ghost", "aria-label": `Stop sharing (${what})` }, "Stop sharing");
+  stop.addEventListener("click", () => stopSharing(share, stop));
+  return el("li", {}, link, el("span", { class: "hint" }, what), stop);
+}
+
+async function stopSharing(share, button) {
+  button.disabled = true;
+  try {
+    await call(`/v1/share/${encodeURIComponent(share.token)}`, { method: "DELETE" });
+  } catch (error) {
+    // 404: already revoked (or expired), which is what was asked for.
+    if (!(error instanceof ApiError && error.status === 404)) {
+      button.disabled = false;
+      $("share-note").textContent = `Could not stop sharing: ${error.message}`;
+      return;
+    }
+  }
+  state.shares = state.shares.filter((s) => s.token !== share.token);
+  renderShares();
+  $("share-note").textContent = "Sharing stopped: that link opens nothing now.";
+}
+
+async function share() {
+  const id = state.current;
+  if (!id) return;
+  const includeReference = $("share-reference").checked;
+  // The same choice shared twice gives the same link, not a pile of links to revoke.
+  let created = state.shares.find((s) => s.include_reference === includeReference);
+  if (!created) {
+    $("share").disabled = true;
+    try {
+      created = await call(`/v1/prediction/${id}/share`, {
+        method: "POST",
+        body: JSON.stringify({ include_reference: includeReference }),
+      });
+    } catch (error) {
+      $("share-note").textContent = `Could not share: ${error.message}`;
+      return;
+    } finally {
+      $("share").disabled = false;
+    }
+    if (state.current !== id) return;
+    state.shares.push(created);
+    renderShares();
+  }
   let copied = false;
   try {
-    await navigator.clipboard.writeText(link);
+    await navigator.clipboard.writeText(created.url);
     copied = true;
   } catch {
     copied = false;
   }
-  const note = $("share-note");
-  note.replaceChildren(copied ? "Link copied: " : "Share this link: ", el("a", { href: link, id: "share-link" }, link));
+  $("share-note").replaceChildren(copied ? "Link copied: " : "Share this link: ", el("a", { href: created.url, id: "share-link" }, created.url));
 }
+
+$("share").addEventListener("click", share);
 
 // --- history ----------------------------------------------------------------------------
 

@@ -1,22 +1,27 @@
-// The read-only share page: /p/{id}. No key: the prediction id is the capability.
+// The read-only share page: /p/{token}. No key: the share's own random token is the
+// capability, and the owner can revoke it. The prediction id is never shown here.
 import { api, el, outputUrls, extensionOf, formatSeconds } from "/static/common.js";
 
-const id = location.pathname.split("/").pop();
+const token = location.pathname.split("/").pop();
 const $ = (name) => document.getElementById(name);
 
 async function show() {
   let prediction;
   try {
-    prediction = await api(`/v1/share/${encodeURIComponent(id)}`);
+    prediction = await api(`/v1/share/${encodeURIComponent(token)}`);
   } catch (error) {
-    $("status").textContent = error.status === 404 ? "This result does not exist or has expired." : error.message;
+    $("status").textContent =
+      error.status === 404 ? "Nothing is shared at this link: it was never made, was revoked or has expired." : error.message;
     return;
   }
   $("demo-banner").hidden = !prediction.demo;
+  // The reference image is in the answer only when the sharer chose to include it.
   const reference = $("reference");
   if (String(prediction.input.redux_image || "").startsWith("http")) {
     reference.src = prediction.input.redux_image;
     reference.hidden = false;
+  } else {
+    $("reference-title").textContent = "Settings";
   }
   const inputs = $("inputs");
   for (const [name, value] of Object.entries(prediction.input)) {
@@ -30,7 +35,7 @@ async function show() {
   const urls = outputUrls(prediction);
   urls.forEach((url, index) => {
     const alt = `Output ${index + 1} of ${urls.length}${prediction.demo ? " (demo model: noise)" : ""}`;
-    const download = el("a", { href: url, download: `fluxredux-${prediction.id}-${index + 1}.${extensionOf(url)}`, class: "button" }, "Download");
+    const download = el("a", { href: url, download: `fluxredux-shared-${index + 1}.${extensionOf(url)}`, class: "button" }, "Download");
     $("gallery").append(el("figure", { class: "card" }, el("img", { src: url, alt }), el("figcaption", {}, download)));
   });
   if (!["success", "error", "cancelled"].includes(prediction.status)) setTimeout(() => location.reload(), 2000);

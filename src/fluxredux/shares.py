@@ -1,0 +1,111 @@
+"""Share links: explicit, revocable, read-only views of one prediction.
+
+A prediction id travels in logs, webhooks and client code, so it is no secret. A share
+is created on purpose by the prediction's owner and found by its own random token
+(192 bits), never by the prediction id; deleting the row revokes it.
+
+The interface is kept small (create, get, list_for_prediction, revoke,
+delete_for_predictions) so that a Redis implementation can follow with the same methods.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxredux.jobs.sqlite import connect
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shares (
+    token TEXT PRIMARY KEY,
+    prediction_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    include_reference INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shares_by_prediction ON shares (prediction_id, created_at);
+"""
+
+_FIELDS = "token, prediction_id, owner, include_reference, created_at"
+
+
+@dataclass(frozen=True)
+class Share:
+    token: str
+    prediction_id: str
+    owner: str  # the API key id that created it: only that key may list or revoke it
+    include_reference: bool
+    created_at: float
+
+
+def new_token() -> str:
+    # Longer than a prediction id (22 characters), so the two are never confused in a link.
+    return secrets.token_urlsafe(24)
+
+
+def _share(row: tuple[str, str, str, int, float]) -> Share:
+    token, prediction_id, owner, include_reference, created_at = row
+    return Share(token, prediction_id, owner, bool(include_reference), created_at)
+
+
+class ShareStore:
+    """Shares in the ``shares`` table of the server's SQLite file."""
+
+    def __init__(self, path: Path | str) -> None:
+        self._db: sqlite3.Connection = connect(path)
+        self._lock = threading.Lock()  # one connection, many threads of this process
+        self._db.executescript(_SCHEMA)
+
+    def create(self, prediction_id: str, owner: str, *, include_reference: bool = False) -> Share:
+        """A new share; the caller has checked that ``owner`` owns the prediction."""
+        share = Share(new_token(), prediction_id, owner, include_reference, time.time())
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO shares ({_FIELDS}) VALUES (?, ?, ?, ?, ?)",
+                (share.token, prediction_id, owner, int(include_reference), share.created_at),
+            )
+        return share
+
+    def get(self, token: str) -> Share | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_FIELDS} FROM shares WHERE token = ?", (token,)).fetchone()
+        return _share(row) if row else None
+
+    def list_for_prediction(self, prediction_id: str) -> list[Share]:
+        """The prediction's active shares, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_FIELDS} FROM shares WHERE prediction_id = ? ORDER BY created_at",
+                (prediction_id,),
+            ).fetchall()
+        return [_share(row) for row in rows]
+
+    def revoke(self, token: str, owner: str) -> bool:
+        """Delete the share if ``owner`` made it; False when there is none of theirs."""
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM shares WHERE token = ? AND owner = ?", (token, owner))
+        return cursor.rowcount == 1
+
+    def delete_for_predictions(self, prediction_ids: Iterable[str]) -> int:
+        """Forget every share of these predictions (they are being deleted); how many went."""
+        ids = [(prediction_id,) for prediction_id in prediction_ids]
+        with self._lock:
+            before = self._db.total_changes
+            # One transaction: retention may delete thousands at once, one commit for all.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("DELETE FROM shares WHERE prediction_id = ?", ids)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return self._db.total_changes - before
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

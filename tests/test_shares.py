@@ -1,0 +1,186 @@
+"""Share links: made on purpose by the owner, found by their own token, revocable.
+
+A prediction id is no secret (logs, webhooks, client code carry it), so it must open
+nothing by itself; on a real server with the fake model (flat colours, no torch).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fluxredux.api.app import delete_expired
+from fluxredux.shares import ShareStore
+from tests.harness import Harness, running_server
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Harness]:
+    with running_server(tmp_path) as harness:
+        yield harness
+
+
+@pytest.fixture
+def other(api: Harness) -> Iterator[httpx.Client]:
+    """A client with another valid key of the same server."""
+    _key, secret = api.services.keys.create("someone else")
+    with httpx.Client(base_url=api.url, headers={"X-API-Key": secret}, timeout=30) as client:
+        yield client
+
+
+def done(api: Harness, **inputs: Any) -> dict[str, Any]:
+    prediction = api.get(api.create_id(**inputs), wait=10)
+    assert prediction["status"] == "success"
+    return prediction
+
+
+def share(api: Harness, prediction_id: str, **body: Any) -> dict[str, Any]:
+    response = api.http.post(f"/v1/prediction/{prediction_id}/share", json=body or None)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def public(api: Harness, token: str) -> httpx.Response:
+    return httpx.get(f"{api.url}/v1/share/{token}")  # no key
+
+
+def test_a_share_made_by_the_owner_opens_without_a_key(api: Harness) -> None:
+    prediction = done(api, num_outputs=2, seed=7)
+    made = share(api, prediction["id"])
+    token = made["token"]
+    assert token != prediction["id"] and len(token) >= 22
+    assert made["url"] == f"{api.url}/p/{token}"
+    assert made["prediction_id"] == prediction["id"] and made["include_reference"] is False
+    assert made["created_at"].endswith("Z")
+
+    response = public(api, token)
+    assert response.status_code == 200
+    assert response.headers["cache-control"] == "no-store"  # a revoked link must not live on in caches
+    shown = response.json()
+    assert shown["status"] == "success"
+    assert shown["output"] == prediction["output"]
+    assert shown["seed"] == 7 and shown["demo"] is True
+    assert shown["input"]["num_outputs"] == 2
+    assert shown["metrics"]["total_time"] == prediction["metrics"]["total_time"]
+    assert shown["created_at"] == prediction["created_at"]
+    assert shown["completed_at"] == prediction["completed_at"]
+    assert prediction["id"] not in response.text
+    assert not {"id", "logs", "urls", "error_code"} & set(shown)
+    assert all(httpx.get(url).status_code == 200 for url in shown["output"])
+
+    page = httpx.get(made["url"])
+    assert page.status_code == 200 and "share.js" in page.text
+
+
+def test_a_bare_prediction_id_opens_nothing(api: Harness) -> None:
+    prediction = done(api)
+    for _ in range(2):
+        assert public(api, prediction["id"]).status_code == 404
+        assert httpx.get(f"{api.url}/p/{prediction['id']}").status_code == 404
+        share(api, prediction["id"])  # even a shared prediction is not found by its id
+    assert public(api, "not-a-token").status_code == 404
+
+
+def test_the_prediction_no_longer_links_to_a_share_page(api: Harness) -> None:
+    assert set(done(api)["urls"]) == {"get", "cancel"}
+
+
+def test_the_reference_image_is_shared_only_when_included(api: Harness) -> None:
+    prediction = done(api)
+    reference = prediction["input"]["redux_image"]
+    hidden = public(api, share(api, prediction["id"])["token"])
+    assert "redux_image" not in hidden.json()["input"]
+    assert reference not in hidden.text
+
+    included = share(api, prediction["id"], include_reference=True)
+    assert included["include_reference"] is True
+    shown = public(api, included["token"]).json()
+    assert shown["input"]["redux_image"] == reference
+    assert httpx.get(shown["input"]["redux_image"]).status_code == 200
+
+
+def test_the_share_body_is_optional_and_strict(api: Harness) -> None:
+    prediction_id = done(api)["id"]
+    bare = api.http.post(f"/v1/prediction/{prediction_id}/share")
+    assert bare.status_code == 200 and bare.json()["include_reference"] is False
+    unknown = api.http.post(f"/v1/prediction/{prediction_id}/share", json={"public": True})
+    assert unknown.status_code == 400 and "unknown field 'public'" in unknown.json()["error"]
+    no_key = httpx.post(f"{api.url}/v1/prediction/{prediction_id}/share")
+    assert no_key.status_code == 401
+
+
+def test_the_owner_lists_active_shares(api: Harness) -> None:
+    prediction_id = done(api)["id"]
+    assert api.http.get(f"/v1/prediction/{prediction_id}/shares").json() == {"items": []}
+    first = share(api, prediction_id)
+    second = share(api, prediction_id, include_reference=True)
+    listed = api.http.get(f"/v1/prediction/{prediction_id}/shares").json()["items"]
+    assert listed == [first, second]
+
+
+def test_another_key_cannot_create_list_or_revoke_my_shares(api: Harness, other: httpx.Client) -> None:
+    prediction_id = done(api)["id"]
+    mine = share(api, prediction_id)
+    created = other.post(f"/v1/prediction/{prediction_id}/share", json={})
+    listed = other.get(f"/v1/prediction/{prediction_id}/shares")
+    revoked = other.delete(f"/v1/share/{mine['token']}")
+    for response in (created, listed, revoked):
+        assert response.status_code == 404, response.text
+    # Exactly the answer for a prediction that does not exist: nothing tells that it does.
+    absent = other.post("/v1/prediction/AAAAAAAAAAAAAAAAAAAAAA/share", json={})
+    assert created.json()["code"] == absent.json()["code"] == "not_found"
+    assert public(api, mine["token"]).status_code == 200
+    assert [s["token"] for s in api.http.get(f"/v1/prediction/{prediction_id}/shares").json()["items"]] == [
+        mine["token"]
+    ]
+
+
+def test_revoking_closes_the_link_and_the_page(api: Harness) -> None:
+    prediction_id = done(api)["id"]
+    kept = share(api, prediction_id)
+    gone = share(api, prediction_id)
+    response = api.http.delete(f"/v1/share/{gone['token']}")
+    assert response.status_code == 204 and response.content == b""
+    assert public(api, gone["token"]).status_code == 404
+    assert httpx.get(gone["url"]).status_code == 404
+    assert api.http.delete(f"/v1/share/{gone['token']}").status_code == 404  # only once
+    assert public(api, kept["token"]).status_code == 200  # the other link is untouched
+    listed = api.http.get(f"/v1/prediction/{prediction_id}/shares").json()["items"]
+    assert [s["token"] for s in listed] == [kept["token"]]
+
+
+def test_retention_deletes_the_shares_with_their_predictions(api: Harness) -> None:
+    prediction_id = done(api)["id"]
+    made = share(api, prediction_id)
+    week_later = time.time() + api.services.settings.retention_hours * 3600 + 60
+    assert delete_expired(api.services, now=week_later) == 1
+    assert api.services.shares.get(made["token"]) is None
+    assert api.services.shares.list_for_prediction(prediction_id) == []
+    assert public(api, made["token"]).status_code == 404
+    assert httpx.get(made["url"]).status_code == 404
+
+
+def test_share_store_contract(tmp_path: Path) -> None:
+    """The small interface a Redis store must offer too."""
+    store = ShareStore(tmp_path / "shares.db")
+    try:
+        a = store.create("p1", "key-a")
+        b = store.create("p1", "key-a", include_reference=True)
+        c = store.create("p2", "key-a")
+        assert len({a.token, b.token, c.token}) == 3 and "p1" not in a.token
+        assert store.get(a.token) == a and store.get("p1") is None
+        assert b.include_reference and not a.include_reference
+        assert store.list_for_prediction("p1") == [a, b]
+        assert store.revoke(a.token, "key-b") is False  # not theirs
+        assert store.revoke(a.token, "key-a") is True
+        assert store.revoke(a.token, "key-a") is False
+        assert store.get(a.token) is None
+        assert store.delete_for_predictions(["p1", "p2", "p3"]) == 2
+        assert store.list_for_prediction("p1") == store.list_for_prediction("p2") == []
+    finally:
+        store.close()

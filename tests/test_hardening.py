@@ -22,7 +22,7 @@ from fluxredux.api.errors import ErrorBody
 from fluxredux.config import Settings, is_loopback
 from fluxredux.errors import NotFound
 from fluxredux.storage import FileStore
-from tests.harness import Harness, free_port, running_server
+from tests.harness import Harness, free_port, png_data_uri, running_server
 
 FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
 HUGE = 30 * 1024 * 1024  # the review's 30 MB values
@@ -364,40 +364,50 @@ def test_a_slow_but_steady_body_and_a_normal_client_are_unaffected(slow_limits_s
 
 def test_schemathesis_finds_no_server_error_and_no_undocumented_status(tmp_path: Path) -> None:
     """Every operation of /openapi.json, with generated valid and invalid requests (fixed
-    seed, bounded examples): no 5xx, every status documented, every body as documented."""
+    seed, bounded examples, no shrinking): no 5xx, every status documented, every JSON body
+    as documented. Some requests carry a real image or a real prediction's id, so success
+    paths are reached too, not only refusals."""
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, seed, settings
+    from hypothesis import strategies as st
+    from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
+    from schemathesis.core.failures import FailureGroup
     from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
+    checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
     overrides = {"fetch_timeout_seconds": 1.0, "rate_limit_per_minute": 10_000, "read_limit_per_minute": 100_000}
     with running_server(tmp_path, **overrides) as api:
+        done = api.get(api.create_id(), wait=10)
+        assert done["status"] == "success"
+        known = {"prediction_id": done["id"], "name": done["output"].rsplit("/", 1)[1]}
         schema = schemathesis.openapi.from_url(api.url + "/openapi.json")
         failures: list[str] = []
         started = time.monotonic()
         for result in schema.get_all_operations():
             operation = result.ok()
+            strategies = [operation.as_strategy(mode) for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)]
+            fixed = {name: value for name, value in known.items() if "{" + name + "}" in operation.path}
+            if fixed:
+                strategies.append(operation.as_strategy(path_parameters=fixed))
 
             @seed(20240607)
             @settings(
-                max_examples=30,
+                max_examples=50,
                 deadline=None,
                 database=None,
-                phases=[Phase.explicit, Phase.generate],  # no shrinking: bounded time, first example kept
+                phases=[Phase.explicit, Phase.generate],  # no shrinking: bounded time
                 suppress_health_check=list(HealthCheck),
             )
-            @given(case=operation.as_strategy())
-            def check(case: schemathesis.Case) -> None:
-                case.call_and_validate(
-                    base_url=api.url,
-                    headers={"X-API-Key": api.key},
-                    timeout=10,
-                    checks=[not_a_server_error, status_code_conformance, response_schema_conformance],
-                )
+            @given(case=st.one_of(strategies), real_image=st.booleans())
+            def check(case: schemathesis.Case, real_image: bool) -> None:
+                if real_image and isinstance(case.body, dict) and isinstance(case.body.get("input"), dict):
+                    case.body["input"]["redux_image"] = png_data_uri()
+                case.call_and_validate(base_url=api.url, headers={"X-API-Key": api.key}, timeout=10, checks=checks)
 
             try:
                 check()
-            except Exception as exc:  # one operation's failure must not hide the others'
+            except (Exception, FailureGroup) as exc:  # one operation's failure must not hide the others'
                 failures.append(f"{operation.label}: {exc}")
         assert not failures, "\n\n".join(failures)
         assert time.monotonic() - started < 45

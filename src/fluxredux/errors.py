@@ -129,8 +129,10 @@ class NoWorker(Unavailable):
     code = "no_worker"
 
 
-class StorageError(FluxReduxError):
-    """Writing or reading a stored file failed (disk full, read-only, file-size limit)."""
+class StorageError(Unavailable):
+    """Writing or reading a stored file failed (disk full, read-only, file-size limit).
+
+    In a request: 503, retry later. In a worker: that prediction fails with this code."""
 
     code = "storage_error"
 

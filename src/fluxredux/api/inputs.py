@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from fluxredux.errors import ImageError
+from fluxredux.errors import ImageError, StorageError
 from fluxredux.images import DecodeLimits, decode_image, parse_data_uri
 from fluxredux.net import SafeFetcher
 from fluxredux.storage import FileStore
@@ -48,7 +48,10 @@ async def check_and_store(
     """Validate (in a thread: decoding is CPU work) and store the original bytes."""
     fmt, width, height = await asyncio.to_thread(_probe, data, limits)
     if name is None:
-        name = await asyncio.to_thread(files.save, data, _EXTENSIONS[fmt])
+        try:
+            name = await asyncio.to_thread(files.save, data, _EXTENSIONS[fmt])
+        except OSError as exc:  # a full or read-only disk is the server's problem: 503, not 500
+            raise StorageError(f"the image could not be stored ({exc.strerror or exc}); retry later") from exc
     return StoredImage(
         name=name, width=width, height=height, content_type=_CONTENT_TYPES[fmt], size=len(data)
     )

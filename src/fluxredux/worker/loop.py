@@ -76,9 +76,12 @@ class Worker:
             try:
                 ran = self.run_once()
                 backoff = 0.0
-            except Exception:
+            except Exception as exc:
                 backoff = min(max(backoff * 2, 0.5), self.config.max_backoff_seconds)
-                log.exception("the worker loop failed; retrying in %.1f s", backoff)
+                if isinstance(exc, StoreUnavailable):  # expected, and says all there is to say
+                    log.warning("%s; retrying in %.1f s", exc.message, backoff)
+                else:
+                    log.exception("the worker loop failed; retrying in %.1f s", backoff)
                 stop.wait(backoff)
                 continue
             if not ran:

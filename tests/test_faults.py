@@ -1,0 +1,423 @@
+"""Faults injected for real, as an operator meets them: a database write lock held by
+another process while the worker is killed, a locked database during creates and health
+checks, a full or read-only output disk, a worker that dies at every start.
+
+Each test runs `fluxredux serve` (or the supervisor) as real processes and ends with
+every accepted prediction terminal, the server and its supervisor alive, and /ready
+telling the truth, then recovering by itself once the fault is gone.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from fluxredux.config import Settings
+from fluxredux.errors import NoWorker
+from fluxredux.events import JobEvent
+from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status, new_id
+from fluxredux.worker.supervisor import WorkerSupervisor
+from tests.harness import free_port
+
+FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
+TERMINAL = {"success", "error", "cancelled"}
+
+
+def tiny_png() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 16), (200, 120, 40)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    url: str
+    key: str
+    log: Path
+
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key}
+
+    def create(self, timeout: float = 30, **inputs: Any) -> httpx.Response:
+        body = {"model": "flux-redux-schnell", "input": {"redux_image": tiny_png(), **inputs}}
+        return httpx.post(f"{self.url}/v1/prediction/", json=body, headers=self.headers(), timeout=timeout)
+
+    def get(self, prediction_id: str, wait: float = 0) -> dict[str, Any]:
+        response = httpx.get(
+            f"{self.url}/v1/prediction/{prediction_id}",
+            params={"wait": wait},
+            headers=self.headers(),
+            timeout=wait + 10,
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def health(self) -> dict[str, Any]:
+        return dict(httpx.get(self.url + "/health", timeout=5).json())
+
+    def ready(self) -> httpx.Response:
+        return httpx.get(self.url + "/ready", timeout=10)
+
+    def wait_for(self, what: Callable[[], bool], timeout: float, message: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not what():
+            assert time.monotonic() < deadline, (
+                f"{message}\n--- server log ---\n{self.log.read_text()[-3000:]}"
+            )
+            time.sleep(0.1)
+
+
+@contextmanager
+def serve(
+    tmp_path: Path, *, model: str = "fake", env: dict[str, str] | None = None, wait_ready: bool = True
+) -> Iterator[Server]:
+    port = free_port()
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        [FLUXREDUX, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--model", model],
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "200", **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                health = httpx.get(url + "/health", timeout=1).json()
+                if health["model"]["ready"] or not wait_ready:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        match = re.search(r"(fr_[0-9a-f]{12}_[A-Za-z0-9_-]+)", log.read_text())
+        assert match, log.read_text()
+        yield Server(process=process, url=url, key=match.group(1), log=log)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextmanager
+def write_lock(database: Path, seconds: float) -> Iterator[subprocess.Popen[str]]:
+    """Another process holds the database's write lock (BEGIN IMMEDIATE) for ``seconds``,
+    as a long migration or a stuck tool would; leaving the block releases it."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time\n"
+         "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "db.execute('BEGIN IMMEDIATE')\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(float(sys.argv[2]))\n",
+         str(database), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    try:
+        yield holder
+    finally:
+        holder.kill()  # a killed holder's lock is released by the OS
+        holder.wait()
+
+
+def timed(call: Callable[[], httpx.Response]) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = call()
+    return response, time.monotonic() - started
+
+
+def test_a_held_write_lock_while_the_worker_is_killed_loses_nothing(tmp_path: Path) -> None:
+    """Defects 1, 2 and 4: the supervisor survives a store it cannot write at the moment its
+    worker dies, requests neither stall nor 500 while the lock is held, /ready tells why
+    it is not ready, and everything recovers by itself when the lock goes."""
+    with serve(tmp_path, env={"FLUXREDUX_FAKE_STEP_SECONDS": "0.5"}) as server:
+        running = server.create(num_outputs=2).json()["predictionID"]
+        server.wait_for(lambda: server.get(running)["status"] == "processing", 20, "never started")
+        queued = server.create().json()["predictionID"]
+        worker_pid = server.health()["model"]["pid"]
+
+        with write_lock(tmp_path / "data" / "fluxredux.db", seconds=30):
+            os.kill(worker_pid, signal.SIGKILL)
+            health, took = timed(lambda: httpx.get(server.url + "/health", timeout=10))
+            assert health.status_code == 200 and took < 1.0, took  # liveness never waits on the store
+
+            refused, took = timed(lambda: server.create())
+            assert refused.status_code == 503, refused.text
+            assert refused.json()["code"] == "store_unavailable" and took < 4.0, took
+            assert int(refused.headers["Retry-After"]) >= 1
+
+            reads, took = timed(
+                lambda: httpx.get(f"{server.url}/v1/prediction/{queued}", headers=server.headers())
+            )
+            assert reads.status_code == 200 and took < 1.0, took  # WAL: reads go on under a write lock
+
+            ready, took = timed(server.ready)
+            assert ready.status_code == 503 and took < 4.0, took
+            assert ready.json()["ready"] is False
+            assert any("job store" in reason for reason in ready.json()["reasons"]), ready.json()
+            # The supervisor meets the locked store while recovering the dead worker's job.
+            server.wait_for(lambda: "will retry" in server.log.read_text(), 10, "no recovery was tried")
+
+        server.wait_for(lambda: server.ready().status_code == 200, 30, "/ready never recovered")
+        for prediction_id in (running, queued):
+            result = server.get(prediction_id, wait=40)
+            assert result["status"] == "success", result
+        after = server.create()
+        assert after.status_code == 200, after.text
+        assert server.get(after.json()["predictionID"], wait=30)["status"] == "success"
+        health = server.health()["model"]
+        assert health["restarts"] >= 1 and health["pid"] != worker_pid and health["ready"] is True
+        assert "Traceback" not in server.log.read_text()  # every fault here was expected and handled
+
+
+def test_a_locked_database_gives_503_quickly_and_stalls_nothing(tmp_path: Path) -> None:
+    """Defect 4: with the write lock held elsewhere, creates answer 503 within a couple of
+    seconds while other requests keep being served at once (the event loop never blocks)."""
+    with serve(tmp_path) as server:
+        done = server.create().json()["predictionID"]
+        assert server.get(done, wait=20)["status"] == "success"
+        with write_lock(tmp_path / "data" / "fluxredux.db", seconds=30):
+            results: list[tuple[int, float]] = []
+
+            def create() -> None:
+                response, took = timed(lambda: server.create())
+                results.append((response.status_code, took))
+
+            creators = [threading.Thread(target=create) for _ in range(4)]
+            for thread in creators:
+                thread.start()
+            time.sleep(0.3)  # the creates are now waiting for the lock, in threads
+            for _ in range(5):
+                response, took = timed(lambda: httpx.get(server.url + "/health", timeout=10))
+                assert response.status_code == 200 and took < 0.5, took
+                response, took = timed(
+                    lambda: httpx.get(f"{server.url}/v1/prediction/{done}", headers=server.headers())
+                )
+                assert response.status_code == 200 and took < 0.5, took
+            for thread in creators:
+                thread.join()
+            assert [status for status, _ in results] == [503] * 4
+            assert max(took for _, took in results) < 5.0, results
+        server.wait_for(lambda: server.ready().status_code == 200, 10, "/ready never recovered")
+        again = server.create()
+        assert (
+            again.status_code == 200
+            and server.get(again.json()["predictionID"], wait=20)["status"] == "success"
+        )
+
+
+def _can_mount() -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    probe = Path(f"/tmp/fluxredux-mount-probe-{os.getpid()}")
+    probe.mkdir(exist_ok=True)
+    try:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)]).returncode == 0
+        if ok:
+            subprocess.run(["umount", str(probe)], check=True)
+        return ok
+    finally:
+        probe.rmdir()
+
+
+needs_mount = pytest.mark.skipif(
+    not _can_mount(), reason="needs root to mount a small tmpfs (CI runs as root)"
+)
+
+
+@contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Callable[[str], None]]:
+    """A real tmpfs of ``size`` mounted at ``path``; yields remount(options)."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+    def remount(options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+
+    try:
+        yield remount
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@needs_mount
+def test_a_full_then_read_only_output_disk_fails_jobs_cleanly_and_recovers(
+    tmp_path: Path, model_cache_dir: Path
+) -> None:
+    """Defect 3: outputs that cannot be written fail that job as storage_error; the worker
+    stays up (same process, no restart), /ready says the storage cannot be written, and
+    once there is room again everything works without anyone touching the server."""
+    with (
+        small_disk(tmp_path / "data" / "files", "256k") as remount,
+        serve(tmp_path, model="demo", env={"FLUXREDUX_CACHE_DIR": str(model_cache_dir)}) as server,
+    ):
+        worker_pid = server.health()["model"]["pid"]
+        # Noise from the demo model: a 512x512 PNG is ~0.8 MB, more than the disk holds.
+        created = server.create(megapixels="0.25", output_format="png", seed=1)
+        assert created.status_code == 200, created.text
+        result = server.get(created.json()["predictionID"], wait=60)
+        assert result["status"] == "error", result
+        assert result["error_code"] == "storage_error" and "could not be stored" in result["error"]
+        health = server.health()["model"]
+        assert health["pid"] == worker_pid and health["restarts"] == 0 and health["ready"] is True
+        ready = server.ready()
+        assert ready.status_code == 503 and any("store outputs" in r for r in ready.json()["reasons"])
+        reference = result["input"]["redux_image"].rsplit("/", 1)[-1]
+        kept = sorted(path.name for path in (tmp_path / "data" / "files").iterdir())
+        assert kept == [reference]  # no output and no temp file half-written and left behind
+
+        remount("size=64m")
+        server.wait_for(lambda: server.ready().status_code == 200, 20, "/ready never recovered")
+        result = server.get(
+            server.create(megapixels="0.25", output_format="png", seed=1).json()["predictionID"], wait=60
+        )
+        assert result["status"] == "success", result
+        assert httpx.get(result["output"]).content[:8] == b"\x89PNG\r\n\x1a\n"
+
+        remount("ro")
+        ready = server.ready()
+        assert ready.status_code == 503
+        assert any("file storage cannot be written" in r for r in ready.json()["reasons"]), ready.json()
+        refused = server.create()  # the reference image cannot be stored: 503, not 500
+        assert refused.status_code == 503 and refused.json()["code"] == "storage_error", refused.text
+        remount("rw")
+        server.wait_for(lambda: server.ready().status_code == 200, 20, "/ready never recovered")
+        assert server.health()["model"]["pid"] == worker_pid
+
+
+def test_a_worker_that_dies_at_every_start_gets_creates_refused(tmp_path: Path) -> None:
+    """Defect 2: while no worker can be started, creates answer 503 no_worker with a
+    Retry-After instead of accepting jobs that never run; /health stays 200 (liveness)
+    and /ready says why. The worker here dies as it starts, as one killed by the OOM
+    killer while loading would (a sitecustomize in its environment exits at once)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\nif 'FLUXREDUX_EVENT_FD' in os.environ:  # only the worker child has it\n    os._exit(1)\n"
+    )
+    env = {"PYTHONPATH": f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with serve(tmp_path, env=env, wait_ready=False) as server:
+
+        def refused() -> bool:
+            time.sleep(1.5)  # a few creates, well under the in-flight limit
+            response = server.create(timeout=10)
+            assert response.status_code in (200, 503), response.text
+            return response.status_code == 503
+
+        server.wait_for(refused, 30, "creates were never refused")
+        response = server.create()
+        assert response.json()["code"] == "no_worker" and int(response.headers["Retry-After"]) >= 1
+        assert "see the server log" in response.json()["error"]
+        assert httpx.get(server.url + "/health").status_code == 200
+        ready = server.ready()
+        assert ready.status_code == 503 and ready.json()["reasons"], ready.json()
+        assert server.process.poll() is None
+        accepted = [
+            p["id"]
+            for p in httpx.get(f"{server.url}/v1/prediction/", headers=server.headers()).json()["items"]
+        ]
+    # Whatever was accepted before the refusals runs once a worker can start again.
+    with serve(tmp_path) as server:
+        for prediction_id in accepted:
+            assert server.get(prediction_id, wait=30)["status"] == "success"
+
+
+# --- the supervisor alone, with real child processes ----------------------------------
+
+HELLO_THEN_EXIT = (
+    "import os\n"
+    "with os.fdopen(int(os.environ['FLUXREDUX_EVENT_FD']), 'w') as events:\n"
+    "    events.write('hello w-dead\\n')\n"
+    "raise SystemExit(1)\n"
+)
+
+
+def processing_job(store: SQLiteJobStore, owner: str) -> Job:
+    job = Job(id=new_id(), owner="k", input={"num_outputs": 1}, created_at=time.time())
+    job.status, job.attempt, job.lease_owner = Status.PROCESSING, 1, owner
+    job.lease_expires_at = time.time() + 3600  # only "its worker is dead" can recover it
+    store.insert(job)
+    return job
+
+
+def test_the_supervisor_survives_a_store_it_cannot_write_when_its_worker_dies(tmp_path: Path) -> None:
+    """Defect 1 at its root: the recovery of a dead worker's job fails (locked store); the
+    supervisor keeps restarting workers and recovers the job once the store is back."""
+    database = tmp_path / "jobs.db"
+    store = SQLiteJobStore(database, busy_timeout=0.2)
+    job = processing_job(store, owner="w-dead")
+    settings = Settings(data_dir=tmp_path)
+    supervisor = WorkerSupervisor(
+        settings, Lifecycle(store), lambda event: None, command=[sys.executable, "-c", HELLO_THEN_EXIT]
+    )
+    with write_lock(database, seconds=30):
+        supervisor.start()
+        deadline = time.monotonic() + 15
+        while supervisor.state.restarts < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert supervisor.state.supervisor_error and "locked" in supervisor.state.supervisor_error
+        assert store.get(job.id).status == Status.PROCESSING  # type: ignore[union-attr]
+    try:
+        deadline = time.monotonic() + 15
+        while store.get(job.id).status != Status.STARTING:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the dead worker's job was never recovered"
+            time.sleep(0.05)
+        assert supervisor.state.exits_before_ready >= 2  # it keeps dying, and the supervisor keeps going
+    finally:
+        supervisor.stop()
+        store.close()
+
+
+def test_a_failed_spawn_is_retried_and_reported(tmp_path: Path) -> None:
+    now = [1000.0]
+    events: list[JobEvent] = []
+    supervisor = WorkerSupervisor(
+        Settings(data_dir=tmp_path),
+        Lifecycle(SQLiteJobStore(tmp_path / "jobs.db")),
+        events.append,
+        command=[str(tmp_path / "no-such-python")],
+        clock=lambda: now[0],
+    )
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 10
+        while supervisor.state.restarts < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "FileNotFoundError" in (supervisor.state.supervisor_error or "")
+        problems = supervisor.problems()
+        assert any("no worker process is running" in p for p in problems), problems
+        assert not any("supervisor is not running" in p for p in problems), problems
+        now[0] += 120  # longer than any restart backoff: nobody will run what is accepted
+        refusal = supervisor.refusal()
+        assert isinstance(refusal, NoWorker) and refusal.retry_after >= 1
+    finally:
+        supervisor.stop()

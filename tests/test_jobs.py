@@ -130,6 +130,68 @@ def test_find_count_and_delete(store: JobStore, clock: FakeClock) -> None:
     assert store.get(jobs[0].id) is None
 
 
+def test_create_if_under_capacity_enforces_both_limits(store: JobStore, clock: FakeClock) -> None:
+    for _ in range(2):
+        assert store.create_if_under_capacity(make_job(clock, owner="a"), 2, 3).accepted
+    full = make_job(clock, owner="a")
+    refused = store.create_if_under_capacity(full, 2, 3)
+    assert not refused.accepted and refused.in_flight == 2 and store.get(full.id) is None
+    assert store.create_if_under_capacity(make_job(clock, owner="b"), 2, 3).accepted
+    queue_full = store.create_if_under_capacity(make_job(clock, owner="c"), 2, 3)
+    assert not queue_full.accepted and queue_full.queued == 3
+    assert store.count([Status.STARTING]) == 3
+
+
+def test_create_if_under_capacity_is_atomic_under_concurrency(store: JobStore, clock: FakeClock) -> None:
+    """Twenty threads race for ten places: exactly ten win, whatever the interleaving."""
+    jobs = [make_job(clock, owner="a") for _ in range(20)]
+    outcomes: list[bool] = []
+    threads = [
+        threading.Thread(
+            target=lambda job=job: outcomes.append(store.create_if_under_capacity(job, 10, 100).accepted)
+        )
+        for job in jobs
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == [False] * 10 + [True] * 10
+    assert store.count([Status.STARTING], owner="a") == 10
+
+
+def test_check_writable_passes_on_a_healthy_store(store: JobStore) -> None:
+    store.check_writable()
+
+
+def test_sqlite_reports_a_write_lock_held_elsewhere_within_its_busy_timeout(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    import sqlite3
+    import time
+
+    from fluxredux.errors import StoreUnavailable
+
+    store = SQLiteJobStore(tmp_path / "locked.db", busy_timeout=0.3)
+    job = make_job(clock)
+    store.insert(job)
+    other = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="locked"):
+            store.update(job.id, bump)
+        with pytest.raises(StoreUnavailable):
+            store.check_writable()
+        assert time.monotonic() - started < 2
+        assert store.get(job.id) == job  # reads go on (WAL)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.update(job.id, bump) is not None  # and writes again once the lock is gone
+    store.close()
+
+
 # --- the state machine ---------------------------------------------------------------
 
 

@@ -30,7 +30,8 @@ IN_FLIGHT = frozenset({Status.STARTING, Status.PROCESSING})
 
 
 def new_id() -> str:
-    """128 random bits, URL-safe: prediction ids double as share links."""
+    """128 random bits, URL-safe. Not a secret (ids travel in logs and webhooks): reading a
+    prediction needs its owner's key, and sharing uses tokens of its own."""
     return secrets.token_urlsafe(16)
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from fluxredux.api.app import create_app
 from fluxredux.api.services import Services, build_services
+from fluxredux.api.timeouts import timeout_protocol
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable
 from fluxredux.events import JobEvent
@@ -140,7 +141,13 @@ def running_server(
     services = build_services(settings, lambda *_: workers, fetcher=fetcher)
     _key, secret = services.keys.create("tests")
     server = uvicorn.Server(
-        uvicorn.Config(create_app(services), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(services),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            http=timeout_protocol(settings),  # as `fluxredux serve` runs it
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

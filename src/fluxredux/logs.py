@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
-# Libraries whose INFO/WARNING chatter (HTTP requests, weight loading, the "torchvision
-# is not installed" notice) hides what matters; shown with --verbose.
+# Libraries whose INFO/WARNING chatter (HTTP requests, weight loading) hides what
+# matters; shown with --verbose.
 NOISY_LIBRARIES = ("httpx", "huggingface_hub", "diffusers", "transformers")
 
 

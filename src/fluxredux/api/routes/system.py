@@ -86,4 +86,5 @@ async def metrics(
         raise NotFound("metrics are turned off on this server (FLUXREDUX_METRICS_ACCESS=off)")
     if access == "key":
         await asyncio.to_thread(get_api_key, services, x_api_key, authorization)
-    return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    body = await asyncio.to_thread(services.metrics.render)  # reads the job store: not on the loop
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 import time
@@ -370,3 +371,31 @@ def test_a_streamed_body_without_length_is_capped_too(tmp_path: Path) -> None:
         )
         assert response.status_code == 413
         assert response.json()["code"] == "payload_too_large"
+
+
+def test_a_refused_create_keeps_no_copy_of_its_image(tmp_path: Path) -> None:
+    """A create refused after its image was stored (here: the database is locked) must not
+    leave the image behind; a file uploaded earlier stays, since others may use it."""
+    import sqlite3
+
+    with running_server(tmp_path, run_worker=False, store_busy_timeout_seconds=0.3) as api:
+        upload = api.http.post(
+            "/v1/files", files={"file": ("a.png", base64.b64decode(png_data_uri().split(",")[1]))}
+        )
+        assert upload.status_code == 200, upload.text
+        files_dir = api.services.settings.files_dir
+        before = sorted(p.name for p in files_dir.iterdir())
+        holder = sqlite3.connect(api.services.settings.database_path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            refused = api.create()
+            assert refused.status_code == 503 and refused.json()["code"] == "store_unavailable", refused.text
+            assert "Retry-After" in refused.headers
+            reused = api.http.post(
+                "/v1/prediction/", json=api.body() | {"input": {"redux_image": upload.json()["id"]}}
+            )
+            assert reused.status_code == 503
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert sorted(p.name for p in files_dir.iterdir()) == before

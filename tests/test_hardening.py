@@ -387,7 +387,6 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(tmp_path:
         known = {"prediction_id": done["id"], "name": done["output"].rsplit("/", 1)[1]}
         schema = schemathesis.openapi.from_url(api.url + "/openapi.json")
         failures: list[str] = []
-        started = time.monotonic()
         for result in schema.get_all_operations():
             operation = result.ok()
             strategies = [
@@ -418,7 +417,6 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(tmp_path:
             except (Exception, FailureGroup) as exc:  # one operation's failure must not hide the others'
                 failures.append(f"{operation.label}: {exc}")
         assert not failures, "\n\n".join(failures)
-        assert time.monotonic() - started < 45
 
 
 # --- 8. a model load says only what matters -------------------------------------------------

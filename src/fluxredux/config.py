@@ -13,6 +13,8 @@ import platformdirs
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fluxredux.database import DEFAULT_BUSY_TIMEOUT
+
 ModelChoice = Literal["auto", "flux", "demo", "fake"]
 MetricsAccess = Literal["open", "key", "off"]
 Offload = Literal["none", "model", "sequential"]
@@ -88,7 +90,7 @@ class Settings(BaseSettings):
     metrics_access: MetricsAccess | Literal["auto"] = Field(
         "auto",
         description="/metrics: open (anyone), key (an API key, sent as for the API), off (404). "
-        "auto: key when listening beyond loopback, else open.",
+        "auto: open when listening on loopback only without a public_url, else key.",
     )
     sync_wait_seconds: float = Field(60.0, gt=0, le=600, description="How long /run and ?wait= may hold.")
     retention_hours: float = Field(
@@ -98,7 +100,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker renews its lease.")
     max_attempts: int = Field(2, ge=1, description="Runs of a job whose worker was lost (2: re-run once).")
     store_busy_timeout_seconds: float = Field(
-        2.0,
+        DEFAULT_BUSY_TIMEOUT,
         gt=0,
         le=60,
         description="How long a write waits for the job store's lock before giving up (a 503, retried).",
@@ -115,10 +117,11 @@ class Settings(BaseSettings):
 
     @property
     def metrics_policy(self) -> MetricsAccess:
-        """``metrics_access`` with ``auto`` decided: only a loopback-only server is open."""
+        """``metrics_access`` with ``auto`` decided: open only on a loopback-only server that
+        is not published (a public URL means a reverse proxy forwards the world to it)."""
         if self.metrics_access != "auto":
             return self.metrics_access
-        return "open" if is_loopback(self.host) else "key"
+        return "open" if is_loopback(self.host) and not self.public_url else "key"
 
     @property
     def database_path(self) -> Path:

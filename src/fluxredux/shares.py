@@ -11,14 +11,12 @@ delete_for_predictions) so that a Redis implementation can follow with the same 
 from __future__ import annotations
 
 import secrets
-import sqlite3
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxredux.jobs.sqlite import connect
+from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shares (
@@ -56,56 +54,41 @@ def _share(row: tuple[str, str, str, int, float]) -> Share:
 class ShareStore:
     """Shares in the ``shares`` table of the server's SQLite file."""
 
-    def __init__(self, path: Path | str) -> None:
-        self._db: sqlite3.Connection = connect(path)
-        self._lock = threading.Lock()  # one connection, many threads of this process
-        self._db.executescript(_SCHEMA)
+    def __init__(self, path: Path | str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
 
     def create(self, prediction_id: str, owner: str, *, include_reference: bool = False) -> Share:
         """A new share; the caller has checked that ``owner`` owns the prediction."""
         share = Share(new_token(), prediction_id, owner, include_reference, time.time())
-        with self._lock:
-            self._db.execute(
-                f"INSERT INTO shares ({_FIELDS}) VALUES (?, ?, ?, ?, ?)",
-                (share.token, prediction_id, owner, int(include_reference), share.created_at),
-            )
+        self._db.write(
+            f"INSERT INTO shares ({_FIELDS}) VALUES (?, ?, ?, ?, ?)",
+            (share.token, prediction_id, owner, int(include_reference), share.created_at),
+        )
         return share
 
     def get(self, token: str) -> Share | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {_FIELDS} FROM shares WHERE token = ?", (token,)).fetchone()
-        return _share(row) if row else None
+        rows = self._db.rows(f"SELECT {_FIELDS} FROM shares WHERE token = ?", (token,))
+        return _share(rows[0]) if rows else None
 
     def list_for_prediction(self, prediction_id: str) -> list[Share]:
         """The prediction's active shares, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_FIELDS} FROM shares WHERE prediction_id = ? ORDER BY created_at",
-                (prediction_id,),
-            ).fetchall()
+        rows = self._db.rows(
+            f"SELECT {_FIELDS} FROM shares WHERE prediction_id = ? ORDER BY created_at", (prediction_id,)
+        )
         return [_share(row) for row in rows]
 
     def revoke(self, token: str, owner: str) -> bool:
         """Delete the share if ``owner`` made it; False when there is none of theirs."""
-        with self._lock:
-            cursor = self._db.execute("DELETE FROM shares WHERE token = ? AND owner = ?", (token, owner))
-        return cursor.rowcount == 1
+        return self._db.write("DELETE FROM shares WHERE token = ? AND owner = ?", (token, owner)) == 1
 
     def delete_for_predictions(self, prediction_ids: Iterable[str]) -> int:
         """Forget every share of these predictions (they are being deleted); how many went."""
         ids = [(prediction_id,) for prediction_id in prediction_ids]
-        with self._lock:
-            before = self._db.total_changes
-            # One transaction: retention may delete thousands at once, one commit for all.
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("DELETE FROM shares WHERE prediction_id = ?", ids)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return self._db.total_changes - before
+        # One transaction: retention may delete thousands at once, one commit for all.
+        with self._db.transaction() as db:
+            before = db.total_changes
+            db.executemany("DELETE FROM shares WHERE prediction_id = ?", ids)
+            return db.total_changes - before
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()

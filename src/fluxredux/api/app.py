@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -70,12 +71,14 @@ class BodyLimit:
 
 
 async def maintenance(services: Services) -> None:
-    """Recover jobs of lost workers (expired leases) and delete what is past retention."""
+    """Recover jobs of lost workers (expired leases), send webhooks that are due, and delete
+    what is past retention."""
     settings = services.settings
     last_cleanup = 0.0
     while True:
         try:
             await asyncio.to_thread(services.lifecycle.reap, max_attempts=settings.max_attempts)
+            await services.webhooks.resume_pending()  # e.g. a terminal job read while the store was down
             if time.monotonic() - last_cleanup > 600:
                 last_cleanup = time.monotonic()
                 await asyncio.to_thread(delete_expired, services)
@@ -102,7 +105,7 @@ def create_app(services: Services) -> FastAPI:
     async def after_terminal(event: JobEvent) -> None:
         try:
             job = await asyncio.to_thread(services.store.get, event.job_id)
-        except StoreUnavailable as exc:  # the webhook is resumed by the next sweep or restart
+        except StoreUnavailable as exc:  # its webhook is sent by the next maintenance round
             log.warning("prediction %s ended, but could not be read: %s", event.job_id, exc.message)
             return
         if job is None:
@@ -122,7 +125,12 @@ def create_app(services: Services) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services.notifier.bind(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        # Store calls run in these threads. A locked database holds a thread per waiting
+        # write for up to the busy timeout: asyncio's default (CPU count + 4 threads)
+        # would then queue every read behind them.
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="blocking"))
+        services.notifier.bind(loop)
         services.notifier.listen(on_event)
         await services.webhooks.resume_pending()
         background = asyncio.create_task(maintenance(services))
@@ -135,7 +143,7 @@ def create_app(services: Services) -> FastAPI:
             await services.webhooks.aclose()
             await services.fetcher.aclose()
 
-    app = FastAPI(
+    app = errors.ErrorDocumentingFastAPI(
         title="fluxredux",
         version=__version__,
         description="Self-hosted FLUX.1 Redux [schnell] predictions, compatible with the hosted "

@@ -62,7 +62,7 @@ def error_body(exc: errors.FluxReduxError) -> dict[str, Any]:
 
 def error_response(exc: errors.FluxReduxError) -> JSONResponse:
     headers = {}
-    retry_after = getattr(exc, "retry_after", None)
+    retry_after = getattr(exc, "retry_after", None) or exc.detail.get("retry_after")
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers)
@@ -148,16 +148,16 @@ def _validation_errors_are_400(schema: dict[str, Any]) -> None:
             components.pop(unused, None)
 
 
+class ErrorDocumentingFastAPI(FastAPI):
+    """FastAPI whose OpenAPI schema documents the errors as this app answers them."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:  # FastAPI caches the schema it generates; fix it once
+            _validation_errors_are_400(super().openapi())
+        return self.openapi_schema or {}
+
+
 def install(app: FastAPI) -> None:
-    generate_openapi = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:  # FastAPI caches the schema it generates; fix it once
-            _validation_errors_are_400(generate_openapi())
-        return app.openapi_schema or {}
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
     @app.exception_handler(errors.FluxReduxError)
     async def _domain(request: Request, exc: errors.FluxReduxError) -> JSONResponse:
         if status_for(exc) >= 500 and not isinstance(exc, errors.QueueFull):

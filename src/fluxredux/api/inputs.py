@@ -29,6 +29,7 @@ class StoredImage:
     height: int
     content_type: str
     size: int
+    saved_now: bool  # stored for this request (a URL or data: URI), not an earlier upload
 
     @property
     def file_id(self) -> str:
@@ -47,13 +48,19 @@ async def check_and_store(
 ) -> StoredImage:
     """Validate (in a thread: decoding is CPU work) and store the original bytes."""
     fmt, width, height = await asyncio.to_thread(_probe, data, limits)
+    saved_now = name is None
     if name is None:
         try:
             name = await asyncio.to_thread(files.save, data, _EXTENSIONS[fmt])
         except OSError as exc:  # a full or read-only disk is the server's problem: 503, not 500
             raise StorageError(f"the image could not be stored ({exc.strerror or exc}); retry later") from exc
     return StoredImage(
-        name=name, width=width, height=height, content_type=_CONTENT_TYPES[fmt], size=len(data)
+        name=name,
+        width=width,
+        height=height,
+        content_type=_CONTENT_TYPES[fmt],
+        size=len(data),
+        saved_now=saved_now,
     )
 
 

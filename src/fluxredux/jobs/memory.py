@@ -25,16 +25,14 @@ class MemoryJobStore:
     def create_if_under_capacity(self, job: Job, per_owner_limit: int, queue_limit: int) -> Capacity:
         with self._lock:
             jobs = self._jobs.values()
-            capacity = Capacity(
-                in_flight=sum(1 for j in jobs if j.owner == job.owner and j.status in IN_FLIGHT),
-                queued=sum(1 for j in jobs if j.status == Status.STARTING),
-            )
-            if capacity.in_flight < per_owner_limit and capacity.queued < queue_limit:
+            in_flight = sum(1 for j in jobs if j.owner == job.owner and j.status in IN_FLIGHT)
+            queued = sum(1 for j in jobs if j.status == Status.STARTING)
+            accepted = in_flight < per_owner_limit and queued < queue_limit
+            if accepted:
                 if job.id in self._jobs:
                     raise KeyError(f"job {job.id} exists")
                 self._jobs[job.id] = copy.deepcopy(job)
-                capacity.accepted = True
-            return capacity
+            return Capacity(in_flight=in_flight, queued=queued, accepted=accepted)
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

@@ -7,17 +7,14 @@ raised as ``StoreUnavailable``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import sqlite3
-import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fluxredux.errors import StoreUnavailable
+from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
 from fluxredux.jobs.model import IN_FLIGHT, Job, Status
 from fluxredux.jobs.store import Capacity, Change
 
@@ -43,35 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
+CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL);
 """
-
-
-def connect(path: Path | str, busy_timeout: float = 5.0) -> sqlite3.Connection:
-    """A connection tuned for many short transactions from several processes.
-
-    ``busy_timeout`` bounds how long a write waits for another process's write lock:
-    short, so that a database held locked elsewhere is reported (503, retry) within
-    seconds instead of stalling callers for half a minute.
-    """
-    connection = sqlite3.connect(
-        str(path), timeout=busy_timeout, isolation_level=None, check_same_thread=False
-    )
-    connection.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode: a power cut may lose the last transactions, never corrupt the
-    # file; a process crash (kill -9) loses nothing.
-    connection.execute("PRAGMA synchronous=NORMAL")
-    connection.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-    return connection
-
-
-@contextmanager
-def store_errors(what: str) -> Iterator[None]:
-    """SQLite's operational failures (locked, disk full, read-only, I/O error) as the
-    domain's StoreUnavailable: callers answer 503 and retry instead of crashing."""
-    try:
-        yield
-    except sqlite3.OperationalError as exc:
-        raise StoreUnavailable(f"the job store cannot be {what} right now ({exc}); retry shortly") from exc
 
 
 def _to_row(job: Job) -> tuple[Any, ...]:
@@ -91,69 +61,30 @@ _IN_FLIGHT = tuple(s.value for s in IN_FLIGHT)
 
 
 class SQLiteJobStore:
-    def __init__(self, path: Path | str, *, busy_timeout: float = 5.0) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout
-        # One connection per thread: a thread waiting for the write lock never holds up
-        # readers in other threads (in WAL mode reads do not wait for writers at all).
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
-        with store_errors("opened"):
-            self._db.executescript(_SCHEMA)
-
-    @property
-    def _db(self) -> sqlite3.Connection:
-        db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
-            db = connect(self._path, self._busy_timeout)
-            self._local.db = db
-            with self._all_lock:
-                self._all.append(db)
-        return db
-
-    @contextmanager
-    def _transaction(self, what: str = "written") -> Iterator[sqlite3.Connection]:
-        with store_errors(what):
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                db.execute("COMMIT")
-            except BaseException:
-                # Also after a failed COMMIT (disk full): a transaction left open would
-                # hold the write lock, and stop every other writer, for good.
-                if db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
-                raise
-
-    def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
-        with store_errors("read"):
-            return self._db.execute(sql, tuple(params)).fetchall()
+    def __init__(self, path: Path | str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Job]:
-        return [_from_row(row[0]) for row in self._rows(sql, params)]
+        return [_from_row(row[0]) for row in self._db.rows(sql, params)]
 
     def insert(self, job: Job) -> None:
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             db.execute(_INSERT, _to_row(job))
 
     def create_if_under_capacity(self, job: Job, per_owner_limit: int, queue_limit: int) -> Capacity:
         # Count and insert in one write transaction: no other process can slip a job
         # in between, so the limits hold across HTTP processes, not just one event loop.
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             in_flight = db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE owner = ? AND status IN (?, ?)", (job.owner, *_IN_FLIGHT)
             ).fetchone()[0]
             queued = db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status = ?", (Status.STARTING.value,)
             ).fetchone()[0]
-            capacity = Capacity(in_flight=in_flight, queued=queued)
-            if in_flight < per_owner_limit and queued < queue_limit:
+            accepted = in_flight < per_owner_limit and queued < queue_limit
+            if accepted:
                 db.execute(_INSERT, _to_row(job))
-                capacity.accepted = True
-            return capacity
+            return Capacity(in_flight=in_flight, queued=queued, accepted=accepted)
 
     def get(self, job_id: str) -> Job | None:
         found = self._query("SELECT data FROM jobs WHERE id = ?", (job_id,))
@@ -169,12 +100,12 @@ class SQLiteJobStore:
         return updated
 
     def update(self, job_id: str, change: Change) -> Job | None:
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return self._apply(db, _from_row(row[0]), change) if row else None
 
     def claim(self, change: Change) -> Job | None:
-        with self._transaction() as db:
+        with self._db.transaction() as db:
             row = db.execute(
                 "SELECT data FROM jobs WHERE status = ? ORDER BY created_at, id LIMIT 1",
                 (Status.STARTING.value,),
@@ -222,10 +153,10 @@ class SQLiteJobStore:
         if owner is not None:
             sql += " AND owner = ?"
             params.append(owner)
-        return int(self._rows(sql, params)[0][0])
+        return int(self._db.rows(sql, params)[0][0])
 
     def counts_by_status(self) -> dict[Status, int]:
-        rows = self._rows("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        rows = self._db.rows("SELECT status, COUNT(*) FROM jobs GROUP BY status")
         counts = dict.fromkeys(Status, 0)
         counts.update({Status(status): n for status, n in rows})
         return counts
@@ -233,18 +164,13 @@ class SQLiteJobStore:
     def delete(self, job_ids: Iterable[str]) -> None:
         ids = list(job_ids)
         if ids:
-            with self._transaction() as db:
+            with self._db.transaction() as db:
                 db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
 
     def check_writable(self) -> None:
         # A real (tiny) committed write: BEGIN alone would not notice a full disk or a
         # read-only file, which only fail when pages are written.
-        with self._transaction() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL)")
-            db.execute("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, julianday('now'))")
+        self._db.write("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, julianday('now'))")
 
     def close(self) -> None:
-        with self._all_lock:
-            for db in self._all:
-                db.close()
-            self._all.clear()
+        self._db.close()

@@ -17,13 +17,13 @@ from fluxredux.jobs.model import Job, Status
 Change = Callable[[Job], Job | None]  # returns the new job, or None for "no change"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Capacity:
     """What ``create_if_under_capacity`` saw: the counts before the insert, and its outcome."""
 
     in_flight: int  # the owner's jobs waiting or running
     queued: int  # all jobs waiting
-    accepted: bool = False
+    accepted: bool  # inserted: both counts were under their limits
 
 
 class JobStore(Protocol):

@@ -50,7 +50,7 @@ class FileStore:
             regular = stat.S_ISREG(resolved.stat().st_mode)
         except (OSError, RuntimeError):  # missing, a dangling link, a link loop
             return None
-        return path if regular and resolved.parent == self.root.resolve() else None
+        return resolved if regular and resolved.parent == self.root.resolve() else None
 
     def find(self, file_id: str) -> str | None:
         """The name of the file with this id (uploads are referred to by id alone)."""

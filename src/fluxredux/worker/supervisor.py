@@ -113,7 +113,8 @@ class WorkerSupervisor:
         if state.error and not state.ready:
             # Queueing work that no worker can run would only hide the problem.
             return ModelUnavailable(
-                f"the model is not available: {state.error.get('error', 'it failed to load')}"
+                f"the model is not available: {state.error.get('error', 'it failed to load')}",
+                retry_after=30,
             )
         if self._thread is None or not self._thread.is_alive():
             return NoWorker("no worker can be started (its supervisor stopped); see the server log")
@@ -179,6 +180,7 @@ class WorkerSupervisor:
             except Exception as exc:  # a failed spawn, a broken pipe: never the end of supervision
                 self.state.supervisor_error = f"{type(exc).__name__}: {exc}"
                 log.exception("could not run the worker process")
+                self._kill_child()  # whatever happened, never two workers (two models in memory)
             if self._stopping.is_set():
                 return
             self._recover_jobs()
@@ -189,6 +191,19 @@ class WorkerSupervisor:
             log.error("restarting the worker process in %.0f s", self._delay)
             self._stopping.wait(self._delay)
 
+    def _kill_child(self) -> None:
+        with self._lock:
+            process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        state = self.state
+        if state.alive:
+            state.alive = state.ready = False
+            state.down_since = self.clock()
+            if state.worker_id:
+                self._dead_owners.add(state.worker_id)
+
     def _run_child(self) -> None:
         """Start the worker, wait for it to exit, and note what is needed to recover."""
         process, read_fd = self._spawn()
@@ -196,7 +211,9 @@ class WorkerSupervisor:
             self._process = process
         state = self.state
         state.pid, state.worker_id, state.alive, state.down_since = process.pid, None, True, None
-        state.next_start_at = None
+        # A new worker reports its own storage trouble; an old report would keep /ready
+        # failing for good, since only the worker that saw it could clear it.
+        state.next_start_at = state.storage_error = None
         reader = threading.Thread(target=self._read_events, args=(read_fd,), daemon=True)
         reader.start()
         while True:

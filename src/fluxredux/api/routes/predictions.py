@@ -22,6 +22,7 @@ from fluxredux.errors import (
     NotFound,
     QueueFull,
     RateLimited,
+    StoreUnavailable,
     UnknownModel,
 )
 from fluxredux.jobs import Job, new_id
@@ -55,10 +56,15 @@ def capacity_error(settings: Settings, capacity: Capacity) -> FluxReduxError | N
 
 async def check_webhook_target(services: Services, url: str) -> None:
     """Refuse a webhook URL now, naming the field, rather than drop its deliveries later."""
+    timeout = services.settings.fetch_timeout_seconds
     try:
-        await services.fetcher.checked_address(check_url_shape(url))
+        await asyncio.wait_for(services.fetcher.checked_address(check_url_shape(url)), timeout)
     except FetchRefused as exc:
         raise FetchRefused(exc.code, f"webhook_url: {exc.message}", field="webhook_url") from None
+    except asyncio.TimeoutError:
+        raise FetchRefused(
+            "url_dns", f"webhook_url: its host did not resolve within {timeout:g} s", field="webhook_url"
+        ) from None
 
 
 async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -> Job:
@@ -73,6 +79,7 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
     early = Capacity(
         in_flight=await asyncio.to_thread(services.lifecycle.in_flight, key.id),
         queued=await asyncio.to_thread(services.lifecycle.queue_depth),
+        accepted=False,
     )
     if (error := capacity_error(settings, early)) is not None:
         raise error
@@ -98,11 +105,19 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
     )
     # Count and insert in one store operation: concurrent creations (of this process or
     # another) cannot push a key over its in-flight limit or the queue over its cap.
-    capacity = await asyncio.to_thread(
-        services.lifecycle.create_if_under_capacity, job, settings.max_in_flight_per_key, settings.max_queue
-    )
-    if not capacity.accepted:
-        raise capacity_error(settings, capacity) or QueueFull("the server's queue is full; try again shortly")
+    try:
+        capacity = await asyncio.to_thread(
+            services.lifecycle.create_if_under_capacity,
+            job,
+            settings.max_in_flight_per_key,
+            settings.max_queue,
+        )
+        if not capacity.accepted:
+            raise capacity_error(settings, capacity) or QueueFull("the server's queue is full; try again")
+    except FluxReduxError:
+        if stored.saved_now:  # refused: the copy made for this request goes (an upload stays)
+            await asyncio.to_thread(services.files.delete, [stored.name])
+        raise
     services.workers.wake()
     return job
 
@@ -145,7 +160,10 @@ async def run_prediction(
     body: PredictionRequest, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep
 ) -> Prediction:
     job = await create_job(body, key, services)
-    finished = await wait_until_done(services, job.id, services.settings.sync_wait_seconds)
+    try:
+        finished = await wait_until_done(services, job.id, services.settings.sync_wait_seconds)
+    except StoreUnavailable:
+        finished = None  # accepted all the same: answer with it, so a retry does not duplicate it
     return render(finished or job, base)
 
 

@@ -28,10 +28,12 @@ router = APIRouter(tags=["system"])
 
 @router.get("/health", summary="Liveness: the process answers (and what the worker says about the model)")
 async def health(services: ServicesDep) -> dict[str, Any]:
-    try:
-        queue_depth: int | None = await asyncio.to_thread(services.lifecycle.queue_depth)
-    except StoreUnavailable:
-        queue_depth = None  # liveness does not depend on the store; /ready does
+    try:  # liveness never waits on the store (/ready is about the store)
+        queue_depth: int | None = await asyncio.wait_for(
+            asyncio.to_thread(services.lifecycle.queue_depth), timeout=0.5
+        )
+    except (StoreUnavailable, asyncio.TimeoutError):
+        queue_depth = None
     return {
         "status": "ok",
         "model": services.workers.status(),

@@ -181,7 +181,8 @@ def test_a_held_write_lock_while_the_worker_is_killed_loses_nothing(tmp_path: Pa
             ready, took = timed(server.ready)
             assert ready.status_code == 503 and took < 4.0, took
             assert ready.json()["ready"] is False
-            assert any("database cannot be written" in reason for reason in ready.json()["reasons"]), ready.json()
+            reasons = ready.json()["reasons"]
+            assert any("database cannot be written" in reason for reason in reasons), reasons
             # The supervisor meets the locked store while recovering the dead worker's job.
             server.wait_for(lambda: "will retry" in server.log.read_text(), 10, "no recovery was tried")
 

@@ -32,7 +32,7 @@ from fluxredux.events import JobEvent
 from fluxredux.jobs import Lifecycle, SQLiteJobStore
 from fluxredux.net import SafeFetcher
 from fluxredux.safety import Detection, SafetyChecker
-from fluxredux.storage import FileStore
+from fluxredux.storage import LocalBlobStore
 from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.loop import Worker, WorkerConfig
 from fluxredux.worker.predictor import ImageModel, Predictor
@@ -167,7 +167,7 @@ def running_server(
         worker = Worker(
             lifecycle,
             Predictor(model or FakeModel(), SafetyChecker(NothingFound())),
-            FileStore(settings.files_dir),
+            LocalBlobStore(settings.files_dir),
             WorkerConfig(worker_id="test-worker", lease_seconds=5, heartbeat_seconds=0.5),
         )
         workers.worker = worker

@@ -314,7 +314,7 @@ def test_png_data_uri_helper_is_a_real_image() -> None:
 
 
 def test_retention_deletes_old_predictions_and_their_files(api: Harness) -> None:
-    from fluxredux.api.app import delete_expired
+    from fluxredux.maintenance import delete_expired
 
     prediction = api.get(api.create_id(), wait=10)
     assert httpx.get(prediction["output"]).status_code == 200
@@ -399,3 +399,10 @@ def test_a_refused_create_keeps_no_copy_of_its_image(tmp_path: Path) -> None:
             holder.execute("ROLLBACK")
             holder.close()
         assert sorted(p.name for p in files_dir.iterdir()) == before
+
+
+def test_a_waiting_prediction_shows_its_place_in_the_queue(queued_api: Harness) -> None:
+    ids = [queued_api.create_id() for _ in range(3)]
+    assert [queued_api.get(i)["queue_position"] for i in ids] == [0, 1, 2]
+    queued_api.http.post(f"/v1/prediction/{ids[0]}/cancel")
+    assert [queued_api.get(i)["queue_position"] for i in ids] == [None, 0, 1]

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
+import fluxredux.client
 from fluxredux.client import ApiError, AsyncFluxRedux, FluxRedux
 from fluxredux.worker.fake import FakeModel
 from tests.conftest import SAMPLE_IMAGE
-from tests.harness import Harness, running_server
+from tests.harness import Harness, png_data_uri, running_server
 
 
 @pytest.fixture
@@ -31,17 +34,27 @@ def test_run_with_a_local_file_uploads_it(api: Harness) -> None:
         assert client.list(limit=1).items[0].id == prediction.id
 
 
-def test_create_wait_with_progress_and_cancel(api: Harness) -> None:
+def test_create_and_wait_with_progress(api: Harness) -> None:
     with FluxRedux(api.url, api.key) as client:
         seen: list[str] = []
         prediction_id = client.create({"redux_image": SAMPLE_IMAGE})
         done = client.wait(prediction_id, poll=0.02, on_update=lambda p: seen.append(p.status))
         assert done.status == "success" and seen[-1] == "success"
-        cancelled = client.cancel(
-            client.create({"redux_image": SAMPLE_IMAGE.read_bytes(), "num_inference_steps": 4})
-        )
-        assert cancelled.status in {"cancelled", "processing"}
-        assert client.wait(cancelled.id, timeout=10).status in {"cancelled", "success"}
+
+
+def test_cancel_stops_a_running_prediction(tmp_path: Path) -> None:
+    # Four 2 s steps: the run cannot end by itself before the cancel lands mid-way.
+    with running_server(tmp_path, model=FakeModel(step_seconds=2.0)) as api, FluxRedux(api.url, api.key) as c:
+        prediction_id = c.create({"redux_image": SAMPLE_IMAGE.read_bytes(), "num_inference_steps": 4})
+        deadline = time.monotonic() + 10
+        while c.get(prediction_id).status != "processing":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        requested = time.monotonic()
+        assert c.cancel(prediction_id).status in {"processing", "cancelled"}  # flagged; ends at its next step
+        ended = c.wait(prediction_id, timeout=10)
+        assert ended.status == "cancelled" and ended.output is None, ended
+        assert time.monotonic() - requested < 4.0  # within about one step, not after the whole run
 
 
 def test_errors_raise_with_status_and_code(api: Harness) -> None:
@@ -67,3 +80,102 @@ def test_async_client(api: Harness) -> None:
             assert got.seed == prediction.seed
 
     asyncio.run(go())
+
+
+# --- Retry-After: a create over the in-flight limit (one per key) is answered 429 with
+# Retry-After: 2; nothing was created, so the client may send it again.
+
+
+@pytest.fixture
+def one_in_flight(tmp_path: Path) -> Iterator[Harness]:
+    """No worker, one prediction in flight per key: a second create is refused (429)."""
+    with running_server(tmp_path, run_worker=False, max_in_flight_per_key=1) as harness:
+        yield harness
+
+
+def statuses_of(responses: list[int]) -> dict[str, list[object]]:
+    """httpx options that record each answer's status."""
+    return {"event_hooks": {"response": [lambda r: responses.append(r.status_code)]}}
+
+
+def test_a_refused_create_is_retried_after_retry_after(one_in_flight: Harness) -> None:
+    first = one_in_flight.create_id()
+    responses: list[int] = []
+
+    def free_the_place(response: httpx.Response) -> None:
+        # Refused once: the first prediction is cancelled while the client waits.
+        if response.status_code == 429 and responses.count(429) == 1:
+            one_in_flight.http.post(f"/v1/prediction/{first}/cancel").raise_for_status()
+
+    hooks = {"event_hooks": {"response": [lambda r: responses.append(r.status_code), free_the_place]}}
+    with FluxRedux(one_in_flight.url, one_in_flight.key, **hooks) as client:
+        started = time.monotonic()
+        second = client.create({"redux_image": png_data_uri()})
+        waited = time.monotonic() - started
+    assert responses == [429, 200]
+    assert 2.0 <= waited < 5.0  # what Retry-After said, then at once
+    assert one_in_flight.get(second)["status"] == "starting"
+    assert one_in_flight.get(first)["status"] == "cancelled"
+
+
+def test_with_retries_off_a_refusal_raises_at_once(one_in_flight: Harness) -> None:
+    one_in_flight.create_id()
+    responses: list[int] = []
+    with FluxRedux(one_in_flight.url, one_in_flight.key, retries=0, **statuses_of(responses)) as client:
+        started = time.monotonic()
+        with pytest.raises(ApiError) as info:
+            client.create({"redux_image": png_data_uri()})
+        assert time.monotonic() - started < 1.5
+    assert (info.value.status, info.value.code, info.value.detail["retry_after"]) == (429, "rate_limited", 2)
+    assert responses == [429]
+
+
+def test_retries_are_bounded_in_number_and_in_time_waited(
+    one_in_flight: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    one_in_flight.create_id()
+    waits: list[float] = []
+    monkeypatch.setattr(fluxredux.client, "_sleep", waits.append)  # count the waits, spend none
+    responses: list[int] = []
+    with FluxRedux(one_in_flight.url, one_in_flight.key, retries=2, **statuses_of(responses)) as client:
+        with pytest.raises(ApiError) as info:
+            client.create({"redux_image": png_data_uri()})
+    assert info.value.status == 429
+    assert (responses, waits) == ([429, 429, 429], [2.0, 2.0])  # the first try and two retries
+
+    waits.clear()
+    responses.clear()
+    # 3 s of waiting allowed: one 2 s wait fits, a second would not, so it is not started.
+    with FluxRedux(
+        one_in_flight.url, one_in_flight.key, retries=5, max_retry_wait=3, **statuses_of(responses)
+    ) as client:
+        with pytest.raises(ApiError):
+            client.create({"redux_image": png_data_uri()})
+    assert (responses, waits) == ([429, 429], [2.0])
+
+
+def test_async_client_retries_too(one_in_flight: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = one_in_flight.create_id()
+    waits: list[float] = []
+
+    async def cancel_the_first_instead_of_waiting(seconds: float) -> None:
+        waits.append(seconds)
+        one_in_flight.http.post(f"/v1/prediction/{first}/cancel").raise_for_status()
+
+    monkeypatch.setattr(fluxredux.client, "_async_sleep", cancel_the_first_instead_of_waiting)
+
+    async def go() -> str:
+        async with AsyncFluxRedux(one_in_flight.url, one_in_flight.key) as client:
+            return await client.create({"redux_image": png_data_uri()})
+
+    second = asyncio.run(go())
+    assert waits == [2.0]
+    assert one_in_flight.get(second)["status"] == "starting"
+
+    async def refused() -> None:
+        async with AsyncFluxRedux(one_in_flight.url, one_in_flight.key, retries=0) as client:
+            await client.create({"redux_image": png_data_uri()})
+
+    with pytest.raises(ApiError) as info:  # the second is in flight now: refused, not retried
+        asyncio.run(refused())
+    assert info.value.status == 429 and waits == [2.0]

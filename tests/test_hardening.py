@@ -21,7 +21,7 @@ import pytest
 from fluxredux.api.errors import ErrorBody
 from fluxredux.config import Settings, is_loopback
 from fluxredux.errors import NotFound
-from fluxredux.storage import FileStore
+from fluxredux.storage import BlobNotFound, LocalBlobStore, new_key
 from tests.harness import Harness, free_port, png_data_uri, running_server
 
 FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
@@ -109,9 +109,10 @@ def test_domain_error_details_are_cut_short() -> None:
 
 
 def test_file_store_serves_regular_files_inside_its_root_only(tmp_path: Path) -> None:
-    store = FileStore(tmp_path / "files")
-    name = store.save(b"image", "png")
-    assert store.path(name) == store.root / name
+    store = LocalBlobStore(tmp_path / "files")
+    name = new_key("png")
+    store.put(name, b"image", "image/png")
+    assert store.exists(name) and store.get(name) == b"image"
     outside = tmp_path / "secret.png"
     outside.write_bytes(b"secret")
     links = {
@@ -123,15 +124,24 @@ def test_file_store_serves_regular_files_inside_its_root_only(tmp_path: Path) ->
     }
     for link, target in links.items():
         (store.root / link).symlink_to(target)
-        assert store.path(link) is None, link
+        assert not store.exists(link), link
+        with pytest.raises(BlobNotFound):
+            store.open(link)
     (store.root / "FFFFFFFFFFFFFFFFFFFFFF.png").mkdir()  # not a regular file
-    assert store.path("FFFFFFFFFFFFFFFFFFFFFF.png") is None
-    with pytest.raises(FileNotFoundError):
-        store.read("AAAAAAAAAAAAAAAAAAAAAA.png")
+    os.mkfifo(store.root / "GGGGGGGGGGGGGGGGGGGGGG.png")  # nor is a FIFO (nor may it block the read)
+    for other in ("FFFFFFFFFFFFFFFFFFFFFF.png", "GGGGGGGGGGGGGGGGGGGGGG.png"):
+        assert not store.exists(other)
+        with pytest.raises(BlobNotFound):
+            store.get(other)
+    with pytest.raises(BlobNotFound):
+        store.get("AAAAAAAAAAAAAAAAAAAAAA.png")
+    assert [blob.key for blob in store.list()] == [name]
+    store.delete(links)  # links are not blobs: not followed, not removed
+    assert (store.root / "BBBBBBBBBBBBBBBBBBBBBB.png").is_symlink() and outside.read_bytes() == b"secret"
 
 
 def test_a_link_in_the_files_dir_is_a_404(api: Harness) -> None:
-    (api.services.files.root / "AAAAAAAAAAAAAAAAAAAAAA.png").symlink_to("/etc/passwd")
+    (api.services.settings.files_dir / "AAAAAAAAAAAAAAAAAAAAAA.png").symlink_to("/etc/passwd")
     response = httpx.get(f"{api.url}/files/AAAAAAAAAAAAAAAAAAAAAA.png")
     assert response.status_code == 404
     assert b"root:" not in response.content

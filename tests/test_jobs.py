@@ -24,15 +24,16 @@ class FakeClock:
         return self.now
 
 
-BACKENDS: dict[str, Callable[[Path], JobStore]] = {
-    "sqlite": lambda tmp: SQLiteJobStore(tmp / "jobs.db"),
-    "memory": lambda tmp: MemoryJobStore(),
+# Each backend built on a directory and the clock its leases are stamped with.
+BACKENDS: dict[str, Callable[[Path, Callable[[], float]], JobStore]] = {
+    "sqlite": lambda tmp, clock: SQLiteJobStore(tmp / "jobs.db", clock=clock),
+    "memory": lambda tmp, clock: MemoryJobStore(clock=clock),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
-    backend = BACKENDS[request.param](tmp_path)
+def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[JobStore]:
+    backend = BACKENDS[request.param](tmp_path, clock)
     yield backend
     backend.close()
 
@@ -48,8 +49,8 @@ def events() -> list[Job]:
 
 
 @pytest.fixture
-def lifecycle(store: JobStore, clock: FakeClock, events: list[Job]) -> Lifecycle:
-    return Lifecycle(store, clock=clock, publish=events.append)
+def lifecycle(store: JobStore, events: list[Job]) -> Lifecycle:
+    return Lifecycle(store, publish=events.append)  # on the store's clock, as in production
 
 
 def make_job(clock: FakeClock, owner: str = "k1", **fields: object) -> Job:
@@ -99,11 +100,14 @@ def test_claim_takes_the_oldest_starting_job_once(store: JobStore, clock: FakeCl
     store.insert(second)
     store.insert(first)
 
-    def take(job: Job) -> Job:
-        return transition(job, Status.PROCESSING, clock.now)
-
-    assert [store.claim(take).id, store.claim(take).id] == [first.id, second.id]  # type: ignore[union-attr]
-    assert store.claim(take) is None
+    claimed = [store.claim("w1", 30), store.claim("w2", 30)]
+    assert [job.id for job in claimed if job] == [first.id, second.id]
+    assert [(job.status, job.lease_owner, job.attempt) for job in claimed if job] == [
+        (Status.PROCESSING, "w1", 1),
+        (Status.PROCESSING, "w2", 1),
+    ]
+    assert claimed[0] is not None and claimed[0].lease_expires_at == store.now() + 30
+    assert store.claim("w3", 30) is None
 
 
 def test_list_by_owner_is_newest_first_and_pages(store: JobStore, clock: FakeClock) -> None:
@@ -158,6 +162,16 @@ def test_create_if_under_capacity_is_atomic_under_concurrency(store: JobStore, c
         thread.join()
     assert sorted(outcomes) == [False] * 10 + [True] * 10
     assert store.count([Status.STARTING], owner="a") == 10
+
+
+def test_queue_position_counts_the_waiting_jobs_ahead(store: JobStore, clock: FakeClock) -> None:
+    jobs = [make_job(clock) for _ in range(3)]
+    for job in reversed(jobs):  # insertion order does not matter, creation order does
+        store.insert(job)
+    assert [store.queue_position(job.id) for job in jobs] == [0, 1, 2]
+    store.claim("w1", 30)
+    assert [store.queue_position(job.id) for job in jobs] == [None, 0, 1]  # running: not waiting
+    assert store.queue_position("missing") is None
 
 
 def test_check_writable_passes_on_a_healthy_store(store: JobStore) -> None:
@@ -261,6 +275,24 @@ def test_lost_worker_reruns_once_then_fails(lifecycle: Lifecycle, clock: FakeClo
     (failed,) = lifecycle.reap(max_attempts=2, dead_owners={"w2"})
     assert (failed.status, failed.error, failed.error_code) == (Status.FAILED, WORKER_LOST, "worker_lost")
     assert lifecycle.store.get(job.id) == failed
+
+
+def test_a_heartbeat_between_reap_lookup_and_update_keeps_the_job(
+    lifecycle: Lifecycle, clock: FakeClock
+) -> None:
+    """The reaper looks up expired leases, then updates each job: a heartbeat landing in
+    between must win, or a live worker's job would be run a second time."""
+    lifecycle.create(make_job(clock))
+    running = lifecycle.claim("w1", 30)
+    assert running is not None
+    clock.now += 31  # the lease ran out (a long GC pause, a slow disk)...
+    candidates = lifecycle.reap_candidates()
+    assert [c.id for c in candidates] == [running.id]
+    assert lifecycle.heartbeat(running, "w1", 30) is not None  # ...and the worker renews it now
+    assert lifecycle.recover(candidates[0], max_attempts=2) is None
+    current = lifecycle.store.get(running.id)
+    assert current is not None and current.status == Status.PROCESSING and current.lease_owner == "w1"
+    assert lifecycle.finish(running, "w1", Status.SUCCEEDED) is not None
 
 
 def test_heartbeat_keeps_a_lease_alive(lifecycle: Lifecycle, clock: FakeClock) -> None:

@@ -28,11 +28,17 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.ids: list[str] = []
         self.claimed: dict[str, Job] = {}  # what each worker believes it runs
         self.terminal: dict[str, Job] = {}  # first terminal state seen per job
+        self.pending_reap: tuple[list[Job], set[str]] = ([], set())
 
     @initialize(backend=st.sampled_from(["memory", "sqlite"]))
     def open_store(self, backend: str) -> None:
-        self.store = MemoryJobStore() if backend == "memory" else SQLiteJobStore(Path(mkdtemp()) / "jobs.db")
-        self.lifecycle = Lifecycle(self.store, clock=lambda: self.now)
+        clock = lambda: self.now  # noqa: E731
+        self.store = (
+            MemoryJobStore(clock=clock)
+            if backend == "memory"
+            else SQLiteJobStore(Path(mkdtemp()) / "jobs.db", clock=clock)
+        )
+        self.lifecycle = Lifecycle(self.store)
 
     @rule()
     def create(self) -> None:
@@ -92,6 +98,29 @@ class LifecycleMachine(RuleBasedStateMachine):
     def reap(self, dead: set[str]) -> None:
         self.lifecycle.reap(max_attempts=MAX_ATTEMPTS, dead_owners=dead)
 
+    # Reaping is a lookup, then one atomic update per job. Another process acts in between
+    # (a heartbeat extends the lease, the job finishes and is re-claimed...): these two
+    # rules let any other rule run between the lookup and the update.
+    @rule(dead=st.sets(st.sampled_from(WORKERS), max_size=2))
+    def reap_lookup(self, dead: set[str]) -> None:
+        self.pending_reap = (self.lifecycle.reap_candidates(dead_owners=dead), dead)
+
+    @rule()
+    def reap_apply(self) -> None:
+        candidates, dead = self.pending_reap
+        self.pending_reap = ([], set())
+        for candidate in candidates:
+            before = self.store.get(candidate.id)
+            assert before is not None
+            recovered = self.lifecycle.recover(candidate, max_attempts=MAX_ATTEMPTS, dead_owners=dead)
+            if recovered is not None:
+                # Only a job whose worker is gone may be taken: its lease ran out, or its
+                # owner is known dead, at the moment of the update, not of the lookup.
+                assert before.status == Status.PROCESSING and before.attempt == candidate.attempt
+                assert before.lease_owner in dead or (
+                    before.lease_expires_at is not None and before.lease_expires_at <= self.now
+                ), (candidate, before)
+
     @invariant()
     def terminal_states_never_change(self) -> None:
         for job_id in self.ids:
@@ -127,5 +156,5 @@ class LifecycleMachine(RuleBasedStateMachine):
             self.store.close()
 
 
-LifecycleMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+LifecycleMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 test_lifecycle_state_machine = LifecycleMachine.TestCase

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fluxredux.api.app import delete_expired
+from fluxredux.maintenance import delete_expired
 from fluxredux.shares import ShareStore
 from tests.harness import Harness, running_server
 

@@ -230,6 +230,9 @@ class Prediction(BaseModel):
     seed: int | None = None
     metrics: PredictionMetrics
     progress: PredictionProgress
+    queue_position: int | None = Field(
+        None, description="While it waits: how many accepted predictions will run before it (0: next)."
+    )
     safety: list[dict[str, Any]] = Field(default_factory=list, description="Per generated image.")
     demo: bool = Field(False, description="True when the demo model made it: the images are noise.")
     created_at: str

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,6 +20,7 @@ from fluxredux.api.services import Services
 from fluxredux.errors import PayloadTooLarge, StoreUnavailable
 from fluxredux.events import JobEvent
 from fluxredux.jobs.model import Status
+from fluxredux.maintenance import run_maintenance
 from fluxredux.web import STATIC_DIR
 
 log = logging.getLogger(__name__)
@@ -70,35 +70,6 @@ class BodyLimit:
             await errors.error_response(too_large)(scope, receive, send)
 
 
-async def maintenance(services: Services) -> None:
-    """Recover jobs of lost workers (expired leases), send webhooks that are due, and delete
-    what is past retention."""
-    settings = services.settings
-    last_cleanup = 0.0
-    while True:
-        try:
-            await asyncio.to_thread(services.lifecycle.reap, max_attempts=settings.max_attempts)
-            await services.webhooks.resume_pending()  # e.g. a terminal job read while the store was down
-            if time.monotonic() - last_cleanup > 600:
-                last_cleanup = time.monotonic()
-                await asyncio.to_thread(delete_expired, services)
-        except Exception:
-            log.exception("maintenance failed")
-        await asyncio.sleep(min(10.0, settings.lease_seconds / 3))
-
-
-def delete_expired(services: Services, now: float | None = None) -> int:
-    """Delete finished predictions older than the retention, with their files."""
-    cutoff = (now or time.time()) - services.settings.retention_hours * 3600
-    expired = services.store.find(completed_before=cutoff, limit=10_000)
-    for job in expired:
-        services.files.delete([*job.output, *([job.input_file] if job.input_file else [])])
-    services.shares.delete_for_predictions(job.id for job in expired)  # their links die with them
-    services.store.delete(job.id for job in expired)
-    services.files.delete_older_than(cutoff)  # uploads that no prediction used
-    return len(expired)
-
-
 def create_app(services: Services) -> FastAPI:
     pending: set[asyncio.Task[None]] = set()  # strong references until each task is done
 
@@ -133,7 +104,7 @@ def create_app(services: Services) -> FastAPI:
         services.notifier.bind(loop)
         services.notifier.listen(on_event)
         await services.webhooks.resume_pending()
-        background = asyncio.create_task(maintenance(services))
+        background = asyncio.create_task(run_maintenance(services))
         try:
             yield
         finally:

@@ -2,7 +2,8 @@
 
 Whatever the source (upload id, data: URI, http(s) URL), the image is decoded once here
 so a bad image is a 400 now rather than a failed prediction later, then stored as an
-input file the worker reads.
+input blob the worker reads. A URL or data: URI is stored as a copy of this prediction's
+own; an upload is used in place (and kept by its own retention, see fluxredux.uploads).
 """
 
 from __future__ import annotations
@@ -14,17 +15,16 @@ from dataclasses import dataclass
 from PIL import Image
 
 from fluxredux.errors import ImageError, StorageError
+from fluxredux.formats import INPUT_FORMATS
 from fluxredux.images import DecodeLimits, decode_image, parse_data_uri
 from fluxredux.net import SafeFetcher
-from fluxredux.storage import FileStore
-
-_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif"}
-_CONTENT_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, is_valid_id, key_id, new_key
+from fluxredux.uploads import UploadStore
 
 
 @dataclass(frozen=True)
 class StoredImage:
-    name: str  # file name in the FileStore
+    name: str  # the blob's key
     width: int
     height: int
     content_type: str
@@ -33,7 +33,7 @@ class StoredImage:
 
     @property
     def file_id(self) -> str:
-        return self.name.split(".", 1)[0]
+        return key_id(self.name)
 
 
 def _probe(data: bytes, limits: DecodeLimits) -> tuple[str, int, int]:
@@ -44,37 +44,47 @@ def _probe(data: bytes, limits: DecodeLimits) -> tuple[str, int, int]:
 
 
 async def check_and_store(
-    data: bytes, files: FileStore, limits: DecodeLimits, name: str | None = None
+    data: bytes, blobs: BlobStore, limits: DecodeLimits, name: str | None = None
 ) -> StoredImage:
-    """Validate (in a thread: decoding is CPU work) and store the original bytes."""
+    """Validate (in a thread: decoding is CPU work) and store the original bytes, unless
+    they are already stored as ``name``."""
     fmt, width, height = await asyncio.to_thread(_probe, data, limits)
+    image_format = INPUT_FORMATS[fmt]
     saved_now = name is None
     if name is None:
+        name = new_key(image_format.extension)
         try:
-            name = await asyncio.to_thread(files.save, data, _EXTENSIONS[fmt])
-        except OSError as exc:  # a full or read-only disk is the server's problem: 503, not 500
-            raise StorageError(f"the image could not be stored ({exc.strerror or exc}); retry later") from exc
+            await asyncio.to_thread(blobs.put, name, data, image_format.content_type)
+        except BlobStoreError as exc:  # a full or read-only disk is the server's problem: 503, not 500
+            raise StorageError(f"the image could not be stored ({exc.reason}); retry later") from exc
     return StoredImage(
         name=name,
         width=width,
         height=height,
-        content_type=_CONTENT_TYPES[fmt],
+        content_type=image_format.content_type,
         size=len(data),
         saved_now=saved_now,
     )
 
 
 async def resolve_reference(
-    ref: str, files: FileStore, fetcher: SafeFetcher, limits: DecodeLimits
+    ref: str, blobs: BlobStore, uploads: UploadStore, fetcher: SafeFetcher, limits: DecodeLimits
 ) -> StoredImage:
     if ref[:5].lower() == "data:":
-        return await check_and_store(parse_data_uri(ref, limits.max_bytes), files, limits)
+        return await check_and_store(parse_data_uri(ref, limits.max_bytes), blobs, limits)
     if ref[:7].lower() == "http://" or ref[:8].lower() == "https://":
-        return await check_and_store(await fetcher.fetch(ref), files, limits)
-    name = files.find(ref)
-    path = files.path(name) if name else None
-    if name is None or path is None:
+        return await check_and_store(await fetcher.fetch(ref), blobs, limits)
+    # An upload id: found among uploads only, and marked as used now, which keeps it for
+    # another retention period (and keeps a retention round from deleting it meanwhile).
+    upload = await asyncio.to_thread(uploads.use, ref) if is_valid_id(ref) else None
+    data = None
+    if upload is not None:
+        try:
+            data = await asyncio.to_thread(blobs.get, upload.key)
+        except BlobNotFound:
+            data = None
+    if upload is None or data is None:
         raise ImageError(
             "image_file_not_found", f"no uploaded file with id '{ref}' (expired or never uploaded)"
         )
-    return await check_and_store(await asyncio.to_thread(path.read_bytes), files, limits, name=name)
+    return await check_and_store(data, blobs, limits, name=upload.key)

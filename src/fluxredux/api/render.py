@@ -27,7 +27,7 @@ def file_url(base_url: str, name: str) -> str:
     return f"{base_url}/files/{name}"
 
 
-def render(job: Job, base_url: str) -> Prediction:
+def render(job: Job, base_url: str, queue_position: int | None = None) -> Prediction:
     base_url = base_url.rstrip("/")
     urls = [file_url(base_url, name) for name in job.output]
     output: str | list[str] | None = None
@@ -56,6 +56,7 @@ def render(job: Job, base_url: str) -> Prediction:
             "seed": job.seed,
             "metrics": metrics,
             "progress": {"step": job.progress_step, "total": total},
+            "queue_position": queue_position if job.status == Status.STARTING else None,
             "safety": job.extra.get("safety", []),
             "demo": bool(job.extra.get("demo", False)),
             "created_at": _iso(job.created_at),

@@ -7,18 +7,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fluxredux.api.limits import SlidingWindowLimiter
 from fluxredux.api.metrics import Metrics
 from fluxredux.api.render import render
 from fluxredux.config import Settings
 from fluxredux.events import JobEvent, Notifier
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore
+from fluxredux.jobs.limits import MemoryRateLimiter, RateLimiter
 from fluxredux.jobs.store import JobStore
 from fluxredux.keys import KeyStore
 from fluxredux.net import FetchPolicy, SafeFetcher
 from fluxredux.shares import ShareStore
-from fluxredux.storage import FileStore
+from fluxredux.storage import BlobStore, blob_store
+from fluxredux.uploads import UploadStore
 from fluxredux.webhooks import WebhookPolicy, WebhookSender
 from fluxredux.worker.monitor import WorkerMonitor
 
@@ -30,13 +31,14 @@ class Services:
     lifecycle: Lifecycle
     keys: KeyStore
     shares: ShareStore
-    files: FileStore
+    blobs: BlobStore  # inputs and outputs
+    uploads: UploadStore
     notifier: Notifier
     fetcher: SafeFetcher
     webhooks: WebhookSender
     metrics: Metrics
-    creations: SlidingWindowLimiter
-    reads: SlidingWindowLimiter
+    creations: RateLimiter
+    reads: RateLimiter
     # Whoever runs the models: the supervisor of a worker process, or a thread in tests.
     workers: WorkerMonitor
 
@@ -48,6 +50,7 @@ class Services:
         self.store.close()
         self.keys.close()
         self.shares.close()
+        self.uploads.close()
 
 
 # Builds the worker monitor from the store's lifecycle and the job-change notifier.
@@ -62,11 +65,11 @@ def build_services(
     clock: Callable[[], float] = time.time,
 ) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SQLiteJobStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds)
-    notifier = Notifier()
-    lifecycle = Lifecycle(
-        store, clock=clock, publish=lambda job: notifier.publish(JobEvent(job.id, job.status.value))
+    store = SQLiteJobStore(
+        settings.database_path, busy_timeout=settings.store_busy_timeout_seconds, clock=clock
     )
+    notifier = Notifier()
+    lifecycle = Lifecycle(store, publish=lambda job: notifier.publish(JobEvent(job.id, job.status.value)))
     fetcher = fetcher or SafeFetcher(
         FetchPolicy(
             max_bytes=settings.max_image_bytes,
@@ -96,12 +99,13 @@ def build_services(
         lifecycle=lifecycle,
         keys=KeyStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
         shares=ShareStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
-        files=FileStore(settings.files_dir),
+        blobs=blob_store(settings),
+        uploads=UploadStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
         notifier=notifier,
         fetcher=fetcher,
         webhooks=webhooks,
         metrics=Metrics(store),
         workers=workers(settings, lifecycle, notifier),
-        creations=SlidingWindowLimiter(settings.rate_limit_per_minute),
-        reads=SlidingWindowLimiter(settings.read_limit_per_minute),
+        creations=MemoryRateLimiter(settings.rate_limit_per_minute),
+        reads=MemoryRateLimiter(settings.read_limit_per_minute),
     )

@@ -5,13 +5,21 @@
     prediction = client.run({"redux_image": Path("photo.jpg"), "aspect_ratio": "16:9"})
     print(prediction.output)
 
+A request answered 429 (over a limit) or 503 (busy, or no worker yet) with a Retry-After
+header is sent again after that many seconds: at most ``retries`` times (default 3) and
+at most ``max_retry_wait`` seconds waited in all (default 60) per call; ``retries=0``
+turns this off. Then the last answer raises ApiError as any other error does.
+
 Imports only httpx, pydantic and fluxredux.schema/errors: no torch, no server code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +32,15 @@ __all__ = ["ApiError", "AsyncFluxRedux", "FluxRedux"]
 
 TERMINAL = frozenset({"success", "error", "cancelled"})
 LONG_POLL = 55.0  # seconds per ?wait= request; the server allows up to 60
+# Answers that mean "nothing was done; try again later". Retrying them is safe for every
+# request this client sends, a create included: the server refuses a create over a limit,
+# with a full queue or without a worker before it stores anything (the insert itself is
+# the capacity check), so a refused create created nothing and cannot run twice.
+RETRY_STATUSES = frozenset({429, 503})
+
+# Replaced in tests, to count the waits without spending them.
+_sleep = time.sleep
+_async_sleep = asyncio.sleep
 
 
 class ApiError(FluxReduxError):
@@ -47,6 +64,46 @@ def _raise_for(response: httpx.Response) -> None:
     raise ApiError(response.status_code, body if isinstance(body, dict) else {"error": str(body)})
 
 
+def _retry_after(response: httpx.Response) -> float | None:
+    """The Retry-After header in seconds (delta-seconds or an HTTP date), if it has one."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+class _RetryBudget:
+    """One call's retries: how many are left, and how many seconds may still be waited."""
+
+    def __init__(self, retries: int, max_wait: float) -> None:
+        self.retries = retries
+        self.wait_left = max_wait
+
+    def delay(self, response: httpx.Response) -> float | None:
+        """Seconds to wait before sending the request again, or None to give up now.
+
+        Only a 429/503 that says when to come back is retried: without Retry-After there is
+        no telling whether a retry could succeed. A wait longer than the budget left is not
+        started at all, so the caller hears at once rather than after a futile sleep."""
+        if response.status_code not in RETRY_STATUSES or self.retries <= 0:
+            return None
+        delay = _retry_after(response)
+        if delay is None or delay > self.wait_left:
+            return None
+        self.retries -= 1
+        return delay
+
+
 def _body(inputs: Mapping[str, Any], webhook_url: str | None, webhook_secret: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"model": MODEL_NAME, "version": MODEL_VERSION, "input": dict(inputs)}
     if webhook_url:
@@ -67,12 +124,26 @@ def _headers(api_key: str) -> dict[str, str]:
 
 
 class FluxRedux:
-    """Synchronous client."""
+    """Synchronous client.
 
-    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0, **httpx_options: Any) -> None:
+    ``retries``: how many times one call is re-sent after a 429/503 with Retry-After
+    (0: never); ``max_retry_wait``: the most seconds one call spends waiting for them."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        max_retry_wait: float = 60.0,
+        **httpx_options: Any,
+    ) -> None:
         self._http = httpx.Client(
             base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout, **httpx_options
         )
+        self.retries = retries
+        self.max_retry_wait = max_retry_wait
 
     def __enter__(self) -> FluxRedux:
         return self
@@ -84,9 +155,14 @@ class FluxRedux:
         self._http.close()
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, url, **kwargs)
-        _raise_for(response)
-        return response
+        budget = _RetryBudget(self.retries, self.max_retry_wait)
+        while True:
+            response = self._http.request(method, url, **kwargs)
+            delay = budget.delay(response)
+            if delay is None:
+                _raise_for(response)
+                return response
+            _sleep(delay)
 
     def upload(self, source: Path | bytes) -> UploadedFile:
         return UploadedFile.model_validate(
@@ -147,12 +223,23 @@ class FluxRedux:
 
 
 class AsyncFluxRedux:
-    """Asynchronous client: the same methods, awaited."""
+    """Asynchronous client: the same methods and options, awaited."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0, **httpx_options: Any) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        retries: int = 3,
+        max_retry_wait: float = 60.0,
+        **httpx_options: Any,
+    ) -> None:
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), headers=_headers(api_key), timeout=timeout, **httpx_options
         )
+        self.retries = retries
+        self.max_retry_wait = max_retry_wait
 
     async def __aenter__(self) -> AsyncFluxRedux:
         return self
@@ -164,9 +251,14 @@ class AsyncFluxRedux:
         await self._http.aclose()
 
     async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        response = await self._http.request(method, url, **kwargs)
-        _raise_for(response)
-        return response
+        budget = _RetryBudget(self.retries, self.max_retry_wait)
+        while True:
+            response = await self._http.request(method, url, **kwargs)
+            delay = budget.delay(response)
+            if delay is None:
+                _raise_for(response)
+                return response
+            await _async_sleep(delay)
 
     async def upload(self, source: Path | bytes) -> UploadedFile:
         response = await self._request("POST", "/v1/files", files=_upload_parts(source))

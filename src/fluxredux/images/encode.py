@@ -17,8 +17,11 @@ import io
 import numpy as np
 from PIL import Image
 
-EXTENSIONS = {"webp": "webp", "jpg": "jpg", "png": "png"}
-CONTENT_TYPES = {"webp": "image/webp", "jpg": "image/jpeg", "png": "image/png"}
+from fluxredux.formats import OUTPUT_FORMATS
+
+# By output_format, from the one formats table.
+EXTENSIONS = {name: f.extension for name, f in OUTPUT_FORMATS.items()}
+CONTENT_TYPES = {name: f.content_type for name, f in OUTPUT_FORMATS.items()}
 WEBP_METHOD = 2
 PNG_COMPRESS_LEVEL = 1
 

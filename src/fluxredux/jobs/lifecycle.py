@@ -9,12 +9,14 @@ is published (long-poll wake-ups, webhooks, metrics).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from fluxredux.jobs.model import IN_FLIGHT, Job, Status
 from fluxredux.jobs.store import Capacity, JobStore
+from fluxredux.jobs.transitions import InvalidTransition, transition
+
+__all__ = ["WORKER_LOST", "InvalidTransition", "Lifecycle", "transition"]
 
 log = logging.getLogger(__name__)
 
@@ -23,40 +25,15 @@ Clock = Callable[[], float]
 
 WORKER_LOST = "the worker running this prediction stopped unexpectedly (worker lost); please retry"
 
-_ALLOWED = {
-    Status.STARTING: {Status.PROCESSING, Status.CANCELED},
-    Status.PROCESSING: {Status.SUCCEEDED, Status.FAILED, Status.CANCELED, Status.STARTING},
-}
-
-
-class InvalidTransition(RuntimeError):
-    pass
-
-
-def transition(job: Job, to: Status, now: float, **fields: Any) -> Job:
-    """The one place a job's status changes: checks the move, stamps times, queues webhooks."""
-    if to not in _ALLOWED.get(job.status, set()):
-        raise InvalidTransition(f"{job.id}: {job.status.value} -> {to.value} is not allowed")
-    job.status = to
-    for name, value in fields.items():
-        setattr(job, name, value)
-    if to == Status.PROCESSING and job.started_at is None:
-        job.started_at = now
-    if to.is_terminal:
-        job.completed_at = now
-        job.lease_owner = job.lease_expires_at = None
-        if job.webhook_url:
-            job.webhook_state = "pending"
-    if to == Status.STARTING:  # back in the queue after a lost worker
-        job.lease_owner = job.lease_expires_at = None
-        job.progress_step = 0
-    return job
-
 
 class Lifecycle:
-    def __init__(self, store: JobStore, *, clock: Clock = time.time, publish: Publish | None = None) -> None:
+    def __init__(
+        self, store: JobStore, *, clock: Clock | None = None, publish: Publish | None = None
+    ) -> None:
         self.store = store
-        self.clock = clock
+        # The store's clock by default: leases are compared across machines, so they are
+        # stamped by one clock (the store's), never by each worker's own.
+        self.clock = clock or store.now
         self._publish = publish or (lambda job: None)
 
     def _emit(self, job: Job | None) -> Job | None:
@@ -80,15 +57,8 @@ class Lifecycle:
         return capacity
 
     def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
-        now = self.clock()
-
-        def start(job: Job) -> Job:
-            job.attempt += 1
-            return transition(
-                job, Status.PROCESSING, now, lease_owner=worker_id, lease_expires_at=now + lease_seconds
-            )
-
-        return self._emit(self.store.claim(start))
+        """Take the oldest waiting job, leased to ``worker_id`` (one atomic store operation)."""
+        return self._emit(self.store.claim(worker_id, lease_seconds))
 
     def heartbeat(
         self,
@@ -146,37 +116,58 @@ class Lifecycle:
         job = self.store.get(job_id)
         return job is None or job.cancel_requested or job.is_terminal
 
-    def reap(self, *, max_attempts: int, dead_owners: Iterable[str] | None = None) -> list[Job]:
+    def reap(self, *, max_attempts: int, dead_owners: Iterable[str] = ()) -> list[Job]:
         """Jobs whose worker is gone (lease expired, or its owner known dead): re-run
         once, then fail as "worker lost". Nothing stays processing forever."""
-        now = self.clock()
-        dead = set(dead_owners or ())
-        candidates = self.store.find([Status.PROCESSING], lease_expired_at=now)
-        if dead:
-            candidates += [j for j in self.store.find([Status.PROCESSING]) if j.lease_owner in dead]
+        dead = set(dead_owners)
         reaped = []
-        for candidate in {j.id: j for j in candidates}.values():
-
-            def recover(current: Job, owner: str | None = candidate.lease_owner) -> Job | None:
-                if current.status != Status.PROCESSING or current.lease_owner != owner:
-                    return None  # moved on since we looked
-                if current.cancel_requested:
-                    return transition(current, Status.CANCELED, now)
-                if current.attempt < max_attempts:
-                    return transition(current, Status.STARTING, now)
-                return transition(current, Status.FAILED, now, error=WORKER_LOST, error_code="worker_lost")
-
-            job = self._emit(self.store.update(candidate.id, recover))
+        for candidate in self.reap_candidates(dead_owners=dead):
+            job = self.recover(candidate, max_attempts=max_attempts, dead_owners=dead)
             if job is not None:
                 log.warning("prediction %s: worker lost -> %s", job.id, job.status.value)
                 reaped.append(job)
         return reaped
+
+    def reap_candidates(self, *, dead_owners: Iterable[str] = ()) -> list[Job]:
+        """What looks reapable now; ``recover`` decides again, atomically, per job."""
+        dead = set(dead_owners)
+        candidates = self.store.find([Status.PROCESSING], lease_expired_at=self.clock())
+        if dead:
+            candidates += [j for j in self.store.find([Status.PROCESSING]) if j.lease_owner in dead]
+        return list({j.id: j for j in candidates}.values())
+
+    def recover(self, candidate: Job, *, max_attempts: int, dead_owners: Iterable[str] = ()) -> Job | None:
+        """Take ``candidate`` back from its lost worker, if it is still lost *now*.
+
+        Between the lookup and this update its worker may have renewed the lease, or the
+        job may have ended and been claimed again: everything that made it a candidate is
+        checked again inside the atomic update (same attempt, same owner, and the lease
+        expired or the owner dead), so a live worker never loses its job to a second run."""
+        now = self.clock()
+        dead = set(dead_owners)
+
+        def take_back(current: Job) -> Job | None:
+            if not _owned(current, candidate.lease_owner or "", candidate.attempt):
+                return None
+            expired = current.lease_expires_at is not None and current.lease_expires_at <= now
+            if not expired and current.lease_owner not in dead:
+                return None
+            if current.cancel_requested:
+                return transition(current, Status.CANCELED, now)
+            if current.attempt < max_attempts:
+                return transition(current, Status.STARTING, now)
+            return transition(current, Status.FAILED, now, error=WORKER_LOST, error_code="worker_lost")
+
+        return self._emit(self.store.update(candidate.id, take_back))
 
     def in_flight(self, owner: str) -> int:
         return self.store.count(IN_FLIGHT, owner=owner)
 
     def queue_depth(self) -> int:
         return self.store.count([Status.STARTING])
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self.store.queue_position(job_id)
 
 
 def _owned(job: Job, worker_id: str, attempt: int) -> bool:

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from fluxredux.jobs.model import IN_FLIGHT, Job, Status
 from fluxredux.jobs.store import Capacity, Change
+from fluxredux.jobs.transitions import start_attempt
 
 
 class MemoryJobStore:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
 
@@ -50,12 +53,27 @@ class MemoryJobStore:
             current = self._jobs.get(job_id)
             return self._apply(current, change) if current else None
 
-    def claim(self, change: Change) -> Job | None:
+    def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
+        now = self.now()
         with self._lock:
-            waiting = [j for j in self._jobs.values() if j.status == Status.STARTING]
+            waiting = self._sorted(j for j in self._jobs.values() if j.status == Status.STARTING)
             if not waiting:
                 return None
-            return self._apply(min(waiting, key=lambda j: (j.created_at, j.id)), change)
+            return self._apply(waiting[0], lambda job: start_attempt(job, worker_id, now, lease_seconds))
+
+    def now(self) -> float:
+        return self._clock()
+
+    def queue_position(self, job_id: str) -> int | None:
+        with self._lock:
+            me = self._jobs.get(job_id)
+            if me is None or me.status != Status.STARTING:
+                return None
+            return sum(
+                1
+                for j in self._jobs.values()
+                if j.status == Status.STARTING and (j.created_at, j.id) < (me.created_at, me.id)
+            )
 
     def _sorted(self, jobs: Iterable[Job], newest_first: bool = False) -> list[Job]:
         return sorted(jobs, key=lambda j: (j.created_at, j.id), reverse=newest_first)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
 from fluxredux.jobs.model import IN_FLIGHT, Job, Status
 from fluxredux.jobs.store import Capacity, Change
+from fluxredux.jobs.transitions import start_attempt
 
 _COLUMNS = (
     "id",
@@ -61,8 +63,16 @@ _IN_FLIGHT = tuple(s.value for s in IN_FLIGHT)
 
 
 class SQLiteJobStore:
-    def __init__(self, path: Path | str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
+        # One file on one machine: the local clock is every process's clock.
+        self._clock = clock
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Job]:
         return [_from_row(row[0]) for row in self._db.rows(sql, params)]
@@ -104,13 +114,30 @@ class SQLiteJobStore:
             row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
             return self._apply(db, _from_row(row[0]), change) if row else None
 
-    def claim(self, change: Change) -> Job | None:
+    def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
+        now = self.now()
         with self._db.transaction() as db:
             row = db.execute(
                 "SELECT data FROM jobs WHERE status = ? ORDER BY created_at, id LIMIT 1",
                 (Status.STARTING.value,),
             ).fetchone()
-            return self._apply(db, _from_row(row[0]), change) if row else None
+            if row is None:
+                return None
+            return self._apply(
+                db, _from_row(row[0]), lambda job: start_attempt(job, worker_id, now, lease_seconds)
+            )
+
+    def now(self) -> float:
+        return self._clock()
+
+    def queue_position(self, job_id: str) -> int | None:
+        rows = self._db.rows(
+            "SELECT (SELECT COUNT(*) FROM jobs AS ahead WHERE ahead.status = ? AND "
+            "(ahead.created_at < me.created_at OR (ahead.created_at = me.created_at AND ahead.id < me.id))) "
+            "FROM jobs AS me WHERE me.id = ? AND me.status = ?",
+            (Status.STARTING.value, job_id, Status.STARTING.value),
+        )
+        return int(rows[0][0]) if rows else None
 
     def list_by_owner(self, owner: str, limit: int, before: float | None = None) -> list[Job]:
         return self._query(

@@ -1,9 +1,11 @@
 """The job store contract: a small protocol every backend implements.
 
 Backends only store and atomically update jobs; what a valid change is (the state
-machine) lives in ``lifecycle.py`` and is applied through ``update``/``claim``, so every
-backend enforces the same rules. One contract test suite runs against each backend.
-Operational failures (unreachable, locked, full) are raised as ``StoreUnavailable``.
+machine) lives in ``transitions.py`` and is applied through ``update`` (a compare-and-set:
+the change sees the current job and may refuse it, e.g. when the owner or attempt no
+longer match) and the fixed operation ``claim``, so every backend enforces the same
+rules. One contract test suite runs against each backend. Operational failures
+(unreachable, locked, full) are raised as ``StoreUnavailable``.
 """
 
 from __future__ import annotations
@@ -42,8 +44,16 @@ class JobStore(Protocol):
         Returns None when the job does not exist or ``change`` returned None.
         """
 
-    def claim(self, change: Change) -> Job | None:
-        """Atomically apply ``change`` to the oldest STARTING job, if any."""
+    def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
+        """Atomically take the oldest STARTING job: its next attempt, leased to ``worker_id``
+        for ``lease_seconds`` of this store's clock (``transitions.start_attempt``)."""
+
+    def now(self) -> float:
+        """This store's clock (unix seconds). Leases are stamped and compared with it only,
+        so workers on machines whose clocks disagree still agree on who holds a lease."""
+
+    def queue_position(self, job_id: str) -> int | None:
+        """How many STARTING jobs would be claimed before this one; None unless it waits."""
 
     def list_by_owner(self, owner: str, limit: int, before: float | None = None) -> list[Job]:
         """The owner's jobs, newest first, created strictly before ``before``."""

@@ -24,7 +24,7 @@ from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore
 from fluxredux.logs import quiet_libraries
 from fluxredux.safety import SafetyChecker
-from fluxredux.storage import FileStore
+from fluxredux.storage import blob_store
 from fluxredux.worker.loop import Worker, WorkerConfig
 from fluxredux.worker.predictor import ImageModel, Predictor
 
@@ -92,7 +92,7 @@ def main() -> None:
     worker = Worker(
         Lifecycle(store, publish=events.job_changed),
         Predictor(model, checker),
-        FileStore(settings.files_dir),
+        blob_store(settings),
         WorkerConfig(
             worker_id=worker_id,
             lease_seconds=settings.lease_seconds,

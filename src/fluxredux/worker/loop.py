@@ -21,11 +21,12 @@ from typing import Any
 from PIL import Image
 
 from fluxredux.errors import FluxReduxError, PredictionCancelled, StorageError, StoreUnavailable
+from fluxredux.formats import PNG
 from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.jobs.lifecycle import Lifecycle
 from fluxredux.jobs.model import Job, Status
 from fluxredux.schema import PredictionInput
-from fluxredux.storage import FileStore
+from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, new_key
 from fluxredux.worker.predictor import PredictionResult, Predictor
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,13 @@ class Worker:
         self,
         lifecycle: Lifecycle,
         predictor: Predictor,
-        files: FileStore,
+        blobs: BlobStore,
         config: WorkerConfig,
         report_storage: StorageReport = lambda problem: None,
     ) -> None:
         self.lifecycle = lifecycle
         self.predictor = predictor
-        self.files = files
+        self.blobs = blobs
         self.config = config
         self.report_storage = report_storage
         self.wakeup = threading.Event()
@@ -142,13 +143,13 @@ class Worker:
         if job.input_file is None:
             raise FluxReduxError("the prediction has no stored reference image")
         try:
-            data = self.files.read(job.input_file)
-        except FileNotFoundError:
+            data = self.blobs.get(job.input_file)
+        except BlobNotFound:
             raise FluxReduxError(
                 "the reference image is no longer stored; create the prediction again"
             ) from None
-        except OSError as exc:
-            raise StorageError(f"the reference image could not be read from storage: {exc}") from exc
+        except BlobStoreError as exc:
+            raise StorageError(f"the reference image could not be read from storage: {exc.reason}") from exc
         return decode_image(data, self.config.decode_limits)
 
     def _progress(self, job: Job, step: int, total: int) -> None:
@@ -169,16 +170,16 @@ class Worker:
         """Write every output, or none: one retry after a pause, then StorageError."""
         try:
             names = self._save_all(result)
-        except OSError as first:
-            log.warning("writing outputs failed (%s); retrying once", first)
+        except BlobStoreError as first:
+            log.warning("writing outputs failed (%s); retrying once", first.reason)
             time.sleep(self.config.storage_retry_seconds)
             try:
                 names = self._save_all(result)
-            except OSError as exc:
+            except BlobStoreError as exc:
                 self._failed_write_size = max(len(o.data) for o in result.outputs)
-                self._set_storage_problem(f"outputs could not be written: {exc}")
+                self._set_storage_problem(f"outputs could not be written: {exc.reason}")
                 raise StorageError(
-                    f"the images were generated but could not be stored ({exc.strerror or exc}); "
+                    f"the images were generated but could not be stored ({exc.reason}); "
                     "the server's storage is full or not writable"
                 ) from exc
         self._set_storage_problem(None)
@@ -188,9 +189,11 @@ class Worker:
         names: list[str] = []
         try:
             for output in result.outputs:
-                names.append(self.files.save(output.data, output.extension))
-        except OSError:
-            self.files.delete(names)  # no half-stored results
+                name = new_key(output.extension)
+                self.blobs.put(name, output.data, output.content_type)
+                names.append(name)
+        except BlobStoreError:
+            self.blobs.delete(names)  # no half-stored results
             raise
         return names
 
@@ -211,10 +214,11 @@ class Worker:
             return
         self._last_probe = now
         try:
-            name = self.files.save(bytes(self._failed_write_size), "png")
-            self.files.delete([name])
-        except OSError as exc:
-            log.debug("storage still failing: %s", exc)
+            name = new_key(PNG.extension)
+            self.blobs.put(name, bytes(self._failed_write_size), PNG.content_type)
+            self.blobs.delete([name])
+        except BlobStoreError as exc:
+            log.debug("storage still failing: %s", exc.reason)
             return
         self._set_storage_problem(None)
 
@@ -258,4 +262,4 @@ class Worker:
             progress_step=job.input.get("num_inference_steps", 4),
         )
         if finished is None:  # lost the job meanwhile (reaped, canceled): drop our files
-            self.files.delete(names)
+            self.blobs.delete(names)

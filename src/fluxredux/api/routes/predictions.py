@@ -25,7 +25,7 @@ from fluxredux.errors import (
     StoreUnavailable,
     UnknownModel,
 )
-from fluxredux.jobs import Job, new_id
+from fluxredux.jobs import Job, Status, new_id
 from fluxredux.jobs.store import Capacity
 from fluxredux.keys import ApiKey
 from fluxredux.net import check_url_shape
@@ -87,7 +87,7 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
         await check_webhook_target(services, body.webhook_url)
     services.creations.hit(key.id, "prediction creations")
     stored = await resolve_reference(
-        body.input.redux_image, services.files, services.fetcher, services.decode_limits
+        body.input.redux_image, services.blobs, services.uploads, services.fetcher, services.decode_limits
     )
     job_input = body.input.model_dump(mode="json")
     if not body.input.redux_image.startswith(("http://", "https://")):
@@ -116,7 +116,7 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
             raise capacity_error(settings, capacity) or QueueFull("the server's queue is full; try again")
     except FluxReduxError:
         if stored.saved_now:  # refused: the copy made for this request goes (an upload stays)
-            await asyncio.to_thread(services.files.delete, [stored.name])
+            await asyncio.to_thread(services.blobs.delete, [stored.name])
         raise
     services.workers.wake()
     return job
@@ -164,7 +164,7 @@ async def run_prediction(
         finished = await wait_until_done(services, job.id, services.settings.sync_wait_seconds)
     except StoreUnavailable:
         finished = None  # accepted all the same: answer with it, so a retry does not duplicate it
-    return render(finished or job, base)
+    return render(finished or job, base)  # no queue position: it may be gone by now
 
 
 @router.get("/", response_model=PredictionList, summary="Your predictions, newest first")
@@ -203,7 +203,15 @@ async def get_prediction(
             await wait_until_done(services, prediction_id, min(wait, services.settings.sync_wait_seconds))
             or job
         )
-    return render(job, base)
+    return await render_live(services, job, base)
+
+
+async def render_live(services: Services, job: Job, base: str) -> Prediction:
+    """The prediction with what only the store knows now: its place in the queue."""
+    position = None
+    if job.status == Status.STARTING:
+        position = await asyncio.to_thread(services.lifecycle.queue_position, job.id)
+    return render(job, base, queue_position=position)
 
 
 @router.post("/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Response
@@ -13,7 +12,7 @@ from pydantic import BaseModel
 from fluxredux.api.deps import ServicesDep, get_api_key
 from fluxredux.api.errors import error_responses
 from fluxredux.api.services import Services
-from fluxredux.errors import NotFound, StoreUnavailable
+from fluxredux.errors import NotFound, StorageError, StoreUnavailable
 
 
 class NotReady(BaseModel):
@@ -50,11 +49,9 @@ def readiness_problems(services: Services) -> list[str]:
     except StoreUnavailable as exc:
         problems.append(exc.message)
     try:  # a tiny real write: a read-only or full disk fails here
-        with tempfile.NamedTemporaryFile(dir=services.files.root, prefix=".ready-") as probe:
-            probe.write(b"ready")
-            probe.flush()
-    except OSError as exc:
-        problems.append(f"the file storage cannot be written ({exc.strerror or exc})")
+        services.blobs.check_writable()
+    except StorageError as exc:
+        problems.append(exc.message)
     return problems
 
 

@@ -374,7 +374,11 @@ function watch(id) {
       state.pollTimer = setTimeout(poll, 1000);
       return;
     }
-    if (prediction.status === "starting") setStatus("Queued…", { step: 0, total: prediction.progress.total });
+    if (prediction.status === "starting") {
+      const ahead = prediction.queue_position;
+      const place = ahead === null || ahead === undefined ? "" : ahead === 0 ? " (next)" : ` (${ahead} ahead)`;
+      setStatus(`Queued${place}…`, { step: 0, total: prediction.progress.total });
+    }
     if (prediction.status === "processing") {
       const { step, total } = prediction.progress;
       setStatus(`Step ${step} of ${total}`, prediction.progress);

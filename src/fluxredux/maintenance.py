@@ -1,0 +1,60 @@
+"""Housekeeping beside the API: recover the jobs of lost workers, send webhooks that are
+due, and delete what is past retention.
+
+Retention decides from stored records only (a prediction's completion time, an upload's
+last use), never from file times: a blob store spread over machines has no trustworthy
+file times, and a shared upload must outlive the first prediction that expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fluxredux.api.services import Services
+
+log = logging.getLogger(__name__)
+
+RETENTION_INTERVAL_SECONDS = 600.0  # deleting is cheap but need not be prompt
+
+
+async def run_maintenance(services: Services) -> None:
+    """Runs until cancelled; one failing round is logged and the next one tries again."""
+    settings = services.settings
+    last_cleanup = 0.0
+    while True:
+        try:
+            await asyncio.to_thread(services.lifecycle.reap, max_attempts=settings.max_attempts)
+            await services.webhooks.resume_pending()  # e.g. a terminal job read while the store was down
+            if time.monotonic() - last_cleanup > RETENTION_INTERVAL_SECONDS:
+                last_cleanup = time.monotonic()
+                await asyncio.to_thread(delete_expired, services)
+        except Exception:
+            log.exception("maintenance failed")
+        await asyncio.sleep(min(10.0, settings.lease_seconds / 3))
+
+
+def delete_expired(services: Services, now: float | None = None) -> int:
+    """Delete finished predictions older than the retention, with their share links, their
+    outputs and their own input copies; then uploads unused for as long. How many
+    predictions went.
+
+    An upload a prediction used is never deleted with it: other predictions may use it
+    too, and it is kept by its own last use."""
+    cutoff = (time.time() if now is None else now) - services.settings.retention_hours * 3600
+    expired = services.store.find(completed_before=cutoff, limit=10_000)
+    inputs = [job.input_file for job in expired if job.input_file]
+    shared = services.uploads.uploaded(inputs)
+    # Files before records: if deleting files fails, the records stay and the next round
+    # tries again, rather than leaving files that nothing refers to.
+    services.blobs.delete([*(key for job in expired for key in job.output), *set(inputs) - shared])
+    services.shares.delete_for_predictions(job.id for job in expired)  # their links die with them
+    services.store.delete(job.id for job in expired)
+
+    unused = services.uploads.expire(unused_since=cutoff)  # from now on, not found by id
+    services.blobs.delete(upload.key for upload in unused)
+    services.uploads.forget(upload.id for upload in unused)
+    if expired or unused:
+        log.info("retention: deleted %d predictions and %d uploads", len(expired), len(unused))
+    return len(expired)

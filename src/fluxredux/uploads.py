@@ -1,0 +1,123 @@
+"""Uploaded reference images: records of what ``POST /v1/files`` stored, with their own
+retention.
+
+An upload may be used by any number of predictions, so it is not deleted with any of
+them (each URL or data: URI input is a copy of its own, deleted with its prediction).
+An upload is kept until the retention period has passed since it was last used: every
+create that names it bumps ``last_used_at``. Only recorded uploads are found by id, so an
+output's or another prediction's input file can never be used as an upload.
+
+Expiry is two-step so that a blob is never deleted under a create that has just used it,
+and a failed blob deletion is retried: ``expire`` marks the records (a marked upload is
+no longer found), the caller deletes their blobs, then ``forget`` drops the records.
+
+The interface is kept small (add, get, use, uploaded, expire, forget) so that a Redis
+implementation can follow with the same methods.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uploads (
+    id TEXT PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_used_at REAL NOT NULL,
+    expired INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS uploads_by_last_use ON uploads (last_used_at);
+"""
+
+_FIELDS = "id, key, owner, created_at, last_used_at"
+_BATCH = 500  # bound parameters per statement, well under SQLite's limit
+
+
+@dataclass(frozen=True)
+class Upload:
+    id: str  # what clients pass as redux_image
+    key: str  # the blob's key (its id plus the format's extension)
+    owner: str  # the API key id that uploaded it
+    created_at: float
+    last_used_at: float  # upload time, or the last create that used it
+
+
+def _upload(row: tuple[str, str, str, float, float]) -> Upload:
+    return Upload(*row)
+
+
+class UploadStore:
+    """Uploads in the ``uploads`` table of the server's SQLite file."""
+
+    def __init__(self, path: Path | str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
+
+    def add(self, key: str, owner: str, now: float | None = None) -> Upload:
+        """Record a stored blob as an upload; its id is the key's random part."""
+        now = time.time() if now is None else now
+        upload = Upload(key.split(".", 1)[0], key, owner, now, now)
+        self._db.write(
+            f"INSERT INTO uploads ({_FIELDS}) VALUES (?, ?, ?, ?, ?)",
+            (upload.id, upload.key, upload.owner, upload.created_at, upload.last_used_at),
+        )
+        return upload
+
+    def get(self, upload_id: str) -> Upload | None:
+        rows = self._db.rows(f"SELECT {_FIELDS} FROM uploads WHERE id = ? AND expired = 0", (upload_id,))
+        return _upload(rows[0]) if rows else None
+
+    def use(self, upload_id: str, now: float | None = None) -> Upload | None:
+        """The upload, its ``last_used_at`` bumped to ``now``; None if unknown or expired."""
+        now = time.time() if now is None else now
+        with self._db.transaction() as db:
+            db.execute(
+                "UPDATE uploads SET last_used_at = max(last_used_at, ?) WHERE id = ? AND expired = 0",
+                (now, upload_id),
+            )
+            row = db.execute(
+                f"SELECT {_FIELDS} FROM uploads WHERE id = ? AND expired = 0", (upload_id,)
+            ).fetchone()
+        return _upload(row) if row else None
+
+    def uploaded(self, keys: Iterable[str]) -> set[str]:
+        """Which of these blob keys belong to uploads (expired or not)."""
+        wanted = list(keys)
+        found: set[str] = set()
+        for start in range(0, len(wanted), _BATCH):
+            batch = wanted[start : start + _BATCH]
+            marks = ", ".join("?" * len(batch))
+            found.update(
+                row[0] for row in self._db.rows(f"SELECT key FROM uploads WHERE key IN ({marks})", batch)
+            )
+        return found
+
+    def expire(self, unused_since: float, limit: int = 10_000) -> list[Upload]:
+        """Mark uploads last used before ``unused_since`` as expired (no longer found),
+        and return the marked ones, oldest use first: these plus any an earlier round
+        marked but did not ``forget`` (its blob deletion failed)."""
+        with self._db.transaction() as db:
+            db.execute(
+                "UPDATE uploads SET expired = 1 WHERE last_used_at < ? AND expired = 0", (unused_since,)
+            )
+            rows = db.execute(
+                f"SELECT {_FIELDS} FROM uploads WHERE expired = 1 ORDER BY last_used_at LIMIT ?", (limit,)
+            ).fetchall()
+        return [_upload(row) for row in rows]
+
+    def forget(self, upload_ids: Iterable[str]) -> int:
+        """Drop the records of expired uploads whose blobs are gone; how many went."""
+        ids = [(upload_id,) for upload_id in upload_ids]
+        with self._db.transaction() as db:
+            before = db.total_changes
+            db.executemany("DELETE FROM uploads WHERE id = ? AND expired = 1", ids)
+            return db.total_changes - before
+
+    def close(self) -> None:
+        self._db.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import socket
 import threading
 import time
@@ -30,6 +31,7 @@ from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable
 from fluxredux.events import JobEvent
 from fluxredux.jobs import Lifecycle, SQLiteJobStore
+from fluxredux.jobs.registry import WorkerInfo, this_host
 from fluxredux.net import SafeFetcher
 from fluxredux.safety import Detection, SafetyChecker
 from fluxredux.storage import LocalBlobStore
@@ -171,6 +173,9 @@ def running_server(
             WorkerConfig(worker_id="test-worker", lease_seconds=5, heartbeat_seconds=0.5),
         )
         workers.worker = worker
+        services.registry.register(  # as a worker process registers itself
+            WorkerInfo("test-worker", this_host(), os.getpid(), "fake", "cpu", "ready", time.time())
+        )
         threading.Thread(target=worker.run_forever, args=(stop,), daemon=True).start()
 
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": secret}, timeout=30)

@@ -101,8 +101,9 @@ def test_client_mistakes_get_a_clear_400(
     error = response.json()
     assert error["code"] == code
     assert text in error["error"]
-    assert api.services.store.counts_by_status()  # the server is fine; nothing was queued:
-    assert sum(api.services.store.counts_by_status().values()) == 0
+    assert sum(api.services.store.counts_by_status().values()) == 0  # nothing was queued,
+    assert api.create().status_code == 200  # yet the server takes a good request,
+    assert sum(api.services.store.counts_by_status().values()) == 1  # and counting sees it
 
 
 def test_a_malformed_json_body_is_a_400(api: Harness) -> None:
@@ -310,7 +311,11 @@ def test_concurrent_long_polls_all_wake(api: Harness) -> None:
 
 
 def test_png_data_uri_helper_is_a_real_image() -> None:
-    assert png_data_uri().startswith("data:image/png;base64,")
+    header, _, payload = png_data_uri(30, 20).partition(",")
+    assert header == "data:image/png;base64"
+    image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
+    image.load()  # decodes the pixels, not just the header
+    assert (image.format, image.size, image.mode) == ("PNG", (30, 20), "RGB")
 
 
 def test_retention_deletes_old_predictions_and_their_files(api: Harness) -> None:

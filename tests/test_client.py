@@ -146,11 +146,13 @@ def test_retries_are_bounded_in_number_and_in_time_waited(
     waits.clear()
     responses.clear()
     # 3 s of waiting allowed: one 2 s wait fits, a second would not, so it is not started.
-    with FluxRedux(
-        one_in_flight.url, one_in_flight.key, retries=5, max_retry_wait=3, **statuses_of(responses)
-    ) as client:
-        with pytest.raises(ApiError):
-            client.create({"redux_image": png_data_uri()})
+    with (
+        FluxRedux(
+            one_in_flight.url, one_in_flight.key, retries=5, max_retry_wait=3, **statuses_of(responses)
+        ) as client,
+        pytest.raises(ApiError),
+    ):
+        client.create({"redux_image": png_data_uri()})
     assert (responses, waits) == ([429, 429], [2.0])
 
 

@@ -165,10 +165,12 @@ def test_fluxredux_run_against_a_server(
 
 
 def test_nothing_accepted_is_lost_when_the_server_is_killed(
-    server_dirs: tuple[Path, Path], model_cache_dir: Path
+    server_dirs: tuple[Path, Path], model_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Supervision, not the model: the fake model, each run 2 s, so the kill lands mid-run.
+    monkeypatch.setenv("FLUXREDUX_FAKE_STEP_SECONDS", "0.5")
     data_dir, log = server_dirs
-    server = start_server(data_dir, model_cache_dir, log)
+    server = start_server(data_dir, model_cache_dir, log, model="fake")
     first = server.create(num_outputs=2, seed=1)
     assert server.prediction(first, wait=60)["status"] == "success"
     ids = [server.create(num_outputs=2, seed=1) for _ in range(4)]
@@ -176,7 +178,7 @@ def test_nothing_accepted_is_lost_when_the_server_is_killed(
     server.process.kill()  # kill -9: no shutdown code runs
     server.process.wait()
 
-    again = start_server(data_dir, model_cache_dir, log, key=server.key)
+    again = start_server(data_dir, model_cache_dir, log, key=server.key, model="fake")
     try:
         assert "recovered 1 prediction(s) interrupted by the last shutdown" in log.read_text()
         for prediction_id in ids:
@@ -191,10 +193,12 @@ def test_nothing_accepted_is_lost_when_the_server_is_killed(
 
 
 def test_a_crashed_worker_is_restarted_and_its_job_rerun(
-    server_dirs: tuple[Path, Path], model_cache_dir: Path
+    server_dirs: tuple[Path, Path], model_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Supervision, not the model: the fake model, each run 2 s, so the kill lands mid-run.
+    monkeypatch.setenv("FLUXREDUX_FAKE_STEP_SECONDS", "0.5")
     data_dir, log = server_dirs
-    server = start_server(data_dir, model_cache_dir, log)
+    server = start_server(data_dir, model_cache_dir, log, model="fake")
     try:
         prediction_id = server.create(num_outputs=4)
         server.wait_until_processing(prediction_id)

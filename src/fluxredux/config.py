@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(30.0, gt=0, description="A worker's lease on a running job.")
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker renews its lease.")
     max_attempts: int = Field(2, ge=1, description="Runs of a job whose worker was lost (2: re-run once).")
+    worker_ttl_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="A worker not heard from for this long is gone: its job is re-run elsewhere.",
+    )
     store_busy_timeout_seconds: float = Field(
         DEFAULT_BUSY_TIMEOUT,
         gt=0,

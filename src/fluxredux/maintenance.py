@@ -13,6 +13,7 @@ import logging
 import time
 
 from fluxredux.api.services import Services
+from fluxredux.jobs.registry import recover_orphans
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,13 @@ async def run_maintenance(services: Services) -> None:
     last_cleanup = 0.0
     while True:
         try:
-            await asyncio.to_thread(services.lifecycle.reap, max_attempts=settings.max_attempts)
+            await asyncio.to_thread(
+                recover_orphans,
+                services.lifecycle,
+                services.registry,
+                max_attempts=settings.max_attempts,
+                ttl=settings.worker_ttl_seconds,
+            )
             await services.webhooks.resume_pending()  # e.g. a terminal job read while the store was down
             if time.monotonic() - last_cleanup > RETENTION_INTERVAL_SECONDS:
                 last_cleanup = time.monotonic()

@@ -14,7 +14,7 @@ from fluxredux.api.timeouts import timeout_protocol
 from fluxredux.config import Settings
 from fluxredux.events import Notifier
 from fluxredux.jobs import Lifecycle
-from fluxredux.jobs.model import Status
+from fluxredux.jobs.registry import WorkerRegistry, recover_orphans
 from fluxredux.worker.supervisor import WorkerSupervisor
 
 log = logging.getLogger("fluxredux.serve")
@@ -29,10 +29,16 @@ def ensure_first_key(services: Services) -> str | None:
 
 
 def recover_after_restart(services: Services) -> int:
-    """Jobs left processing by a previous run's workers (none of them is alive now):
-    re-run once, or fail as "worker lost"."""
-    owners = {job.lease_owner for job in services.store.find([Status.PROCESSING]) if job.lease_owner}
-    return len(services.lifecycle.reap(max_attempts=services.settings.max_attempts, dead_owners=owners))
+    """Jobs left processing by workers that are gone (the previous run's, typically):
+    re-run once, or fail as "worker lost". Workers alive elsewhere keep theirs."""
+    settings = services.settings
+    recovered = recover_orphans(
+        services.lifecycle,
+        services.registry,
+        max_attempts=settings.max_attempts,
+        ttl=settings.worker_ttl_seconds,
+    )
+    return len(recovered)
 
 
 def bind(settings: Settings) -> socket.socket:
@@ -50,9 +56,11 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
-def worker_process(settings: Settings, lifecycle: Lifecycle, notifier: Notifier) -> WorkerSupervisor:
+def worker_process(
+    settings: Settings, lifecycle: Lifecycle, notifier: Notifier, registry: WorkerRegistry
+) -> WorkerSupervisor:
     """The embedded default: one worker child process, started and watched by this one."""
-    return WorkerSupervisor(settings, lifecycle, notifier.publish)
+    return WorkerSupervisor(settings, lifecycle, notifier.publish, registry=registry)
 
 
 def serve(settings: Settings, *, announce: bool = True) -> None:

@@ -14,6 +14,7 @@ from fluxredux.events import JobEvent, Notifier
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore
 from fluxredux.jobs.limits import MemoryRateLimiter, RateLimiter
+from fluxredux.jobs.registry import SQLiteWorkerRegistry, WorkerRegistry
 from fluxredux.jobs.store import JobStore
 from fluxredux.keys import KeyStore
 from fluxredux.net import FetchPolicy, SafeFetcher
@@ -39,6 +40,7 @@ class Services:
     metrics: Metrics
     creations: RateLimiter
     reads: RateLimiter
+    registry: WorkerRegistry  # every live worker, wherever it runs
     # Whoever runs the models: the supervisor of a worker process, or a thread in tests.
     workers: WorkerMonitor
 
@@ -48,13 +50,14 @@ class Services:
 
     def close(self) -> None:
         self.store.close()
+        self.registry.close()
         self.keys.close()
         self.shares.close()
         self.uploads.close()
 
 
 # Builds the worker monitor from the store's lifecycle and the job-change notifier.
-WorkersFactory = Callable[[Settings, Lifecycle, Notifier], WorkerMonitor]
+WorkersFactory = Callable[[Settings, Lifecycle, Notifier, WorkerRegistry], WorkerMonitor]
 
 
 def build_services(
@@ -66,6 +69,9 @@ def build_services(
 ) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = SQLiteJobStore(
+        settings.database_path, busy_timeout=settings.store_busy_timeout_seconds, clock=clock
+    )
+    registry = SQLiteWorkerRegistry(
         settings.database_path, busy_timeout=settings.store_busy_timeout_seconds, clock=clock
     )
     notifier = Notifier()
@@ -105,7 +111,8 @@ def build_services(
         fetcher=fetcher,
         webhooks=webhooks,
         metrics=Metrics(store),
-        workers=workers(settings, lifecycle, notifier),
+        registry=registry,
+        workers=workers(settings, lifecycle, notifier, registry),
         creations=MemoryRateLimiter(settings.rate_limit_per_minute),
         reads=MemoryRateLimiter(settings.read_limit_per_minute),
     )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fluxredux.cli import download, predict, run, serve
+from fluxredux.cli import download, predict, run, serve, workers
 from fluxredux.cli.app import app
 
-__all__ = ["app", "download", "main", "predict", "run", "serve"]
+__all__ = ["app", "download", "main", "predict", "run", "serve", "workers"]
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ def _read_image(path: Path, settings: Settings) -> tuple[bytes, Any]:
 
 def _run(inputs: PredictionInput, reference: tuple[bytes, Any], settings: Settings) -> PredictionResult:
     # Imported here: torch and diffusers take seconds to import, and `--help` should not.
-    from fluxredux.worker.child import build_checker, build_model
+    from fluxredux.worker.factories import build_checker, build_model
     from fluxredux.worker.predictor import Predictor
 
     with err.status("loading the model..."):

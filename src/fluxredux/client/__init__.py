@@ -101,6 +101,7 @@ class _RetryBudget:
         if delay is None or delay > self.wait_left:
             return None
         self.retries -= 1
+        self.wait_left -= delay
         return delay
 
 

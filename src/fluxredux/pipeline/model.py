@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,12 +24,11 @@ from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_compo
 from fluxredux.pipeline.conditioning import Conditioning, redux_conditioning
 from fluxredux.pipeline.demo import DEMO_NOTICE, ensure_demo_model
 from fluxredux.weights import REDUX, SCHNELL, resolve_weights
+from fluxredux.worker.predictor import CancelCheck, ProgressCallback
 
 log = logging.getLogger(__name__)
 
 ModelKind = Literal["flux", "demo"]
-ProgressCallback = Callable[[int, int], None]  # (step done, total steps)
-CancelCheck = Callable[[], bool]
 
 
 @dataclass(frozen=True)

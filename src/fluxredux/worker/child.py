@@ -22,29 +22,15 @@ from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore
+from fluxredux.jobs.registry import SQLiteWorkerRegistry
 from fluxredux.logs import quiet_libraries
-from fluxredux.safety import SafetyChecker
 from fluxredux.storage import blob_store
+from fluxredux.worker.factories import build_checker, build_model
 from fluxredux.worker.loop import Worker, WorkerConfig
-from fluxredux.worker.predictor import ImageModel, Predictor
+from fluxredux.worker.predictor import Predictor
+from fluxredux.worker.registration import Registration
 
 log = logging.getLogger("fluxredux.worker")
-
-
-def build_model(settings: Settings) -> ImageModel:
-    if settings.model == "fake":
-        from fluxredux.worker.fake import FakeModel
-
-        return FakeModel(step_seconds=settings.fake_step_seconds)
-    from fluxredux.pipeline.model import load_model
-
-    return load_model(settings)
-
-
-def build_checker(settings: Settings) -> SafetyChecker:
-    from fluxredux.safety.nudenet_detector import NudeNetDetector
-
-    return SafetyChecker(NudeNetDetector(), threshold=settings.safety_threshold)
 
 
 class EventPipe:
@@ -76,14 +62,24 @@ def main() -> None:
     events = EventPipe(os.fdopen(int(os.environ["FLUXREDUX_EVENT_FD"]), "w"))
     worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
     events.send("hello", worker_id)
+    registration = Registration(
+        SQLiteWorkerRegistry(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
+        worker_id,
+        model=settings.model,
+        device=settings.device or "auto",
+        every=settings.heartbeat_seconds,
+    )
+    registration.start()
     try:
         model = build_model(settings)
         checker = build_checker(settings)
     except FluxReduxError as exc:
         events.send("failed", json.dumps(exc.to_dict()))
         log.error("%s", exc.message)
+        registration.stop()
         sys.exit(3)
     info = model.info
+    registration.update("ready", model=info.describe())
     events.send(
         "ready", json.dumps({"description": info.describe(), "demo": info.is_demo, "notice": info.notice})
     )

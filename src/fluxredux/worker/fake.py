@@ -20,7 +20,6 @@ from fluxredux.worker.predictor import CancelCheck, ProgressCallback
 
 @dataclass(frozen=True)
 class FakeModelInfo:
-    kind: str = "fake"
     is_demo: bool = True
     notice: str | None = "fake model: flat colours, no model ran"
 

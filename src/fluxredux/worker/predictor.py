@@ -19,14 +19,15 @@ import numpy as np
 from PIL import Image
 
 from fluxredux.errors import AllOutputsUnsafe
-from fluxredux.images import CONTENT_TYPES, EXTENSIONS, encode_image
+from fluxredux.images import EXTENSIONS, encode_image
 from fluxredux.safety import SafetyChecker, SafetyVerdict
 from fluxredux.schema import PredictionInput
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
-CancelCheck = Callable[[], bool]
+# The one definition of each, for every model (real, demo, fake) and every caller.
+ProgressCallback = Callable[[int, int], None]  # (steps done, total steps), after each step
+CancelCheck = Callable[[], bool]  # asked before each step: True stops the run
 
 
 class ModelInfoLike(Protocol):
@@ -70,10 +71,6 @@ class OutputImage:
     height: int
 
     @property
-    def content_type(self) -> str:
-        return CONTENT_TYPES[self.output_format]
-
-    @property
     def extension(self) -> str:
         return EXTENSIONS[self.output_format]
 
@@ -90,10 +87,6 @@ class PredictionResult:
     # One verdict per generated image; empty when the checker was disabled.
     safety: list[SafetyVerdict] = field(default_factory=list)
     notice: str | None = None  # e.g. the demo model's "outputs are noise"
-
-    @property
-    def predict_time(self) -> float:
-        return sum(self.timings.values())
 
 
 def random_seed() -> int:

@@ -20,6 +20,7 @@ from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable, NoWorker
 from fluxredux.events import JobEvent
 from fluxredux.jobs import Lifecycle
+from fluxredux.jobs.registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,14 @@ class WorkerSupervisor:
         lifecycle: Lifecycle,
         on_event: Callable[[JobEvent], None],
         *,
+        registry: WorkerRegistry | None = None,
         command: Sequence[str] = (sys.executable, "-m", "fluxredux.worker.child"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
         self.on_event = on_event
+        self.registry = registry
         self.command = list(command)
         self.clock = clock
         self.state = WorkerState(down_since=clock())
@@ -240,6 +243,9 @@ class WorkerSupervisor:
             return
         try:
             self.lifecycle.reap(max_attempts=self.settings.max_attempts, dead_owners=set(self._dead_owners))
+            if self.registry is not None:  # we saw them die: no need to wait for their silence
+                for worker_id in self._dead_owners:
+                    self.registry.unregister(worker_id)
         except Exception as exc:
             self.state.supervisor_error = f"recovering the jobs of a dead worker failed: {exc}"
             log.warning("%s; will retry", self.state.supervisor_error)

@@ -13,6 +13,7 @@ from fluxredux.api.deps import ServicesDep, get_api_key
 from fluxredux.api.errors import error_responses
 from fluxredux.api.services import Services
 from fluxredux.errors import NotFound, StorageError, StoreUnavailable
+from fluxredux.jobs.registry import WorkerInfo, is_gone
 
 
 class NotReady(BaseModel):
@@ -41,11 +42,19 @@ async def health(services: ServicesDep) -> dict[str, Any]:
     }
 
 
+def live_workers(services: Services) -> list[WorkerInfo]:
+    registry, ttl = services.registry, services.settings.worker_ttl_seconds
+    now = registry.now()
+    return [worker for worker in registry.workers() if not is_gone(worker, now, ttl)]
+
+
 def readiness_problems(services: Services) -> list[str]:
     """Why predictions accepted now would not run (blocking: it writes to the stores)."""
     problems = list(services.workers.problems())
     try:
         services.store.check_writable()
+        if not live_workers(services):
+            problems.append("no live worker is registered (`fluxredux workers` lists them)")
     except StoreUnavailable as exc:
         problems.append(exc.message)
     try:  # a tiny real write: a read-only or full disk fails here

@@ -1,0 +1,39 @@
+"""``fluxredux workers``: who is running predictions, with which model, last seen when."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from rich.table import Table
+
+from fluxredux.cli.app import app, fail, out
+from fluxredux.cli.serve import DataDirOption, settings_from
+from fluxredux.errors import FluxReduxError
+
+
+@app.command()
+def workers(data_dir: DataDirOption = None) -> None:
+    """List the live workers: id, host, process, state, model, device, last heartbeat."""
+    from fluxredux.jobs.registry import SQLiteWorkerRegistry, is_gone
+
+    settings = settings_from(data_dir=data_dir)
+    if not settings.database_path.exists():
+        out.print(f"no workers: nothing has run with the data dir {settings.data_dir}", highlight=False)
+        return
+    try:
+        registry = SQLiteWorkerRegistry(settings.database_path)
+        now = registry.now()
+        live = [w for w in registry.workers() if not is_gone(w, now, settings.worker_ttl_seconds)]
+    except FluxReduxError as exc:
+        raise fail(exc) from None
+    if not live:
+        out.print("no live workers", highlight=False)
+        return
+    table = Table("worker", "host", "pid", "state", "model", "device", "last heartbeat", "started")
+    for worker in live:
+        started = datetime.fromtimestamp(worker.started_at).isoformat(timespec="seconds")
+        seen = f"{max(0.0, now - worker.last_seen):.1f} s ago"
+        table.add_row(
+            worker.id, worker.host, str(worker.pid), worker.state, worker.model, worker.device, seen, started
+        )
+    out.print(table)

@@ -1,0 +1,207 @@
+"""The registry of live workers: who is running, where, with which model, last seen when.
+
+Every worker registers itself when it starts, heartbeats while it lives and leaves when it
+stops. Recovery asks it whose jobs are really orphaned: a job is taken back from its
+worker only when that worker is gone (its heartbeats stopped, or on this very machine its
+process no longer exists), never merely because some server restarted; with many
+machines, a restarting API node must not take jobs away from healthy workers elsewhere.
+``/ready`` and ``fluxredux workers`` read it too.
+
+A small protocol (SQLite and memory today; Redis for many machines), one contract suite.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal, Protocol
+
+from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
+from fluxredux.jobs.lifecycle import Lifecycle
+from fluxredux.jobs.model import Job, Status
+
+WorkerState = Literal["loading", "ready", "failed"]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    model: str  # what it runs (the settings' choice while loading, then the model's description)
+    device: str
+    state: WorkerState
+    started_at: float
+    last_seen: float = 0.0  # stamped by the registry's clock
+
+
+class WorkerRegistry(Protocol):
+    def register(self, worker: WorkerInfo) -> None:
+        """Add or replace ``worker``, seen now."""
+
+    def heartbeat(
+        self, worker_id: str, *, state: WorkerState | None = None, model: str | None = None
+    ) -> bool:
+        """Seen now (and its state/model changed, if given); False when it is not registered."""
+
+    def unregister(self, worker_id: str) -> None: ...
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every registered worker, oldest first, alive or not (see ``is_gone``)."""
+
+    def now(self) -> float: ...
+
+    def close(self) -> None: ...
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def is_gone(worker: WorkerInfo, now: float, ttl: float) -> bool:
+    """No heartbeat for ``ttl`` seconds, or (on this machine) its process has ended: on the
+    same host a dead process is certain at once, elsewhere only silence tells."""
+    if now - worker.last_seen > ttl:
+        return True
+    return worker.host == this_host() and not _process_exists(worker.pid)
+
+
+def gone_owners(registry: WorkerRegistry, owners: set[str], ttl: float) -> set[str]:
+    """Those of ``owners`` (lease owners of running jobs) whose worker is gone or unknown."""
+    now = registry.now()
+    known = {worker.id: worker for worker in registry.workers()}
+    return {owner for owner in owners if owner not in known or is_gone(known[owner], now, ttl)}
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    device TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    last_seen REAL NOT NULL
+);
+"""
+_FIELDS = "id, host, pid, model, device, state, started_at, last_seen"
+
+
+class SQLiteWorkerRegistry:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
+        self._clock = clock  # one machine: its clock is every process's clock
+
+    def register(self, worker: WorkerInfo) -> None:
+        seen = replace(worker, last_seen=self.now())
+        self._db.write(
+            f"INSERT OR REPLACE INTO workers ({_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                seen.id,
+                seen.host,
+                seen.pid,
+                seen.model,
+                seen.device,
+                seen.state,
+                seen.started_at,
+                seen.last_seen,
+            ),
+        )
+
+    def heartbeat(
+        self, worker_id: str, *, state: WorkerState | None = None, model: str | None = None
+    ) -> bool:
+        changed = self._db.write(
+            "UPDATE workers SET last_seen = ?, state = COALESCE(?, state), model = COALESCE(?, model) "
+            "WHERE id = ?",
+            (self.now(), state, model, worker_id),
+        )
+        return changed == 1
+
+    def unregister(self, worker_id: str) -> None:
+        self._db.write("DELETE FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self) -> list[WorkerInfo]:
+        rows = self._db.rows(f"SELECT {_FIELDS} FROM workers ORDER BY started_at, id")
+        return [WorkerInfo(*row) for row in rows]
+
+    def now(self) -> float:
+        return self._clock()
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class MemoryWorkerRegistry:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._workers: dict[str, WorkerInfo] = {}
+        self._lock = threading.Lock()
+
+    def register(self, worker: WorkerInfo) -> None:
+        with self._lock:
+            self._workers[worker.id] = replace(worker, last_seen=self.now())
+
+    def heartbeat(
+        self, worker_id: str, *, state: WorkerState | None = None, model: str | None = None
+    ) -> bool:
+        with self._lock:
+            worker = self._workers.get(worker_id)
+            if worker is None:
+                return False
+            self._workers[worker_id] = replace(
+                worker, last_seen=self.now(), state=state or worker.state, model=model or worker.model
+            )
+            return True
+
+    def unregister(self, worker_id: str) -> None:
+        with self._lock:
+            self._workers.pop(worker_id, None)
+
+    def workers(self) -> list[WorkerInfo]:
+        with self._lock:
+            return sorted(self._workers.values(), key=lambda w: (w.started_at, w.id))
+
+    def now(self) -> float:
+        return self._clock()
+
+    def close(self) -> None:
+        pass
+
+
+def recover_orphans(
+    lifecycle: Lifecycle, registry: WorkerRegistry, *, max_attempts: int, ttl: float
+) -> list[Job]:
+    """Take back the running jobs whose worker is gone (or whose lease ran out): re-run
+    once, or fail as "worker lost". Jobs of live workers, wherever they run, stay theirs;
+    gone workers leave the registry."""
+    owners = {job.lease_owner for job in lifecycle.store.find([Status.PROCESSING]) if job.lease_owner}
+    gone = gone_owners(registry, owners, ttl)
+    recovered = lifecycle.reap(max_attempts=max_attempts, dead_owners=gone)
+    now = registry.now()
+    for worker in registry.workers():
+        if is_gone(worker, now, ttl):
+            registry.unregister(worker.id)
+    return recovered

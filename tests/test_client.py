@@ -137,9 +137,11 @@ def test_retries_are_bounded_in_number_and_in_time_waited(
     waits: list[float] = []
     monkeypatch.setattr(fluxredux.client, "_sleep", waits.append)  # count the waits, spend none
     responses: list[int] = []
-    with FluxRedux(one_in_flight.url, one_in_flight.key, retries=2, **statuses_of(responses)) as client:
-        with pytest.raises(ApiError) as info:
-            client.create({"redux_image": png_data_uri()})
+    with (
+        FluxRedux(one_in_flight.url, one_in_flight.key, retries=2, **statuses_of(responses)) as client,
+        pytest.raises(ApiError) as info,
+    ):
+        client.create({"redux_image": png_data_uri()})
     assert info.value.status == 429
     assert (responses, waits) == ([429, 429, 429], [2.0, 2.0])  # the first try and two retries
 

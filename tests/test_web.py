@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,15 @@ def test_run_watch_download_and_share(browser: Browser, api: Harness, tmp_path: 
     expect(page.locator("#reference-info")).to_contain_text("earlier input")
     expect(page.locator(".share-link")).to_have_text([with_reference])
     expect(page.get_by_role("checkbox", name="Include the reference image")).not_to_be_checked()
+    # ...and running it again works: the earlier input is sent again as a fresh upload.
+    with page.expect_response(
+        lambda r: r.url.endswith("/v1/prediction/") and r.request.method == "POST"
+    ) as created:
+        page.get_by_role("button", name="Run", exact=True).click()
+    assert created.value.status == 200, created.value.text()
+    again = created.value.json()["predictionID"]
+    expect(page.get_by_role("img", name="Output").first).to_have_attribute("src", re.compile(".+"))
+    assert api.get(again, wait=20)["status"] == "success"
     assert watched.errors == []
     assert watched.foreign_requests() == []
 

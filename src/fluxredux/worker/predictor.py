@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from fluxredux.errors import AllOutputsUnsafe
-from fluxredux.images import EXTENSIONS, encode_image
+from fluxredux.images import CONTENT_TYPES, EXTENSIONS, encode_image
 from fluxredux.safety import SafetyChecker, SafetyVerdict
 from fluxredux.schema import PredictionInput
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # The one definition of each, for every model (real, demo, fake) and every caller.
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps), after each step
-CancelCheck = Callable[[], bool]  # asked before each step: True stops the run
+CancelCheck = Callable[[], bool]  # asked at every step: True stops the run there
 
 
 class ModelInfoLike(Protocol):
@@ -69,6 +69,10 @@ class OutputImage:
     output_format: str
     width: int
     height: int
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.output_format]
 
     @property
     def extension(self) -> str:

@@ -10,7 +10,8 @@ const state = {
   key: localStorage.getItem(KEY_STORAGE) || "",
   fields: new Map(), // name -> {read, write, error}
   file: null, // a File chosen by drop / picker / paste
-  uploadedId: null, // its id on the server once uploaded (or a reused input's id)
+  uploadedId: null, // its id on the server once uploaded
+  reuseUrl: null, // an earlier prediction's stored input, uploaded again when run
   lastSeed: null,
   current: null, // the prediction being watched
   maxImageBytes: 25 * 1024 * 1024,
@@ -211,6 +212,7 @@ function chooseFile(file) {
   }
   state.file = file;
   state.uploadedId = null;
+  state.reuseUrl = null;
   $("url-input").value = "";
   showThumbnail(URL.createObjectURL(file), `${file.name} — ${formatBytes(file.size)}`);
 }
@@ -228,6 +230,7 @@ function showThumbnail(src, caption) {
 function clearReference() {
   state.file = null;
   state.uploadedId = null;
+  state.reuseUrl = null;
   $("reference-thumb").hidden = true;
   $("dropzone-hint").hidden = false;
   $("reference-info").textContent = "";
@@ -293,6 +296,15 @@ function showApiError(error) {
 
 async function referenceValue() {
   if (state.uploadedId) return state.uploadedId;
+  if (state.reuseUrl) {
+    const response = await fetch(state.reuseUrl);
+    if (!response.ok) {
+      throw new ApiError(response.status, { error: "The earlier input image is no longer stored; choose the image again.", code: "image_file_not_found", field: "redux_image" });
+    }
+    const blob = await response.blob();
+    state.file = new File([blob], state.reuseUrl.split("/").pop(), { type: blob.type });
+    state.reuseUrl = null;
+  }
   if (state.file) {
     const form = new FormData();
     form.append("file", state.file, state.file.name);
@@ -576,7 +588,9 @@ function loadPrediction(prediction) {
   clearReference();
   const ownFile = reference.match(new RegExp(`^${location.origin}/files/([A-Za-z0-9_-]{22})\\.`));
   if (ownFile) {
-    state.uploadedId = ownFile[1]; // reuse the stored input without uploading it again
+    // Re-sent as a new upload when run: only uploads are accepted by id, and an input
+    // that came as a URL or data: URI was stored for its own prediction alone.
+    state.reuseUrl = reference;
     showThumbnail(reference, "earlier input");
   } else if (reference) {
     $("url-input").value = reference;

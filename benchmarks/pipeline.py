@@ -30,9 +30,8 @@ from fluxredux.config import Settings
 from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.pipeline.architecture import FULL, TINY
 from fluxredux.pipeline.model import ReduxModel, load_model
-from fluxredux.safety import SafetyChecker
-from fluxredux.safety.nudenet_detector import NudeNetDetector
 from fluxredux.schema import PredictionInput
+from fluxredux.worker.factories import build_checker
 from fluxredux.worker.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +103,7 @@ def main() -> None:
     model = build_model(args)
     if model.info.notice:
         print(f"NOTE: {model.info.notice} (timings only)", file=sys.stderr)
-    predictor = Predictor(model, SafetyChecker(NudeNetDetector()))
+    predictor = Predictor(model, build_checker(Settings(model=args.model)))  # as the worker builds it
     image = decode_image(args.image.read_bytes(), DecodeLimits())
     cases = []
     for megapixels in args.megapixels.split(","):

@@ -29,8 +29,8 @@ from fluxredux.api.services import Services, build_services
 from fluxredux.api.timeouts import timeout_protocol
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable
-from fluxredux.events import JobEvent
 from fluxredux.jobs import Lifecycle, SQLiteJobStore
+from fluxredux.jobs.events import JobEvent
 from fluxredux.jobs.registry import WorkerInfo, this_host
 from fluxredux.net import SafeFetcher
 from fluxredux.safety import Detection, SafetyChecker
@@ -161,10 +161,10 @@ def running_server(
     worker = None
     stop = threading.Event()
     if run_worker:
-        # Its own store connection, as the worker process has; events go to the server's notifier.
+        # Its own store connection, as the worker process has; events go to the server's bus.
         lifecycle = Lifecycle(
             SQLiteJobStore(settings.database_path),
-            publish=lambda job: services.notifier.publish(JobEvent(job.id, job.status.value)),
+            publish=lambda job: services.bus.publish(JobEvent(job.id, job.status.value)),
         )
         worker = Worker(
             lifecycle,

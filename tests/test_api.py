@@ -411,3 +411,23 @@ def test_a_waiting_prediction_shows_its_place_in_the_queue(queued_api: Harness) 
     assert [queued_api.get(i)["queue_position"] for i in ids] == [0, 1, 2]
     queued_api.http.post(f"/v1/prediction/{ids[0]}/cancel")
     assert [queued_api.get(i)["queue_position"] for i in ids] == [None, 0, 1]
+
+
+def test_a_long_poll_survives_a_lost_wake_up(queued_api: Harness) -> None:
+    """The job ends without any event reaching this server (a message lost on the bus):
+    the long-poll still answers, from its slow re-read, well before its wait is over."""
+    from fluxredux.jobs import Status, transition
+
+    prediction_id = queued_api.create_id()
+
+    def end_silently() -> None:
+        time.sleep(0.5)
+        queued_api.services.store.update(
+            prediction_id, lambda job: transition(job, Status.CANCELED, time.time())
+        )  # straight to the store: no lifecycle, no event
+
+    threading.Thread(target=end_silently).start()
+    started = time.monotonic()
+    answer = queued_api.get(prediction_id, wait=30)
+    assert answer["status"] == "cancelled"
+    assert time.monotonic() - started < 8

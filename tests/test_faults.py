@@ -31,8 +31,9 @@ from PIL import Image
 
 from fluxredux.config import Settings
 from fluxredux.errors import NoWorker
-from fluxredux.events import JobEvent
 from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status, new_id
+from fluxredux.jobs.events import PipeEventBus
+from fluxredux.jobs.registry import SQLiteWorkerRegistry
 from fluxredux.worker.supervisor import WorkerSupervisor
 from tests.harness import free_port
 
@@ -288,8 +289,9 @@ def test_a_full_then_read_only_output_disk_fails_jobs_cleanly_and_recovers(
         assert result["error_code"] == "storage_error" and "could not be stored" in result["error"]
         health = server.health()["model"]
         assert health["pid"] == worker_pid and health["restarts"] == 0 and health["ready"] is True
-        ready = server.ready()
-        assert ready.status_code == 503 and any("store outputs" in r for r in ready.json()["reasons"])
+        # The worker says so in the registry; the server reads it there within a moment.
+        server.wait_for(lambda: server.ready().status_code == 503, 5, "/ready never noticed")
+        assert any("store outputs" in r for r in server.ready().json()["reasons"])
         reference = result["input"]["redux_image"].rsplit("/", 1)[-1]
         kept = sorted(p.name for p in (tmp_path / "data" / "files").iterdir() if not p.name.startswith("."))
         assert kept == [reference]  # no output and no temp file half-written and left behind
@@ -352,12 +354,28 @@ def test_a_worker_that_dies_at_every_start_gets_creates_refused(tmp_path: Path) 
 
 # --- the supervisor alone, with real child processes ----------------------------------
 
-HELLO_THEN_EXIT = (
-    "import os\n"
-    "with os.fdopen(int(os.environ['FLUXREDUX_EVENT_FD']), 'w') as events:\n"
-    "    events.write('hello w-dead\\n')\n"
+# A stand-in worker: the first one takes the job (as a claim would), then dies when told
+# to; every later one dies at once, as a worker crashing at start would.
+TAKE_JOB_THEN_DIE = (
+    "import os, pathlib, sqlite3, sys, time\n"
+    "me, here = os.environ['FLUXREDUX_WORKER_ID'], pathlib.Path(sys.argv[1])\n"
+    "if not (here / 'claimed').exists():\n"
+    "    db = sqlite3.connect(str(here / 'jobs.db'), isolation_level=None)\n"
+    "    db.execute(\"UPDATE jobs SET data = json_set(data, '$.lease_owner', ?)\", (me,))\n"
+    "    (here / 'claimed').touch()\n"
+    "    while not (here / 'die').exists():\n"
+    "        time.sleep(0.05)\n"
     "raise SystemExit(1)\n"
 )
+
+
+def supervisor_for(
+    tmp_path: Path, store: SQLiteJobStore, command: list[str], **options: Any
+) -> WorkerSupervisor:
+    registry = SQLiteWorkerRegistry(tmp_path / "jobs.db")
+    return WorkerSupervisor(
+        Settings(data_dir=tmp_path), Lifecycle(store), PipeEventBus(), registry, command=command, **options
+    )
 
 
 def processing_job(store: SQLiteJobStore, owner: str) -> Job:
@@ -373,20 +391,21 @@ def test_the_supervisor_survives_a_store_it_cannot_write_when_its_worker_dies(tm
     supervisor keeps restarting workers and recovers the job once the store is back."""
     database = tmp_path / "jobs.db"
     store = SQLiteJobStore(database, busy_timeout=0.2)
-    job = processing_job(store, owner="w-dead")
-    settings = Settings(data_dir=tmp_path)
-    supervisor = WorkerSupervisor(
-        settings, Lifecycle(store), lambda event: None, command=[sys.executable, "-c", HELLO_THEN_EXIT]
-    )
-    with write_lock(database, seconds=30):
-        supervisor.start()
+    job = processing_job(store, owner="nobody-yet")
+    supervisor = supervisor_for(tmp_path, store, [sys.executable, "-c", TAKE_JOB_THEN_DIE, str(tmp_path)])
+    supervisor.start()
+    try:
         deadline = time.monotonic() + 15
-        while supervisor.state.restarts < 2:
+        while not (tmp_path / "claimed").exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert supervisor.state.supervisor_error and "locked" in supervisor.state.supervisor_error
-        assert store.get(job.id).status == Status.PROCESSING  # type: ignore[union-attr]
-    try:
+        with write_lock(database, seconds=30):
+            (tmp_path / "die").touch()
+            while supervisor.state.restarts < 2:
+                assert time.monotonic() < deadline + 15
+                time.sleep(0.05)
+            assert supervisor.state.supervisor_error and "locked" in supervisor.state.supervisor_error
+            assert store.get(job.id).status == Status.PROCESSING  # type: ignore[union-attr]
         deadline = time.monotonic() + 15
         while store.get(job.id).status != Status.STARTING:  # type: ignore[union-attr]
             assert time.monotonic() < deadline, "the dead worker's job was never recovered"
@@ -399,14 +418,8 @@ def test_the_supervisor_survives_a_store_it_cannot_write_when_its_worker_dies(tm
 
 def test_a_failed_spawn_is_retried_and_reported(tmp_path: Path) -> None:
     now = [1000.0]
-    events: list[JobEvent] = []
-    supervisor = WorkerSupervisor(
-        Settings(data_dir=tmp_path),
-        Lifecycle(SQLiteJobStore(tmp_path / "jobs.db")),
-        events.append,
-        command=[str(tmp_path / "no-such-python")],
-        clock=lambda: now[0],
-    )
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    supervisor = supervisor_for(tmp_path, store, [str(tmp_path / "no-such-python")], clock=lambda: now[0])
     supervisor.start()
     try:
         deadline = time.monotonic() + 10
@@ -430,25 +443,29 @@ def test_a_new_worker_starts_without_its_predecessors_storage_error(tmp_path: Pa
     marker = tmp_path / "second-run"
     script = (
         "import os, pathlib, time\n"
+        "from fluxredux.jobs.registry import SQLiteWorkerRegistry, WorkerInfo\n"
         f"marker = pathlib.Path({str(marker)!r})\n"
-        "events = os.fdopen(int(os.environ['FLUXREDUX_EVENT_FD']), 'w')\n"
         "if marker.exists():\n"
         "    time.sleep(60)\n"
         "marker.touch()\n"
-        'events.write(\'storage {"error": "outputs could not be written: disk full"}\\n\')\n'
-        "events.flush()\n"
+        f"registry = SQLiteWorkerRegistry({str(tmp_path / 'jobs.db')!r})\n"
+        "me = os.environ['FLUXREDUX_WORKER_ID']\n"
+        "details = {'storage_error': 'outputs could not be written: disk full'}\n"
+        "registry.register(WorkerInfo(me, 'h', os.getpid(), 'm', 'cpu', 'ready', 0.0, details=details))\n"
+        "time.sleep(1.5)\n"
         "raise SystemExit(1)\n"
     )
-    supervisor = WorkerSupervisor(
-        Settings(data_dir=tmp_path),
-        Lifecycle(SQLiteJobStore(tmp_path / "jobs.db")),
-        lambda event: None,
-        command=[sys.executable, "-c", script],
+    supervisor = supervisor_for(
+        tmp_path, SQLiteJobStore(tmp_path / "jobs.db"), [sys.executable, "-c", script]
     )
     supervisor.start()
     try:
         deadline = time.monotonic() + 15
-        while not (supervisor.state.restarts >= 1 and supervisor.state.alive):
+        while supervisor.state.storage_error is None:  # the first worker's report arrives...
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert any("store outputs" in problem for problem in supervisor.problems())
+        while not (supervisor.state.restarts >= 1 and supervisor.state.alive):  # ...then it dies
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert marker.exists() and supervisor.state.storage_error is None

@@ -1,7 +1,9 @@
-"""Webhooks: delivered on terminal states, signed, retried, never in the prediction's way."""
+"""Webhooks: delivered on terminal states, signed, retried, never in the prediction's way;
+delivered once by whichever API process claims them, resumed where they were after a restart."""
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import threading
@@ -12,8 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from fluxredux.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
+from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, new_id
+from fluxredux.jobs.outbox import SQLiteWebhookOutbox
+from fluxredux.net import FetchPolicy, SafeFetcher
+from fluxredux.webhooks import (
+    DELIVERY_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WebhookPolicy,
+    WebhookSender,
+    sign,
+    verify,
+)
 from tests.harness import Harness, running_server
+from tests.test_jobs import FakeClock
 
 
 @dataclass
@@ -21,7 +35,10 @@ class Receiver:
     url: str
     answers: list[int]  # status per delivery, in order; then 200
     delay: float = 0.0
+    delays: list[float] = field(default_factory=list)  # per delivery, in order; then ``delay``
     deliveries: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # when each delivery arrived (time.time())
+    answered: list[tuple[str, int]] = field(default_factory=list)  # (delivery id, status), as answered
     arrived: threading.Event = field(default_factory=threading.Event)
 
 
@@ -32,9 +49,13 @@ def receiver() -> Iterator[Receiver]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
+            record.times.append(time.time())
             record.deliveries.append(({k: v for k, v in self.headers.items()}, body))
-            time.sleep(record.delay)
+            # Both chosen on arrival: a slow answer must not take a later delivery's status.
+            delay = record.delays.pop(0) if record.delays else record.delay
             status = record.answers.pop(0) if record.answers else 200
+            time.sleep(delay)
+            record.answered.append((self.headers[DELIVERY_HEADER], status))
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -140,7 +161,7 @@ def test_sign_is_hmac_sha256_over_timestamp_and_body() -> None:
 
 def test_pending_deliveries_resume_after_a_restart(tmp_path: Path, receiver: Receiver) -> None:
     """A webhook that was due when the server stopped is sent when it starts again."""
-    from fluxredux.jobs import Job, SQLiteJobStore, Status, new_id
+    from fluxredux.jobs import Status
 
     (tmp_path / "data").mkdir()
     store = SQLiteJobStore(tmp_path / "data" / "fluxredux.db")
@@ -153,3 +174,198 @@ def test_pending_deliveries_resume_after_a_restart(tmp_path: Path, receiver: Rec
     with running_server(tmp_path, run_worker=False, allow_private_urls=True):
         assert receiver.arrived.wait(10)
     assert json.loads(receiver.deliveries[-1][1])["id"] == job.id
+
+
+# -- the outbox: one delivery per prediction, claimed by one sweeper at a time -----------
+
+
+def ended_job(db: Path, url: str) -> Job:
+    """A prediction with a webhook that has just ended (cancelled while queued), as any
+    process (a worker, another API node) would end it: through the lifecycle."""
+    store = SQLiteJobStore(db)
+    lifecycle = Lifecycle(store)
+    job = lifecycle.create(
+        Job(id=new_id(), owner="k", input={"num_outputs": 1}, created_at=time.time(), webhook_url=url)
+    )
+    ended = lifecycle.cancel(job.id)
+    store.close()
+    assert ended is not None and ended.webhook_state == "pending"
+    return ended
+
+
+class CountingSender(WebhookSender):
+    """A sweeper of its own (own store connections, as another API process) that counts its tries."""
+
+    def __init__(self, db: Path, **policy: float) -> None:
+        super().__init__(
+            SQLiteJobStore(db),
+            SQLiteWebhookOutbox(db),
+            WebhookPolicy(**{"first_delay": 0.05, **policy}),  # type: ignore[arg-type]
+            SafeFetcher(FetchPolicy(allow_private=True)),  # the receiver is on loopback
+            lambda job: {"id": job.id, "status": job.status.value},
+        )
+        self.tries = 0
+
+    async def _post(self, *args: object, **kwargs: object) -> bool:
+        self.tries += 1
+        return await super()._post(*args, **kwargs)  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        await self.aclose()
+        await self.fetcher.aclose()
+        self.store.close()
+        self.outbox.close()
+
+
+async def wait_for_state(db: Path, job_ids: list[str], state: str, timeout: float = 15) -> None:
+    store = SQLiteJobStore(db)
+    try:
+        deadline = time.monotonic() + timeout
+        while any(store.get(i).webhook_state != state for i in job_ids):  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, [store.get(i).webhook_state for i in job_ids]  # type: ignore[union-attr]
+            await asyncio.sleep(0.02)
+    finally:
+        store.close()
+
+
+def test_two_sweepers_deliver_each_webhook_exactly_once(tmp_path: Path, receiver: Receiver) -> None:
+    """Two API processes on one database both see every job end and both sweep: each
+    prediction is received once with success (after its failed tries), never again."""
+    db = tmp_path / "jobs.db"
+    receiver.delay = 0.03
+    receiver.answers = [500, 200, 503] * 6  # some tries fail and are retried, interleaved
+    jobs = [ended_job(db, receiver.url) for _ in range(30)]
+
+    async def main() -> tuple[int, int]:
+        one, two = CountingSender(db, concurrency=4), CountingSender(db, concurrency=4)
+        try:
+            one.start()
+            two.start()
+            for job in jobs:  # every process sees every terminal event
+                await one.enqueue(job)
+                await two.enqueue(job)
+            await wait_for_state(db, [job.id for job in jobs], "delivered")
+            await asyncio.sleep(0.3)  # nothing more arrives
+            return one.tries, two.tries
+        finally:
+            await one.close()
+            await two.close()
+
+    tries = asyncio.run(main())
+    assert all(tries), tries  # both swept
+    assert sum(tries) == len(receiver.deliveries)
+    for job in jobs:
+        mine = [status for delivery, status in receiver.answered if delivery == job.id]
+        assert mine.count(200) == 1 and mine[-1] == 200, mine  # delivered once, then never again
+
+
+def test_a_sweeper_whose_claim_ran_out_cannot_record_over_the_new_owner(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A try slower than its claim's lease: another sweeper takes the delivery over and
+    delivers it; the slow try's late failure is not recorded over that."""
+    db = tmp_path / "jobs.db"
+    receiver.delays = [1.0]  # the first try hangs past the lease, then fails
+    receiver.answers = [500]
+    job = ended_job(db, receiver.url)
+
+    async def main() -> None:
+        slow = CountingSender(db, claim_seconds=0.3)
+        other = CountingSender(db, claim_seconds=0.3, poll_seconds=0.05)
+        try:
+            await slow.enqueue(job)
+            await slow.sweep()  # one claim, its try under way; this sweeper never sweeps again
+            await asyncio.sleep(0.1)
+            assert len(receiver.deliveries) == 1
+            other.start()
+            await wait_for_state(db, [job.id], "delivered")
+            while slow._sending:  # the slow try's 500 comes back; its retry is refused
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.3)
+            record = other.outbox.get(job.id)
+            assert record is not None and (record.state, record.attempts) == ("delivered", 2)
+        finally:
+            await slow.close()
+            await other.close()
+
+    asyncio.run(main())
+    assert receiver.answered == [(job.id, 200), (job.id, 500)]  # in the order answered
+    assert len(receiver.deliveries) == 2
+
+
+def test_the_first_try_goes_out_as_soon_as_the_job_ends(tmp_path: Path, receiver: Receiver) -> None:
+    """A terminal event in this process wakes the sweeper: no waiting for its next look."""
+    db = tmp_path / "jobs.db"
+
+    async def main() -> float:
+        sender = CountingSender(db, poll_seconds=30)
+        try:
+            sender.start()
+            await asyncio.sleep(0.2)  # asleep until its next look, 30 s away
+            job = ended_job(db, receiver.url)
+            ended = time.monotonic()
+            await sender.enqueue(job)
+            while not receiver.arrived.is_set():
+                assert time.monotonic() - ended < 5
+                await asyncio.sleep(0.01)
+            return time.monotonic() - ended
+        finally:
+            await sender.close()
+
+    assert asyncio.run(main()) < 1.0
+
+
+def test_a_job_that_ended_while_no_api_process_ran_is_delivered_when_one_starts(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Nothing enqueued it (no API process saw it end): its pending mark is enough."""
+    (tmp_path / "data").mkdir()
+    job = ended_job(tmp_path / "data" / "fluxredux.db", receiver.url)
+    with running_server(tmp_path, run_worker=False, allow_private_urls=True) as api:
+        assert receiver.arrived.wait(10)
+        asyncio.run(wait_for_state(api.services.settings.database_path, [job.id], "delivered"))
+    assert [json.loads(body)["id"] for _headers, body in receiver.deliveries] == [job.id]
+
+
+def test_a_restart_resumes_a_delivery_mid_backoff_at_its_stored_time(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Four tries made and the fifth due soon when the server stopped: after a restart the
+    fifth goes out at its time, not at once, and only the sixth follows."""
+    (tmp_path / "data").mkdir()
+    db = tmp_path / "data" / "fluxredux.db"
+    job = ended_job(db, receiver.url)
+    clock = FakeClock(time.time())
+    outbox = SQLiteWebhookOutbox(db, clock=clock)
+    outbox.enqueue(job.id, receiver.url)
+    for _ in range(3):
+        [claimed] = outbox.claim_due("the-server-before", 60, 1)
+        assert outbox.retry(claimed, 0.0) is not None
+    due = time.time() + 1.5
+    [claimed] = outbox.claim_due("the-server-before", 60, 1)
+    assert claimed.attempts == 4
+    outbox.retry(claimed, due - clock.now)
+    outbox.close()
+    receiver.answers = [500] * 10
+    with running_server(
+        tmp_path, run_worker=False, allow_private_urls=True, webhook_first_delay_seconds=0.05
+    ) as api:
+        asyncio.run(wait_for_state(api.services.settings.database_path, [job.id], "failed"))
+    assert len(receiver.deliveries) == 2  # tries 5 and 6 of 6
+    assert receiver.times[0] >= due - 0.05  # (receiver stamps whole requests; clocks are the same)
+
+
+def test_an_outcome_recorded_before_a_crash_is_not_sent_again(tmp_path: Path, receiver: Receiver) -> None:
+    """The process died after recording the delivery, before marking the job: the next
+    one marks the job from the record, and sends nothing."""
+    (tmp_path / "data").mkdir()
+    db = tmp_path / "data" / "fluxredux.db"
+    job = ended_job(db, receiver.url)
+    outbox = SQLiteWebhookOutbox(db)
+    outbox.enqueue(job.id, receiver.url)
+    [claimed] = outbox.claim_due("the-server-before", 60, 1)
+    assert outbox.succeeded(claimed) is not None
+    outbox.close()
+    with running_server(tmp_path, run_worker=False, allow_private_urls=True) as api:
+        asyncio.run(wait_for_state(api.services.settings.database_path, [job.id], "delivered"))
+    assert receiver.deliveries == []

@@ -33,7 +33,7 @@ async def run_maintenance(services: Services) -> None:
                 max_attempts=settings.max_attempts,
                 ttl=settings.worker_ttl_seconds,
             )
-            await services.webhooks.resume_pending()  # e.g. a terminal job read while the store was down
+            await services.webhooks.enqueue_pending()  # e.g. a job that ended while the store was down
             if time.monotonic() - last_cleanup > RETENTION_INTERVAL_SECONDS:
                 last_cleanup = time.monotonic()
                 await asyncio.to_thread(delete_expired, services)

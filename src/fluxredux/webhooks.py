@@ -5,28 +5,52 @@ with ``X-FluxRedux-Timestamp: <unix seconds>`` and ``X-FluxRedux-Delivery: <pred
 The secret is the request's ``webhook_secret``, else the server's
 ``FLUXREDUX_WEBHOOK_SECRET``; with neither, the request is sent unsigned.
 
-Retried with exponential backoff on any non-2xx answer or network error. Delivery runs
+Tried up to ``attempts`` times, the second try ``first_delay`` after the first, each wait
+twice the one before, on any non-2xx answer, network error or timeout. Delivery runs
 beside the predictions, never in their way: the job is finished before its webhook is
-sent, and the state of each delivery is stored, so deliveries pending at a restart are
-resumed.
+sent, and a receiver is only ever waited for by the sweeper's own tasks.
+
+Why no delivery is lost: a job's terminal transition marks it ``webhook_state =
+"pending"`` in the very write that ends it (``transitions.transition``), whoever ends it
+(a worker on any machine, a cancel, recovery). From then on the pending mark stays until
+the outcome is recorded, and every API process turns pending jobs into outbox records
+(``enqueue_pending``: when its sweeper starts and every maintenance round; and at once
+for the terminal events it sees). So a process dying right after a job ends, or no API
+process running at all then, only delays the delivery until the next sweeper runs.
+
+Why none is doubled (within what HTTP allows): each prediction has one outbox record
+(``enqueue`` is idempotent), and a try is made only by the holder of an atomic, leased
+claim on it; outcomes are recorded fenced by that claim, and the record is final before
+the job's ``webhook_state`` mirrors it (a crash in between is repaired by the next
+``enqueue_pending``, which finds the final record instead of enqueueing again).
+
+At least once, still: a try whose outcome is never recorded (the process died or the
+store failed after the receiver got it, or a receiver slower than the claim's lease) is
+made again after the lease. Receivers should treat ``X-FluxRedux-Delivery`` (the
+prediction id) as an idempotency key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
 from fluxredux.errors import FetchRefused, StoreUnavailable
 from fluxredux.jobs.model import Job
+from fluxredux.jobs.outbox import Delivery, WebhookOutbox
 from fluxredux.jobs.store import JobStore
 from fluxredux.net import SafeFetcher, check_url_shape
 
@@ -35,6 +59,11 @@ log = logging.getLogger(__name__)
 SIGNATURE_HEADER = "X-FluxRedux-Signature"
 TIMESTAMP_HEADER = "X-FluxRedux-Timestamp"
 DELIVERY_HEADER = "X-FluxRedux-Delivery"
+
+# Final records are deleted after ``keep_seconds``; looked for this often.
+FORGET_INTERVAL_SECONDS = 600.0
+
+Outcome = Literal["delivered", "retry", "failed"]
 
 
 def sign(secret: str, timestamp: str, body: bytes) -> str:
@@ -53,78 +82,212 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str, *, toleranc
 class WebhookPolicy:
     attempts: int = 6
     first_delay: float = 1.0  # then 2, 4, 8, 16 s
-    timeout: float = 10.0
+    timeout: float = 10.0  # per phase of a try (connect, send, answer); a try is cut at 3 times that
     server_secret: str | None = None
+    concurrency: int = 16  # deliveries one process sends at once
+    # A claim's lease: longer than the longest try (3 timeouts), or a slow try would be
+    # taken over and made twice.
+    claim_seconds: float = 60.0
+    # How often the outbox is looked at besides the wake-ups: what other processes
+    # enqueued, or left when they died, is due within this much of its time.
+    poll_seconds: float = 1.0
+    keep_seconds: float = 7 * 24 * 3600.0  # final records (as long as the predictions)
+
+    def delay_after(self, attempts: int) -> float:
+        """The wait after the ``attempts``-th try failed."""
+        return float(self.first_delay * 2 ** (attempts - 1))
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class WebhookSender:
+    """One process's sweeper of the shared outbox, and the sender of what it claims."""
+
     def __init__(
         self,
         store: JobStore,
+        outbox: WebhookOutbox,
         policy: WebhookPolicy,
         fetcher: SafeFetcher,
         render: Callable[[Job], dict[str, Any]],
+        *,
+        owner: str | None = None,
     ) -> None:
         self.store = store
+        self.outbox = outbox
         self.policy = policy
         self.fetcher = fetcher  # its address rules apply to webhook targets too
         self.render = render
+        self.owner = owner or _owner_id()  # names this sweeper's claims
         self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=policy.timeout)
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self._last_forget = float("-inf")
 
-    def schedule(self, job: Job) -> None:
-        """Start delivering ``job``'s webhook in the background (once per job)."""
-        if job.webhook_state != "pending" or not job.webhook_url or job.id in self._tasks:
+    # -- enqueueing -------------------------------------------------------------------
+
+    async def enqueue(self, job: Job) -> None:
+        """A job that just ended, seen by this process: its delivery, due now, sent promptly.
+        Idempotent (every process seeing the event may call it)."""
+        if job.webhook_state != "pending" or not job.webhook_url:
             return
-        task = asyncio.get_running_loop().create_task(self._deliver(job))
-        self._tasks[job.id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(job.id, None))
+        try:
+            [delivery] = await asyncio.to_thread(self._enqueue_all, [job])
+        except StoreUnavailable as exc:  # still marked pending on the job: the next round enqueues it
+            log.warning("webhook for %s not enqueued now: %s", job.id, exc.message)
+            return
+        await self._after_enqueue([delivery])
 
-    async def resume_pending(self) -> None:
+    async def enqueue_pending(self) -> None:
+        """Every job marked pending gets its delivery: what ended while no API process ran,
+        or whose enqueue failed. Also mirrors outcomes onto jobs whose mirroring failed,
+        and forgets old final records."""
         try:
             jobs = await asyncio.to_thread(self.store.find, webhook_state="pending")
+            deliveries = await asyncio.to_thread(self._enqueue_all, [j for j in jobs if j.webhook_url])
+            if time.monotonic() - self._last_forget > FORGET_INTERVAL_SECONDS:
+                await asyncio.to_thread(self._forget)
+                self._last_forget = time.monotonic()
         except StoreUnavailable as exc:
-            log.warning("pending webhooks not resumed now: %s", exc.message)
+            log.warning("pending webhooks not enqueued now: %s", exc.message)
             return
-        for job in jobs:
-            self.schedule(job)
+        await self._after_enqueue(deliveries)
 
-    async def _deliver(self, job: Job) -> None:
-        assert job.webhook_url
+    def _enqueue_all(self, jobs: list[Job]) -> list[Delivery]:
+        # Read before writing: most pending jobs already have their record (being sent).
+        return [self.outbox.get(job.id) or self.outbox.enqueue(job.id, job.webhook_url or "") for job in jobs]
+
+    def _forget(self) -> None:
+        self.outbox.forget(self.outbox.now() - self.policy.keep_seconds)
+
+    async def _after_enqueue(self, deliveries: list[Delivery]) -> None:
+        for delivery in deliveries:
+            if delivery.state != "pending":  # sent, but its job was not told
+                await self._mirror(delivery)
+        if any(d.state == "pending" for d in deliveries):
+            self.wake()
+
+    # -- sweeping ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the sweeper on the running event loop until ``aclose``."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    def wake(self) -> None:
+        """Look at the outbox now (something may be due)."""
+        self._wake.set()
+
+    async def _sweep_forever(self) -> None:
+        try:
+            await self.enqueue_pending()  # what ended while no API process ran
+        except Exception:  # maintenance enqueues them again every round
+            log.exception("enqueueing pending webhooks failed")
+        while True:
+            self._wake.clear()  # before looking: a wake-up during the sweep is kept
+            try:
+                wait = await self.sweep()
+            except Exception:
+                log.exception("webhook sweep failed")
+                wait = self.policy.poll_seconds
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+
+    async def sweep(self) -> float:
+        """Claim what is due, as many as there are free sending slots, and start sending
+        it; how long until the next look (the next due time, at most ``poll_seconds``)."""
+        free = self.policy.concurrency - len(self._sending)
+        if free <= 0:
+            return self.policy.poll_seconds  # a finishing send wakes the sweeper
+        try:
+            claimed, due_in = await asyncio.to_thread(self._claim, free)
+        except StoreUnavailable as exc:
+            log.warning("webhooks not swept now: %s", exc.message)
+            return self.policy.poll_seconds
+        for delivery in claimed:
+            task = asyncio.get_running_loop().create_task(self._send(delivery))
+            self._sending.add(task)
+            task.add_done_callback(self._sent)
+        if due_in is None:
+            return self.policy.poll_seconds
+        return min(self.policy.poll_seconds, max(due_in, 0.01))
+
+    def _claim(self, limit: int) -> tuple[list[Delivery], float | None]:
+        claimed = self.outbox.claim_due(self.owner, self.policy.claim_seconds, limit)
+        next_due = self.outbox.next_due()
+        return claimed, None if next_due is None else next_due - self.outbox.now()
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._sending.discard(task)
+        self.wake()  # a slot is free, and a retry may be due sooner than the next poll
+
+    # -- sending one claimed delivery -------------------------------------------------
+
+    async def _send(self, claimed: Delivery) -> None:
+        try:
+            outcome = await self._try(claimed)
+        except Exception:  # a bug must not leave the claim to run out: record a failed try
+            log.exception("webhook for %s failed unexpectedly", claimed.prediction_id)
+            outcome = "retry" if claimed.attempts < self.policy.attempts else "failed"
+        try:
+            recorded = await asyncio.to_thread(self._record, claimed, outcome)
+        except StoreUnavailable as exc:  # the claim runs out and the delivery is tried again
+            log.warning("webhook for %s: outcome not recorded: %s", claimed.prediction_id, exc.message)
+            return
+        if recorded is None:
+            log.warning(
+                "webhook for %s: its claim was taken over (slower than %g s); outcome not recorded",
+                claimed.prediction_id,
+                self.policy.claim_seconds,
+            )
+        elif recorded.state != "pending":
+            log.info("webhook for %s %s", claimed.prediction_id, recorded.state)
+            await self._mirror(recorded)
+
+    def _record(self, claimed: Delivery, outcome: Outcome) -> Delivery | None:
+        if outcome == "delivered":
+            return self.outbox.succeeded(claimed)
+        if outcome == "retry":
+            return self.outbox.retry(claimed, self.policy.delay_after(claimed.attempts))
+        return self.outbox.failed(claimed)
+
+    async def _try(self, claimed: Delivery) -> Outcome:
+        retry: Outcome = "retry" if claimed.attempts < self.policy.attempts else "failed"
+        if claimed.attempts > self.policy.attempts:
+            return "failed"  # the last try's claim ran out unrecorded (its process died mid-send)
+        try:
+            job = await asyncio.to_thread(self.store.get, claimed.prediction_id)
+        except StoreUnavailable as exc:
+            log.warning(
+                "webhook for %s: the prediction cannot be read: %s", claimed.prediction_id, exc.message
+            )
+            return retry
+        if job is None:
+            return "failed"  # deleted (past retention): nothing left to send
         body = json.dumps(self.render(job), separators=(",", ":")).encode()
         secret = job.webhook_secret or self.policy.server_secret
-        delay = self.policy.first_delay
-        outcome = "failed"
-        for attempt in range(1, self.policy.attempts + 1):
-            try:
-                if await self._post(job, body, secret):
-                    outcome = "delivered"
-                    break
-            except FetchRefused as exc:
-                log.warning("webhook for %s refused: %s", job.id, exc.message)
-                break  # the target itself is not allowed: retrying cannot help
-            if attempt < self.policy.attempts:
-                await asyncio.sleep(delay)
-                delay *= 2
         try:
-            await asyncio.to_thread(
-                self.store.update, job.id, lambda current: _with_webhook_state(current, outcome)
-            )
-        except StoreUnavailable as exc:  # still "pending": sent again after a restart (at least once)
-            log.warning("webhook for %s %s, but not recorded: %s", job.id, outcome, exc.message)
-            return
-        log.info("webhook for %s %s", job.id, outcome)
+            sent = await asyncio.wait_for(self._post(claimed, body, secret), 3 * self.policy.timeout)
+        except FetchRefused as exc:
+            log.warning("webhook for %s refused: %s", job.id, exc.message)
+            return "failed"  # the target itself is not allowed: retrying cannot help
+        except asyncio.TimeoutError:
+            log.info("webhook for %s: no answer within %g s", job.id, 3 * self.policy.timeout)
+            return retry
+        return "delivered" if sent else retry
 
-    async def _post(self, job: Job, body: bytes, secret: str | None) -> bool:
-        assert job.webhook_url
-        url = check_url_shape(job.webhook_url)
+    async def _post(self, delivery: Delivery, body: bytes, secret: str | None) -> bool:
+        url = check_url_shape(delivery.url)
         ip = await self.fetcher.checked_address(url)
         timestamp = str(int(time.time()))
         headers = {
             "Content-Type": "application/json",
             "Host": url.netloc.decode("ascii"),
             TIMESTAMP_HEADER: timestamp,
-            DELIVERY_HEADER: job.id,
+            DELIVERY_HEADER: delivery.prediction_id,
         }
         if secret:
             headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
@@ -136,16 +299,34 @@ class WebhookSender:
                 extensions={"sni_hostname": url.host},
             )
         except httpx.HTTPError as exc:
-            log.info("webhook for %s: %s", job.id, type(exc).__name__)
+            log.info("webhook for %s: %s", delivery.prediction_id, type(exc).__name__)
             return False
         return response.is_success
 
+    async def _mirror(self, delivery: Delivery) -> None:
+        """The final state onto the job (what the API shows). If this fails, the job stays
+        pending and the next ``enqueue_pending`` finds the final record and tries again."""
+        state = delivery.state
+
+        def settle(job: Job) -> Job | None:
+            if job.webhook_state != "pending":
+                return None
+            job.webhook_state = state
+            return job
+
+        try:
+            await asyncio.to_thread(self.store.update, delivery.prediction_id, settle)
+        except StoreUnavailable as exc:
+            log.warning(
+                "webhook for %s %s, not yet recorded on it: %s", delivery.prediction_id, state, exc.message
+            )
+
     async def aclose(self) -> None:
-        for task in list(self._tasks.values()):
+        """Stop sweeping and sending. A send cut off here keeps its claim until the lease
+        ends; then any sweeper tries it again (at least once)."""
+        tasks = [t for t in (self._sweeper, *self._sending) if t is not None]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._sweeper = None
         await self._client.aclose()
-
-
-def _with_webhook_state(job: Job, state: str) -> Job:
-    job.webhook_state = state
-    return job

@@ -18,7 +18,7 @@ from fluxredux.api import errors
 from fluxredux.api.routes import files, predictions, shares, system, web
 from fluxredux.api.services import Services
 from fluxredux.errors import PayloadTooLarge, StoreUnavailable
-from fluxredux.events import JobEvent
+from fluxredux.jobs.events import JobEvent
 from fluxredux.jobs.model import Status
 from fluxredux.maintenance import run_maintenance
 from fluxredux.web import STATIC_DIR
@@ -76,14 +76,14 @@ def create_app(services: Services) -> FastAPI:
     async def after_terminal(event: JobEvent) -> None:
         try:
             job = await asyncio.to_thread(services.store.get, event.job_id)
-        except StoreUnavailable as exc:  # its webhook is sent by the next maintenance round
+        except StoreUnavailable as exc:  # still marked pending: enqueued by the next maintenance round
             log.warning("prediction %s ended, but could not be read: %s", event.job_id, exc.message)
             return
         if job is None:
             return
         if job.status == Status.SUCCEEDED and "predict_time" in job.metrics:
             services.metrics.predict_time.observe(job.metrics["predict_time"])
-        services.webhooks.schedule(job)
+        await services.webhooks.enqueue(job)  # and the sweeper woken: the first try goes out now
 
     def on_event(event: JobEvent) -> None:
         if event.status not in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
@@ -103,7 +103,7 @@ def create_app(services: Services) -> FastAPI:
         loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="blocking"))
         services.notifier.bind(loop)
         services.notifier.listen(on_event)
-        await services.webhooks.resume_pending()
+        services.webhooks.start()  # the sweeper of the webhook outbox (first: what ended while down)
         background = asyncio.create_task(run_maintenance(services))
         try:
             yield

@@ -12,8 +12,8 @@ from fluxredux.api.app import create_app
 from fluxredux.api.services import Services, build_services
 from fluxredux.api.timeouts import timeout_protocol
 from fluxredux.config import Settings
-from fluxredux.events import Notifier
 from fluxredux.jobs import Lifecycle
+from fluxredux.jobs.events import PipeEventBus
 from fluxredux.jobs.registry import WorkerRegistry, recover_orphans
 from fluxredux.worker.supervisor import WorkerSupervisor
 
@@ -57,10 +57,10 @@ def bind(settings: Settings) -> socket.socket:
 
 
 def worker_process(
-    settings: Settings, lifecycle: Lifecycle, notifier: Notifier, registry: WorkerRegistry
+    settings: Settings, lifecycle: Lifecycle, bus: PipeEventBus, registry: WorkerRegistry
 ) -> WorkerSupervisor:
     """The embedded default: one worker child process, started and watched by this one."""
-    return WorkerSupervisor(settings, lifecycle, notifier.publish, registry=registry)
+    return WorkerSupervisor(settings, lifecycle, bus, registry)
 
 
 def serve(settings: Settings, *, announce: bool = True) -> None:

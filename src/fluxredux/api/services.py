@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fluxredux.api.metrics import Metrics
+from fluxredux.api.notifier import Notifier
 from fluxredux.api.render import render
 from fluxredux.config import Settings
-from fluxredux.events import JobEvent, Notifier
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore
+from fluxredux.jobs.events import JobEvent, PipeEventBus
 from fluxredux.jobs.limits import MemoryRateLimiter, RateLimiter
+from fluxredux.jobs.outbox import SQLiteWebhookOutbox, WebhookOutbox
 from fluxredux.jobs.registry import SQLiteWorkerRegistry, WorkerRegistry
 from fluxredux.jobs.store import JobStore
 from fluxredux.keys import KeyStore
@@ -34,9 +36,11 @@ class Services:
     shares: ShareStore
     blobs: BlobStore  # inputs and outputs
     uploads: UploadStore
-    notifier: Notifier
+    bus: PipeEventBus  # job changes of this process and of its worker children
+    notifier: Notifier  # the same, on the event loop (long-polls, webhooks, metrics)
     fetcher: SafeFetcher
-    webhooks: WebhookSender
+    outbox: WebhookOutbox  # webhook deliveries, shared by every API process
+    webhooks: WebhookSender  # this process's sweeper of the outbox
     metrics: Metrics
     creations: RateLimiter
     reads: RateLimiter
@@ -54,10 +58,11 @@ class Services:
         self.keys.close()
         self.shares.close()
         self.uploads.close()
+        self.outbox.close()
 
 
-# Builds the worker monitor from the store's lifecycle and the job-change notifier.
-WorkersFactory = Callable[[Settings, Lifecycle, Notifier, WorkerRegistry], WorkerMonitor]
+# Builds the worker monitor from the store's lifecycle, the event bus and the registry.
+WorkersFactory = Callable[[Settings, Lifecycle, PipeEventBus, WorkerRegistry], WorkerMonitor]
 
 
 def build_services(
@@ -74,8 +79,10 @@ def build_services(
     registry = SQLiteWorkerRegistry(
         settings.database_path, busy_timeout=settings.store_busy_timeout_seconds, clock=clock
     )
+    bus = PipeEventBus()
     notifier = Notifier()
-    lifecycle = Lifecycle(store, publish=lambda job: notifier.publish(JobEvent(job.id, job.status.value)))
+    bus.add_listener(notifier.publish)
+    lifecycle = Lifecycle(store, publish=lambda job: bus.publish(JobEvent(job.id, job.status.value)))
     fetcher = fetcher or SafeFetcher(
         FetchPolicy(
             max_bytes=settings.max_image_bytes,
@@ -89,12 +96,17 @@ def build_services(
         public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
         return render(job, public_url).model_dump(mode="json")
 
+    outbox = SQLiteWebhookOutbox(
+        settings.database_path, busy_timeout=settings.store_busy_timeout_seconds, clock=clock
+    )
     webhooks = WebhookSender(
         store,
+        outbox,
         WebhookPolicy(
             attempts=settings.webhook_attempts,
             first_delay=settings.webhook_first_delay_seconds,
             server_secret=settings.webhook_secret,
+            keep_seconds=settings.retention_hours * 3600,
         ),
         fetcher,
         webhook_body,
@@ -107,12 +119,14 @@ def build_services(
         shares=ShareStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
         blobs=blob_store(settings),
         uploads=UploadStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
+        bus=bus,
         notifier=notifier,
         fetcher=fetcher,
+        outbox=outbox,
         webhooks=webhooks,
         metrics=Metrics(store),
         registry=registry,
-        workers=workers(settings, lifecycle, notifier, registry),
+        workers=workers(settings, lifecycle, bus, registry),
         creations=MemoryRateLimiter(settings.rate_limit_per_minute),
         reads=MemoryRateLimiter(settings.read_limit_per_minute),
     )

@@ -33,9 +33,10 @@ __all__ = ["ApiError", "AsyncFluxRedux", "FluxRedux"]
 TERMINAL = frozenset({"success", "error", "cancelled"})
 LONG_POLL = 55.0  # seconds per ?wait= request; the server allows up to 60
 # Answers that mean "nothing was done; try again later". Retrying them is safe for every
-# request this client sends, a create included: the server refuses a create over a limit,
-# with a full queue or without a worker before it stores anything (the insert itself is
-# the capacity check), so a refused create created nothing and cannot run twice.
+# request this client sends, a create included: the server refuses a create (over a limit,
+# queue full, no worker, store or disk failing) without queueing it (the insert itself is
+# the capacity check), so a refused create created nothing and cannot run twice. Reads,
+# uploads and cancels are idempotent anyway.
 RETRY_STATUSES = frozenset({429, 503})
 
 # Replaced in tests, to count the waits without spending them.

@@ -12,14 +12,15 @@ A small protocol (SQLite and memory today; Redis for many machines), one contrac
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
 from fluxredux.jobs.lifecycle import Lifecycle
@@ -38,6 +39,9 @@ class WorkerInfo:
     state: WorkerState
     started_at: float
     last_seen: float = 0.0  # stamped by the registry's clock
+    # What a monitor shows of it: {"demo", "notice"}, {"error": {...}} when its model failed
+    # to load, {"storage_error": "..."} while its outputs cannot be written.
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class WorkerRegistry(Protocol):
@@ -97,10 +101,16 @@ CREATE TABLE IF NOT EXISTS workers (
     device TEXT NOT NULL,
     state TEXT NOT NULL,
     started_at REAL NOT NULL,
-    last_seen REAL NOT NULL
+    last_seen REAL NOT NULL,
+    details TEXT NOT NULL
 );
 """
-_FIELDS = "id, host, pid, model, device, state, started_at, last_seen"
+_FIELDS = "id, host, pid, model, device, state, started_at, last_seen, details"
+
+
+def _worker(row: tuple[Any, ...]) -> WorkerInfo:
+    worker_id, host, pid, model, device, state, started_at, last_seen, details = row
+    return WorkerInfo(worker_id, host, pid, model, device, state, started_at, last_seen, json.loads(details))
 
 
 class SQLiteWorkerRegistry:
@@ -117,16 +127,10 @@ class SQLiteWorkerRegistry:
     def register(self, worker: WorkerInfo) -> None:
         seen = replace(worker, last_seen=self.now())
         self._db.write(
-            f"INSERT OR REPLACE INTO workers ({_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO workers ({_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                seen.id,
-                seen.host,
-                seen.pid,
-                seen.model,
-                seen.device,
-                seen.state,
-                seen.started_at,
-                seen.last_seen,
+                *(seen.id, seen.host, seen.pid, seen.model, seen.device, seen.state),
+                *(seen.started_at, seen.last_seen, json.dumps(seen.details)),
             ),
         )
 
@@ -145,7 +149,7 @@ class SQLiteWorkerRegistry:
 
     def workers(self) -> list[WorkerInfo]:
         rows = self._db.rows(f"SELECT {_FIELDS} FROM workers ORDER BY started_at, id")
-        return [WorkerInfo(*row) for row in rows]
+        return [_worker(row) for row in rows]
 
     def now(self) -> float:
         return self._clock()

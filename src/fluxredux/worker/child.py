@@ -1,14 +1,15 @@
 """The worker process: loads the model, then claims and runs jobs until its parent goes.
 
 Started by ``fluxredux serve`` (see supervisor.py), configured by FLUXREDUX_* variables.
-It talks to its parent over two pipes: stdin brings wake-ups ("a job was queued"), the
-event pipe (FLUXREDUX_EVENT_FD) carries one line per job change. When stdin closes the
-parent is gone, and the worker exits at once: the parent's restart recovers its job.
+Like a worker on any machine it talks to the job store, the worker registry (where it
+says whether its model loaded, and whether its outputs can be stored) and the event bus
+itself; the embedded bus is a pipe to the server (FLUXREDUX_EVENT_FD), one line per job
+change. stdin brings wake-ups ("a job was queued"); when it closes the parent is gone,
+and the worker exits at once: the parent's restart recovers its job.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -16,12 +17,12 @@ import signal
 import socket
 import sys
 import threading
-from typing import TextIO
 
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError
 from fluxredux.images import DecodeLimits
-from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore
+from fluxredux.jobs import Lifecycle, SQLiteJobStore
+from fluxredux.jobs.events import JobEvent, PipePublisher
 from fluxredux.jobs.registry import SQLiteWorkerRegistry
 from fluxredux.logs import quiet_libraries
 from fluxredux.storage import blob_store
@@ -33,25 +34,6 @@ from fluxredux.worker.registration import Registration
 log = logging.getLogger("fluxredux.worker")
 
 
-class EventPipe:
-    """Line-oriented messages to the parent; safe from several threads."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.lock = threading.Lock()
-
-    def send(self, kind: str, payload: str) -> None:
-        with self.lock:
-            self.stream.write(f"{kind} {payload}\n")
-            self.stream.flush()
-
-    def job_changed(self, job: Job) -> None:
-        self.send("job", f"{job.id} {job.status.value}")
-
-    def storage(self, problem: str | None) -> None:
-        self.send("storage", json.dumps({"error": problem}))
-
-
 def main() -> None:
     # Ctrl+C in a terminal reaches the whole process group; the server decides when the
     # worker stops (it terminates it on shutdown), so the worker ignores SIGINT.
@@ -59,9 +41,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="worker: %(levelname)s %(message)s", stream=sys.stderr)
     quiet_libraries(verbose=False)
     settings = Settings()
-    events = EventPipe(os.fdopen(int(os.environ["FLUXREDUX_EVENT_FD"]), "w"))
-    worker_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-    events.send("hello", worker_id)
+    events = PipePublisher.from_fd(int(os.environ["FLUXREDUX_EVENT_FD"]))
+    worker_id = os.environ.get("FLUXREDUX_WORKER_ID") or f"{socket.gethostname()}-{secrets.token_hex(4)}"
     registration = Registration(
         SQLiteWorkerRegistry(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
         worker_id,
@@ -74,19 +55,15 @@ def main() -> None:
         model = build_model(settings)
         checker = build_checker(settings)
     except FluxReduxError as exc:
-        events.send("failed", json.dumps(exc.to_dict()))
         log.error("%s", exc.message)
-        registration.stop()
+        registration.update("failed", error=exc.to_dict())
         sys.exit(3)
     info = model.info
-    registration.update("ready", model=info.describe())
-    events.send(
-        "ready", json.dumps({"description": info.describe(), "demo": info.is_demo, "notice": info.notice})
-    )
+    registration.update("ready", model=info.describe(), demo=info.is_demo, notice=info.notice)
 
     store = SQLiteJobStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds)
     worker = Worker(
-        Lifecycle(store, publish=events.job_changed),
+        Lifecycle(store, publish=lambda job: events.publish(JobEvent(job.id, job.status.value))),
         Predictor(model, checker),
         blob_store(settings),
         WorkerConfig(
@@ -95,7 +72,7 @@ def main() -> None:
             heartbeat_seconds=settings.heartbeat_seconds,
             decode_limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
         ),
-        report_storage=events.storage,
+        report_storage=lambda problem: registration.update(storage_error=problem),
     )
     threading.Thread(target=_watch_parent, args=(worker,), daemon=True).start()
     worker.run_forever(threading.Event())

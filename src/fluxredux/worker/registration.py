@@ -38,12 +38,20 @@ class Registration:
         self._thread = threading.Thread(target=self._beat, name="registry-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self._refresh()
+        self._register()
         self._thread.start()
 
-    def update(self, state: WorkerState, model: str | None = None) -> None:
-        self._info = replace(self._info, state=state, model=model or self._info.model)
-        self._refresh()
+    def update(
+        self, state: WorkerState | None = None, model: str | None = None, **details: object
+    ) -> None:
+        """Change what the registry says of this worker (now, not at the next beat)."""
+        self._info = replace(
+            self._info,
+            state=state or self._info.state,
+            model=model or self._info.model,
+            details={**self._info.details, **details},
+        )
+        self._register()
 
     def stop(self) -> None:
         """Leave the registry (a clean exit: nobody has to wait for our silence)."""
@@ -53,12 +61,17 @@ class Registration:
         except StoreUnavailable as exc:
             log.warning("could not leave the worker registry: %s", exc.message)
 
-    def _refresh(self) -> None:
-        info = self._info
+    def _register(self) -> None:
         try:
-            if not self.registry.heartbeat(info.id, state=info.state, model=info.model):
-                self.registry.register(info)  # first time, or forgotten while we were silent
-        except StoreUnavailable as exc:  # the next beat tries again; the lease logic copes
+            self.registry.register(self._info)
+        except StoreUnavailable as exc:  # the next beat writes it again
+            log.warning("worker registry update failed: %s", exc.message)
+
+    def _refresh(self) -> None:
+        try:
+            if not self.registry.heartbeat(self._info.id):
+                self.registry.register(self._info)  # forgotten while we were silent: back again
+        except StoreUnavailable as exc:  # the next beat tries again; leases cope meanwhile
             log.warning("worker registry heartbeat failed: %s", exc.message)
 
     def _beat(self) -> None:

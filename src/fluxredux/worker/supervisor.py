@@ -1,6 +1,9 @@
-"""Starts the worker process, restarts it when it dies, and relays its events.
+"""Starts the worker process, watches it and restarts it when it dies.
 
-Runs inside ``fluxredux serve``; imports no torch (the model lives in the child).
+Runs inside ``fluxredux serve``; imports no torch (the model lives in the child). The
+child talks to the store, the registry and the event bus itself, as a worker on another
+machine does; this process only attaches the child's event pipe to the server's bus and
+reads the child's registry entry to report its state.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -17,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fluxredux.config import Settings
-from fluxredux.errors import FluxReduxError, ModelUnavailable, NoWorker
-from fluxredux.events import JobEvent
+from fluxredux.errors import FluxReduxError, ModelUnavailable, NoWorker, StoreUnavailable
 from fluxredux.jobs import Lifecycle
-from fluxredux.jobs.registry import WorkerRegistry
+from fluxredux.jobs.events import PipeEventBus
+from fluxredux.jobs.registry import WorkerRegistry, this_host
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +62,16 @@ class WorkerSupervisor:
         self,
         settings: Settings,
         lifecycle: Lifecycle,
-        on_event: Callable[[JobEvent], None],
+        bus: PipeEventBus,
+        registry: WorkerRegistry,
         *,
-        registry: WorkerRegistry | None = None,
         command: Sequence[str] = (sys.executable, "-m", "fluxredux.worker.child"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
-        self.on_event = on_event
-        self.registry = registry
+        self.bus = bus  # the child's job events arrive on its pipe, attached here
+        self.registry = registry  # the child reports its state there, as any worker does
         self.command = list(command)
         self.clock = clock
         self.state = WorkerState(down_since=clock())
@@ -163,9 +167,14 @@ class WorkerSupervisor:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
+    def _spawn(self, worker_id: str) -> tuple[subprocess.Popen[bytes], int]:
         read_fd, write_fd = os.pipe()
-        env = {**os.environ, **settings_env(self.settings), "FLUXREDUX_EVENT_FD": str(write_fd)}
+        env = {
+            **os.environ,
+            **settings_env(self.settings),
+            "FLUXREDUX_EVENT_FD": str(write_fd),
+            "FLUXREDUX_WORKER_ID": worker_id,
+        }
         try:
             process = subprocess.Popen(self.command, stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
         except BaseException:
@@ -208,32 +217,59 @@ class WorkerSupervisor:
                 self._dead_owners.add(state.worker_id)
 
     def _run_child(self) -> None:
-        """Start the worker, wait for it to exit, and note what is needed to recover."""
-        process, read_fd = self._spawn()
+        """Start the worker, watch it until it exits, and note what is needed to recover."""
+        worker_id = f"{this_host()}-{secrets.token_hex(4)}"
+        process, read_fd = self._spawn(worker_id)
         with self._lock:
             self._process = process
         state = self.state
-        state.pid, state.worker_id, state.alive, state.down_since = process.pid, None, True, None
+        state.pid, state.worker_id, state.alive, state.down_since = process.pid, worker_id, True, None
         # A new worker reports its own storage trouble; an old report would keep /ready
         # failing for good, since only the worker that saw it could clear it.
         state.next_start_at = state.storage_error = None
-        reader = threading.Thread(target=self._read_events, args=(read_fd,), daemon=True)
-        reader.start()
+        reader = self.bus.attach(read_fd)
+        retry_recovery_at = self.clock() + 5
         while True:
             try:
-                code = process.wait(timeout=5)
+                code = process.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                self._recover_jobs()  # retries a recovery that failed earlier (store locked)
+                self._read_registry(worker_id)
+                if self.clock() >= retry_recovery_at:  # a recovery that failed earlier (store locked)
+                    retry_recovery_at = self.clock() + 5
+                    self._recover_jobs()
         reader.join(5)
+        self._read_registry(worker_id)  # its last word (a model that failed to load) before it goes
         if not state.ready:
             state.exits_before_ready += 1
         state.alive = state.ready = False
         state.down_since = self.clock()
-        if state.worker_id:
-            self._dead_owners.add(state.worker_id)
+        self._dead_owners.add(worker_id)
         if not self._stopping.is_set():
             log.error("the worker process exited (code %s)", code)
+
+    def _read_registry(self, worker_id: str) -> None:
+        """What the worker says about itself, as every worker says it: in the registry."""
+        try:
+            found = [w for w in self.registry.workers() if w.id == worker_id]
+        except StoreUnavailable:
+            return  # the next look will do; what we knew stays
+        if not found:
+            return
+        worker, state = found[0], self.state
+        details = worker.details
+        state.storage_error = details.get("storage_error")
+        if worker.state == "ready" and not state.ready:
+            state.model = {"description": worker.model, "demo": details.get("demo", False)}
+            state.model["notice"] = details.get("notice")
+            state.ready, state.error, state.exits_before_ready = True, None, 0
+            if state.model["demo"]:
+                log.warning("MODEL: %s", worker.model)
+            else:
+                log.info("model ready: %s", worker.model)
+        elif worker.state == "failed" and state.error is None:
+            state.error = details.get("error") or {"error": "the model could not be loaded"}
+            log.error("the model could not be loaded: %s", state.error.get("error"))
 
     def _recover_jobs(self) -> None:
         """A dead worker's job is re-run once, then failed as "worker lost". If the store
@@ -243,42 +279,13 @@ class WorkerSupervisor:
             return
         try:
             self.lifecycle.reap(max_attempts=self.settings.max_attempts, dead_owners=set(self._dead_owners))
-            if self.registry is not None:  # we saw them die: no need to wait for their silence
-                for worker_id in self._dead_owners:
-                    self.registry.unregister(worker_id)
+            for worker_id in self._dead_owners:  # we saw them die: no need to wait for their silence
+                self.registry.unregister(worker_id)
         except Exception as exc:
             self.state.supervisor_error = f"recovering the jobs of a dead worker failed: {exc}"
             log.warning("%s; will retry", self.state.supervisor_error)
             return
         self._dead_owners.clear()
-
-    def _read_events(self, read_fd: int) -> None:
-        with os.fdopen(read_fd, "r") as stream:
-            for line in stream:
-                kind, _, payload = line.rstrip("\n").partition(" ")
-                try:
-                    self._handle(kind, payload)
-                except Exception:
-                    log.exception("bad message from the worker: %r", line[:200])
-
-    def _handle(self, kind: str, payload: str) -> None:
-        if kind == "job":
-            job_id, status = payload.split(" ", 1)
-            self.on_event(JobEvent(job_id, status))
-        elif kind == "hello":
-            self.state.worker_id = payload
-        elif kind == "ready":
-            self.state.model = json.loads(payload)
-            self.state.ready, self.state.error, self.state.exits_before_ready = True, None, 0
-            if self.state.model.get("demo"):
-                log.warning("MODEL: %s", self.state.model["description"])
-            else:
-                log.info("model ready: %s", self.state.model["description"])
-        elif kind == "failed":
-            self.state.error = json.loads(payload)
-            log.error("the model could not be loaded: %s", self.state.error.get("error"))
-        elif kind == "storage":
-            self.state.storage_error = json.loads(payload).get("error")
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

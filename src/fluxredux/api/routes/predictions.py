@@ -35,6 +35,8 @@ router = APIRouter(
     prefix="/v1/prediction", tags=["predictions"], responses=error_responses(400, 401, 404, 413, 429, 503)
 )
 
+LONG_POLL_RECHECK_SECONDS = 5.0
+
 WaitQuery = Annotated[
     float,
     Query(ge=0, le=60, description="Hold the request until the prediction ends, at most this many seconds."),
@@ -134,7 +136,9 @@ async def wait_until_done(services: Services, job_id: str, timeout: float) -> Jo
             if job is None or job.is_terminal or remaining <= 0:
                 return job
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
+                # Re-read now and then even without a wake-up: a lost message (a bus
+                # reconnecting, a worker on another machine) costs latency, never the answer.
+                await asyncio.wait_for(event.wait(), min(remaining, LONG_POLL_RECHECK_SECONDS))
     finally:
         services.notifier.unsubscribe(job_id, event)
 

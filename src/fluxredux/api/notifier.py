@@ -1,8 +1,8 @@
-"""Job change notifications inside the HTTP process.
+"""Job change notifications inside the HTTP process, on its event loop.
 
-Long-poll requests wait here for their job to change, instead of sleeping and
-re-reading; webhook delivery and metrics listen here too. ``publish`` may be called
-from any thread (the worker supervisor's pipe reader, a worker thread in tests).
+It listens to the event bus (``jobs.events``) and hands each event over to the loop:
+long-poll requests wait here for their job to change instead of sleeping and re-reading;
+webhook delivery and metrics listen here too. ``publish`` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -10,15 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from fluxredux.jobs.events import JobEvent
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class JobEvent:
-    job_id: str
-    status: str
 
 
 Listener = Callable[[JobEvent], None]

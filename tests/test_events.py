@@ -1,0 +1,140 @@
+"""The event bus contract, against every implementation: what one side publishes, every
+listener hears, promptly, in order, and one broken listener harms no other."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from fluxredux.jobs.events import (
+    EventBus,
+    EventPublisher,
+    JobEvent,
+    LocalEventBus,
+    PipeEventBus,
+    PipePublisher,
+)
+
+
+@contextmanager
+def local_bus() -> Iterator[tuple[EventBus, EventPublisher]]:
+    bus = LocalEventBus()
+    yield bus, bus
+    bus.close()
+
+
+@contextmanager
+def pipe_bus() -> Iterator[tuple[EventBus, EventPublisher]]:
+    """The server's bus, and a worker's end of a pipe attached to it (as a child has)."""
+    bus = PipeEventBus()
+    read_fd, write_fd = os.pipe()
+    reader = bus.attach(read_fd)
+    publisher = PipePublisher.from_fd(write_fd)
+    yield bus, publisher
+    os.close(write_fd)
+    reader.join(5)
+    bus.close()
+
+
+# Each implementation: a context giving (the bus listeners subscribe to, a publisher).
+BUSES: dict[str, Callable[[], Iterator[tuple[EventBus, EventPublisher]]]] = {
+    "local": local_bus,  # type: ignore[dict-item]
+    "pipe": pipe_bus,  # type: ignore[dict-item]
+}
+
+
+@pytest.fixture(params=sorted(BUSES))
+def bus(request: pytest.FixtureRequest) -> Iterator[tuple[EventBus, EventPublisher]]:
+    with BUSES[request.param]() as pair:
+        yield pair
+
+
+class Heard:
+    def __init__(self) -> None:
+        self.events: list[JobEvent] = []
+        self.times: list[float] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, event: JobEvent) -> None:
+        with self.changed:
+            self.events.append(event)
+            self.times.append(time.monotonic())
+            self.changed.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 5) -> list[JobEvent]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.events) >= count, timeout), self.events
+            return list(self.events)
+
+
+def test_every_listener_hears_every_event_in_order(bus: tuple[EventBus, EventPublisher]) -> None:
+    subscriber, publisher = bus
+    first, second = Heard(), Heard()
+    subscriber.add_listener(first)
+    subscriber.add_listener(second)
+    sent = [JobEvent(f"job{i}", status) for i in range(20) for status in ("processing", "succeeded")]
+    for event in sent:
+        publisher.publish(event)
+    assert first.wait_for(len(sent)) == sent
+    assert second.wait_for(len(sent)) == sent
+
+
+def test_a_wake_up_arrives_within_100_ms(bus: tuple[EventBus, EventPublisher]) -> None:
+    subscriber, publisher = bus
+    heard = Heard()
+    subscriber.add_listener(heard)
+    delays = []
+    for i in range(10):
+        sent_at = time.monotonic()
+        publisher.publish(JobEvent(f"job{i}", "succeeded"))
+        heard.wait_for(i + 1)
+        delays.append(heard.times[i] - sent_at)
+    assert sorted(delays)[5] < 0.1, delays
+
+
+def test_a_broken_listener_harms_no_other(bus: tuple[EventBus, EventPublisher]) -> None:
+    subscriber, publisher = bus
+
+    def broken(event: JobEvent) -> None:
+        raise RuntimeError("a bug in one listener")
+
+    heard = Heard()
+    subscriber.add_listener(broken)
+    subscriber.add_listener(heard)
+    publisher.publish(JobEvent("a", "succeeded"))
+    publisher.publish(JobEvent("b", "failed"))
+    assert heard.wait_for(2) == [JobEvent("a", "succeeded"), JobEvent("b", "failed")]
+
+
+def test_events_from_a_worker_process_reach_the_server_bus() -> None:
+    """The embedded mode for real: a child process publishes on its inherited pipe."""
+    bus = PipeEventBus()
+    heard = Heard()
+    bus.add_listener(heard)
+    read_fd, write_fd = os.pipe()
+    reader = bus.attach(read_fd)
+    code = (
+        "import os, sys\n"
+        "from fluxredux.jobs.events import JobEvent, PipePublisher\n"
+        "out = PipePublisher.from_fd(int(sys.argv[1]))\n"
+        "for i in range(3): out.publish(JobEvent(f'job{i}', 'succeeded'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(write_fd)], pass_fds=(write_fd,), check=True)
+    os.close(write_fd)
+    assert [e.job_id for e in heard.wait_for(3)] == ["job0", "job1", "job2"]
+    reader.join(5)
+    assert not reader.is_alive()  # the pipe closed with its writer: the reader ends too
+
+
+def test_publishing_to_a_closed_pipe_does_not_raise() -> None:
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    publisher = PipePublisher.from_fd(write_fd)
+    publisher.publish(JobEvent("a", "succeeded"))  # the server is gone: the store has the truth

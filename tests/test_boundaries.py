@@ -21,7 +21,15 @@ LIGHT_MODULES = [
     "fluxredux.api.server",
     "fluxredux.client",
     "fluxredux.jobs",
+    "fluxredux.jobs.events",
+    "fluxredux.jobs.limits",
+    "fluxredux.jobs.registry",
+    "fluxredux.storage",
+    "fluxredux.maintenance",
     "fluxredux.worker.supervisor",
+    "fluxredux.worker.factories",
+    "fluxredux.worker.loop",
+    "fluxredux.worker.child",
 ]
 
 

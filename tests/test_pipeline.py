@@ -71,7 +71,7 @@ def test_four_outputs_are_four_distinct_images(demo_model: ReduxModel, reference
     )
     assert len(result.outputs) == 4
     assert len({o.data for o in result.outputs}) == 4
-    assert [o.filename for o in result.outputs] == [f"out-{i}.png" for i in range(4)]
+    assert [(o.index, o.extension) for o in result.outputs] == [(i, "png") for i in range(4)]
 
 
 def test_the_reference_image_conditions_the_output(demo_model: ReduxModel) -> None:

@@ -78,10 +78,6 @@ class OutputImage:
     def extension(self) -> str:
         return EXTENSIONS[self.output_format]
 
-    @property
-    def filename(self) -> str:
-        return f"out-{self.index}.{self.extension}"
-
 
 @dataclass
 class PredictionResult:

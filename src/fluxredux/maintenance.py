@@ -1,5 +1,5 @@
-"""Housekeeping beside the API: recover the jobs of lost workers, send webhooks that are
-due, and delete what is past retention.
+"""Housekeeping beside the API: recover the jobs of gone workers, put webhooks of ended
+jobs into the outbox (its sweeper sends them), and delete what is past retention.
 
 Retention decides from stored records only (a prediction's completion time, an upload's
 last use), never from file times: a blob store spread over machines has no trustworthy

@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_webhook_state ON jobs (webhook_state) WHERE webhook_state IS NOT NULL;
 CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL);
 """
 

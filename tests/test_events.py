@@ -38,7 +38,7 @@ def pipe_bus() -> Iterator[tuple[EventBus, EventPublisher]]:
     reader = bus.attach(read_fd)
     publisher = PipePublisher.from_fd(write_fd)
     yield bus, publisher
-    os.close(write_fd)
+    publisher.close()  # closes write_fd: the reader sees the end of the pipe
     reader.join(5)
     bus.close()
 
@@ -138,3 +138,4 @@ def test_publishing_to_a_closed_pipe_does_not_raise() -> None:
     os.close(read_fd)
     publisher = PipePublisher.from_fd(write_fd)
     publisher.publish(JobEvent("a", "succeeded"))  # the server is gone: the store has the truth
+    publisher.close()

@@ -236,7 +236,7 @@ def test_cancel_in_each_state(lifecycle: Lifecycle, clock: FakeClock) -> None:
     assert claimed is not None
     flagged = lifecycle.cancel(running.id)
     assert flagged is not None and (flagged.status, flagged.cancel_requested) == (Status.PROCESSING, True)
-    assert lifecycle.is_cancel_requested(running.id)
+    assert lifecycle.should_stop(claimed, "w1")
     done = lifecycle.finish(claimed, "w1", Status.CANCELED)
     assert done is not None and done.status == Status.CANCELED
 
@@ -292,7 +292,23 @@ def test_a_heartbeat_between_reap_lookup_and_update_keeps_the_job(
     assert lifecycle.recover(candidates[0], max_attempts=2) is None
     current = lifecycle.store.get(running.id)
     assert current is not None and current.status == Status.PROCESSING and current.lease_owner == "w1"
+    assert not lifecycle.should_stop(running, "w1")
     assert lifecycle.finish(running, "w1", Status.SUCCEEDED) is not None
+
+
+def test_a_worker_whose_job_was_taken_back_stops_running_it(lifecycle: Lifecycle, clock: FakeClock) -> None:
+    """A worker that lost its lease (a long pause) must stop at its next step, not run the
+    whole job on a GPU while another worker runs it again."""
+    lifecycle.create(make_job(clock))
+    first = lifecycle.claim("w1", 30)
+    assert first is not None and not lifecycle.should_stop(first, "w1")
+    clock.now += 31
+    lifecycle.reap(max_attempts=2)  # back in the queue...
+    assert lifecycle.should_stop(first, "w1")
+    second = lifecycle.claim("w2", 30)  # ...and claimed again
+    assert (
+        second is not None and lifecycle.should_stop(first, "w1") and not lifecycle.should_stop(second, "w2")
+    )
 
 
 def test_heartbeat_keeps_a_lease_alive(lifecycle: Lifecycle, clock: FakeClock) -> None:

@@ -94,25 +94,55 @@ def running(store: SQLiteJobStore, owner: str, lease_left: float = 3600) -> Job:
     return job
 
 
-def test_a_restart_takes_back_only_the_jobs_of_gone_workers(tmp_path: Path) -> None:
+def test_a_restart_takes_back_only_the_jobs_of_dead_workers(tmp_path: Path) -> None:
     """Bug: at start, every processing job was treated as lost, so a restarting API node
     took jobs away from healthy workers on other machines (and they ran twice)."""
-    store = SQLiteJobStore(tmp_path / "jobs.db")
-    registry = SQLiteWorkerRegistry(tmp_path / "jobs.db")
+    clock = FakeClock()
+    store = SQLiteJobStore(tmp_path / "jobs.db", clock=clock)
+    registry = SQLiteWorkerRegistry(tmp_path / "jobs.db", clock=clock)
     registry.register(worker("elsewhere", host="gpu-7", pid=1))  # alive: it heartbeats
     registry.register(worker("died-here", host=this_host(), pid=ended_pid()))
-    jobs = {owner: running(store, owner) for owner in ("elsewhere", "died-here", "never-registered")}
+    jobs = {owner: running(store, owner) for owner in ("elsewhere", "died-here", "unknown")}
 
     recovered = recover_orphans(Lifecycle(store), registry, max_attempts=2, ttl=TTL)
 
-    assert {job.id for job in recovered} == {jobs["died-here"].id, jobs["never-registered"].id}
-    after = {owner: store.get(job.id) for owner, job in jobs.items()}
-    assert after["elsewhere"] is not None and after["elsewhere"].status == Status.PROCESSING
-    assert after["elsewhere"].lease_owner == "elsewhere"
-    assert all(
-        after[o] is not None and after[o].status == Status.STARTING for o in ("died-here", "never-registered")
-    )
-    assert [w.id for w in registry.workers()] == ["elsewhere"]  # the gone one left the registry
+    assert [job.id for job in recovered] == [jobs["died-here"].id]
+    statuses = {owner: store.get(job.id).status for owner, job in jobs.items()}  # type: ignore[union-attr]
+    assert statuses == {
+        "elsewhere": Status.PROCESSING,
+        "died-here": Status.STARTING,
+        "unknown": Status.PROCESSING,
+    }
+    assert [w.id for w in registry.workers()] == ["elsewhere"]  # the dead one left the registry
+
+
+def test_a_silent_worker_keeps_its_job_until_its_lease_runs_out(tmp_path: Path) -> None:
+    """Silence is not death: a worker elsewhere whose store was unreachable for longer than
+    the registry's TTL may still be running its job; only the lease decides then."""
+    clock = FakeClock()
+    store = SQLiteJobStore(tmp_path / "jobs.db", clock=clock)
+    registry = SQLiteWorkerRegistry(tmp_path / "jobs.db", clock=clock)
+    lifecycle = Lifecycle(store)
+    registry.register(worker("elsewhere"))
+    job = running(store, "elsewhere", lease_left=30)
+    clock.now += TTL + 5  # silent past the TTL, lease still running
+    assert recover_orphans(lifecycle, registry, max_attempts=2, ttl=TTL) == []
+    assert store.get(job.id).status == Status.PROCESSING  # type: ignore[union-attr]
+    clock.now += 30  # now the lease ran out too
+    assert [j.id for j in recover_orphans(lifecycle, registry, max_attempts=2, ttl=TTL)] == [job.id]
+
+
+def test_unregistering_a_silent_worker_spares_one_that_just_spoke(
+    registry: WorkerRegistry, clock: FakeClock
+) -> None:
+    registry.register(worker("w1"))
+    [looked_at] = registry.workers()
+    clock.now += 1
+    registry.heartbeat("w1")  # lands between the look and the removal
+    registry.unregister("w1", seen_before=looked_at.last_seen)
+    assert [w.id for w in registry.workers()] == ["w1"]
+    registry.unregister("w1", seen_before=clock.now)
+    assert registry.workers() == []
 
 
 def test_the_server_start_uses_the_registry(tmp_path: Path) -> None:
@@ -125,6 +155,7 @@ def test_the_server_start_uses_the_registry(tmp_path: Path) -> None:
     services = build_services(settings, lambda *_: ThreadWorkers())
     try:
         services.registry.register(worker("elsewhere"))
+        services.registry.register(worker("old-run-worker", host=this_host(), pid=ended_pid()))
         kept = running(services.store, "elsewhere")  # type: ignore[arg-type]
         lost = running(services.store, "old-run-worker")  # type: ignore[arg-type]
         assert recover_after_restart(services) == 1
@@ -154,3 +185,13 @@ def test_fluxredux_workers_lists_the_live_worker_of_a_server(tmp_path: Path) -> 
         [FLUXREDUX, "workers", "--data-dir", str(tmp_path / "data")], capture_output=True, text=True
     )
     assert "no live workers" in after.stdout
+
+
+def test_heartbeats_must_fit_well_inside_the_lease_and_the_ttl() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="at most half of lease_seconds"):
+        Settings(heartbeat_seconds=20)
+    with pytest.raises(ValidationError, match="at most half of worker_ttl_seconds"):
+        Settings(heartbeat_seconds=5, worker_ttl_seconds=8)
+    assert Settings(heartbeat_seconds=5).heartbeat_seconds == 5

@@ -146,3 +146,21 @@ def test_upload_store_contract(tmp_path: Path) -> None:
         assert store.get(a.id) is not None and store.uploaded([b.key]) == set()
     finally:
         store.close()
+
+
+def test_files_that_no_record_refers_to_are_deleted_in_the_end(api: Harness) -> None:
+    """Outputs of a worker that died between writing and recording them, or the image copy
+    of a create whose process died before its insert, must not stay on disk for ever."""
+    from fluxredux.storage import new_key
+
+    kept = upload(api)
+    prediction = run_from(api, png_data_uri())
+    orphan = new_key("png")
+    api.services.blobs.put(orphan, b"\x89PNG written, never recorded", "image/png")
+    long_ago = time.time() - 3 * retention(api)
+    for path in api.services.settings.files_dir.iterdir():
+        os.utime(path, (long_ago, long_ago))
+    delete_expired(api.services)
+    assert not api.services.blobs.exists(orphan)
+    for url in (kept["url"], str(prediction["output"]), str(prediction["input"]["redux_image"])):
+        assert httpx.get(url).status_code == 200  # still referenced: kept, however old the file

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fluxredux.database import DEFAULT_BUSY_TIMEOUT
@@ -127,6 +127,18 @@ class Settings(BaseSettings):
         if self.metrics_access != "auto":
             return self.metrics_access
         return "open" if is_loopback(self.host) and not self.public_url else "key"
+
+    @model_validator(mode="after")
+    def _heartbeats_fit_their_deadlines(self) -> Settings:
+        # A lease or a registry entry must outlive a missed heartbeat or two, or a healthy
+        # worker would lose its job to a second run.
+        for deadline in ("lease_seconds", "worker_ttl_seconds"):
+            if self.heartbeat_seconds * 2 > getattr(self, deadline):
+                raise ValueError(
+                    f"heartbeat_seconds ({self.heartbeat_seconds:g}) must be at most half of "
+                    f"{deadline} ({getattr(self, deadline):g})"
+                )
+        return self
 
     @property
     def database_path(self) -> Path:

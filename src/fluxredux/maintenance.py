@@ -62,6 +62,31 @@ def delete_expired(services: Services, now: float | None = None) -> int:
     unused = services.uploads.expire(unused_since=cutoff)  # from now on, not found by id
     services.blobs.delete(upload.key for upload in unused)
     services.uploads.forget(upload.id for upload in unused)
-    if expired or unused:
-        log.info("retention: deleted %d predictions and %d uploads", len(expired), len(unused))
+    orphans = delete_orphan_blobs(services, cutoff - services.settings.retention_hours * 3600)
+    if expired or unused or orphans:
+        log.info(
+            "retention: deleted %d predictions, %d uploads and %d orphaned files",
+            len(expired),
+            len(unused),
+            orphans,
+        )
     return len(expired)
+
+
+def delete_orphan_blobs(services: Services, created_before: float) -> int:
+    """Delete blobs no record refers to: outputs written by a worker that died before it
+    could record them, the image copy of a create whose process died before its insert.
+
+    Only blobs older than twice the retention are looked at (normally none: files are
+    deleted with their records), and each is kept if any record still refers to it: a
+    prediction (of any status) or an upload (kept by its own last use)."""
+    old = [blob.key for blob in services.blobs.list() if blob.created_at < created_before]
+    if not old:
+        return 0
+    jobs = services.store.find(limit=10_000_000)
+    keep = services.uploads.uploaded(old) | {
+        key for job in jobs for key in [*job.output, *([job.input_file] if job.input_file else [])]
+    }
+    orphans = [key for key in old if key not in keep]
+    services.blobs.delete(orphans)
+    return len(orphans)

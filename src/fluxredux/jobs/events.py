@@ -13,6 +13,7 @@ Implementations:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -114,3 +115,8 @@ class PipePublisher:
                 self._stream.flush()
         except (OSError, ValueError):  # the server is gone: it recovers our jobs from the store
             log.debug("event not sent: %s", event)
+
+    def close(self) -> None:
+        # A broken pipe on the final flush: nothing is waiting for it anyway.
+        with self._lock, contextlib.suppress(OSError):
+            self._stream.close()

@@ -112,9 +112,12 @@ class Lifecycle:
         changed = self._emit(self.store.update(job_id, request))
         return changed or self.store.get(job_id)
 
-    def is_cancel_requested(self, job_id: str) -> bool:
-        job = self.store.get(job_id)
-        return job is None or job.cancel_requested or job.is_terminal
+    def should_stop(self, job: Job, worker_id: str) -> bool:
+        """Whether ``worker_id``'s run of ``job`` must stop now: cancel was asked, or the job
+        is no longer this attempt's (it ended, or was taken back after a lost lease and
+        maybe claimed again): running on would only compute what can never be recorded."""
+        current = self.store.get(job.id)
+        return current is None or current.cancel_requested or not _owned(current, worker_id, job.attempt)
 
     def reap(self, *, max_attempts: int, dead_owners: Iterable[str] = ()) -> list[Job]:
         """Jobs whose worker is gone (lease expired, or its owner known dead): re-run

@@ -1,10 +1,10 @@
 """The registry of live workers: who is running, where, with which model, last seen when.
 
 Every worker registers itself when it starts, heartbeats while it lives and leaves when it
-stops. Recovery asks it whose jobs are really orphaned: a job is taken back from its
-worker only when that worker is gone (its heartbeats stopped, or on this very machine its
-process no longer exists), never merely because some server restarted; with many
-machines, a restarting API node must not take jobs away from healthy workers elsewhere.
+stops. Recovery asks it whose jobs are really orphaned: a job is taken back before its
+lease ends only when its worker is certainly dead (on this very machine, its process no
+longer exists), never merely because some server restarted; with many machines, a
+restarting API node must not take jobs away from healthy workers elsewhere.
 ``/ready`` and ``fluxredux workers`` read it too.
 
 A small protocol (SQLite and memory today; Redis for many machines), one contract suite.
@@ -53,7 +53,9 @@ class WorkerRegistry(Protocol):
     ) -> bool:
         """Seen now (and its state/model changed, if given); False when it is not registered."""
 
-    def unregister(self, worker_id: str) -> None: ...
+    def unregister(self, worker_id: str, *, seen_before: float | None = None) -> None:
+        """Remove it; with ``seen_before``, only if it has not been seen after that time
+        (one atomic check, so a heartbeat landing meanwhile keeps it registered)."""
 
     def workers(self) -> list[WorkerInfo]:
         """Every registered worker, oldest first, alive or not (see ``is_gone``)."""
@@ -78,18 +80,24 @@ def _process_exists(pid: int) -> bool:
 
 
 def is_gone(worker: WorkerInfo, now: float, ttl: float) -> bool:
-    """No heartbeat for ``ttl`` seconds, or (on this machine) its process has ended: on the
-    same host a dead process is certain at once, elsewhere only silence tells."""
-    if now - worker.last_seen > ttl:
-        return True
+    """No heartbeat for ``ttl`` seconds, or its process has ended (known on its own host
+    only): what ``fluxredux workers`` and ``/ready`` count as not live."""
+    return now - worker.last_seen > ttl or is_dead(worker)
+
+
+def is_dead(worker: WorkerInfo) -> bool:
+    """Certainly dead: on this very machine, its process no longer exists.
+
+    Silence alone is not death: a worker whose store was unreachable for a while may be
+    running its job still, and keeps it until its lease runs out, as before there was a
+    registry. Only a certain death takes a job back before its lease ends."""
     return worker.host == this_host() and not _process_exists(worker.pid)
 
 
-def gone_owners(registry: WorkerRegistry, owners: set[str], ttl: float) -> set[str]:
-    """Those of ``owners`` (lease owners of running jobs) whose worker is gone or unknown."""
-    now = registry.now()
+def dead_owners(registry: WorkerRegistry, owners: set[str]) -> set[str]:
+    """Those of ``owners`` (lease owners of running jobs) whose worker is certainly dead."""
     known = {worker.id: worker for worker in registry.workers()}
-    return {owner for owner in owners if owner not in known or is_gone(known[owner], now, ttl)}
+    return {owner for owner in owners if owner in known and is_dead(known[owner])}
 
 
 _SCHEMA = """
@@ -144,8 +152,9 @@ class SQLiteWorkerRegistry:
         )
         return changed == 1
 
-    def unregister(self, worker_id: str) -> None:
-        self._db.write("DELETE FROM workers WHERE id = ?", (worker_id,))
+    def unregister(self, worker_id: str, *, seen_before: float | None = None) -> None:
+        limit = float("inf") if seen_before is None else seen_before
+        self._db.write("DELETE FROM workers WHERE id = ? AND last_seen <= ?", (worker_id, limit))
 
     def workers(self) -> list[WorkerInfo]:
         rows = self._db.rows(f"SELECT {_FIELDS} FROM workers ORDER BY started_at, id")
@@ -180,9 +189,11 @@ class MemoryWorkerRegistry:
             )
             return True
 
-    def unregister(self, worker_id: str) -> None:
+    def unregister(self, worker_id: str, *, seen_before: float | None = None) -> None:
         with self._lock:
-            self._workers.pop(worker_id, None)
+            worker = self._workers.get(worker_id)
+            if worker is not None and (seen_before is None or worker.last_seen <= seen_before):
+                del self._workers[worker_id]
 
     def workers(self) -> list[WorkerInfo]:
         with self._lock:
@@ -198,14 +209,14 @@ class MemoryWorkerRegistry:
 def recover_orphans(
     lifecycle: Lifecycle, registry: WorkerRegistry, *, max_attempts: int, ttl: float
 ) -> list[Job]:
-    """Take back the running jobs whose worker is gone (or whose lease ran out): re-run
-    once, or fail as "worker lost". Jobs of live workers, wherever they run, stay theirs;
-    gone workers leave the registry."""
+    """Take back the running jobs whose lease ran out, or whose worker is certainly dead:
+    re-run once, or fail as "worker lost". Jobs of live workers, wherever they run, stay
+    theirs. Workers gone for ``ttl`` (or dead) leave the registry, unless they spoke since."""
     owners = {job.lease_owner for job in lifecycle.store.find([Status.PROCESSING]) if job.lease_owner}
-    gone = gone_owners(registry, owners, ttl)
-    recovered = lifecycle.reap(max_attempts=max_attempts, dead_owners=gone)
+    recovered = lifecycle.reap(max_attempts=max_attempts, dead_owners=dead_owners(registry, owners))
     now = registry.now()
     for worker in registry.workers():
         if is_gone(worker, now, ttl):
-            registry.unregister(worker.id)
+            # Only if not heard from since we looked: a worker that just came back stays.
+            registry.unregister(worker.id, seen_before=worker.last_seen)
     return recovered

@@ -162,7 +162,7 @@ class Worker:
 
     def _cancel_requested(self, job: Job) -> bool:
         try:
-            return self.lifecycle.is_cancel_requested(job.id)
+            return self.lifecycle.should_stop(job, self.config.worker_id)
         except StoreUnavailable:
             return False  # cannot tell now; asked again at the next step
 

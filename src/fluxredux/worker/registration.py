@@ -41,9 +41,7 @@ class Registration:
         self._register()
         self._thread.start()
 
-    def update(
-        self, state: WorkerState | None = None, model: str | None = None, **details: object
-    ) -> None:
+    def update(self, state: WorkerState | None = None, model: str | None = None, **details: object) -> None:
         """Change what the registry says of this worker (now, not at the next beat)."""
         self._info = replace(
             self._info,

@@ -2,8 +2,10 @@
 
 Runs inside ``fluxredux serve``; imports no torch (the model lives in the child). The
 child talks to the store, the registry and the event bus itself, as a worker on another
-machine does; this process only attaches the child's event pipe to the server's bus and
-reads the child's registry entry to report its state.
+machine does. This process starts it (handing it its id, its event pipe and, over stdin,
+wake-ups for new jobs), attaches that pipe to the server's bus, reads the child's registry
+entry to report its state, and, having seen it die, recovers its job at once instead of
+waiting for the lease to run out.
 """
 
 from __future__ import annotations

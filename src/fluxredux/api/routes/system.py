@@ -45,7 +45,8 @@ async def health(services: ServicesDep) -> dict[str, Any]:
 def live_workers(services: Services) -> list[WorkerInfo]:
     registry, ttl = services.registry, services.settings.worker_ttl_seconds
     now = registry.now()
-    return [worker for worker in registry.workers() if not is_gone(worker, now, ttl)]
+    # A worker whose model failed to load is alive but runs nothing.
+    return [w for w in registry.workers() if not is_gone(w, now, ttl) and w.state != "failed"]
 
 
 def readiness_problems(services: Services) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import socket
 import threading
 import time
@@ -31,13 +30,13 @@ from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable
 from fluxredux.jobs import Lifecycle, SQLiteJobStore
 from fluxredux.jobs.events import JobEvent
-from fluxredux.jobs.registry import WorkerInfo, this_host
 from fluxredux.net import SafeFetcher
 from fluxredux.safety import Detection, SafetyChecker
 from fluxredux.storage import LocalBlobStore
 from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.loop import Worker, WorkerConfig
 from fluxredux.worker.predictor import ImageModel, Predictor
+from fluxredux.worker.registration import Registration
 
 
 class NothingFound:
@@ -159,6 +158,7 @@ def running_server(
         time.sleep(0.01)
 
     worker = None
+    registration: Registration | None = None
     stop = threading.Event()
     if run_worker:
         # Its own store connection, as the worker process has; events go to the server's bus.
@@ -173,9 +173,12 @@ def running_server(
             WorkerConfig(worker_id="test-worker", lease_seconds=5, heartbeat_seconds=0.5),
         )
         workers.worker = worker
-        services.registry.register(  # as a worker process registers itself
-            WorkerInfo("test-worker", this_host(), os.getpid(), "fake", "cpu", "ready", time.time())
+        # As a worker process registers itself, and keeps its entry fresh.
+        registration = Registration(
+            services.registry, "test-worker", model="fake", device="cpu", every=settings.heartbeat_seconds
         )
+        registration.start()
+        registration.update("ready")
         threading.Thread(target=worker.run_forever, args=(stop,), daemon=True).start()
 
     http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": secret}, timeout=30)
@@ -190,6 +193,8 @@ def running_server(
         )
     finally:
         stop.set()
+        if registration is not None:
+            registration.stop()
         if worker is not None:
             worker.wakeup.set()
         http.close()

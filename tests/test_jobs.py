@@ -296,6 +296,30 @@ def test_a_heartbeat_between_reap_lookup_and_update_keeps_the_job(
     assert lifecycle.finish(running, "w1", Status.SUCCEEDED) is not None
 
 
+def test_reap_spares_a_job_whose_heartbeat_lands_during_the_reap(store: JobStore, clock: FakeClock) -> None:
+    """The same race through ``reap`` itself: the worker renews its lease after the reaper
+    looked the job up, just before the reaper's update (another process, any moment)."""
+    lifecycle = Lifecycle(store)
+    lifecycle.create(make_job(clock))
+    running = lifecycle.claim("w1", 30)
+    assert running is not None
+    clock.now += 31
+
+    class HeartbeatFirst:
+        """The store, but the worker's heartbeat lands right before the reaper's update."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(store, name)
+
+        def update(self, job_id: str, change: Callable[[Job], Job | None]) -> Job | None:
+            Lifecycle(store).heartbeat(running, "w1", 30)
+            return store.update(job_id, change)
+
+    assert Lifecycle(HeartbeatFirst()).reap(max_attempts=2) == []  # type: ignore[arg-type]
+    current = store.get(running.id)
+    assert current is not None and (current.status, current.lease_owner) == (Status.PROCESSING, "w1")
+
+
 def test_a_worker_whose_job_was_taken_back_stops_running_it(lifecycle: Lifecycle, clock: FakeClock) -> None:
     """A worker that lost its lease (a long pause) must stop at its next step, not run the
     whole job on a GPU while another worker runs it again."""

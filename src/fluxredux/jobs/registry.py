@@ -70,13 +70,19 @@ def this_host() -> str:
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether ``pid`` runs here. A zombie does not: a worker whose server was killed is
+    re-parented, and in a container nobody may ever reap it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (not Linux): the signal's answer stands
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def is_gone(worker: WorkerInfo, now: float, ttl: float) -> bool:

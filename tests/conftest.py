@@ -7,6 +7,7 @@ tests check sizes, formats, determinism and control flow, never what the images 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,20 @@ def reference_image() -> Image.Image:
     from fluxredux.images import DecodeLimits, decode_image
 
     return decode_image(SAMPLE_IMAGE.read_bytes(), DecodeLimits())
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real redis-server for the session (tests keep apart by key prefix)."""
+    from tests.services import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url
+
+
+@pytest.fixture
+def redis_prefix(request: pytest.FixtureRequest) -> str:
+    """A key prefix of this test's own, so tests sharing the server never see each other."""
+    import secrets
+
+    return f"test-{secrets.token_hex(4)}:"

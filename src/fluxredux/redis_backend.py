@@ -1,0 +1,47 @@
+"""What every Redis implementation of a seam shares: the connection and its failure mode.
+
+A Redis that is down, restarting or loading its AOF must cost a caller a quick
+``StoreUnavailable`` (a 503 with Retry-After, a worker backing off), never a hang and
+never a 500: short socket timeouts, and redis-py's errors translated in one place.
+Keys of one deployment share a prefix, so that several deployments (or tests) can share
+one Redis server without seeing each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+from fluxredux.errors import StoreUnavailable
+
+# How long one command may take before the store counts as unavailable.
+SOCKET_TIMEOUT_SECONDS = 2.0
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``url`` (redis://host:port/db), with bounded connect and command times."""
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_SECONDS,
+        socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
+        health_check_interval=30,
+        decode_responses=True,
+    )
+
+
+@contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Redis failures (down, timing out, loading, read-only replica) as StoreUnavailable."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError) as exc:
+        raise StoreUnavailable(f"Redis cannot be {what} right now ({exc}); retry shortly") from exc
+
+
+def server_time(client: redis.Redis) -> float:
+    """Redis's clock (TIME): the one clock that stamps leases across machines."""
+    with redis_errors("read"):
+        seconds, micros = client.time()
+    return float(seconds) + float(micros) / 1e6

@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fluxredux.errors import StoreUnavailable
 
@@ -103,3 +104,27 @@ class Database:
             for db in self._connections.values():
                 db.close()
             self._connections.clear()
+
+
+class ClockedTables:
+    """Base of the SQLite implementations of the seams whose records carry times (job
+    store, worker registry, webhook outbox): their tables in the database file, and the
+    clock that stamps them. One file on one machine: its clock is every process's clock."""
+
+    SCHEMA: ClassVar[str]
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = Database(path, self.SCHEMA, busy_timeout=busy_timeout)
+        self._clock = clock
+
+    def now(self) -> float:
+        return self._clock()
+
+    def close(self) -> None:
+        self._db.close()

@@ -35,10 +35,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
+from fluxredux.database import ClockedTables
 
 DeliveryState = Literal["pending", "delivered", "failed"]
 
@@ -91,6 +90,20 @@ class WebhookOutbox(Protocol):
     def close(self) -> None: ...
 
 
+def claim_of(delivery: Delivery, owner: str, now: float, lease_seconds: float) -> Delivery:
+    """A claim: the next try of ``delivery``, held by ``owner`` until now + lease. The
+    token fences off an earlier holder; ``next_at`` moves to the lease's end, so that a
+    claimer that dies is found by the same "due" query once its lease runs out."""
+    return replace(
+        delivery,
+        attempts=delivery.attempts + 1,
+        next_at=now + lease_seconds,
+        claim_owner=owner,
+        claim_expires_at=now + lease_seconds,
+        claim_token=delivery.claim_token + 1,
+    )
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS webhook_deliveries (
     prediction_id TEXT PRIMARY KEY,
@@ -120,20 +133,12 @@ def _delivery(row: Any) -> Delivery:
     return Delivery(*row)
 
 
-class SQLiteWebhookOutbox:
+class SQLiteWebhookOutbox(ClockedTables):
     """The records in the job database's file: every process of one machine shares them,
     and each change is one write transaction (BEGIN IMMEDIATE), so claims serialise on
     SQLite's write lock across processes."""
 
-    def __init__(
-        self,
-        path: Path | str,
-        *,
-        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
-        self._clock = clock  # one machine: its clock is every process's clock
+    SCHEMA = _SCHEMA
 
     def enqueue(self, prediction_id: str, url: str) -> Delivery:
         now = self.now()
@@ -166,17 +171,7 @@ class SQLiteWebhookOutbox:
                     (now, limit),
                 ).fetchall()
             ]
-            claimed = [
-                replace(
-                    d,
-                    attempts=d.attempts + 1,
-                    next_at=now + lease_seconds,
-                    claim_owner=owner,
-                    claim_expires_at=now + lease_seconds,
-                    claim_token=d.claim_token + 1,
-                )
-                for d in due
-            ]
+            claimed = [claim_of(d, owner, now, lease_seconds) for d in due]
             db.executemany(
                 "UPDATE webhook_deliveries SET attempts = ?, next_at = ?, claim_owner = ?, "
                 "claim_expires_at = ?, claim_token = ? WHERE prediction_id = ?",
@@ -218,12 +213,6 @@ class SQLiteWebhookOutbox:
             (finished_before,),
         )
 
-    def now(self) -> float:
-        return self._clock()
-
-    def close(self) -> None:
-        self._db.close()
-
 
 class MemoryWebhookOutbox:
     """The reference implementation, for tests: one lock makes every operation atomic."""
@@ -251,17 +240,7 @@ class MemoryWebhookOutbox:
                 (d for d in self._deliveries.values() if d.state == "pending" and d.next_at <= now),
                 key=lambda d: (d.next_at, d.prediction_id),
             )[: max(limit, 0)]
-            claimed = [
-                replace(
-                    d,
-                    attempts=d.attempts + 1,
-                    next_at=now + lease_seconds,
-                    claim_owner=owner,
-                    claim_expires_at=now + lease_seconds,
-                    claim_token=d.claim_token + 1,
-                )
-                for d in due
-            ]
+            claimed = [claim_of(d, owner, now, lease_seconds) for d in due]
             self._deliveries.update((d.prediction_id, d) for d in claimed)
             return claimed
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
+from fluxredux.database import ClockedTables
 from fluxredux.jobs.lifecycle import Lifecycle
 from fluxredux.jobs.model import Job, Status
 
@@ -127,16 +127,8 @@ def _worker(row: tuple[Any, ...]) -> WorkerInfo:
     return WorkerInfo(worker_id, host, pid, model, device, state, started_at, last_seen, json.loads(details))
 
 
-class SQLiteWorkerRegistry:
-    def __init__(
-        self,
-        path: Path | str,
-        *,
-        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
-        self._clock = clock  # one machine: its clock is every process's clock
+class SQLiteWorkerRegistry(ClockedTables):
+    SCHEMA = _SCHEMA
 
     def register(self, worker: WorkerInfo) -> None:
         seen = replace(worker, last_seen=self.now())
@@ -165,12 +157,6 @@ class SQLiteWorkerRegistry:
     def workers(self) -> list[WorkerInfo]:
         rows = self._db.rows(f"SELECT {_FIELDS} FROM workers ORDER BY started_at, id")
         return [_worker(row) for row in rows]
-
-    def now(self) -> float:
-        return self._clock()
-
-    def close(self) -> None:
-        self._db.close()
 
 
 class MemoryWorkerRegistry:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
-from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
+from fluxredux.database import ClockedTables
 from fluxredux.jobs.model import IN_FLIGHT, Job, Status
 from fluxredux.jobs.store import Capacity, Change
 from fluxredux.jobs.transitions import start_attempt
@@ -63,17 +61,8 @@ _INSERT = f"INSERT INTO jobs ({','.join(_COLUMNS)}, data) VALUES ({','.join('?' 
 _IN_FLIGHT = tuple(s.value for s in IN_FLIGHT)
 
 
-class SQLiteJobStore:
-    def __init__(
-        self,
-        path: Path | str,
-        *,
-        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
-        # One file on one machine: the local clock is every process's clock.
-        self._clock = clock
+class SQLiteJobStore(ClockedTables):
+    SCHEMA = _SCHEMA
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Job]:
         return [_from_row(row[0]) for row in self._db.rows(sql, params)]
@@ -127,9 +116,6 @@ class SQLiteJobStore:
             return self._apply(
                 db, _from_row(row[0]), lambda job: start_attempt(job, worker_id, now, lease_seconds)
             )
-
-    def now(self) -> float:
-        return self._clock()
 
     def queue_position(self, job_id: str) -> int | None:
         rows = self._db.rows(
@@ -199,6 +185,3 @@ class SQLiteJobStore:
         # A real (tiny) committed write: BEGIN alone would not notice a full disk or a
         # read-only file, which only fail when pages are written.
         self._db.write("INSERT OR REPLACE INTO write_probe (id, at) VALUES (1, julianday('now'))")
-
-    def close(self) -> None:
-        self._db.close()

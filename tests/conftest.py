@@ -59,3 +59,33 @@ def redis_prefix(request: pytest.FixtureRequest) -> str:
     import secrets
 
     return f"test-{secrets.token_hex(4)}:"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """One moto S3 server for the session (tests keep apart by bucket); its endpoint URL."""
+    from tests.services import s3_server
+
+    with s3_server() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_env(
+    s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """The standard AWS variables pointed at the test S3 server (dummy credentials), for this
+    test only; no profile or config file of the machine's can take part. Its endpoint URL."""
+    nothing = tmp_path_factory.mktemp("no-aws-config") / "none"
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(nothing),
+        "AWS_SHARED_CREDENTIALS_FILE": str(nothing),
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    return s3_endpoint

@@ -32,7 +32,7 @@ from fluxredux.jobs import Lifecycle, SQLiteJobStore
 from fluxredux.jobs.events import JobEvent
 from fluxredux.net import SafeFetcher
 from fluxredux.safety import Detection, SafetyChecker
-from fluxredux.storage import LocalBlobStore
+from fluxredux.storage import blob_store
 from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.loop import Worker, WorkerConfig
 from fluxredux.worker.predictor import ImageModel, Predictor
@@ -169,7 +169,7 @@ def running_server(
         worker = Worker(
             lifecycle,
             Predictor(model or FakeModel(), SafetyChecker(NothingFound())),
-            LocalBlobStore(settings.files_dir),
+            blob_store(settings),  # the same storage as the server, as a worker process does
             WorkerConfig(worker_id="test-worker", lease_seconds=5, heartbeat_seconds=0.5),
         )
         workers.worker = worker

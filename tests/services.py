@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +51,28 @@ def redis_server(data_dir: Path, *, appendonly: bool = False, port: int | None =
     try:
         _wait_for_port(port, process, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def s3_server(*, port: int | None = None) -> Iterator[str]:
+    """moto's S3-compatible server (in-memory) on a free loopback port; yields its endpoint
+    URL. Its buckets vanish with it; tests keep apart by bucket."""
+    binary = Path(sys.executable).with_name("moto_server")  # the console script beside this python
+    command = [str(binary)] if binary.exists() else [sys.executable, "-m", "moto.server"]
+    port = port or free_port()
+    process = subprocess.Popen(
+        [*command, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_for_port(port, process, "moto_server")
+        yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
         try:

@@ -2,19 +2,28 @@
 from it.
 
 Adding a backend is one line in IMPLEMENTATIONS: a context manager that yields an empty
-store (an S3 one would start a moto server and a bucket)."""
+store, given the test's request (for fixtures such as a running service) and tmp_path.
+The S3 one uses a moto server (one per session, see conftest.s3_endpoint) and a fresh
+bucket per test."""
 
 from __future__ import annotations
 
+import functools
 import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
+import boto3
 import httpx
 import pytest
+from botocore.config import Config
 
+from fluxredux.config import Settings
 from fluxredux.errors import StorageError
 from fluxredux.formats import CONTENT_TYPES_BY_EXTENSION, INPUT_FORMATS, OUTPUT_FORMATS, content_type_for
 from fluxredux.images import ACCEPTED_FORMATS, CONTENT_TYPES, EXTENSIONS
@@ -23,26 +32,59 @@ from fluxredux.storage import (
     BlobNotFound,
     BlobStore,
     BlobStoreError,
+    BlobStream,
     LocalBlobStore,
+    blob_store,
     is_valid_key,
     new_key,
+    parse_storage_url,
 )
+from fluxredux.storage.s3 import CLIENT_CONFIG, S3BlobStore
 from tests.harness import running_server
 
 
+@functools.cache
+def s3_client(endpoint: str) -> Any:  # an untyped botocore client; made once (~0.2 s each)
+    """A client of the test S3 server, built with the store's own timeouts and retries."""
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        config=CLIENT_CONFIG,
+    )
+
+
+def fresh_bucket(endpoint: str) -> str:
+    """A new empty bucket on the test S3 server."""
+    name = f"test-{secrets.token_hex(6)}"
+    s3_client(endpoint).create_bucket(Bucket=name)
+    return name
+
+
 @contextmanager
-def local_store(tmp_path: Path) -> Iterator[BlobStore]:
+def local_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
     yield LocalBlobStore(tmp_path / "blobs")
 
 
-IMPLEMENTATIONS: dict[str, Callable[[Path], AbstractContextManager[BlobStore]]] = {
+@contextmanager
+def s3_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
+    endpoint: str = request.getfixturevalue("s3_endpoint")
+    # Under a prefix, so keys must come back without it. The client is passed in (one for
+    # the session); the tests of the storage setting build theirs from the AWS variables.
+    yield S3BlobStore(fresh_bucket(endpoint), "blobs/", client=s3_client(endpoint))
+
+
+IMPLEMENTATIONS: dict[str, Callable[[pytest.FixtureRequest, Path], AbstractContextManager[BlobStore]]] = {
     "local": local_store,
+    "s3": s3_store,
 }
 
 
 @pytest.fixture(params=sorted(IMPLEMENTATIONS))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
-    with IMPLEMENTATIONS[request.param](tmp_path) as made:
+    with IMPLEMENTATIONS[request.param](request, tmp_path) as made:
         yield made
 
 
@@ -255,3 +297,214 @@ def test_files_are_streamed_with_type_length_and_cache_headers(tmp_path: Path) -
         for missing in (new_key("webp"), "nope.png", name.replace(".webp", ".png"), "..%2Ffluxredux.db"):
             response = httpx.get(f"{api.url}/files/{missing}")
             assert response.status_code == 404 and response.json()["code"] == "not_found", missing
+
+
+# --- S3 ---------------------------------------------------------------------------------
+
+
+def test_the_s3_storage_setting_writes_under_its_prefix_and_lists_only_blobs(
+    s3_env: str, tmp_path: Path
+) -> None:
+    bucket = fresh_bucket(s3_env)
+    store = blob_store(Settings(data_dir=tmp_path / "data", storage=f"s3://{bucket}/some/prefix"))
+    assert isinstance(store, S3BlobStore)
+    name = new_key("png")
+    store.put(name, b"png bytes", PNG)
+    raw = s3_client(s3_env)
+    listed = raw.list_objects_v2(Bucket=bucket)["Contents"]
+    assert [(item["Key"], item["Size"]) for item in listed] == [(f"some/prefix/{name}", 9)]
+    head = raw.head_object(Bucket=bucket, Key=f"some/prefix/{name}")
+    assert head["ContentType"] == PNG
+    # Whatever else is in the bucket is not ours: beside the prefix, in a "folder" under it,
+    # or a name that is no key. It is never listed (so never expired) nor served.
+    for stray in (
+        new_key("png"),
+        f"some/prefix/sub/{new_key('png')}",
+        "some/prefix/notes.txt",
+        "some/prefixed.png",
+    ):
+        raw.put_object(Bucket=bucket, Key=stray, Body=b"x")
+    assert [info.key for info in store.list()] == [name]
+    assert not store.exists("notes.txt") and store.get(name) == b"png bytes"
+    assert not (tmp_path / "data" / "files").exists()  # nothing went to the data dir
+
+
+def test_s3_lists_and_deletes_page_by_page(s3_endpoint: str) -> None:
+    """ListObjectsV2 answers a page at a time and DeleteObjects takes a batch a call (1000
+    each on S3; lowered here to cross several pages cheaply)."""
+    bucket = fresh_bucket(s3_endpoint)
+    raw = s3_client(s3_endpoint)
+    store = S3BlobStore(bucket, "p", client=raw)
+    store.page_size, store.delete_batch = 3, 2
+    names = sorted(new_key("png") for _ in range(8))
+    for name in names:
+        raw.put_object(Bucket=bucket, Key=f"p/{name}", Body=b"x")
+    assert [info.key for info in store.list()] == names
+    store.delete(names[:5])
+    assert [info.key for info in store.list()] == names[5:]
+    store.delete(names)
+    assert list(store.list()) == [] and "Contents" not in raw.list_objects_v2(Bucket=bucket)
+
+
+def test_a_missing_bucket_is_a_storage_error(s3_env: str) -> None:
+    store = S3BlobStore(f"missing-{secrets.token_hex(4)}")
+    attempts: list[Callable[[], object]] = [
+        store.check_writable,
+        lambda: store.put(new_key("png"), b"x", PNG),
+        lambda: list(store.list()),
+        lambda: store.get(new_key("png")),
+    ]
+    for attempt in attempts:
+        with pytest.raises(BlobStoreError) as raised:
+            attempt()
+        assert raised.value.code == "storage_error" and "NoSuchBucket" in raised.value.reason
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed again on return: connections are refused
+
+
+def test_an_s3_endpoint_that_is_down_is_a_storage_error_within_seconds(
+    s3_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    store = blob_store(Settings(data_dir=tmp_path, storage="s3://fluxredux-outputs"))
+    attempts: list[Callable[[], object]] = [
+        store.check_writable,
+        lambda: store.open(new_key("png")),
+        lambda: store.exists(new_key("png")),
+    ]
+    for attempt in attempts:
+        started = time.monotonic()
+        with pytest.raises(BlobStoreError) as raised:
+            attempt()
+        # A few quick retries, then a 503 (storage_error), never a request hanging on.
+        assert time.monotonic() - started < 8
+        assert isinstance(raised.value, StorageError) and raised.value.code == "storage_error"
+        assert "object storage" in raised.value.message and raised.value.reason
+
+
+# --- choosing the storage by URL ----------------------------------------------------------
+
+
+def test_a_file_url_stores_in_that_directory_and_no_setting_in_the_data_dir(tmp_path: Path) -> None:
+    shared = tmp_path / "shared mount"
+    store = blob_store(Settings(data_dir=tmp_path / "data", storage=f"file://{shared}/"))
+    name = new_key("jpg")
+    store.put(name, b"jpeg", "image/jpeg")
+    assert (shared / name).read_bytes() == b"jpeg"
+    assert not (tmp_path / "data" / "files").exists()
+    # %-escapes are decoded, as in any file URL
+    assert parse_storage_url("file:///srv/shared%20mount") == ("file", "/srv/shared mount", "")
+
+    default = blob_store(Settings(data_dir=tmp_path / "data"))
+    default.put(name, b"jpeg", "image/jpeg")
+    assert (tmp_path / "data" / "files" / name).exists()
+
+
+def test_s3_urls_are_a_bucket_and_a_prefix() -> None:
+    assert parse_storage_url("s3://outputs") == ("s3", "outputs", "")
+    assert parse_storage_url("s3://outputs/") == ("s3", "outputs", "")
+    assert parse_storage_url("s3://my.bucket-1/fluxredux/prod/") == ("s3", "my.bucket-1", "fluxredux/prod")
+    assert S3BlobStore("b", "/a/b/", client=object()).prefix == "a/b/"
+    assert S3BlobStore("b", "", client=object()).prefix == ""
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "/srv/files",  # a path, not a URL
+        "files",
+        "ftp://host/files",
+        "file://otherhost/srv/files",
+        "file:///",
+        "file:relative/dir",
+        "s3://",
+        "s3:///prefix-without-bucket",
+        "s3://Upper_Case/x",
+        "s3://ab",
+        "s3://bucket/a/../b",
+        "s3://bucket/a//b",
+        "s3://bucket/x?versionId=1",
+    ],
+)
+def test_a_bad_storage_url_is_an_error_naming_the_setting(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError, match=r"storage setting \(FLUXREDUX_STORAGE\)"):
+        blob_store(Settings(data_dir=tmp_path, storage=bad))
+
+
+# --- /files/{name} from S3 ---------------------------------------------------------------
+
+
+def test_a_large_file_streams_from_s3_in_chunks(
+    s3_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = fresh_bucket(s3_env)
+    with running_server(tmp_path, run_worker=False, storage=f"s3://{bucket}/served") as api:
+        store = api.services.blobs
+        assert isinstance(store, S3BlobStore)
+        data = os.urandom(5 * 1024 * 1024 + 11)
+        name = new_key("webp")
+        store.put(name, data, "image/webp")
+
+        # What the server reads from the store, chunk by chunk: never the whole blob at once.
+        served: list[int] = []
+        opened = store.open
+
+        def spying_open(key: str) -> BlobStream:
+            blob = opened(key)
+
+            def chunks() -> Iterator[bytes]:
+                for chunk in blob:
+                    served.append(len(chunk))
+                    yield chunk
+
+            return BlobStream(blob.info, chunks(), blob.close)
+
+        monkeypatch.setattr(store, "open", spying_open)
+        with httpx.stream("GET", f"{api.url}/files/{name}") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "image/webp"
+            assert response.headers["content-length"] == str(len(data))
+            assert b"".join(response.iter_bytes()) == data
+        assert len(served) >= 5 * 1024 * 1024 // CHUNK_SIZE and max(served) <= CHUNK_SIZE
+        assert sum(served) == len(data)
+        assert httpx.get(f"{api.url}/files/{new_key('webp')}").status_code == 404
+
+
+def test_when_s3_is_down_files_are_a_503_and_ready_says_why(
+    s3_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    with running_server(tmp_path, run_worker=False, storage="s3://fluxredux-outputs") as api:
+        response = httpx.get(f"{api.url}/files/{new_key('png')}", timeout=30)
+        assert response.status_code == 503 and response.json()["code"] == "storage_error"
+        ready = httpx.get(f"{api.url}/ready", timeout=30)
+        assert ready.status_code == 503
+        assert any("object storage cannot be written" in reason for reason in ready.json()["reasons"])
+
+
+def test_an_s3_endpoint_that_never_answers_is_a_storage_error_after_the_timeouts() -> None:
+    """A stalled endpoint (it accepts connections, then says nothing) fails by read timeout:
+    here one try of 0.2 s instead of the real three of 5 s (their backoff is random)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes connections; nobody ever reads or answers
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            config=CLIENT_CONFIG.merge(
+                Config(connect_timeout=0.2, read_timeout=0.2, retries={"total_max_attempts": 1})
+            ),
+        )
+        store = S3BlobStore("fluxredux-outputs", client=client)
+        started = time.monotonic()
+        with pytest.raises(BlobStoreError) as raised:
+            store.check_writable()
+        assert time.monotonic() - started < 3
+        assert raised.value.reason == "the endpoint did not answer in time"

@@ -9,7 +9,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,8 @@ from fluxredux.jobs.events import (
     PipeEventBus,
     PipePublisher,
 )
+from fluxredux.jobs.redis_events import RedisEventBus, RedisEventPublisher
+from tests.services import free_port, redis_server
 
 
 @contextmanager
@@ -43,16 +46,32 @@ def pipe_bus() -> Iterator[tuple[EventBus, EventPublisher]]:
     bus.close()
 
 
-# Each implementation: a context giving (the bus listeners subscribe to, a publisher).
-BUSES: dict[str, Callable[[], Iterator[tuple[EventBus, EventPublisher]]]] = {
-    "local": local_bus,  # type: ignore[dict-item]
-    "pipe": pipe_bus,  # type: ignore[dict-item]
+@contextmanager
+def redis_bus(request: pytest.FixtureRequest) -> Iterator[tuple[EventBus, EventPublisher]]:
+    """An API node's bus and a worker's publisher on another machine: two clients."""
+    # Asked for only here, so that the other backends' tests never start redis-server.
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    bus = RedisEventBus(url, prefix=prefix)
+    publisher = RedisEventPublisher(url, prefix=prefix)
+    yield bus, publisher
+    publisher.close()
+    bus.close()
+
+
+# Each implementation: the test's request -> a context giving (the bus listeners subscribe
+# to, a publisher).
+BUSES: dict[
+    str, Callable[[pytest.FixtureRequest], AbstractContextManager[tuple[EventBus, EventPublisher]]]
+] = {
+    "local": lambda _: local_bus(),
+    "pipe": lambda _: pipe_bus(),
+    "redis": redis_bus,
 }
 
 
 @pytest.fixture(params=sorted(BUSES))
 def bus(request: pytest.FixtureRequest) -> Iterator[tuple[EventBus, EventPublisher]]:
-    with BUSES[request.param]() as pair:
+    with BUSES[request.param](request) as pair:
         yield pair
 
 
@@ -139,3 +158,35 @@ def test_publishing_to_a_closed_pipe_does_not_raise() -> None:
     publisher = PipePublisher.from_fd(write_fd)
     publisher.publish(JobEvent("a", "succeeded"))  # the server is gone: the store has the truth
     publisher.close()
+
+
+def test_redis_publisher_pointed_at_a_closed_port_does_not_raise() -> None:
+    publisher = RedisEventPublisher(f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    publisher.publish(JobEvent("a", "succeeded"))  # nobody hears it: the store has the truth
+    assert time.monotonic() - started < 3
+    publisher.close()
+
+
+def test_the_redis_bus_hears_again_after_redis_restarts(tmp_path: Path) -> None:
+    """A Redis restart loses what was published meanwhile (a wake-up only), never the bus:
+    its reader reconnects and subscribes again by itself."""
+    port = free_port()
+    with redis_server(tmp_path / "first", port=port) as url:
+        bus = RedisEventBus(url, prefix="restart:")
+        publisher = RedisEventPublisher(url, prefix="restart:")
+        heard = Heard()
+        bus.add_listener(heard)
+        publisher.publish(JobEvent("before", "succeeded"))
+        heard.wait_for(1)
+    publisher.publish(JobEvent("while-down", "succeeded"))  # lost, and does not raise
+    try:
+        with redis_server(tmp_path / "second", port=port):
+            deadline = time.monotonic() + 10
+            while len(heard.events) < 2 and time.monotonic() < deadline:
+                publisher.publish(JobEvent("after", "succeeded"))  # until resubscribed
+                time.sleep(0.1)
+            assert [e.job_id for e in heard.events][:2] == ["before", "after"]
+    finally:
+        publisher.close()
+        bus.close()

@@ -14,6 +14,7 @@ import pytest
 from fluxredux.jobs import Job, JobStore, Lifecycle, SQLiteJobStore, Status, new_id
 from fluxredux.jobs.lifecycle import WORKER_LOST, InvalidTransition, transition
 from fluxredux.jobs.memory import MemoryJobStore
+from fluxredux.jobs.redis_store import RedisJobStore
 
 
 class FakeClock:
@@ -24,16 +25,24 @@ class FakeClock:
         return self.now
 
 
-# Each backend built on a directory and the clock its leases are stamped with.
-BACKENDS: dict[str, Callable[[Path, Callable[[], float]], JobStore]] = {
-    "sqlite": lambda tmp, clock: SQLiteJobStore(tmp / "jobs.db", clock=clock),
-    "memory": lambda tmp, clock: MemoryJobStore(clock=clock),
+def _redis_store(request: pytest.FixtureRequest, clock: Callable[[], float]) -> JobStore:
+    # Asked for only when the redis backend is built: the other backends never start a server.
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    return RedisJobStore(url, prefix=prefix, clock=clock)
+
+
+# Each backend built on a directory and the clock its leases are stamped with (and the
+# test's request, for backends that need a service fixture such as a Redis server).
+BACKENDS: dict[str, Callable[[Path, Callable[[], float], pytest.FixtureRequest], JobStore]] = {
+    "sqlite": lambda tmp, clock, request: SQLiteJobStore(tmp / "jobs.db", clock=clock),
+    "memory": lambda tmp, clock, request: MemoryJobStore(clock=clock),
+    "redis": lambda tmp, clock, request: _redis_store(request, clock),
 }
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[JobStore]:
-    backend = BACKENDS[request.param](tmp_path, clock)
+    backend = BACKENDS[request.param](tmp_path, clock, request)
     yield backend
     backend.close()
 

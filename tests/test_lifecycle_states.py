@@ -4,19 +4,35 @@ jumps and reaps. After every step the invariants a user relies on must hold."""
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Iterator
 from pathlib import Path
 from tempfile import mkdtemp
 
+import pytest
+import redis
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from fluxredux.jobs import Job, Lifecycle, MemoryJobStore, SQLiteJobStore, Status, new_id
+from fluxredux.jobs.redis_store import RedisJobStore
 from fluxredux.jobs.store import JobStore
 
 WORKERS = ("w1", "w2", "w3")
 LEASE = 30.0
 MAX_ATTEMPTS = 2
+
+# The session's Redis server, for the machine's redis examples (set by the fixture below:
+# Hypothesis builds the machine itself, so it cannot ask for fixtures).
+REDIS: dict[str, redis.Redis] = {}
+
+
+@pytest.fixture(autouse=True)
+def redis_for_the_machine(redis_url: str) -> Iterator[None]:
+    REDIS["client"] = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield
+    REDIS.pop("client").close()
 
 
 class LifecycleMachine(RuleBasedStateMachine):
@@ -30,14 +46,16 @@ class LifecycleMachine(RuleBasedStateMachine):
         self.terminal: dict[str, Job] = {}  # first terminal state seen per job
         self.pending_reap: tuple[list[Job], set[str]] = ([], set())
 
-    @initialize(backend=st.sampled_from(["memory", "sqlite"]))
+    @initialize(backend=st.sampled_from(["memory", "sqlite", "redis"]))
     def open_store(self, backend: str) -> None:
         clock = lambda: self.now  # noqa: E731
-        self.store = (
-            MemoryJobStore(clock=clock)
-            if backend == "memory"
-            else SQLiteJobStore(Path(mkdtemp()) / "jobs.db", clock=clock)
-        )
+        if backend == "memory":
+            self.store = MemoryJobStore(clock=clock)
+        elif backend == "sqlite":
+            self.store = SQLiteJobStore(Path(mkdtemp()) / "jobs.db", clock=clock)
+        else:  # a prefix of its own per example, on the session's server and client
+            self.prefix = f"machine-{secrets.token_hex(4)}:"
+            self.store = RedisJobStore(REDIS["client"], prefix=self.prefix, clock=clock)
         self.lifecycle = Lifecycle(self.store)
 
     @rule()
@@ -154,6 +172,11 @@ class LifecycleMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         if hasattr(self, "store"):
             self.store.close()
+        if hasattr(self, "prefix"):  # leave the shared server as the example found it
+            client = REDIS["client"]
+            keys = list(client.scan_iter(f"{self.prefix}*", count=1000))
+            if keys:
+                client.delete(*keys)
 
 
 LifecycleMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)

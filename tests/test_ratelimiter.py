@@ -4,12 +4,14 @@ a backend shared by several nodes adds one line to LIMITERS)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
 
 from fluxredux.errors import RateLimited
 from fluxredux.jobs.limits import MemoryRateLimiter, RateLimiter
+from fluxredux.jobs.redis_limits import RedisRateLimiter
 
 
 class FakeClock:
@@ -23,14 +25,35 @@ class FakeClock:
 # (limit, window seconds, clock) -> a limiter with no hits recorded yet.
 LimiterFactory = Callable[[int, float, FakeClock], RateLimiter]
 
-LIMITERS: dict[str, LimiterFactory] = {
-    "memory": lambda limit, window, clock: MemoryRateLimiter(limit, window, clock=clock),
+
+def _redis_limiters(request: pytest.FixtureRequest) -> LimiterFactory:
+    # Asked for only here, so that the other backends' tests never start redis-server.
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    opened: list[RedisRateLimiter] = []
+
+    def close_all() -> None:
+        for limiter in opened:
+            limiter.close()
+
+    request.addfinalizer(close_all)
+
+    def make(limit: int, window: float, clock: FakeClock) -> RateLimiter:
+        opened.append(RedisRateLimiter(url, limit, window, prefix=prefix, clock=clock))
+        return opened[-1]
+
+    return make
+
+
+# Each implementation: the test's request -> its factory.
+LIMITERS: dict[str, Callable[[pytest.FixtureRequest], LimiterFactory]] = {
+    "memory": lambda _: lambda limit, window, clock: MemoryRateLimiter(limit, window, clock=clock),
+    "redis": _redis_limiters,
 }
 
 
 @pytest.fixture(params=sorted(LIMITERS))
 def make(request: pytest.FixtureRequest) -> LimiterFactory:
-    return LIMITERS[request.param]
+    return LIMITERS[request.param](request)
 
 
 @pytest.fixture
@@ -134,3 +157,41 @@ def test_retry_after_is_when_the_oldest_hit_expires(make: LimiterFactory, clock:
     clock.now += 0.5
     assert allowed(limiter)  # at 60 s, as promised
     assert refusal(limiter).retry_after == 15  # next: the hit at 15 s, expiring at 75 s
+
+
+def test_redis_nodes_with_their_own_clients_share_the_limit_exactly(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Eight API nodes (eight clients, Redis's own clock): 50 hits through, not one more."""
+    nodes = [RedisRateLimiter(redis_url, 50, 60, prefix=redis_prefix) for _ in range(8)]
+    start = threading.Barrier(len(nodes))
+    results: list[bool] = []
+    lock = threading.Lock()
+
+    def hammer(node: RateLimiter) -> None:
+        start.wait()
+        mine = [allowed(node) for _ in range(40)]
+        with lock:
+            results.extend(mine)
+
+    threads = [threading.Thread(target=hammer, args=(node,)) for node in nodes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (results.count(True), results.count(False)) == (50, 270)
+    assert 58 <= refusal(nodes[0]).retry_after <= 60  # the oldest hit, just now, on Redis's clock
+    for node in nodes:
+        node.close()
+
+
+def test_redis_limiter_unreachable_is_store_unavailable_quickly() -> None:
+    from fluxredux.errors import StoreUnavailable
+    from tests.services import free_port
+
+    limiter = RedisRateLimiter(f"redis://127.0.0.1:{free_port()}/0", 5, 60)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable):
+        limiter.hit("k", "hits")
+    assert time.monotonic() - started < 3
+    limiter.close()

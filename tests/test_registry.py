@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from fluxredux.config import Settings
 from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status, new_id
+from fluxredux.jobs.redis_registry import RedisWorkerRegistry
 from fluxredux.jobs.registry import (
     MemoryWorkerRegistry,
     SQLiteWorkerRegistry,
@@ -24,9 +26,18 @@ from fluxredux.jobs.registry import (
 )
 from tests.test_jobs import FakeClock
 
-REGISTRIES: dict[str, Callable[[Path, Callable[[], float]], WorkerRegistry]] = {
-    "sqlite": lambda tmp, clock: SQLiteWorkerRegistry(tmp / "jobs.db", clock=clock),
-    "memory": lambda tmp, clock: MemoryWorkerRegistry(clock=clock),
+
+def _redis_registry(request: pytest.FixtureRequest, clock: Callable[[], float]) -> WorkerRegistry:
+    # Asked for only here, so that the other backends' tests never start redis-server.
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    return RedisWorkerRegistry(url, prefix=prefix, clock=clock)
+
+
+# (the test's request, its tmp dir, the clock) -> an empty registry.
+REGISTRIES: dict[str, Callable[[pytest.FixtureRequest, Path, Callable[[], float]], WorkerRegistry]] = {
+    "sqlite": lambda _, tmp, clock: SQLiteWorkerRegistry(tmp / "jobs.db", clock=clock),
+    "memory": lambda _, tmp, clock: MemoryWorkerRegistry(clock=clock),
+    "redis": lambda request, _, clock: _redis_registry(request, clock),
 }
 TTL = 15.0
 
@@ -38,7 +49,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture(params=sorted(REGISTRIES))
 def registry(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[WorkerRegistry]:
-    backend = REGISTRIES[request.param](tmp_path, clock)
+    backend = REGISTRIES[request.param](request, tmp_path, clock)
     yield backend
     backend.close()
 
@@ -195,3 +206,33 @@ def test_heartbeats_must_fit_well_inside_the_lease_and_the_ttl() -> None:
     with pytest.raises(ValidationError, match="at most half of worker_ttl_seconds"):
         Settings(heartbeat_seconds=5, worker_ttl_seconds=8)
     assert Settings(heartbeat_seconds=5).heartbeat_seconds == 5
+
+
+def test_redis_registry_unreachable_is_store_unavailable_quickly() -> None:
+    """A Redis that is down costs a caller a quick StoreUnavailable, never a hang."""
+    from fluxredux.errors import StoreUnavailable
+    from tests.services import free_port
+
+    registry = RedisWorkerRegistry(f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    for call in (lambda: registry.register(worker("w1")), registry.workers, registry.now):
+        with pytest.raises(StoreUnavailable):
+            call()
+    assert time.monotonic() - started < 3
+    registry.close()
+
+
+def test_redis_registry_on_redis_time_keeps_deployments_apart(redis_url: str, redis_prefix: str) -> None:
+    """Without an injected clock, last_seen is Redis TIME; another prefix is another deployment."""
+    from dataclasses import replace
+
+    registry = RedisWorkerRegistry(redis_url, prefix=redis_prefix)
+    other = RedisWorkerRegistry(redis_url, prefix=redis_prefix + "other:")
+    before = registry.now()
+    registry.register(replace(worker("w1"), details={"demo": True, "error": {"code": "oom", "at": 1.25}}))
+    [seen] = registry.workers()
+    assert before <= seen.last_seen <= registry.now()
+    assert seen.details == {"demo": True, "error": {"code": "oom", "at": 1.25}}
+    assert other.workers() == [] and other.heartbeat("w1") is False
+    registry.close()
+    other.close()

@@ -8,12 +8,14 @@ new connection to the same file (as separate processes have), for memory the one
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fluxredux.jobs.outbox import MemoryWebhookOutbox, SQLiteWebhookOutbox, WebhookOutbox
+from fluxredux.jobs.redis_outbox import RedisWebhookOutbox
 from tests.test_jobs import FakeClock
 
 Opener = Callable[[], WebhookOutbox]
@@ -23,9 +25,18 @@ def _same(outbox: WebhookOutbox) -> Opener:
     return lambda: outbox
 
 
-BACKENDS: dict[str, Callable[[Path, FakeClock], Opener]] = {
-    "sqlite": lambda tmp, clock: lambda: SQLiteWebhookOutbox(tmp / "jobs.db", clock=clock),
-    "memory": lambda tmp, clock: _same(MemoryWebhookOutbox(clock=clock)),
+def _redis(request: pytest.FixtureRequest, clock: FakeClock) -> Opener:
+    """Every handle a client of its own (as another node has) on one deployment's keys."""
+    # Asked for only here, so that the other backends' tests never start redis-server.
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    return lambda: RedisWebhookOutbox(url, prefix=prefix, clock=clock)
+
+
+# (the test's request, its tmp dir, the clock) -> an opener of handles on one empty outbox.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path, FakeClock], Opener]] = {
+    "sqlite": lambda _, tmp, clock: lambda: SQLiteWebhookOutbox(tmp / "jobs.db", clock=clock),
+    "memory": lambda _, tmp, clock: _same(MemoryWebhookOutbox(clock=clock)),
+    "redis": lambda request, _, clock: _redis(request, clock),
 }
 LEASE = 30.0
 URL = "https://hooks.example/x"
@@ -38,7 +49,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture(params=sorted(BACKENDS))
 def open_outbox(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[Opener]:
-    opener = BACKENDS[request.param](tmp_path, clock)
+    opener = BACKENDS[request.param](request, tmp_path, clock)
     opened: list[WebhookOutbox] = []
 
     def open_one() -> WebhookOutbox:
@@ -212,3 +223,36 @@ def test_concurrent_claimers_never_get_the_same_delivery(open_outbox: Opener, cl
     for index, mine in enumerate(claims):
         for name in mine:
             assert setup.get(name).claim_owner == f"w{index}"  # type: ignore[union-attr]
+
+
+def test_redis_outbox_on_redis_time(redis_url: str, redis_prefix: str) -> None:
+    """Without an injected clock every stamp is Redis TIME, read inside the scripts."""
+    outbox = RedisWebhookOutbox(redis_url, prefix=redis_prefix)
+    before = outbox.now()
+    enqueued = outbox.enqueue("p1", URL)
+    [claimed] = outbox.claim_due("w1", LEASE, 1)
+    after = outbox.now()
+    assert before <= enqueued.created_at == enqueued.next_at <= claimed.next_at - LEASE <= after
+    assert claimed.claim_expires_at == claimed.next_at == outbox.next_due()
+    done = outbox.succeeded(claimed)
+    assert done is not None and done.finished_at is not None and done.finished_at >= claimed.next_at - LEASE
+    assert outbox.next_due() is None
+    assert outbox.forget(finished_before=outbox.now() + 1) == 1 and outbox.get("p1") is None
+    outbox.close()
+
+
+def test_redis_outbox_unreachable_is_store_unavailable_quickly() -> None:
+    from fluxredux.errors import StoreUnavailable
+    from tests.services import free_port
+
+    outbox = RedisWebhookOutbox(f"redis://127.0.0.1:{free_port()}/0")
+    started = time.monotonic()
+    for call in (
+        lambda: outbox.enqueue("p1", URL),
+        lambda: outbox.claim_due("w1", LEASE, 5),
+        outbox.next_due,
+    ):
+        with pytest.raises(StoreUnavailable):
+            call()
+    assert time.monotonic() - started < 3
+    outbox.close()

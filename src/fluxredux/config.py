@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         default_factory=lambda: platformdirs.user_data_path("fluxredux"),
         description="Job database, uploaded inputs and outputs.",
     )
+    storage: str | None = Field(
+        None,
+        description="Where uploaded inputs and outputs are kept: file:///shared/dir (a directory, "
+        "e.g. a mount all machines share) or s3://bucket/prefix (an S3-compatible bucket; endpoint, "
+        "region and credentials from the standard AWS variables). Default: the data dir's files folder.",
+    )
     public_url: str | None = Field(
         None, description="Base URL for links in responses (default: the URL the request came to)."
     )

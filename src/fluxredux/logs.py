@@ -7,7 +7,7 @@ import os
 
 # Libraries whose INFO/WARNING chatter (HTTP requests, weight loading) hides what
 # matters; shown with --verbose.
-NOISY_LIBRARIES = ("httpx", "huggingface_hub", "diffusers", "transformers")
+NOISY_LIBRARIES = ("httpx", "huggingface_hub", "diffusers", "transformers", "botocore", "boto3")
 
 
 def quiet_libraries(verbose: bool) -> None:

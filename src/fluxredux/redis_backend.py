@@ -31,12 +31,27 @@ def connect(url: str) -> redis.Redis:
     )
 
 
+_UNAVAILABLE = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,  # over maxmemory: writes refused until memory frees up
+    redis.exceptions.ExecAbortError,
+)
+
+
 @contextmanager
 def redis_errors(what: str) -> Iterator[None]:
     """Redis failures (down, timing out, loading, read-only replica) as StoreUnavailable."""
     try:
         yield
-    except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, redis.ReadOnlyError) as exc:
+    except _UNAVAILABLE as exc:
+        raise StoreUnavailable(f"Redis cannot be {what} right now ({exc}); retry shortly") from exc
+    except redis.ResponseError as exc:
+        # Redis refusing writes after a failed save to disk: the same kind of outage.
+        if not str(exc).startswith("MISCONF"):
+            raise
         raise StoreUnavailable(f"Redis cannot be {what} right now ({exc}); retry shortly") from exc
 
 

@@ -1,0 +1,242 @@
+"""BlobStore on an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, R2, moto...).
+
+Each blob is one object, ``<prefix><key>``, so several deployments (or environments) can
+share a bucket by prefix. Where the bucket lives and who we are come from the standard AWS
+configuration that boto3 reads itself (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION,
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, instance roles); nothing of it is a
+fluxredux setting, so it is configured the way every other S3 tool is.
+
+S3 writes are atomic per object (a reader sees the old object or the new one, never half),
+which is what ``put`` promises. Every failure of the service or the way to it (unreachable,
+timed out, throttled, denied, 5xx, no such bucket) is a BlobStoreError: a 503 in a request,
+``storage_error`` in a worker. Timeouts and retries are bounded so that a dead endpoint is
+a quick 503 rather than a request hanging for minutes.
+
+boto3 and botocore ship no type information: the client is ``Any`` at this boundary, and
+what comes out of it is converted to our own types right here.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from fluxredux.formats import content_type_for
+from fluxredux.storage.blobs import (
+    CHUNK_SIZE,
+    BlobInfo,
+    BlobNotFound,
+    BlobStoreError,
+    BlobStream,
+    check_put,
+    is_valid_key,
+)
+
+# A request to a dead or blackholed endpoint fails within connect_timeout per attempt; a
+# stalled one within read_timeout per socket read (not per object: a large body may take
+# longer as long as bytes keep coming). Three attempts in all with standard (jittered)
+# backoff: a brief blip is ridden out, an outage is a 503 within seconds.
+CLIENT_CONFIG = Config(
+    connect_timeout=5,
+    read_timeout=5,
+    retries={"total_max_attempts": 3, "mode": "standard"},  # the first try and two retries
+    # Each open stream holds a connection until it is closed; the HTTP process serves
+    # several downloads at once, and a full pool would open and discard connections.
+    max_pool_connections=32,
+)
+
+# What S3 (and its look-alikes) answer for an absent object or a HEAD of one.
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+# The readiness probe's object: never a valid key, so never listed as a blob.
+_PROBE_PREFIX = ".ready-"
+
+# Errors of the service, of botocore and of the connection under it (a body read that
+# breaks midway can surface from urllib3 or the socket): all mean the storage failed.
+_FAILURES: tuple[type[BaseException], ...] = (BotoCoreError, ClientError, Urllib3Error, OSError)
+
+
+# What a failure is called in messages. These reach anonymous clients (a 503's body, /ready's
+# reasons), while botocore's own text names the endpoint URL, bucket and object, and S3's
+# AccessDenied message the account and user: a service error is told by its code alone
+# (NoSuchBucket, AccessDenied, SlowDown...), a connection failure in words. The details
+# stay in the chained exception, for the logs.
+_CONNECTION_FAILURES: tuple[tuple[type[BaseException], str], ...] = (
+    (EndpointConnectionError, "cannot connect to the endpoint"),
+    (ConnectTimeoutError, "connecting to the endpoint timed out"),
+    (ReadTimeoutError, "the endpoint did not answer in time"),
+    (NoCredentialsError, "no AWS credentials are configured"),
+)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return str(error.get("Code") or (f"HTTP {status}" if status else "error"))
+    for kind, text in _CONNECTION_FAILURES:
+        if isinstance(exc, kind):
+            return text
+    return type(exc).__name__
+
+
+@contextmanager
+def _s3_errors(failed: str) -> Iterator[None]:
+    try:
+        yield
+    except _FAILURES as exc:
+        reason = _reason(exc)
+        raise BlobStoreError(f"the object storage {failed} ({reason})", reason) from exc
+
+
+def _is_not_found(exc: ClientError) -> bool:
+    return str(exc.response.get("Error", {}).get("Code", "")) in _NOT_FOUND
+
+
+def _timestamp(when: datetime) -> float:
+    # Whole seconds: GET and HEAD give Last-Modified as an HTTP date (to the second) while
+    # listings give milliseconds; one blob must have one created time whichever is asked.
+    return float(int(when.timestamp()))
+
+
+def make_client() -> Any:  # a botocore S3 client (untyped)
+    """An S3 client configured from the standard AWS variables, with bounded timeouts.
+
+    Its own session: boto3's default session is not thread-safe to create clients from,
+    while a client itself may be shared by threads (the HTTP process's and a worker's)."""
+    return boto3.session.Session().client("s3", config=CLIENT_CONFIG)
+
+
+class S3BlobStore:
+    # The service's own limits: DeleteObjects takes at most 1000 keys a request, and
+    # ListObjectsV2 answers at most 1000 a page. Tests lower them to cross batches cheaply.
+    delete_batch = 1000
+    page_size = 1000
+
+    def __init__(self, bucket: str, prefix: str = "", *, client: Any = None) -> None:
+        self.bucket = bucket
+        # "some/prefix", "/some/prefix/" and "some/prefix/" all mean the folder some/prefix.
+        stripped = prefix.strip("/")
+        self.prefix = f"{stripped}/" if stripped else ""
+        self._client: Any = client if client is not None else make_client()
+
+    def put(self, key: str, data: bytes, content_type: str) -> BlobInfo:
+        check_put(key, content_type)
+        with _s3_errors("cannot be written"):
+            self._client.put_object(
+                Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType=content_type
+            )
+            # The created time is the object's Last-Modified as the service stored it (the
+            # same a later open or list reports), which a PUT's answer does not carry.
+            head = self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+        return BlobInfo(key, len(data), content_type, _timestamp(head["LastModified"]))
+
+    def get(self, key: str) -> bytes:
+        with self.open(key) as blob:
+            return b"".join(blob)
+
+    def open(self, key: str) -> BlobStream:
+        response = self._get_object(key)
+        body: Any = response["Body"]  # a botocore StreamingBody
+
+        def chunks() -> Iterator[bytes]:
+            with _s3_errors("cannot be read"):
+                # At most CHUNK_SIZE at a time off the socket: the blob is never whole in memory.
+                yield from body.iter_chunks(CHUNK_SIZE)
+
+        info = BlobInfo(
+            key,
+            int(response["ContentLength"]),
+            # The type the key's extension names, as put checked and the local store serves:
+            # an object rewritten in the bucket by other means with another type (say
+            # text/html) cannot make a file link serve a page.
+            str(content_type_for(key)),
+            _timestamp(response["LastModified"]),
+        )
+        return BlobStream(info, chunks(), body.close)
+
+    def exists(self, key: str) -> bool:
+        if not is_valid_key(key):
+            return False
+        with _s3_errors("cannot be read"):
+            try:
+                self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
+            except ClientError as exc:
+                if _is_not_found(exc):
+                    return False
+                raise
+        return True
+
+    def delete(self, keys: Iterable[str]) -> None:
+        # Absent keys are no error for DeleteObjects, so deleting twice is harmless;
+        # malformed ones are dropped before they can name anything outside the prefix.
+        wanted = sorted({self.prefix + key for key in keys if is_valid_key(key)})
+        for start in range(0, len(wanted), self.delete_batch):
+            batch = wanted[start : start + self.delete_batch]
+            with _s3_errors("cannot delete files"):
+                response = self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": name} for name in batch], "Quiet": True},
+                )
+            # A batch can succeed as a request and still fail per object (AccessDenied...).
+            errors = [e for e in response.get("Errors", []) if e.get("Code") not in _NOT_FOUND]
+            if errors:
+                reason = str(errors[0].get("Code") or "error")  # the code alone, as in _reason
+                raise BlobStoreError(f"the object storage cannot delete files ({reason})", reason)
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        # Lazy, page by page: a bucket may hold far more blobs than is wise to hold in memory.
+        # The Delimiter keeps "sub-folders" under the prefix (not ours) out of the listing.
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=self.prefix + prefix,
+            Delimiter="/",
+            PaginationConfig={"PageSize": self.page_size},
+        )
+        with _s3_errors("cannot be listed"):
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key = str(item["Key"])[len(self.prefix) :]
+                    if is_valid_key(key):  # anything else in the bucket is not a blob of ours
+                        yield BlobInfo(
+                            key,
+                            int(item["Size"]),
+                            # From the formats table, not a HEAD per object.
+                            str(content_type_for(key)),
+                            _timestamp(item["LastModified"]),
+                        )
+
+    def check_writable(self) -> None:
+        # A few bytes really written and removed: a missing bucket, wrong credentials, a
+        # read-only policy or an endpoint that is down all fail here.
+        probe = f"{self.prefix}{_PROBE_PREFIX}{secrets.token_urlsafe(8)}"
+        with _s3_errors("cannot be written"):
+            self._client.put_object(Bucket=self.bucket, Key=probe, Body=b"ready")
+            self._client.delete_object(Bucket=self.bucket, Key=probe)
+
+    def _get_object(self, key: str) -> dict[str, Any]:
+        if not is_valid_key(key):
+            raise BlobNotFound(key)
+        with _s3_errors("cannot be read"):
+            try:
+                response: dict[str, Any] = self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+            except ClientError as exc:
+                if _is_not_found(exc):
+                    raise BlobNotFound(key) from None
+                raise
+        return response

@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -216,3 +217,23 @@ def test_a_redis_that_is_down_is_reported_unavailable_quickly(clock: FakeClock) 
             call()
         assert time.monotonic() - started < 3
     store.close()
+
+
+def test_a_redis_out_of_memory_or_refusing_writes_is_unavailable_not_a_crash(tmp_path: Path) -> None:
+    """Redis answers "OOM" over its memory limit and "MISCONF" after a failed save: both are
+    outages a caller should retry (503), not bugs (500), in a transaction or not."""
+    from tests.services import redis_server
+
+    with redis_server(tmp_path / "own-redis") as url:
+        store = RedisJobStore(url, prefix="oom:")
+        store.insert(Job(id=new_id(), owner="k", input={}, created_at=1.0))
+        admin = redis.Redis.from_url(url)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", "1")
+        with pytest.raises(StoreUnavailable, match="maxmemory"):
+            store.insert(Job(id=new_id(), owner="k", input={}, created_at=2.0))
+        with pytest.raises(StoreUnavailable):
+            store.check_writable()
+        admin.config_set("maxmemory", "0")
+        store.check_writable()  # and it recovers by itself
+        store.close()

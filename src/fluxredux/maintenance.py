@@ -49,7 +49,8 @@ def delete_expired(services: Services, now: float | None = None) -> int:
 
     An upload a prediction used is never deleted with it: other predictions may use it
     too, and it is kept by its own last use."""
-    cutoff = (time.time() if now is None else now) - services.settings.retention_hours * 3600
+    # Completion times are stamped by the store's clock: compare with the same clock.
+    cutoff = (services.store.now() if now is None else now) - services.settings.retention_hours * 3600
     expired = services.store.find(completed_before=cutoff, limit=10_000)
     inputs = [job.input_file for job in expired if job.input_file]
     shared = services.uploads.uploaded(inputs)

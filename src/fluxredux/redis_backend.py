@@ -9,6 +9,7 @@ one Redis server without seeing each other.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,6 +32,7 @@ def connect(url: str) -> redis.Redis:
     )
 
 
+_OUTAGE_REPLY = re.compile(r"(^|: )(MISCONF|OOM|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|LOADING|READONLY)\b")
 _UNAVAILABLE = (
     redis.ConnectionError,
     redis.TimeoutError,
@@ -49,8 +51,11 @@ def redis_errors(what: str) -> Iterator[None]:
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(f"Redis cannot be {what} right now ({exc}); retry shortly") from exc
     except redis.ResponseError as exc:
-        # Redis refusing writes after a failed save to disk: the same kind of outage.
-        if not str(exc).startswith("MISCONF"):
+        # Error replies that mean "not now" rather than "wrong command": refusing writes
+        # after a failed save (MISCONF), out of memory, busy with a script, no primary.
+        # Inside a transaction redis-py prefixes the reply ("Command # 1 (SET ...) of
+        # pipeline caused error: MISCONF ..."), so the code is looked for, not at the start.
+        if not _OUTAGE_REPLY.search(str(exc)):
             raise
         raise StoreUnavailable(f"Redis cannot be {what} right now ({exc}); retry shortly") from exc
 

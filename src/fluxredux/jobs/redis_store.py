@@ -46,7 +46,12 @@ from fluxredux.redis_backend import connect, redis_errors, server_time
 # A compare-and-set that keeps losing is retried this often before the store reports itself
 # unavailable: conflicts resolve within a few rounds (every round, some writer wins), so
 # only a pathological hot spot ever gets here.
-MAX_CONFLICT_RETRIES = 1000
+# How long a write keeps redoing rounds lost to concurrent writers before a 503.
+CONFLICT_BUDGET_SECONDS = 2.0
+# How many jobs at the head of the queue one claim round tries.
+CLAIM_WINDOW = 16
+# At most this many ids are read from a lease or completion range by one ``find``.
+RANGE_CAP = 20_000
 # How many ids a paged index scan reads per round trip.
 _PAGE = 200
 
@@ -189,8 +194,11 @@ class RedisJobStore:
     def _transact(self, what: str, attempt: Callable[[Any], Any]) -> Any:
         """Run ``attempt(pipe)`` (WATCH, read, MULTI, queue writes; EXEC happens here when
         it opened a MULTI) until no watched key changed in between."""
+        deadline = time.monotonic() + CONFLICT_BUDGET_SECONDS
         with redis_errors(what):
-            for retry in range(MAX_CONFLICT_RETRIES):
+            retry = 0
+            while time.monotonic() < deadline:
+                retry += 1
                 with self._redis.pipeline(transaction=True) as pipe:
                     try:
                         result = attempt(pipe)
@@ -261,32 +269,38 @@ class RedisJobStore:
         return result
 
     def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
-        now = self.now()
         queue_key = self._status_key(Status.STARTING)
 
         def attempt(pipe: Any) -> Job | None:
-            # WATCH the queue before reading its head: if another worker takes that job (or
-            # any job joins or leaves the queue) before our EXEC, this round is redone, so a
-            # job is never claimed twice.
-            pipe.watch(queue_key)
-            head = pipe.zrange(queue_key, 0, 0)
-            if not head:
-                return None
-            job_id = str(head[0])
-            pipe.watch(self._job_key(job_id))
-            data = pipe.get(self._job_key(job_id))
-            current = _from_json(data) if data is not None else None
-            if current is None or current.status != Status.STARTING:
-                # Another worker took (or someone cancelled) the head between our read of
-                # the queue and our WATCH of the job: the queue has changed since it was
-                # WATCHed, so this round is lost anyway; redo it from the new head.
-                raise redis.WatchError("the queue's head changed")
-            # The one transition function, applied here inside the WATCH: the same claim as
-            # every other backend's.
-            claimed = start_attempt(_from_json(data), worker_id, now, lease_seconds)
-            pipe.multi()
-            self._queue_write(pipe, job_id, current, claimed)
-            return claimed
+            # Look at the head of the queue without watching it, and WATCH only the job we
+            # try: a create or another worker's claim elsewhere in the queue does not undo
+            # this round, and the job's own status is the fence (two workers can never
+            # both move it out of STARTING).
+            with redis_errors("read"):
+                head = [str(job_id) for job_id in self._redis.zrange(queue_key, 0, CLAIM_WINDOW - 1)]
+            for job_id in head:
+                pipe.watch(self._job_key(job_id))
+                data = pipe.get(self._job_key(job_id))
+                if data is None:
+                    # A queue entry without its job (evicted, deleted by hand): drop it, or
+                    # every claim would stop at it for good.
+                    pipe.unwatch()
+                    with redis_errors("written"):
+                        self._redis.zrem(queue_key, job_id)
+                    continue
+                current = _from_json(data)
+                if current.status != Status.STARTING:  # taken meanwhile: try the next one
+                    pipe.unwatch()
+                    continue
+                # The one transition function, applied inside the WATCH (the same claim as
+                # every other backend's), stamped now rather than before any retries.
+                claimed = start_attempt(_from_json(data), worker_id, self.now(), lease_seconds)
+                pipe.multi()
+                self._queue_write(pipe, job_id, current, claimed)
+                return claimed
+            if head:
+                raise redis.WatchError("every job looked at was taken meanwhile")
+            return None
 
         result: Job | None = self._transact("written", attempt)
         return result
@@ -332,12 +346,21 @@ class RedisJobStore:
         """Ids in the lease and/or completed ranges asked for, in (created_at, id) order."""
         found: set[str] | None = None
         with redis_errors("read"):
+            # Capped: after a long outage a retention range may hold millions of ids; the
+            # earliest ones come first, and the next round takes the rest.
             if lease_expired_at is not None:
-                found = {str(i) for i in self._redis.zrangebyscore(self._lease_key, "-inf", lease_expired_at)}
+                found = {
+                    str(i)
+                    for i in self._redis.zrangebyscore(
+                        self._lease_key, "-inf", lease_expired_at, start=0, num=RANGE_CAP
+                    )
+                }
             if completed_before is not None:
                 done = {
                     str(i)
-                    for i in self._redis.zrangebyscore(self._completed_key, "-inf", f"({completed_before}")
+                    for i in self._redis.zrangebyscore(
+                        self._completed_key, "-inf", f"({completed_before}", start=0, num=RANGE_CAP
+                    )
                 }
                 found = done if found is None else found & done
             ids = sorted(found or ())

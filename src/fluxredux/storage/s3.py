@@ -19,6 +19,7 @@ what comes out of it is converted to our own types right here.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -58,6 +59,10 @@ CLIENT_CONFIG = Config(
     # Each open stream holds a connection until it is closed; the HTTP process serves
     # several downloads at once, and a full pool would open and discard connections.
     max_pool_connections=32,
+    # botocore's newer default checksums (CRC32, aws-chunked bodies) are refused by some
+    # S3-compatible servers; send and check them only where the API requires it.
+    request_checksum_calculation="when_required",
+    response_checksum_validation="when_required",
 )
 
 # What S3 (and its look-alikes) answer for an absent object or a HEAD of one.
@@ -140,10 +145,15 @@ class S3BlobStore:
             self._client.put_object(
                 Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType=content_type
             )
-            # The created time is the object's Last-Modified as the service stored it (the
-            # same a later open or list reports), which a PUT's answer does not carry.
+        # The created time is the object's Last-Modified as the service stored it (the same
+        # a later open or list reports), which a PUT's answer does not carry. The object is
+        # written: a HEAD that fails now must not report the write as failed.
+        try:
             head = self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
-        return BlobInfo(key, len(data), content_type, _timestamp(head["LastModified"]))
+            created_at = _timestamp(head["LastModified"])
+        except Exception:  # any botocore/network failure: the local time is close enough
+            created_at = float(int(time.time()))
+        return BlobInfo(key, len(data), content_type, created_at)
 
     def get(self, key: str) -> bytes:
         with self.open(key) as blob:

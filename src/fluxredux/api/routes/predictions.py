@@ -98,7 +98,9 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
         id=new_id(),
         owner=key.id,
         input=job_input,
-        created_at=time.time(),
+        # The store's clock, not this node's: queue order and paging must not depend on
+        # which API node took the request.
+        created_at=await asyncio.to_thread(services.store.now),
         version=body.version,
         webhook_url=body.webhook_url,
         webhook_secret=body.webhook_secret,

@@ -36,6 +36,15 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeo
             time.sleep(0.05)
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def redis_server(data_dir: Path, *, appendonly: bool = False, port: int | None = None) -> Iterator[str]:
     """A real redis-server on a free loopback port; yields its URL. With ``appendonly``,
@@ -52,12 +61,7 @@ def redis_server(data_dir: Path, *, appendonly: bool = False, port: int | None =
         _wait_for_port(port, process, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process)
 
 
 @contextmanager
@@ -74,9 +78,4 @@ def s3_server(*, port: int | None = None) -> Iterator[str]:
         _wait_for_port(port, process, "moto_server")
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _stop(process)

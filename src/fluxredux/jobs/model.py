@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
@@ -67,3 +69,16 @@ class Job:
     @property
     def is_terminal(self) -> bool:
         return self.status.is_terminal
+
+
+def job_to_json(job: Job) -> str:
+    """The stored form of a job, the same in every backend (SQLite column, Redis document)."""
+    data = dataclasses.asdict(job)
+    data["status"] = job.status.value
+    return json.dumps(data, separators=(",", ":"))
+
+
+def job_from_json(data: str) -> Job:
+    fields = json.loads(data)
+    fields["status"] = Status(fields["status"])
+    return Job(**fields)

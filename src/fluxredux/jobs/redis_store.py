@@ -27,9 +27,7 @@ included) can make two keys collide.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
-import json
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -38,10 +36,11 @@ from typing import Any
 import redis
 
 from fluxredux.errors import StoreUnavailable
-from fluxredux.jobs.model import IN_FLIGHT, Job, Status
+from fluxredux.jobs.model import IN_FLIGHT, Job, Status, job_from_json, job_to_json
+from fluxredux.jobs.redis_common import ClientOrUrl, Clocked, open_client
 from fluxredux.jobs.store import Capacity, Change
 from fluxredux.jobs.transitions import start_attempt
-from fluxredux.redis_backend import connect, redis_errors, server_time
+from fluxredux.redis_backend import redis_errors
 
 # A compare-and-set that keeps losing is retried this often before the store reports itself
 # unavailable: conflicts resolve within a few rounds (every round, some writer wins), so
@@ -77,18 +76,6 @@ return {in_flight, queued, 1}
 Entries = dict[str, float]  # index key -> score of one job's entry in it
 
 
-def _to_json(job: Job) -> str:
-    data = dataclasses.asdict(job)
-    data["status"] = job.status.value
-    return json.dumps(data, separators=(",", ":"))
-
-
-def _from_json(data: str) -> Job:
-    fields = json.loads(data)
-    fields["status"] = Status(fields["status"])
-    return Job(**fields)
-
-
 def _matches(
     job: Job,
     wanted: set[Status] | None,
@@ -114,19 +101,17 @@ def _matches(
 class RedisJobStore:
     def __init__(
         self,
-        url_or_client: str | redis.Redis,
+        url_or_client: ClientOrUrl,
         *,
         prefix: str = "fluxredux:",
         clock: Callable[[], float] | None = None,
     ) -> None:
-        # redis-py's command signatures return ``Awaitable[Any] | Any`` (one type for its sync
-        # and async clients): the client is Any at this boundary, and every value read from it
+        # The client is Any at this boundary (see ``open_client``); every value read from it
         # is converted (str/int/float) where it enters our types.
-        self._owns_client = isinstance(url_or_client, str)
-        self._redis: Any = connect(url_or_client) if isinstance(url_or_client, str) else url_or_client
+        self._redis, self._owns_client = open_client(url_or_client)
         self._prefix = f"{prefix}jobs:"
         # Redis's TIME by default: the one clock every node and worker agrees on for leases.
-        self._clock = clock
+        self._clock = Clocked(self._redis, clock)
         self._create_script = self._redis.register_script(_CREATE_IF_UNDER_CAPACITY)
 
     # --- keys and index entries --------------------------------------------------------
@@ -182,7 +167,7 @@ class RedisJobStore:
         if new is None:
             pipe.delete(self._job_key(job_id))
         else:
-            pipe.set(self._job_key(job_id), _to_json(new))
+            pipe.set(self._job_key(job_id), job_to_json(new))
         for key in before.keys() - after.keys():
             pipe.zrem(key, job_id)
         for key, score in after.items():
@@ -237,7 +222,7 @@ class RedisJobStore:
             self._job_key(job.id),
             *entries,
         ]
-        args: list[str | int] = [per_owner_limit, queue_limit, job.id, _to_json(job)]
+        args: list[str | int] = [per_owner_limit, queue_limit, job.id, job_to_json(job)]
         args += [repr(score) for score in entries.values()]
         with redis_errors("written"):
             in_flight, queued, outcome = (int(n) for n in self._create_script(keys=keys, args=args))
@@ -248,7 +233,7 @@ class RedisJobStore:
     def get(self, job_id: str) -> Job | None:
         with redis_errors("read"):
             data = self._redis.get(self._job_key(job_id))
-        return _from_json(data) if data is not None else None
+        return job_from_json(data) if data is not None else None
 
     def update(self, job_id: str, change: Change) -> Job | None:
         def attempt(pipe: Any) -> Job | None:
@@ -258,11 +243,11 @@ class RedisJobStore:
                 return None
             # ``change`` gets its own copy: it may mutate its argument, and the old job is
             # still needed to diff the indexes.
-            updated = change(_from_json(data))
+            updated = change(job_from_json(data))
             if updated is None:
                 return None
             pipe.multi()
-            self._queue_write(pipe, job_id, _from_json(data), updated)
+            self._queue_write(pipe, job_id, job_from_json(data), updated)
             return updated
 
         result: Job | None = self._transact("written", attempt)
@@ -288,13 +273,13 @@ class RedisJobStore:
                     with redis_errors("written"):
                         self._redis.zrem(queue_key, job_id)
                     continue
-                current = _from_json(data)
+                current = job_from_json(data)
                 if current.status != Status.STARTING:  # taken meanwhile: try the next one
                     pipe.unwatch()
                     continue
                 # The one transition function, applied inside the WATCH (the same claim as
                 # every other backend's), stamped now rather than before any retries.
-                claimed = start_attempt(_from_json(data), worker_id, self.now(), lease_seconds)
+                claimed = start_attempt(job_from_json(data), worker_id, self.now(), lease_seconds)
                 pipe.multi()
                 self._queue_write(pipe, job_id, current, claimed)
                 return claimed
@@ -306,7 +291,7 @@ class RedisJobStore:
         return result
 
     def now(self) -> float:
-        return self._clock() if self._clock is not None else server_time(self._redis)
+        return self._clock.now()
 
     def queue_position(self, job_id: str) -> int | None:
         with redis_errors("read"):
@@ -319,7 +304,7 @@ class RedisJobStore:
             return []
         with redis_errors("read"):
             documents = self._redis.mget([self._job_key(job_id) for job_id in job_ids])
-        return [_from_json(data) for data in documents if data is not None]
+        return [job_from_json(data) for data in documents if data is not None]
 
     def list_by_owner(self, owner: str, limit: int, before: float | None = None) -> list[Job]:
         if limit <= 0:
@@ -442,7 +427,7 @@ class RedisJobStore:
                 pipe.multi()
                 for job_id, data in zip(chunk, documents, strict=True):
                     if data is not None:  # the document and every index entry it had
-                        self._queue_write(pipe, job_id, _from_json(data), None)
+                        self._queue_write(pipe, job_id, job_from_json(data), None)
 
             self._transact("written", attempt)
 

@@ -8,13 +8,12 @@ raised as ``StoreUnavailable``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sqlite3
 from collections.abc import Iterable
 from typing import Any
 
 from fluxredux.database import ClockedTables
-from fluxredux.jobs.model import IN_FLIGHT, Job, Status
+from fluxredux.jobs.model import IN_FLIGHT, Job, Status, job_from_json, job_to_json
 from fluxredux.jobs.store import Capacity, Change
 from fluxredux.jobs.transitions import start_attempt
 
@@ -46,15 +45,8 @@ CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL);
 
 
 def _to_row(job: Job) -> tuple[Any, ...]:
-    data = dataclasses.asdict(job)
-    data["status"] = job.status.value
-    return (*(data[c] for c in _COLUMNS), json.dumps(data, separators=(",", ":")))
-
-
-def _from_row(data: str) -> Job:
-    fields = json.loads(data)
-    fields["status"] = Status(fields["status"])
-    return Job(**fields)
+    columns = {"status": job.status.value}
+    return (*(columns.get(c, getattr(job, c)) for c in _COLUMNS), job_to_json(job))
 
 
 _INSERT = f"INSERT INTO jobs ({','.join(_COLUMNS)}, data) VALUES ({','.join('?' * (len(_COLUMNS) + 1))})"
@@ -65,7 +57,7 @@ class SQLiteJobStore(ClockedTables):
     SCHEMA = _SCHEMA
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[Job]:
-        return [_from_row(row[0]) for row in self._db.rows(sql, params)]
+        return [job_from_json(row[0]) for row in self._db.rows(sql, params)]
 
     def insert(self, job: Job) -> None:
         with self._db.transaction() as db:
@@ -102,7 +94,7 @@ class SQLiteJobStore(ClockedTables):
     def update(self, job_id: str, change: Change) -> Job | None:
         with self._db.transaction() as db:
             row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return self._apply(db, _from_row(row[0]), change) if row else None
+            return self._apply(db, job_from_json(row[0]), change) if row else None
 
     def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
         now = self.now()
@@ -114,7 +106,7 @@ class SQLiteJobStore(ClockedTables):
             if row is None:
                 return None
             return self._apply(
-                db, _from_row(row[0]), lambda job: start_attempt(job, worker_id, now, lease_seconds)
+                db, job_from_json(row[0]), lambda job: start_attempt(job, worker_id, now, lease_seconds)
             )
 
     def queue_position(self, job_id: str) -> int | None:

@@ -6,16 +6,20 @@ nothing by itself; on a real server with the fake model (flat colours, no torch)
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from fluxredux.errors import StoreUnavailable
 from fluxredux.maintenance import delete_expired
-from fluxredux.shares import ShareStore
+from fluxredux.redis_shares import RedisShareStore
+from fluxredux.shares import ShareStore, SQLiteShareStore
 from tests.harness import Harness, running_server
 
 
@@ -165,22 +169,125 @@ def test_retention_deletes_the_shares_with_their_predictions(api: Harness) -> No
     assert httpx.get(made["url"]).status_code == 404
 
 
-def test_share_store_contract(tmp_path: Path) -> None:
-    """The small interface a Redis store must offer too."""
-    store = ShareStore(tmp_path / "shares.db")
+# --- the ShareStore contract, run against every implementation ------------------------------
+
+
+def _redis_shares(request: pytest.FixtureRequest) -> ShareStore:
+    # Asked for only here, so that the SQLite tests never start redis-server.
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    return RedisShareStore(url, prefix=prefix)
+
+
+SHARE_STORES: dict[str, Callable[[pytest.FixtureRequest, Path], ShareStore]] = {
+    "sqlite": lambda _, tmp: SQLiteShareStore(tmp / "shares.db"),
+    "redis": lambda request, _: _redis_shares(request),
+}
+
+
+@pytest.fixture(params=sorted(SHARE_STORES))
+def share_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ShareStore]:
+    store = SHARE_STORES[request.param](request, tmp_path)
+    yield store
+    store.close()
+
+
+def test_share_store_contract_create_get_list(share_store: ShareStore) -> None:
+    before = time.time()
+    a = share_store.create("p1", "key-a")
+    b = share_store.create("p1", "key-a", include_reference=True)
+    c = share_store.create("p2", "key-b")
+    assert len({a.token, b.token, c.token}) == 3 and "p1" not in a.token and len(a.token) > 22
+    assert (a.prediction_id, a.owner, a.include_reference) == ("p1", "key-a", False)
+    assert b.include_reference and (c.prediction_id, c.owner) == ("p2", "key-b")
+    assert before - 5 <= a.created_at <= b.created_at <= c.created_at <= time.time() + 5
+    assert share_store.get(a.token) == a and share_store.get(b.token) == b and share_store.get(c.token) == c
+    for unknown in ("p1", "", "nope", "a:b", "token:" + a.token):  # found by its own token only
+        assert share_store.get(unknown) is None
+    assert share_store.list_for_prediction("p1") == [a, b]  # oldest first
+    assert share_store.list_for_prediction("p2") == [c]
+    assert share_store.list_for_prediction("p3") == []
+
+
+def test_share_store_contract_revoke_only_by_owner(share_store: ShareStore) -> None:
+    a = share_store.create("p1", "key-a")
+    b = share_store.create("p1", "key-a")
+    assert share_store.revoke(a.token, "key-b") is False  # not theirs
+    assert share_store.get(a.token) == a
+    assert share_store.revoke(a.token, "key-a") is True
+    assert share_store.revoke(a.token, "key-a") is False  # once
+    assert share_store.revoke("nope", "key-a") is False
+    assert share_store.get(a.token) is None
+    assert share_store.list_for_prediction("p1") == [b]
+
+
+def test_share_store_contract_a_share_is_revoked_once_under_concurrent_revokes(
+    share_store: ShareStore,
+) -> None:
+    made = share_store.create("p1", "key-a")
+    results: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(share_store.revoke(made.token, "key-a")))
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_share_store_contract_delete_for_predictions(share_store: ShareStore) -> None:
+    kept = share_store.create("p-kept", "key-a")
+    share_store.create("p1", "key-a")
+    share_store.create("p1", "key-b")
+    share_store.create("p2", "key-a")
+    assert share_store.delete_for_predictions(["p1", "p2", "p3"]) == 3
+    assert share_store.list_for_prediction("p1") == share_store.list_for_prediction("p2") == []
+    assert share_store.delete_for_predictions(["p1"]) == 0
+    assert share_store.delete_for_predictions([]) == 0
+    assert share_store.get(kept.token) == kept and share_store.list_for_prediction("p-kept") == [kept]
+
+
+def test_share_store_contract_delete_for_many_predictions_at_once(share_store: ShareStore) -> None:
+    """Retention deletes thousands of predictions in one round (in batches, in any store)."""
+    made = [share_store.create(f"p{i}", "key-a") for i in range(1100)]
+    ids = (f"p{i}" for i in range(1, 1100))  # any iterable, not only a list
+    assert share_store.delete_for_predictions(ids) == 1099
+    assert share_store.get(made[0].token) == made[0] and share_store.get(made[-1].token) is None
+
+
+def test_redis_share_store_leaves_nothing_behind(redis_url: str, redis_prefix: str) -> None:
+    """Revoked and deleted shares take their index entries with them."""
+    store = RedisShareStore(redis_url, prefix=redis_prefix)
+    client = redis.Redis.from_url(redis_url)
     try:
         a = store.create("p1", "key-a")
-        b = store.create("p1", "key-a", include_reference=True)
-        c = store.create("p2", "key-a")
-        assert len({a.token, b.token, c.token}) == 3 and "p1" not in a.token
-        assert store.get(a.token) == a and store.get("p1") is None
-        assert b.include_reference and not a.include_reference
-        assert store.list_for_prediction("p1") == [a, b]
-        assert store.revoke(a.token, "key-b") is False  # not theirs
-        assert store.revoke(a.token, "key-a") is True
-        assert store.revoke(a.token, "key-a") is False
-        assert store.get(a.token) is None
-        assert store.delete_for_predictions(["p1", "p2", "p3"]) == 2
-        assert store.list_for_prediction("p1") == store.list_for_prediction("p2") == []
+        store.create("p1", "key-a")
+        store.create("p2", "key-a")
+        assert store.revoke(a.token, "key-a")
+        store.delete_for_predictions(["p1", "p2"])
+        assert list(client.scan_iter(match=f"{redis_prefix}*")) == []
     finally:
+        client.close()
         store.close()
+
+
+def test_redis_share_store_unreachable_is_store_unavailable_quickly() -> None:
+    """A Redis that is down costs a caller a quick StoreUnavailable (a 503), never a hang,
+    and never a raw redis error (a 500)."""
+    from tests.services import free_port
+
+    store = RedisShareStore(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+    calls: list[Callable[[], object]] = [
+        lambda: store.create("p1", "key-a"),
+        lambda: store.get("token"),
+        lambda: store.list_for_prediction("p1"),
+        lambda: store.revoke("token", "key-a"),
+        lambda: store.delete_for_predictions(["p1"]),
+    ]
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="Redis"):
+            call()
+        assert time.monotonic() - started < 3
+    store.close()

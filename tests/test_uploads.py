@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import base64
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 
+from fluxredux.errors import StoreUnavailable
 from fluxredux.maintenance import delete_expired
-from fluxredux.uploads import UploadStore
+from fluxredux.redis_uploads import RedisUploadStore
+from fluxredux.uploads import SQLiteUploadStore, Upload, UploadStore
 from tests.harness import Harness, png_data_uri, running_server
 
 
@@ -114,38 +118,184 @@ def test_only_uploads_are_found_by_id(api: Harness) -> None:
         assert refused.status_code == 400 and refused.json()["code"] == "image_file_not_found", url
 
 
-def test_upload_store_contract(tmp_path: Path) -> None:
-    """The small interface a Redis store must offer too."""
-    store = UploadStore(tmp_path / "uploads.db")
-    try:
-        a = store.add("AAAAAAAAAAAAAAAAAAAAAA.png", "key-a", now=100.0)
-        b = store.add("BBBBBBBBBBBBBBBBBBBBBB.jpg", "key-b", now=200.0)
-        assert (a.id, a.key, a.owner, a.created_at, a.last_used_at) == (
-            "AAAAAAAAAAAAAAAAAAAAAA",
-            "AAAAAAAAAAAAAAAAAAAAAA.png",
-            "key-a",
-            100.0,
-            100.0,
-        )
-        assert store.get(a.id) == a and store.get("CCCCCCCCCCCCCCCCCCCCCC") is None
-        used = store.use(a.id, now=300.0)
-        assert used is not None and used.last_used_at == 300.0 and used.created_at == 100.0
-        assert store.use(a.id, now=250.0) == used  # never moves back
-        assert store.use("nope") is None
-        assert store.uploaded([a.key, b.key, "CCCCCCCCCCCCCCCCCCCCCC.png"]) == {a.key, b.key}
-        assert store.uploaded([]) == set()
-        assert store.uploaded(f"{i:022d}.png" for i in range(2000)) == set()  # batched
+# --- the UploadStore contract, run against every implementation -----------------------------
 
-        expired = store.expire(unused_since=250.0)
-        assert [u.id for u in expired] == [b.id]
-        assert store.get(b.id) is None and store.use(b.id) is None  # no longer found...
-        assert store.uploaded([b.key]) == {b.key}  # ...but still known until forgotten
-        assert [u.id for u in store.expire(unused_since=250.0)] == [b.id]  # not forgotten: again
-        assert store.forget([b.id, a.id]) == 1  # only expired records go
-        assert store.expire(unused_since=250.0) == []
-        assert store.get(a.id) is not None and store.uploaded([b.key]) == set()
+
+def _redis_uploads(request: pytest.FixtureRequest) -> UploadStore:
+    # Asked for only here, so that the SQLite tests never start redis-server.
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    return RedisUploadStore(url, prefix=prefix)
+
+
+UPLOAD_STORES: dict[str, Callable[[pytest.FixtureRequest, Path], UploadStore]] = {
+    "sqlite": lambda _, tmp: SQLiteUploadStore(tmp / "uploads.db"),
+    "redis": lambda request, _: _redis_uploads(request),
+}
+
+
+@pytest.fixture(params=sorted(UPLOAD_STORES))
+def upload_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UploadStore]:
+    store = UPLOAD_STORES[request.param](request, tmp_path)
+    yield store
+    store.close()
+
+
+def key_of(i: int, ext: str = "png") -> str:
+    """A blob key shaped like a stored file's (22-character id, extension)."""
+    return f"{i:022d}.{ext}"
+
+
+def test_upload_store_contract_add_get_use(upload_store: UploadStore) -> None:
+    a = upload_store.add("AAAAAAAAAAAAAAAAAAAAAA.png", "key-a", now=100.0)
+    assert (a.id, a.key, a.owner, a.created_at, a.last_used_at) == (
+        "AAAAAAAAAAAAAAAAAAAAAA",
+        "AAAAAAAAAAAAAAAAAAAAAA.png",
+        "key-a",
+        100.0,
+        100.0,
+    )
+    assert upload_store.get(a.id) == a and upload_store.get("CCCCCCCCCCCCCCCCCCCCCC") is None
+    assert upload_store.get(a.key) is None  # found by id, not by file name
+    used = upload_store.use(a.id, now=300.5)
+    assert used is not None and used.last_used_at == 300.5 and used.created_at == 100.0
+    assert upload_store.use(a.id, now=250.0) == used  # never moves back
+    assert upload_store.get(a.id) == used
+    assert upload_store.use("nope") is None and upload_store.use("") is None
+    with pytest.raises(ValueError, match="already"):  # never overwrites the first record
+        upload_store.add("AAAAAAAAAAAAAAAAAAAAAA.png", "key-b", now=400.0)
+    with pytest.raises(ValueError, match="already"):
+        upload_store.add("AAAAAAAAAAAAAAAAAAAAAA.jpg", "key-b", now=400.0)  # the same id
+    assert upload_store.get(a.id) == used
+
+
+def test_upload_store_contract_times_default_to_the_store_clock(upload_store: UploadStore) -> None:
+    before = time.time()
+    made = upload_store.add(key_of(1), "key-a")
+    assert before - 5 <= made.created_at == made.last_used_at <= time.time() + 5
+    used = upload_store.use(made.id)
+    assert used is not None and made.last_used_at <= used.last_used_at <= time.time() + 5
+
+
+def test_upload_store_contract_uploaded(upload_store: UploadStore) -> None:
+    a = upload_store.add(key_of(1), "key-a", now=100.0)
+    b = upload_store.add(key_of(2, "jpg"), "key-b", now=200.0)
+    assert upload_store.uploaded([a.key, b.key, key_of(3)]) == {a.key, b.key}
+    assert upload_store.uploaded([a.id, key_of(2, "png")]) == set()  # blob keys, exactly
+    assert upload_store.uploaded([]) == set()
+    assert upload_store.uploaded(key_of(i) for i in range(2, 2000)) == set()  # batched
+    assert upload_store.uploaded(iter([key_of(i, "jpg") for i in range(2000)])) == {b.key}
+
+
+def test_upload_store_contract_expire_and_forget(upload_store: UploadStore) -> None:
+    a = upload_store.add("AAAAAAAAAAAAAAAAAAAAAA.png", "key-a", now=100.0)
+    b = upload_store.add("BBBBBBBBBBBBBBBBBBBBBB.jpg", "key-b", now=200.0)
+    upload_store.use(a.id, now=300.0)
+    expired = upload_store.expire(unused_since=250.0)
+    assert expired == [b]
+    assert upload_store.get(b.id) is None and upload_store.use(b.id) is None  # no longer found...
+    assert upload_store.uploaded([b.key]) == {b.key}  # ...but still known until forgotten
+    assert upload_store.expire(unused_since=250.0) == [b]  # not forgotten: again
+    assert upload_store.forget([b.id, a.id, "nope"]) == 1  # only expired records go
+    assert upload_store.forget([b.id]) == 0
+    assert upload_store.expire(unused_since=250.0) == []
+    assert upload_store.get(a.id) is not None and upload_store.uploaded([b.key]) == set()
+    assert upload_store.expire(unused_since=300.0) == []  # last used at 300: not before it
+
+
+def test_upload_store_contract_expire_oldest_use_first_up_to_limit(upload_store: UploadStore) -> None:
+    made = [upload_store.add(key_of(i), "key-a", now=t) for i, t in enumerate([500.0, 100.0, 400.0, 200.0])]
+    bumped = upload_store.use(made[1].id, now=300.0)  # now the third oldest
+    assert bumped is not None
+    oldest_first = [made[3], bumped, made[2], made[0]]
+    assert upload_store.expire(unused_since=1000.0, limit=2) == oldest_first[:2]
+    assert all(upload_store.get(u.id) is None for u in made)  # every one is marked, not only two
+    assert upload_store.expire(unused_since=1000.0, limit=10) == oldest_first
+    assert upload_store.forget([made[3].id, bumped.id]) == 2
+    assert upload_store.expire(unused_since=0.0, limit=10) == oldest_first[2:]
+
+
+def test_upload_store_contract_expires_many_at_once(upload_store: UploadStore) -> None:
+    """A long backlog (more than any one batch) expires and goes in one retention round."""
+    made = [upload_store.add(key_of(i), "key-a", now=1000.0 + i) for i in range(1200)]
+    expired = upload_store.expire(unused_since=5000.0)
+    assert expired == made
+    assert upload_store.forget(u.id for u in expired) == 1200
+    assert upload_store.uploaded(u.key for u in made) == set()
+
+
+def test_upload_store_contract_use_and_expire_never_interleave(upload_store: UploadStore) -> None:
+    """Every upload is either used (and kept) or expired (and refused), never both: a
+    create that has just used an upload never has its blob deleted under it."""
+    made = [upload_store.add(key_of(i), "key-a", now=100.0) for i in range(300)]
+    used: list[Upload] = []
+    expired: list[Upload] = []
+
+    def use(part: list[Upload]) -> None:
+        for upload in part:
+            if (found := upload_store.use(upload.id, now=300.0)) is not None:
+                used.append(found)
+
+    threads = [threading.Thread(target=use, args=(made[i::3],)) for i in range(3)]
+    threads.append(threading.Thread(target=lambda: expired.extend(upload_store.expire(unused_since=250.0))))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    used_ids, expired_ids = {u.id for u in used}, {u.id for u in expired}
+    assert not used_ids & expired_ids
+    assert used_ids | expired_ids == {u.id for u in made}
+    assert all(u.last_used_at == 300.0 and upload_store.get(u.id) == u for u in used)
+
+
+def test_redis_upload_store_uses_the_injected_clock(redis_url: str, redis_prefix: str) -> None:
+    now = [1234.5]
+    store = RedisUploadStore(redis_url, prefix=redis_prefix, clock=lambda: now[0])
+    try:
+        made = store.add(key_of(1), "key-a")
+        assert (made.created_at, made.last_used_at) == (1234.5, 1234.5)
+        now[0] = 2000.25
+        used = store.use(made.id)
+        assert used is not None and used.last_used_at == 2000.25
+        assert store.expire(unused_since=2000.25) == [] and store.expire(unused_since=2000.5) == [used]
     finally:
         store.close()
+
+
+def test_redis_upload_store_leaves_nothing_behind(redis_url: str, redis_prefix: str) -> None:
+    store = RedisUploadStore(redis_url, prefix=redis_prefix)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        made = [store.add(key_of(i), "key-a", now=100.0) for i in range(3)]
+        store.use(made[0].id, now=200.0)
+        assert store.forget(u.id for u in store.expire(unused_since=1000.0)) == 3
+        assert list(client.scan_iter(match=f"{redis_prefix}*")) == []
+    finally:
+        client.close()
+        store.close()
+
+
+def test_redis_upload_store_unreachable_is_store_unavailable_quickly() -> None:
+    """A Redis that is down costs a caller a quick StoreUnavailable (a 503), never a hang,
+    and never a raw redis error (a 500)."""
+    from tests.services import free_port
+
+    store = RedisUploadStore(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+    calls: list[Callable[[], object]] = [
+        lambda: store.add(key_of(1), "key-a"),
+        lambda: store.add(key_of(1), "key-a", now=100.0),
+        lambda: store.get("id"),
+        lambda: store.use("id"),
+        lambda: store.use("id", now=100.0),
+        lambda: store.uploaded([key_of(1)]),
+        lambda: store.expire(unused_since=100.0),
+        lambda: store.forget(["id"]),
+    ]
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="Redis"):
+            call()
+        assert time.monotonic() - started < 3
+    store.close()
 
 
 def test_files_that_no_record_refers_to_are_deleted_in_the_end(api: Harness) -> None:

@@ -72,6 +72,25 @@ class Settings(BaseSettings):
         "e.g. a mount all machines share) or s3://bucket/prefix (an S3-compatible bucket; endpoint, "
         "region and credentials from the standard AWS variables). Default: the data dir's files folder.",
     )
+    redis_url: str | None = Field(
+        None,
+        description="Scale-out mode: redis://HOST:PORT/DB holds the queue, job state, limits, keys, "
+        "shares, uploads, the worker registry and wake-ups, shared by every API node and worker. "
+        "Default: none (one machine: SQLite in the data dir).",
+    )
+    redis_prefix: str = Field(
+        "fluxredux:",
+        min_length=1,
+        max_length=64,
+        description="Prefix of every Redis key: deployments sharing one Redis server keep apart by it.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Worker processes `serve` starts on this machine (one per GPU). "
+        "Default: 1 without redis_url, 0 with it (workers run as `fluxredux worker` anywhere).",
+    )
     public_url: str | None = Field(
         None, description="Base URL for links in responses (default: the URL the request came to)."
     )
@@ -145,6 +164,13 @@ class Settings(BaseSettings):
                     f"{deadline} ({getattr(self, deadline):g})"
                 )
         return self
+
+    @property
+    def local_workers(self) -> int:
+        """How many worker processes ``serve`` runs: ``workers``, or the mode's default."""
+        if self.workers is not None:
+            return self.workers
+        return 0 if self.redis_url else 1
 
     @property
     def database_path(self) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -30,6 +31,15 @@ def connect(url: str) -> redis.Redis:
         health_check_interval=30,
         decode_responses=True,
     )
+
+
+def redacted(url: str) -> str:
+    """``url`` fit for a log line: its password (if any) replaced by ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 _OUTAGE_REPLY = re.compile(r"(^|: )(MISCONF|OOM|BUSY|MASTERDOWN|NOREPLICAS|TRYAGAIN|LOADING|READONLY)\b")

@@ -11,16 +11,20 @@ Expiry is two-step so that a blob is never deleted under a create that has just 
 and a failed blob deletion is retried: ``expire`` marks the records (a marked upload is
 no longer found), the caller deletes their blobs, then ``forget`` drops the records.
 
-The interface is kept small (add, get, use, uploaded, expire, forget) so that a Redis
-implementation can follow with the same methods.
+``UploadStore`` is a small protocol (add, get, use, uploaded, expire, forget): the SQLite
+table here (one machine), Redis in ``fluxredux.redis_uploads`` (many API nodes), one
+contract suite (tests/test_uploads.py). Times are the caller's ``now`` when given, else
+the store's clock.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from fluxredux.database import DEFAULT_BUSY_TIMEOUT, Database
 
@@ -49,24 +53,65 @@ class Upload:
     last_used_at: float  # upload time, or the last create that used it
 
 
+def upload_id_of(key: str) -> str:
+    """An upload's id: its blob key's random part (the key without its extension)."""
+    return key.split(".", 1)[0]
+
+
+def already_recorded(key: str) -> ValueError:
+    """What ``add`` raises for a blob key (or id) that is an upload already: a caller's bug
+    (every stored blob gets a fresh random name), refused rather than overwriting the
+    first record's owner and times."""
+    return ValueError(f"{key!r} is recorded as an upload already")
+
+
 def _upload(row: tuple[str, str, str, float, float]) -> Upload:
     return Upload(*row)
 
 
-class UploadStore:
+class UploadStore(Protocol):
+    def add(self, key: str, owner: str, now: float | None = None) -> Upload:
+        """Record a stored blob as an upload; its id is the key's random part. ValueError
+        when that key or id is an upload already."""
+
+    def get(self, upload_id: str) -> Upload | None:
+        """The upload; None if unknown or expired."""
+
+    def use(self, upload_id: str, now: float | None = None) -> Upload | None:
+        """The upload, its ``last_used_at`` bumped to ``now`` (never moved back), in one
+        atomic step with the check that it has not expired; None if unknown or expired."""
+
+    def uploaded(self, keys: Iterable[str]) -> set[str]:
+        """Which of these blob keys belong to uploads (expired or not)."""
+
+    def expire(self, unused_since: float, limit: int = 10_000) -> list[Upload]:
+        """Mark uploads last used before ``unused_since`` as expired (no longer found),
+        and return the marked ones, oldest use first: these plus any an earlier round
+        marked but did not ``forget`` (its blob deletion failed)."""
+
+    def forget(self, upload_ids: Iterable[str]) -> int:
+        """Drop the records of expired uploads whose blobs are gone; how many went (one
+        that is not expired stays)."""
+
+    def close(self) -> None: ...
+
+
+class SQLiteUploadStore:
     """Uploads in the ``uploads`` table of the server's SQLite file."""
 
     def __init__(self, path: Path | str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
 
     def add(self, key: str, owner: str, now: float | None = None) -> Upload:
-        """Record a stored blob as an upload; its id is the key's random part."""
         now = time.time() if now is None else now
-        upload = Upload(key.split(".", 1)[0], key, owner, now, now)
-        self._db.write(
-            f"INSERT INTO uploads ({_FIELDS}) VALUES (?, ?, ?, ?, ?)",
-            (upload.id, upload.key, upload.owner, upload.created_at, upload.last_used_at),
-        )
+        upload = Upload(upload_id_of(key), key, owner, now, now)
+        try:
+            self._db.write(
+                f"INSERT INTO uploads ({_FIELDS}) VALUES (?, ?, ?, ?, ?)",
+                (upload.id, upload.key, upload.owner, upload.created_at, upload.last_used_at),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise already_recorded(key) from exc
         return upload
 
     def get(self, upload_id: str) -> Upload | None:
@@ -74,7 +119,6 @@ class UploadStore:
         return _upload(rows[0]) if rows else None
 
     def use(self, upload_id: str, now: float | None = None) -> Upload | None:
-        """The upload, its ``last_used_at`` bumped to ``now``; None if unknown or expired."""
         now = time.time() if now is None else now
         with self._db.transaction() as db:
             db.execute(
@@ -87,7 +131,6 @@ class UploadStore:
         return _upload(row) if row else None
 
     def uploaded(self, keys: Iterable[str]) -> set[str]:
-        """Which of these blob keys belong to uploads (expired or not)."""
         wanted = list(keys)
         found: set[str] = set()
         for start in range(0, len(wanted), _BATCH):
@@ -99,9 +142,6 @@ class UploadStore:
         return found
 
     def expire(self, unused_since: float, limit: int = 10_000) -> list[Upload]:
-        """Mark uploads last used before ``unused_since`` as expired (no longer found),
-        and return the marked ones, oldest use first: these plus any an earlier round
-        marked but did not ``forget`` (its blob deletion failed)."""
         with self._db.transaction() as db:
             db.execute(
                 "UPDATE uploads SET expired = 1 WHERE last_used_at < ? AND expired = 0", (unused_since,)
@@ -112,7 +152,6 @@ class UploadStore:
         return [_upload(row) for row in rows]
 
     def forget(self, upload_ids: Iterable[str]) -> int:
-        """Drop the records of expired uploads whose blobs are gone; how many went."""
         ids = [(upload_id,) for upload_id in upload_ids]
         with self._db.transaction() as db:
             before = db.total_changes

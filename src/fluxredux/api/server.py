@@ -13,8 +13,10 @@ from fluxredux.api.services import Services, build_services
 from fluxredux.api.timeouts import timeout_protocol
 from fluxredux.config import Settings
 from fluxredux.jobs import Lifecycle
-from fluxredux.jobs.events import PipeEventBus
+from fluxredux.jobs.events import EventBus, PipeEventBus
 from fluxredux.jobs.registry import WorkerRegistry, recover_orphans
+from fluxredux.redis_backend import redacted
+from fluxredux.worker.monitor import WorkerFleet
 from fluxredux.worker.supervisor import WorkerSupervisor
 
 log = logging.getLogger("fluxredux.serve")
@@ -56,24 +58,40 @@ def bind(settings: Settings) -> socket.socket:
     return sock
 
 
-def worker_process(
-    settings: Settings, lifecycle: Lifecycle, bus: PipeEventBus, registry: WorkerRegistry
-) -> WorkerSupervisor:
-    """The embedded default: one worker child process, started and watched by this one."""
-    return WorkerSupervisor(settings, lifecycle, bus, registry)
+def local_workers(
+    settings: Settings, lifecycle: Lifecycle, bus: EventBus, registry: WorkerRegistry
+) -> WorkerSupervisor | WorkerFleet:
+    """Who runs this server's predictions.
+
+    The embedded default: one worker child, started and watched by this process, whose
+    events come over a pipe. Otherwise (Redis, or ``--workers N`` other than 1) any
+    registered worker does, on this machine (N children) or elsewhere."""
+    pipe = bus if isinstance(bus, PipeEventBus) else None  # Redis: children publish there themselves
+    supervisors = [
+        WorkerSupervisor(settings, lifecycle, pipe, registry, index=i) for i in range(settings.local_workers)
+    ]
+    if settings.redis_url is None and len(supervisors) == 1:
+        return supervisors[0]
+    return WorkerFleet(registry, settings.worker_ttl_seconds, supervisors)
 
 
 def serve(settings: Settings, *, announce: bool = True) -> None:
-    services = build_services(settings, worker_process)
-    supervisor = services.workers
-    assert isinstance(supervisor, WorkerSupervisor)
+    services = build_services(settings, local_workers)
+    workers = services.workers
+    assert isinstance(workers, (WorkerSupervisor, WorkerFleet))
     sock = bind(settings)
     url = settings.public_url or f"http://{settings.host}:{settings.port}"
     first_key = ensure_first_key(services)
     recovered = recover_after_restart(services)
     if announce:
         log.info("fluxredux serving on %s (API docs: %s/docs)", url, url)
-        log.info("data: %s", settings.data_dir)
+        if settings.redis_url:
+            log.info(
+                "state: Redis (%s), %d local worker(s)", redacted(settings.redis_url), settings.local_workers
+            )
+        else:
+            log.info("data: %s", settings.data_dir)
+        log.info("files: %s", settings.storage or settings.files_dir)
         if settings.model in ("demo", "fake") or settings.model == "auto":
             log.info("model: %s (the worker says which model it loaded)", settings.model)
         if settings.host in ("0.0.0.0", "::") and not settings.public_url:
@@ -87,7 +105,7 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
                 f"\nNo API key existed, so one was created. It is shown only this once:\n\n    {first_key}\n",
                 flush=True,
             )
-    supervisor.start()
+    workers.start()
     config = uvicorn.Config(
         create_app(services),
         http=timeout_protocol(settings),  # bounds slow headers and bodies (api/timeouts.py)
@@ -98,5 +116,5 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
     try:
         asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
     finally:
-        supervisor.stop()
+        workers.stop()
         services.close()

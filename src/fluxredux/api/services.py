@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -10,13 +9,14 @@ from typing import Any
 from fluxredux.api.metrics import Metrics
 from fluxredux.api.notifier import Notifier
 from fluxredux.api.render import render
+from fluxredux.backends import Backends
 from fluxredux.config import Settings
 from fluxredux.images import DecodeLimits
-from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore
-from fluxredux.jobs.events import JobEvent, PipeEventBus
-from fluxredux.jobs.limits import MemoryRateLimiter, RateLimiter
-from fluxredux.jobs.outbox import SQLiteWebhookOutbox, WebhookOutbox
-from fluxredux.jobs.registry import SQLiteWorkerRegistry, WorkerRegistry
+from fluxredux.jobs import Job, Lifecycle
+from fluxredux.jobs.events import EventBus, JobEvent
+from fluxredux.jobs.limits import RateLimiter
+from fluxredux.jobs.outbox import WebhookOutbox
+from fluxredux.jobs.registry import WorkerRegistry
 from fluxredux.jobs.store import JobStore
 from fluxredux.keys import KeyStore
 from fluxredux.net import FetchPolicy, SafeFetcher
@@ -36,7 +36,7 @@ class Services:
     shares: ShareStore
     blobs: BlobStore  # inputs and outputs
     uploads: UploadStore
-    bus: PipeEventBus  # job changes of this process and of its worker children
+    bus: EventBus  # job changes, wherever they happen (worker pipes, or Redis pub/sub)
     notifier: Notifier  # the same, on the event loop (long-polls, webhooks, metrics)
     fetcher: SafeFetcher
     outbox: WebhookOutbox  # webhook deliveries, shared by every API process
@@ -47,22 +47,18 @@ class Services:
     registry: WorkerRegistry  # every live worker, wherever it runs
     # Whoever runs the models: the supervisor of a worker process, or a thread in tests.
     workers: WorkerMonitor
+    backends: Backends  # what built the seams above; closes them
 
     @property
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(self.settings.max_image_bytes, self.settings.max_image_pixels)
 
     def close(self) -> None:
-        self.store.close()
-        self.registry.close()
-        self.keys.close()
-        self.shares.close()
-        self.uploads.close()
-        self.outbox.close()
+        self.backends.close()
 
 
 # Builds the worker monitor from the store's lifecycle, the event bus and the registry.
-WorkersFactory = Callable[[Settings, Lifecycle, PipeEventBus, WorkerRegistry], WorkerMonitor]
+WorkersFactory = Callable[[Settings, Lifecycle, EventBus, WorkerRegistry], WorkerMonitor]
 
 
 def build_services(
@@ -70,16 +66,10 @@ def build_services(
     workers: WorkersFactory,
     *,
     fetcher: SafeFetcher | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Callable[[], float] | None = None,
 ) -> Services:
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = SQLiteJobStore(
-        settings.database_path, busy_timeout=settings.store_busy_timeout_seconds, clock=clock
-    )
-    registry = SQLiteWorkerRegistry(
-        settings.database_path, busy_timeout=settings.store_busy_timeout_seconds, clock=clock
-    )
-    bus = PipeEventBus()
+    backends = Backends(settings, clock=clock)
+    store, registry, bus = backends.jobs, backends.registry, backends.bus
     notifier = Notifier()
     bus.add_listener(notifier.publish)
     lifecycle = Lifecycle(store, publish=lambda job: bus.publish(JobEvent(job.id, job.status.value)))
@@ -96,9 +86,7 @@ def build_services(
         public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
         return render(job, public_url).model_dump(mode="json")
 
-    outbox = SQLiteWebhookOutbox(
-        settings.database_path, busy_timeout=settings.store_busy_timeout_seconds, clock=clock
-    )
+    outbox = backends.outbox
     webhooks = WebhookSender(
         store,
         outbox,
@@ -115,10 +103,10 @@ def build_services(
         settings=settings,
         store=store,
         lifecycle=lifecycle,
-        keys=KeyStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
-        shares=ShareStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
+        keys=backends.keys,
+        shares=backends.shares,
         blobs=blob_store(settings),
-        uploads=UploadStore(settings.database_path, busy_timeout=settings.store_busy_timeout_seconds),
+        uploads=backends.uploads,
         bus=bus,
         notifier=notifier,
         fetcher=fetcher,
@@ -127,6 +115,7 @@ def build_services(
         metrics=Metrics(store),
         registry=registry,
         workers=workers(settings, lifecycle, bus, registry),
-        creations=MemoryRateLimiter(settings.rate_limit_per_minute),
-        reads=MemoryRateLimiter(settings.read_limit_per_minute),
+        creations=backends.rate_limiter("creations", settings.rate_limit_per_minute),
+        reads=backends.rate_limiter("reads", settings.read_limit_per_minute),
+        backends=backends,
     )

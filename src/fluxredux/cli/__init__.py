@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fluxredux.cli import download, predict, run, serve, workers
+from fluxredux.cli import download, predict, run, serve, worker, workers
 from fluxredux.cli.app import app
 
-__all__ = ["app", "download", "main", "predict", "run", "serve", "workers"]
+__all__ = ["app", "download", "main", "predict", "run", "serve", "worker", "workers"]
 
 
 def main() -> None:

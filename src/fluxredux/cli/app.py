@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -39,6 +41,15 @@ def fail(exc: FluxReduxError) -> typer.Exit:
     """Print a domain error plainly (no stack trace); exit 2 for a caller mistake."""
     err.print(f"[bold red]error[/] [dim]({exc.code})[/]: {escape(exc.message)}", highlight=False)
     return typer.Exit(code=2 if isinstance(exc, ClientError) else 1)
+
+
+@contextmanager
+def plain_errors() -> Iterator[None]:
+    """Domain errors (a store that is down, a bad value) printed plainly, as ``fail`` does."""
+    try:
+        yield
+    except FluxReduxError as exc:
+        raise fail(exc) from None
 
 
 ModelOption = Annotated[

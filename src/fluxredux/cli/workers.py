@@ -6,26 +6,30 @@ from datetime import datetime
 
 from rich.table import Table
 
-from fluxredux.cli.app import app, fail, out
-from fluxredux.cli.serve import DataDirOption, settings_from
-from fluxredux.errors import FluxReduxError
+from fluxredux.cli.app import app, out, plain_errors
+from fluxredux.cli.serve import DataDirOption, RedisOption, settings_from
 
 
 @app.command()
-def workers(data_dir: DataDirOption = None) -> None:
-    """List the live workers: id, host, process, state, model, device, last heartbeat."""
-    from fluxredux.jobs.registry import SQLiteWorkerRegistry, is_gone
+def workers(data_dir: DataDirOption = None, redis: RedisOption = None) -> None:
+    """List the live workers: id, host, process, state, model, device, last heartbeat.
 
-    settings = settings_from(data_dir=data_dir)
-    if not settings.database_path.exists():
+    Those of the data dir's server, or with --redis those of the whole deployment."""
+    from fluxredux.backends import Backends
+    from fluxredux.jobs.registry import is_gone
+
+    settings = settings_from(data_dir=data_dir, redis_url=redis)
+    if settings.redis_url is None and not settings.database_path.exists():
         out.print(f"no workers: nothing has run with the data dir {settings.data_dir}", highlight=False)
         return
+    backends = Backends(settings)
     try:
-        registry = SQLiteWorkerRegistry(settings.database_path)
-        now = registry.now()
-        live = [w for w in registry.workers() if not is_gone(w, now, settings.worker_ttl_seconds)]
-    except FluxReduxError as exc:
-        raise fail(exc) from None
+        with plain_errors():
+            registry = backends.registry
+            now = registry.now()
+            live = [w for w in registry.workers() if not is_gone(w, now, settings.worker_ttl_seconds)]
+    finally:
+        backends.close()
     if not live:
         out.print("no live workers", highlight=False)
         return

@@ -262,4 +262,9 @@ class Worker:
             progress_step=job.input.get("num_inference_steps", 4),
         )
         if finished is None:  # lost the job meanwhile (reaped, canceled): drop our files
+            log.warning(
+                "prediction %s: no longer this worker's (taken back); its outputs were dropped", job.id
+            )
             self.blobs.delete(names)
+        else:
+            log.info("prediction %s: succeeded in %.2f s", job.id, elapsed)

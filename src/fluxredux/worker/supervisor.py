@@ -1,11 +1,12 @@
 """Starts the worker process, watches it and restarts it when it dies.
 
-Runs inside ``fluxredux serve``; imports no torch (the model lives in the child). The
-child talks to the store, the registry and the event bus itself, as a worker on another
-machine does. This process starts it (handing it its id, its event pipe and, over stdin,
-wake-ups for new jobs), attaches that pipe to the server's bus, reads the child's registry
-entry to report its state, and, having seen it die, recovers its job at once instead of
-waiting for the lease to run out.
+Runs inside ``fluxredux serve``, one supervisor per local worker (``--workers N``);
+imports no torch (the model lives in the child). The child talks to the store, the
+registry and the event bus itself, as a worker on another machine does. This process
+starts it (handing it its id, over stdin wake-ups for new jobs and, in the embedded mode,
+an event pipe that it attaches to the server's bus), reads the child's registry entry to
+report its state, and, having seen it die, recovers its job at once instead of waiting
+for the lease to run out.
 """
 
 from __future__ import annotations
@@ -64,15 +65,19 @@ class WorkerSupervisor:
         self,
         settings: Settings,
         lifecycle: Lifecycle,
-        bus: PipeEventBus,
+        events: PipeEventBus | None,
         registry: WorkerRegistry,
         *,
+        index: int = 0,
         command: Sequence[str] = (sys.executable, "-m", "fluxredux.worker.child"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.lifecycle = lifecycle
-        self.bus = bus  # the child's job events arrive on its pipe, attached here
+        # Embedded: the child's job events arrive on a pipe, attached to this bus. None:
+        # the child publishes them itself (Redis), where every node hears them.
+        self.events = events
+        self.index = index  # which of this machine's workers (and GPUs) it is
         self.registry = registry  # the child reports its state there, as any worker does
         self.command = list(command)
         self.clock = clock
@@ -169,14 +174,18 @@ class WorkerSupervisor:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def _spawn(self, worker_id: str) -> tuple[subprocess.Popen[bytes], int]:
+    def _spawn(self, worker_id: str) -> tuple[subprocess.Popen[bytes], int | None]:
+        env = {**os.environ, **settings_env(self.settings), "FLUXREDUX_WORKER_ID": worker_id}
+        if self.settings.local_workers > 1 and self.settings.device is None:
+            # One GPU each: the i-th of those this server may use (all of them by default).
+            gpus = [
+                gpu.strip() for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu.strip()
+            ]
+            env["CUDA_VISIBLE_DEVICES"] = gpus[self.index % len(gpus)] if gpus else str(self.index)
+        if self.events is None:
+            return subprocess.Popen(self.command, stdin=subprocess.PIPE, env=env), None
         read_fd, write_fd = os.pipe()
-        env = {
-            **os.environ,
-            **settings_env(self.settings),
-            "FLUXREDUX_EVENT_FD": str(write_fd),
-            "FLUXREDUX_WORKER_ID": worker_id,
-        }
+        env["FLUXREDUX_EVENT_FD"] = str(write_fd)
         try:
             process = subprocess.Popen(self.command, stdin=subprocess.PIPE, pass_fds=(write_fd,), env=env)
         except BaseException:
@@ -229,7 +238,7 @@ class WorkerSupervisor:
         # A new worker reports its own storage trouble; an old report would keep /ready
         # failing for good, since only the worker that saw it could clear it.
         state.next_start_at = state.storage_error = None
-        reader = self.bus.attach(read_fd)
+        reader = self.events.attach(read_fd) if self.events is not None and read_fd is not None else None
         retry_recovery_at = self.clock() + 5
         while True:
             try:
@@ -240,7 +249,8 @@ class WorkerSupervisor:
                 if self.clock() >= retry_recovery_at:  # a recovery that failed earlier (store locked)
                     retry_recovery_at = self.clock() + 5
                     self._recover_jobs()
-        reader.join(5)
+        if reader is not None:
+            reader.join(5)
         self._read_registry(worker_id)  # its last word (a model that failed to load) before it goes
         if not state.ready:
             state.exits_before_ready += 1

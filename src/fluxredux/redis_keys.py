@@ -1,0 +1,122 @@
+"""API keys in Redis: one set of keys for every API node of a deployment.
+
+Keys (under the deployment's prefix):
+- ``{prefix}keys:id:{key id}``: a hash per key: name, secret_sha256, created_at,
+  revoked_at ('' while active). The secret itself is never stored, only its SHA-256;
+- ``{prefix}keys:created``: the key ids scored by created_at, the order ``list`` returns.
+
+The key format, the digest, the constant-time check and the one Unauthorized message are
+``fluxredux.keys``'s, shared with the SQLite store. Creating and revoking are Lua scripts
+stamped with Redis TIME (the clock every node shares), so a key and its index entry are
+written in one step, and two nodes revoking one key at once revoke it once.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, open_client
+from fluxredux.keys import ApiKey, check_key, new_key
+from fluxredux.redis_backend import redis_errors
+
+# How many fresh ids ``create`` tries before giving up: a 48-bit id is taken by another
+# key about never, but an existing key must never be overwritten by a new one.
+_CREATE_TRIES = 3
+
+# KEYS: the key's hash, the created index. ARGV: id, name, digest.
+# Returns created_at (a %.17g string), or false when the id is taken.
+_CREATE = (
+    LUA_PREAMBLE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local now = fmt(clock_now(''))
+redis.call('HSET', KEYS[1], 'name', ARGV[2], 'secret_sha256', ARGV[3], 'created_at', now, 'revoked_at', '')
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+return now
+"""
+)
+
+# KEYS: the key's hash. Returns 1 when it was active and is revoked now, else 0.
+_REVOKE = (
+    LUA_PREAMBLE
+    + """
+local revoked = redis.call('HGET', KEYS[1], 'revoked_at')
+if revoked == false or revoked ~= '' then return 0 end  -- no such key, or revoked before
+redis.call('HSET', KEYS[1], 'revoked_at', fmt(clock_now('')))
+return 1
+"""
+)
+
+# KEYS: the created index. ARGV: the hash key prefix. One consistent snapshot, oldest
+# first: {id, name, created_at, revoked_at, ...}; the digests stay in Redis.
+_LIST = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local fields = redis.call('HMGET', ARGV[1] .. id, 'name', 'created_at', 'revoked_at')
+  if fields[1] then
+    out[#out + 1] = id
+    out[#out + 1] = fields[1]
+    out[#out + 1] = fields[2]
+    out[#out + 1] = fields[3]
+  end
+end
+return out
+"""
+
+
+def _api_key(key_id: str, name: str, created_at: str, revoked_at: str) -> ApiKey:
+    return ApiKey(key_id, name, float(created_at), float(revoked_at) if revoked_at else None)
+
+
+class RedisKeyStore:
+    """KeyStore shared by every API node of a deployment (keys under ``prefix``).
+
+    Another deployment's keys (another prefix) are unknown here, as another data dir's are
+    to the SQLite store."""
+
+    def __init__(self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:") -> None:
+        self._redis, self._owned = open_client(url_or_client)
+        # ``id:`` keeps key hashes apart from the index whatever id a client presents.
+        self._hash_prefix = f"{prefix}keys:id:"
+        self._created = f"{prefix}keys:created"
+        # redis-py's Script objects (EVALSHA, reloaded after a restart); untyped results.
+        self._create: Any = self._redis.register_script(_CREATE)
+        self._revoke: Any = self._redis.register_script(_REVOKE)
+        self._list: Any = self._redis.register_script(_LIST)
+
+    def create(self, name: str) -> tuple[ApiKey, str]:
+        for _ in range(_CREATE_TRIES):
+            made = new_key()
+            with redis_errors("written"):
+                created_at = self._create(
+                    keys=[self._hash_prefix + made.id, self._created], args=[made.id, name, made.digest]
+                )
+            if created_at is not None:
+                return ApiKey(made.id, name, float(created_at), None), made.key
+        raise RuntimeError(f"no free key id in {_CREATE_TRIES} tries")  # 48 random bits: never
+
+    def list(self) -> builtins.list[ApiKey]:
+        with redis_errors("read"):
+            flat = self._list(keys=[self._created], args=[self._hash_prefix])
+        return [_api_key(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+
+    def revoke(self, key_id: str) -> bool:
+        with redis_errors("written"):
+            return bool(self._revoke(keys=[self._hash_prefix + key_id]))
+
+    def verify(self, presented: str | None) -> ApiKey:
+        return check_key(presented, self._lookup)
+
+    def _lookup(self, key_id: str) -> tuple[ApiKey, str] | None:
+        with redis_errors("read"):
+            name, secret_sha256, created_at, revoked_at = self._redis.hmget(
+                self._hash_prefix + key_id, "name", "secret_sha256", "created_at", "revoked_at"
+            )
+        if name is None:
+            return None
+        return _api_key(key_id, name, created_at, revoked_at), secret_sha256
+
+    def close(self) -> None:
+        if self._owned:
+            self._redis.close()

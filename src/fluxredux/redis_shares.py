@@ -1,0 +1,139 @@
+"""Share links in Redis: a link made on one API node opens on every other.
+
+Keys (under the deployment's prefix):
+- ``{prefix}shares:token:{token}``: a hash per share: prediction_id, owner,
+  include_reference ('1' or '0'), created_at;
+- ``{prefix}shares:prediction:{prediction id}``: that prediction's tokens scored by
+  created_at, so listing a prediction's links and deleting them with it (retention, many
+  predictions at once) never scan other shares.
+
+Every write is one Lua script stamped with Redis TIME, so a share and its index entry
+come and go together. The scripts reach a share's index by name from the prefix, which a
+single Redis server (or a replicated pair) allows; Redis Cluster would need hash tags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import islice
+from typing import Any
+
+from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, open_client
+from fluxredux.redis_backend import redis_errors
+from fluxredux.shares import Share, new_token
+
+# Predictions per ``delete_for_predictions`` script: retention may delete thousands at
+# once, in several short scripts rather than one that blocks Redis.
+_DELETE_BATCH = 500
+# Tokens are 192 random bits: taken about never, but a share is never overwritten.
+_CREATE_TRIES = 3
+
+# KEYS: the share's hash, its prediction's index. ARGV: token, prediction id, owner,
+# include_reference ('1'/'0'). Returns created_at (%.17g), or false when the token is taken.
+_CREATE = (
+    LUA_PREAMBLE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local now = fmt(clock_now(''))
+redis.call('HSET', KEYS[1], 'prediction_id', ARGV[2], 'owner', ARGV[3],
+  'include_reference', ARGV[4], 'created_at', now)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+return now
+"""
+)
+
+# KEYS: a prediction's index. ARGV: the share hash prefix. Oldest first (ties by token):
+# {token, prediction_id, owner, include_reference, created_at, ...}.
+_LIST = """
+local out = {}
+for _, token in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local f = redis.call('HMGET', ARGV[1] .. token, 'prediction_id', 'owner', 'include_reference', 'created_at')
+  if f[1] then
+    out[#out + 1] = token
+    for i = 1, 4 do out[#out + 1] = f[i] end
+  end
+end
+return out
+"""
+
+# KEYS: the share's hash. ARGV: token, owner, the index key prefix. 1 when deleted.
+_REVOKE = """
+local f = redis.call('HMGET', KEYS[1], 'owner', 'prediction_id')
+if f[1] ~= ARGV[2] then return 0 end  -- no such share, or not theirs
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', ARGV[3] .. f[2], ARGV[1])
+return 1
+"""
+
+# KEYS: predictions' indexes. ARGV: the share hash prefix. How many shares went.
+_DELETE = """
+local gone = 0
+for _, index in ipairs(KEYS) do
+  for _, token in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+    gone = gone + redis.call('DEL', ARGV[1] .. token)
+  end
+  redis.call('DEL', index)
+end
+return gone
+"""
+
+
+def _share(token: str, prediction_id: str, owner: str, include_reference: str, created_at: str) -> Share:
+    return Share(token, prediction_id, owner, include_reference == "1", float(created_at))
+
+
+class RedisShareStore:
+    """ShareStore shared by every API node of a deployment (keys under ``prefix``)."""
+
+    def __init__(self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:") -> None:
+        self._redis, self._owned = open_client(url_or_client)
+        self._hash_prefix = f"{prefix}shares:token:"
+        self._index_prefix = f"{prefix}shares:prediction:"
+        # redis-py's Script objects (EVALSHA, reloaded after a restart); untyped results.
+        self._create: Any = self._redis.register_script(_CREATE)
+        self._list: Any = self._redis.register_script(_LIST)
+        self._revoke: Any = self._redis.register_script(_REVOKE)
+        self._delete: Any = self._redis.register_script(_DELETE)
+
+    def create(self, prediction_id: str, owner: str, *, include_reference: bool = False) -> Share:
+        flag = "1" if include_reference else "0"
+        for _ in range(_CREATE_TRIES):
+            token = new_token()
+            keys = [self._hash_prefix + token, self._index_prefix + prediction_id]
+            with redis_errors("written"):
+                created_at = self._create(keys=keys, args=[token, prediction_id, owner, flag])
+            if created_at is not None:
+                return _share(token, prediction_id, owner, flag, created_at)
+        raise RuntimeError(f"no free share token in {_CREATE_TRIES} tries")  # 192 random bits: never
+
+    def get(self, token: str) -> Share | None:
+        with redis_errors("read"):
+            fields = self._redis.hmget(
+                self._hash_prefix + token, "prediction_id", "owner", "include_reference", "created_at"
+            )
+        return _share(token, *fields) if fields[0] is not None else None
+
+    def list_for_prediction(self, prediction_id: str) -> list[Share]:
+        with redis_errors("read"):
+            flat = self._list(keys=[self._index_prefix + prediction_id], args=[self._hash_prefix])
+        return [_share(*flat[i : i + 5]) for i in range(0, len(flat), 5)]
+
+    def revoke(self, token: str, owner: str) -> bool:
+        with redis_errors("written"):
+            return bool(
+                self._revoke(keys=[self._hash_prefix + token], args=[token, owner, self._index_prefix])
+            )
+
+    def delete_for_predictions(self, prediction_ids: Iterable[str]) -> int:
+        ids = iter(prediction_ids)
+        gone = 0
+        while batch := list(islice(ids, _DELETE_BATCH)):
+            with redis_errors("written"):
+                gone += int(
+                    self._delete(keys=[self._index_prefix + p for p in batch], args=[self._hash_prefix])
+                )
+        return gone
+
+    def close(self) -> None:
+        if self._owned:
+            self._redis.close()

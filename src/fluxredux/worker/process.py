@@ -1,0 +1,160 @@
+"""One worker process, wherever it runs: register, load the model once, then claim and
+run one job at a time until told to stop.
+
+Two entry points share it: the child that ``fluxredux serve`` starts (worker/child.py)
+and ``fluxredux worker`` on any machine (cli/worker.py). Both talk to the job store, the
+worker registry, the blob store and the event bus themselves (``Backends``); they differ
+only in how they hear of new jobs and where their events go:
+
+- embedded child: events on a pipe to its server, wake-ups on stdin;
+- scale-out (Redis): events published on Redis, and "a job was queued" heard there too,
+  so an idle worker on another machine starts within milliseconds, not at its next poll.
+
+Stopping drains: the running job is finished and recorded, then the worker leaves the
+registry and exits; a job it never got to stays queued for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from fluxredux.backends import Backends
+from fluxredux.config import Settings
+from fluxredux.errors import FluxReduxError
+from fluxredux.images import DecodeLimits
+from fluxredux.jobs import Lifecycle
+from fluxredux.jobs.events import EventPublisher, JobEvent
+from fluxredux.jobs.model import Status
+from fluxredux.jobs.registry import this_host
+from fluxredux.storage import blob_store
+from fluxredux.worker.factories import build_checker, build_model
+from fluxredux.worker.loop import Worker, WorkerConfig
+from fluxredux.worker.predictor import ImageModel, Predictor
+from fluxredux.worker.registration import Registration
+
+log = logging.getLogger("fluxredux.worker")
+
+# Exit codes: a model that cannot load is not worth restarting at once (the supervisor and
+# systemd units back off on it); anything else is a normal end.
+EXIT_MODEL_FAILED = 3
+
+ModelFactory = Callable[[Settings], ImageModel]
+
+
+def new_worker_id() -> str:
+    return f"{this_host()}-{secrets.token_hex(4)}"
+
+
+class WorkerProcess:
+    """The parts of one worker process, built from settings; ``run`` until ``stop``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        worker_id: str | None = None,
+        events: EventPublisher | None = None,
+        model_factory: ModelFactory = build_model,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = worker_id or new_worker_id()
+        self.backends = Backends(settings)
+        self.stop = threading.Event()
+        self._model_factory = model_factory
+        # Embedded: the pipe to the server. Scale-out: the Redis bus, which also brings
+        # wake-ups (see ``run``).
+        self._events: EventPublisher = events if events is not None else self.backends.bus
+        self._worker: Worker | None = None
+        self.registration = Registration(
+            self.backends.registry,
+            self.worker_id,
+            model=settings.model,
+            device=settings.device or "auto",
+            every=settings.heartbeat_seconds,
+        )
+
+    def request_stop(self) -> None:
+        """Finish the running job (if any), then leave; safe from a signal handler."""
+        self.stop.set()
+        if self._worker is not None:
+            self._worker.wakeup.set()
+
+    def wake(self) -> None:
+        if self._worker is not None:
+            self._worker.wakeup.set()
+
+    def run(self) -> int:
+        """Load the model, then work until ``stop``; the process's exit code."""
+        settings = self.settings
+        self.registration.start()
+        try:
+            model = self._model_factory(settings)
+            checker = build_checker(settings)
+        except FluxReduxError as exc:
+            log.error("%s", exc.message)
+            # Its last word stays in the registry (no unregister): the supervisor, /ready
+            # and `fluxredux workers` show why, until the entry expires.
+            self.registration.update("failed", error=exc.to_dict())
+            self.backends.close()
+            return EXIT_MODEL_FAILED
+        try:
+            info = model.info
+            self.registration.update("ready", model=info.describe(), demo=info.is_demo, notice=info.notice)
+            log.info("worker %s ready: %s", self.worker_id, info.describe())
+            events = self._events
+            self._worker = worker = Worker(
+                Lifecycle(
+                    self.backends.jobs, publish=lambda job: events.publish(JobEvent(job.id, job.status.value))
+                ),
+                Predictor(model, checker),
+                blob_store(settings),
+                WorkerConfig(
+                    worker_id=self.worker_id,
+                    lease_seconds=settings.lease_seconds,
+                    heartbeat_seconds=settings.heartbeat_seconds,
+                    decode_limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
+                ),
+                report_storage=lambda problem: self.registration.update(storage_error=problem),
+            )
+            if self.backends.scale_out:
+                # A job queued (or put back after a lost worker) anywhere wakes us at once.
+                queued = Status.STARTING.value
+                self.backends.bus.add_listener(
+                    lambda event: worker.wakeup.set() if event.status == queued else None
+                )
+            worker.run_forever(self.stop)
+            log.info("worker %s stopped", self.worker_id)
+            return 0
+        finally:
+            self.registration.stop()  # gone on purpose: nobody waits for our silence
+            self.backends.close()
+
+    def drain_on(self, *signals: signal.Signals) -> None:
+        """On these signals, finish the job at hand, then exit (a drain, not an abort)."""
+
+        def handle(signum: int, frame: FrameType | None) -> None:
+            log.warning("%s: finishing the running job, then exiting", signal.Signals(signum).name)
+            self.request_stop()
+
+        for signum in signals:
+            signal.signal(signum, handle)
+
+
+def configure_logging(prefix: str = "worker") -> None:
+    from fluxredux.logs import quiet_libraries
+
+    logging.basicConfig(
+        level=logging.INFO, format=f"{prefix}: %(levelname)s %(message)s", stream=sys.stderr, force=True
+    )
+    quiet_libraries(verbose=False)
+
+
+def worker_id_from_env() -> str | None:
+    return os.environ.get("FLUXREDUX_WORKER_ID") or None

@@ -1,0 +1,243 @@
+"""A scale-out deployment of real processes for tests: API nodes (`fluxredux serve
+--redis URL --workers 0`) and GPU workers (`fluxredux worker --redis URL`), each with
+its own data dir and log, sharing one Redis (a key prefix of the test's own) and one
+storage URL, as on many machines.
+
+Every process is started by the real command line and stopped (or killed, or frozen)
+for real; the test reads the same HTTP API a user does and Redis itself where it must
+check what no API shows (how many times a job ran).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from PIL import Image
+
+from tests.services import free_port
+
+FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
+TERMINAL = {"success", "error", "cancelled"}
+
+
+def tiny_png(colour: tuple[int, int, int] = (200, 120, 40)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 16), colour).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def wait_for(what: Callable[[], bool], timeout: float, message: Callable[[], str] | str) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        if time.monotonic() > deadline:
+            raise AssertionError(message() if callable(message) else message)
+        time.sleep(0.05)
+
+
+@dataclass
+class Proc:
+    """One process of the deployment, with its log."""
+
+    name: str
+    process: subprocess.Popen[str]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+        self.process.wait()
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.alive():
+            # SIGCONT first: a frozen process cannot act on SIGTERM.
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Node(Proc):
+    """An API node: the HTTP API a client talks to."""
+
+    url: str = ""
+    key: str = ""
+
+    def headers(self) -> dict[str, str]:
+        return {"X-API-Key": self.key}
+
+    def body(self, **inputs: Any) -> dict[str, Any]:
+        return {"model": "flux-redux-schnell", "input": {"redux_image": tiny_png(), **inputs}}
+
+    def create(self, timeout: float = 30, **inputs: Any) -> httpx.Response:
+        return httpx.post(
+            f"{self.url}/v1/prediction/", json=self.body(**inputs), headers=self.headers(), timeout=timeout
+        )
+
+    def create_id(self, **inputs: Any) -> str:
+        response = self.create(**inputs)
+        assert response.status_code == 200, response.text
+        return str(response.json()["predictionID"])
+
+    def get(self, prediction_id: str, wait: float = 0) -> dict[str, Any]:
+        response = httpx.get(
+            f"{self.url}/v1/prediction/{prediction_id}",
+            params={"wait": wait},
+            headers=self.headers(),
+            timeout=wait + 10,
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def cancel(self, prediction_id: str) -> dict[str, Any]:
+        response = httpx.post(
+            f"{self.url}/v1/prediction/{prediction_id}/cancel", headers=self.headers(), timeout=10
+        )
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def ready(self) -> httpx.Response:
+        return httpx.get(self.url + "/ready", timeout=10)
+
+    def wait_status(self, prediction_id: str, statuses: set[str], timeout: float = 30) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+
+        def reached() -> bool:
+            found.update(self.get(prediction_id))
+            return found["status"] in statuses
+
+        wait_for(reached, timeout, lambda: f"{prediction_id} never reached {statuses}: {found}")
+        return found
+
+
+@dataclass
+class Cluster:
+    """Processes sharing one Redis (``prefix`` keeps this test's keys apart) and storage."""
+
+    root: Path
+    redis_url: str
+    prefix: str
+    storage: str
+    env: dict[str, str] = field(default_factory=dict)  # FLUXREDUX_* for every process
+    key: str = ""
+    procs: list[Proc] = field(default_factory=list)
+
+    def _environment(self, extra: dict[str, str] | None) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": "",
+            "COLUMNS": "200",
+            "FLUXREDUX_REDIS_PREFIX": self.prefix,
+            "FLUXREDUX_MODEL": "fake",
+            **self.env,
+            **(extra or {}),
+        }
+
+    def _start(
+        self, name: str, args: list[str], extra: dict[str, str] | None
+    ) -> tuple[subprocess.Popen[str], Path]:
+        log = self.root / f"{name}.log"
+        data_dir = self.root / name  # every process its own, as on its own machine
+        process = subprocess.Popen(
+            [
+                FLUXREDUX,
+                *args,
+                "--redis",
+                self.redis_url,
+                "--storage",
+                self.storage,
+                "--data-dir",
+                str(data_dir),
+            ],
+            stdout=log.open("a"),
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self._environment(extra),
+        )
+        return process, log
+
+    def create_key(self) -> str:
+        """An API key of the deployment, made by the real command line."""
+        done = subprocess.run(
+            [FLUXREDUX, "keys", "create", "--name", "tests", "--redis", self.redis_url],
+            capture_output=True,
+            text=True,
+            env=self._environment(None),
+            timeout=60,
+            check=True,
+        )
+        self.key = done.stdout.strip().splitlines()[-1]
+        return self.key
+
+    def node(self, name: str, env: dict[str, str] | None = None) -> Node:
+        port = free_port()
+        process, log = self._start(name, ["serve", "--port", str(port), "--workers", "0"], env)
+        node = Node(name, process, log, url=f"http://127.0.0.1:{port}", key=self.key or self.create_key())
+        self.procs.append(node)
+
+        def answers() -> bool:
+            assert node.alive(), node.text()
+            try:
+                return httpx.get(node.url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, 60, lambda: f"{name} did not start:\n{node.text()}")
+        return node
+
+    def worker(self, name: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> Proc:
+        process, log = self._start(name, ["worker"], env)
+        proc = Proc(name, process, log)
+        self.procs.append(proc)
+        if wait_ready:
+            wait_for(
+                lambda: "ready:" in proc.text() or not proc.alive(),
+                60,
+                lambda: f"{name} not ready:\n{proc.text()}",
+            )
+            assert proc.alive(), proc.text()
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.text()[-3000:]}" for p in self.procs)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@contextmanager
+def cluster(root: Path, redis_url: str, prefix: str, storage: str, **env: str) -> Iterator[Cluster]:
+    deployment = Cluster(root, redis_url, prefix, storage, env=env)
+    try:
+        yield deployment
+    finally:
+        deployment.stop()

@@ -1,0 +1,207 @@
+"""The API key store contract, run against every implementation (SQLite for one machine,
+Redis for many API nodes): keys are shown once, stored only as hashes, checked in
+constant time, revocable, and one deployment's keys open nothing in another."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from fluxredux.errors import StoreUnavailable, Unauthorized
+from fluxredux.keys import UNAUTHORIZED, KeyStore, SQLiteKeyStore, digest, parse_key
+from fluxredux.redis_keys import RedisKeyStore
+
+
+@dataclass
+class Deployment:
+    """A key store under test, and what the contract needs to look behind it."""
+
+    store: KeyStore
+    make_other: Callable[[], KeyStore]  # another deployment's store (own file, or own prefix)
+    stored: Callable[[], str]  # everything the backend has written, as text
+    others: list[KeyStore] = field(default_factory=list)
+
+    def other(self) -> KeyStore:
+        self.others.append(self.make_other())
+        return self.others[-1]
+
+    def close(self) -> None:
+        for store in [self.store, *self.others]:
+            store.close()
+
+
+def _sqlite(tmp_path: Path) -> Deployment:
+    def stored() -> str:
+        # The WAL file too: recent writes stay there until a checkpoint.
+        files = sorted(tmp_path.glob("keys.db*"))
+        return "".join(path.read_bytes().decode("latin-1") for path in files)
+
+    return Deployment(
+        SQLiteKeyStore(tmp_path / "keys.db"), lambda: SQLiteKeyStore(tmp_path / "other.db"), stored
+    )
+
+
+def redis_contents(client: Any, prefix: str) -> str:
+    """Every key name and value under ``prefix``, read by type (DUMP may compress)."""
+    parts: list[str] = []
+    for name in client.scan_iter(match=f"{prefix}*"):
+        parts.append(name)
+        kind = client.type(name)
+        if kind == "hash":
+            parts += [f"{k}={v}" for k, v in client.hgetall(name).items()]
+        elif kind == "zset":
+            parts += [f"{m}={s!r}" for m, s in client.zrange(name, 0, -1, withscores=True)]
+        elif kind == "set":
+            parts += sorted(client.smembers(name))
+        elif kind == "list":
+            parts += client.lrange(name, 0, -1)
+        else:
+            parts.append(str(client.get(name)))
+    return "\n".join(parts)
+
+
+def _redis(request: pytest.FixtureRequest) -> Deployment:
+    # Asked for only here, so that the SQLite tests never start redis-server.
+    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
+    client = redis.Redis.from_url(url, decode_responses=True)
+    request.addfinalizer(client.close)
+    return Deployment(
+        RedisKeyStore(url, prefix=prefix),
+        lambda: RedisKeyStore(url, prefix=f"{prefix}other:"),
+        lambda: redis_contents(client, prefix),
+    )
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Deployment]] = {
+    "sqlite": lambda _, tmp: _sqlite(tmp),
+    "redis": lambda request, _: _redis(request),
+}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment]:
+    built = BACKENDS[request.param](request, tmp_path)
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def keys(deployment: Deployment) -> KeyStore:
+    return deployment.store
+
+
+def refused(keys: KeyStore, presented: str | None) -> None:
+    with pytest.raises(Unauthorized) as caught:
+        keys.verify(presented)
+    assert caught.value.message == UNAUTHORIZED  # one message, whatever was wrong
+
+
+def test_create_verify_list_revoke(keys: KeyStore) -> None:
+    before = time.time()
+    alice, alice_key = keys.create("alice")
+    bob, bob_key = keys.create("bob")
+    assert alice_key.startswith(f"fr_{alice.id}_") and alice.id != bob.id and alice_key != bob_key
+    assert (alice.name, alice.revoked_at, alice.active) == ("alice", None, True)
+    assert before - 5 <= alice.created_at <= bob.created_at <= time.time() + 5
+    assert keys.verify(alice_key) == alice and keys.verify(bob_key) == bob
+    assert keys.list() == [alice, bob]  # in created order
+
+    assert keys.revoke(alice.id) is True
+    assert keys.revoke(alice.id) is False  # once
+    assert keys.revoke("000000000000") is False
+    refused(keys, alice_key)
+    assert keys.verify(bob_key) == bob  # the other key is untouched
+    listed = keys.list()
+    assert [k.id for k in listed] == [alice.id, bob.id]  # revoked keys stay listed...
+    assert listed[0].revoked_at is not None and listed[0].revoked_at >= alice.created_at
+    assert not listed[0].active and listed[1] == bob  # ...as revoked
+
+
+def test_a_wrong_secret_is_refused(keys: KeyStore) -> None:
+    key, secret = keys.create("alice")
+    parsed = parse_key(secret)
+    assert parsed is not None and parsed[0] == key.id
+    refused(keys, f"fr_{key.id}_{'A' * len(parsed[1])}")
+    refused(keys, secret[:-1])
+    refused(keys, secret + "x")
+    refused(keys, f"fr_{key.id}_")
+
+
+@pytest.mark.parametrize(
+    "presented",
+    [
+        None,
+        "",
+        "fr_",
+        "fr__",
+        "fr_abc",
+        "fr__secret",
+        "FR_abc_def",
+        "Bearer fr_abc_def",
+        "abc_def_ghi",
+        "fr_created_x",  # ids that a store must not mistake for one of its own names
+        "fr_:_x",
+        "fr_../../_x",
+        f"fr_{'a' * 10_000}_{'b' * 10_000}",
+    ],
+)
+def test_malformed_or_unknown_keys_are_refused(keys: KeyStore, presented: str | None) -> None:
+    keys.create("alice")
+    refused(keys, presented)
+
+
+def test_a_key_of_another_deployment_opens_nothing_here(deployment: Deployment) -> None:
+    key, secret = deployment.store.create("alice")
+    other = deployment.other()
+    refused(other, secret)
+    assert other.list() == [] and other.revoke(key.id) is False
+    assert deployment.store.verify(secret) == key  # and the other one revoked nothing here
+
+
+def test_only_hashes_are_stored(deployment: Deployment) -> None:
+    key, secret = deployment.store.create("alice")
+    parsed = parse_key(secret)
+    assert parsed is not None
+    contents = deployment.stored()
+    assert digest(parsed[1]) in contents  # this reads what the store wrote...
+    assert parsed[1] not in contents and secret not in contents  # ...and no secret is in it
+    deployment.store.revoke(key.id)
+    assert parsed[1] not in deployment.stored()
+
+
+def test_a_key_is_revoked_once_under_concurrent_revokes(keys: KeyStore) -> None:
+    key, _secret = keys.create("alice")
+    results: list[bool] = []
+    threads = [threading.Thread(target=lambda: results.append(keys.revoke(key.id))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == [False] * 7 + [True]
+
+
+def test_redis_key_store_unreachable_is_store_unavailable_quickly() -> None:
+    """A Redis that is down costs a caller a quick StoreUnavailable (a 503), never a hang,
+    and never a raw redis error (a 500)."""
+    from tests.services import free_port
+
+    keys = RedisKeyStore(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+    calls: list[Callable[[], object]] = [
+        lambda: keys.create("alice"),
+        keys.list,
+        lambda: keys.revoke("abc"),
+        lambda: keys.verify("fr_abc_def"),
+    ]
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="Redis"):
+            call()
+        assert time.monotonic() - started < 3
+    keys.close()

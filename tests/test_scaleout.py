@@ -1,0 +1,270 @@
+"""Scale-out, from outside: API nodes and workers as real processes (each with its own
+data dir, as on its own machine) sharing one real redis-server and one storage URL.
+
+What a user of a load-balanced deployment notices: a prediction made through one node
+is read, long-polled, cancelled and downloaded through another; limits and queue
+positions are exact whichever node counts; a finished job wakes a long-poll on another
+node at once; keys made with the command line work everywhere and die everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+from PIL import Image
+
+from tests.cluster import FLUXREDUX, Cluster, Node, cluster, wait_for
+from tests.services import free_port
+
+FAST = {
+    "FLUXREDUX_LEASE_SECONDS": "4",
+    "FLUXREDUX_HEARTBEAT_SECONDS": "1",
+    "FLUXREDUX_WORKER_TTL_SECONDS": "4",
+}
+
+
+@pytest.fixture
+def deployment(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[Cluster]:
+    """Processes sharing the session's redis-server (this test's own prefix) and a shared dir."""
+    with cluster(tmp_path, redis_url, redis_prefix, f"file://{tmp_path}/shared", **FAST) as deployment:
+        yield deployment
+
+
+def unix(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_two_nodes_and_two_workers_share_everything_through_redis_and_s3(
+    tmp_path: Path, redis_url: str, redis_prefix: str, s3_env: str
+) -> None:
+    """Separate data dirs, one Redis, one S3 bucket: a prediction created on node A is read,
+    long-polled, cancelled and downloaded through node B, and both workers take work."""
+    boto3.client("s3").create_bucket(Bucket="scaleout-test")
+    with cluster(
+        tmp_path,
+        redis_url,
+        redis_prefix,
+        "s3://scaleout-test/outputs",
+        FLUXREDUX_FAKE_STEP_SECONDS="0.3",
+        **FAST,
+    ) as deployment:
+        a, b = deployment.node("api-a"), deployment.node("api-b")
+        workers = [deployment.worker("worker-1"), deployment.worker("worker-2")]
+
+        made = a.create_id(num_outputs=2, seed=11)
+        done = b.get(made, wait=30)  # long-polled through the other node
+        assert done["status"] == "success", done
+        assert done["id"] == made and done["seed"] == 11 and len(done["output"]) == 2
+        on_a = a.get(made)  # the same record through either node; only links name the node
+        for field in ("status", "seed", "metrics", "created_at", "completed_at", "logs"):
+            assert on_a[field] == done[field]
+        assert [u.rsplit("/", 1)[1] for u in on_a["output"]] == [u.rsplit("/", 1)[1] for u in done["output"]]
+        for url in done["output"]:  # links name node B; the file comes from S3 through it
+            assert url.startswith(b.url)
+            image = Image.open(io.BytesIO(httpx.get(url, timeout=10).content))
+            assert image.size == (1024, 1024)
+        names = {url.rsplit("/", 1)[1] for url in done["output"]}
+        stored = {
+            o["Key"].rsplit("/", 1)[1]
+            for o in boto3.client("s3").list_objects_v2(Bucket="scaleout-test")["Contents"]
+        }
+        assert names <= stored
+
+        # Cancelled through node B while running on a worker: stops within a step or two.
+        long = a.create_id(num_inference_steps=4, num_outputs=1)
+        running = b.wait_status(long, {"processing"})
+        assert running["status"] == "processing"
+        cancelled_at = time.monotonic()
+        b.cancel(long)
+        ended = a.get(long, wait=10)
+        assert ended["status"] == "cancelled", ended
+        assert time.monotonic() - cancelled_at < 1.5  # a step is 0.3 s
+
+        # Both workers take work when there is enough of it.
+        jobs = [(a if i % 2 else b).create_id() for i in range(6)]
+        assert all(b.get(job, wait=30)["status"] == "success" for job in jobs)
+        runners = [w for w in workers if "succeeded in" in w.text()]
+        assert len(runners) == 2, deployment.logs()
+        assert "Traceback" not in deployment.logs()
+
+
+def test_limits_and_queue_positions_are_exact_across_nodes(deployment: Cluster) -> None:
+    """No worker runs: 12 racing creates over two nodes leave exactly 10 in flight (the
+    per-key limit), and each node reports the same exact place in the one queue."""
+    a = deployment.node("api-a")
+    b = deployment.node("api-b")
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda i: (a, b)[i % 2].create(), range(12)))
+    codes = sorted(r.status_code for r in answers)
+    assert codes == [200] * 10 + [429] * 2, [r.text for r in answers]
+    refused = next(r for r in answers if r.status_code == 429)
+    assert "in flight" in refused.json()["error"] and int(refused.headers["Retry-After"]) >= 1
+
+    accepted = [r.json()["predictionID"] for r in answers if r.status_code == 200]
+    by_a = {p: a.get(p)["queue_position"] for p in accepted}
+    by_b = {p: b.get(p)["queue_position"] for p in accepted}
+    assert by_a == by_b and sorted(by_a.values()) == list(range(10))
+    first = min(accepted, key=lambda p: by_a[p])
+    b.cancel(first)  # the queue moves up for everyone, whichever node is asked
+    assert sorted(a.get(p)["queue_position"] for p in accepted if p != first) == list(range(9))
+
+
+def test_the_creation_rate_is_one_budget_across_nodes(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    with cluster(
+        tmp_path,
+        redis_url,
+        redis_prefix,
+        f"file://{tmp_path}/shared",
+        FLUXREDUX_RATE_LIMIT_PER_MINUTE="5",
+        **FAST,
+    ) as deployment:
+        nodes = [deployment.node("api-a"), deployment.node("api-b")]
+        codes = [nodes[i % 2].create().status_code for i in range(8)]
+        assert sorted(codes) == [200] * 5 + [429] * 3, codes
+
+
+def test_a_long_poll_on_another_node_answers_within_100_ms_of_the_end(deployment: Cluster) -> None:
+    """The worker finishes on its machine; the node holding the long-poll is woken by
+    Redis pub/sub, not by re-reading on a timer (which would take up to 5 s)."""
+    a, b = deployment.node("api-a"), deployment.node("api-b")
+    deployment.worker("worker-1", env={"FLUXREDUX_FAKE_STEP_SECONDS": "0.2"})
+    delays = []
+    for _ in range(5):
+        made = a.create_id()
+        done = b.get(made, wait=30)
+        answered = time.time()  # one machine: the same clock as Redis's TIME
+        assert done["status"] == "success"
+        delays.append(answered - unix(done["completed_at"]))
+    assert statistics.median(delays) < 0.1, delays
+
+
+def test_an_idle_worker_starts_a_new_job_at_once(deployment: Cluster) -> None:
+    """Workers hear "queued" over Redis: no one-second poll between create and start."""
+    a = deployment.node("api-a")
+    deployment.worker("worker-1")
+    waits = []
+    for _ in range(5):
+        time.sleep(1.2)  # the worker is idle, waiting for news (its poll is 1 s)
+        done = a.get(a.create_id(), wait=30)
+        waits.append(done["metrics"]["queue_time"])
+    assert statistics.median(waits) < 0.2, waits
+
+
+def test_keys_made_with_the_command_line_work_on_every_node_until_revoked(deployment: Cluster) -> None:
+    a, b = deployment.node("api-a"), deployment.node("api-b")
+    env = deployment._environment(None)
+    made = subprocess.run(
+        [FLUXREDUX, "keys", "create", "--name", "alice", "--redis", deployment.redis_url],
+        capture_output=True, text=True, env=env, check=True, timeout=60,
+    )  # fmt: skip
+    key = made.stdout.strip().splitlines()[-1]
+    key_id = key.split("_")[1]
+    listed = subprocess.run(
+        [FLUXREDUX, "keys", "list", "--redis", deployment.redis_url],
+        capture_output=True, text=True, env=env, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert key_id in listed and "alice" in listed and key not in listed
+
+    for node in (a, b):
+        response = httpx.get(f"{node.url}/v1/prediction/", headers={"X-API-Key": key}, timeout=10)
+        assert response.status_code == 200, response.text
+    subprocess.run(
+        [FLUXREDUX, "keys", "revoke", key_id, "--redis", deployment.redis_url],
+        capture_output=True, text=True, env=env, check=True, timeout=60,
+    )  # fmt: skip
+    for node in (a, b):
+        response = httpx.get(f"{node.url}/v1/prediction/", headers={"X-API-Key": key}, timeout=10)
+        assert response.status_code == 401
+
+
+def test_fluxredux_workers_lists_the_deployments_workers(deployment: Cluster) -> None:
+    deployment.worker("worker-1")
+    deployment.worker("worker-2")
+    listed = subprocess.run(
+        [FLUXREDUX, "workers", "--redis", deployment.redis_url],
+        capture_output=True, text=True, env=deployment._environment(None), check=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert listed.count("ready") == 2, listed
+    for proc in deployment.procs:
+        assert str(proc.pid) in listed
+
+
+def test_a_node_without_workers_is_not_ready_but_queues(deployment: Cluster) -> None:
+    """No worker yet (they are still coming up): /ready says so, creates wait in the queue
+    and run as soon as a worker registers."""
+    a = deployment.node("api-a")
+    ready = a.ready()
+    assert ready.status_code == 503 and any("no live worker" in r for r in ready.json()["reasons"])
+    made = a.create_id()
+    assert a.get(made)["status"] == "starting"
+    deployment.worker("worker-1")
+    wait_for(lambda: a.ready().status_code == 200, 10, "never ready")
+    assert a.get(made, wait=20)["status"] == "success"
+
+
+def test_a_worker_needs_redis(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [FLUXREDUX, "worker", "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "--redis" in done.stderr
+
+
+def test_a_bad_redis_url_is_a_plain_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [FLUXREDUX, "keys", "list", "--redis", "redis://127.0.0.1:1/0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "store_unavailable" in done.stderr or "Redis" in done.stderr
+
+
+def test_serve_with_two_local_workers_runs_two_jobs_at_once(tmp_path: Path) -> None:
+    """One machine, two GPUs: `serve --workers 2` (SQLite, no Redis) runs a child per GPU."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    process = subprocess.Popen(
+        [FLUXREDUX, "serve", "--port", str(port), "--data-dir", str(tmp_path / "data"), "--model", "fake",
+         "--workers", "2"],
+        stdout=log.open("a"), stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "FLUXREDUX_FAKE_STEP_SECONDS": "0.5", "COLUMNS": "200"},
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def two_ready() -> bool:
+            assert process.poll() is None, log.read_text()
+            try:
+                return httpx.get(url + "/health", timeout=1).json()["model"].get("workers_ready") == 2
+            except httpx.HTTPError:
+                return False
+
+        wait_for(two_ready, 60, lambda: log.read_text())
+        key = re.search(r"(fr_[0-9a-f]{12}_[A-Za-z0-9_-]+)", log.read_text())
+        assert key
+        node = Node("serve", process, log, url=url, key=key.group(1))
+        first, second = node.create_id(), node.create_id()
+        wait_for(
+            lambda: {node.get(first)["status"], node.get(second)["status"]} == {"processing"},
+            10,
+            "the two jobs never ran at the same time",
+        )
+        assert node.get(first, wait=20)["status"] == node.get(second, wait=20)["status"] == "success"
+        pids = {w["pid"] for w in httpx.get(url + "/health").json()["model"]["local"]}
+        assert len(pids) == 2
+    finally:
+        process.terminate()
+        process.wait(20)

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from tests.cluster import FLUXREDUX, Cluster, Node, cluster, wait_for
-from tests.services import free_port
+from tests.services import free_port, redis_server
 
 FAST = {
     "FLUXREDUX_LEASE_SECONDS": "4",
@@ -268,3 +268,29 @@ def test_serve_with_two_local_workers_runs_two_jobs_at_once(tmp_path: Path) -> N
     finally:
         process.terminate()
         process.wait(20)
+
+
+def test_a_node_started_before_redis_answers_503_then_recovers_by_itself(tmp_path: Path) -> None:
+    """Machines boot in any order: an API node whose Redis is not up yet still starts, is
+    alive but not ready, answers 503 store_unavailable within seconds (never a hang or a
+    500), and works as soon as Redis and a worker are there, without a restart."""
+    port = free_port()
+    with cluster(
+        tmp_path, f"redis://127.0.0.1:{port}/0", "late:", f"file://{tmp_path}/shared", **FAST
+    ) as deployment:
+        deployment.key = "fr_000000000000_no-key-can-be-made-yet"
+        node = deployment.node("api-a")
+        assert httpx.get(node.url + "/health", timeout=5).status_code == 200
+        started = time.monotonic()
+        refused = node.create()
+        assert refused.status_code == 503 and refused.json()["code"] == "store_unavailable", refused.text
+        assert time.monotonic() - started < 4 and int(refused.headers["Retry-After"]) >= 1
+        assert node.ready().status_code == 503
+
+        with redis_server(tmp_path / "redis", port=port):
+            node.key = deployment.create_key()
+            deployment.worker("worker-1")
+            wait_for(lambda: node.ready().status_code == 200, 30, deployment.logs)
+            assert node.get(node.create_id(), wait=20)["status"] == "success"
+            deployment.stop()  # while Redis is still there to say goodbye to
+        assert node.alive() is False

@@ -12,6 +12,7 @@ from fluxredux.api.app import create_app
 from fluxredux.api.services import Services, build_services
 from fluxredux.api.timeouts import timeout_protocol
 from fluxredux.config import Settings
+from fluxredux.errors import StoreUnavailable
 from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import EventBus, PipeEventBus
 from fluxredux.jobs.registry import WorkerRegistry, recover_orphans
@@ -81,8 +82,14 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
     assert isinstance(workers, (WorkerSupervisor, WorkerFleet))
     sock = bind(settings)
     url = settings.public_url or f"http://{settings.host}:{settings.port}"
-    first_key = ensure_first_key(services)
-    recovered = recover_after_restart(services)
+    try:
+        first_key = ensure_first_key(services)
+        recovered = recover_after_restart(services)
+    except StoreUnavailable as exc:
+        # Serve all the same: requests get 503s and /ready says why until the store is back
+        # (maintenance then recovers what needs it). A node must not need Redis to start.
+        log.warning("the store cannot be used now (%s); serving anyway", exc.message)
+        first_key, recovered = None, 0
     if announce:
         log.info("fluxredux serving on %s (API docs: %s/docs)", url, url)
         if settings.redis_url:

@@ -294,3 +294,29 @@ def test_a_node_started_before_redis_answers_503_then_recovers_by_itself(tmp_pat
             assert node.get(node.create_id(), wait=20)["status"] == "success"
             deployment.stop()  # while Redis is still there to say goodbye to
         assert node.alive() is False
+
+
+def test_workers_recover_a_dead_workers_job_even_with_no_api_node_running(deployment: Cluster) -> None:
+    """Leases are reclaimed by the workers themselves, not only by API nodes' maintenance:
+    with every API node gone, a killed worker's job is still re-run by another worker."""
+    from fluxredux.jobs import Status
+    from fluxredux.jobs.redis_store import RedisJobStore
+
+    node = deployment.node("api-a")
+    doomed = deployment.worker("worker-1", env={"FLUXREDUX_FAKE_STEP_SECONDS": "1"})
+    made = node.create_id()
+    node.wait_status(made, {"processing"})
+    node.kill()  # no API node from here on
+    deployment.worker("worker-2")
+    doomed.kill()
+    store = RedisJobStore(deployment.redis_url, prefix=deployment.prefix)
+    try:
+        wait_for(
+            lambda: (job := store.get(made)) is not None and job.status == Status.SUCCEEDED,
+            30,
+            deployment.logs,
+        )
+        job = store.get(made)
+        assert job is not None and job.attempt == 2
+    finally:
+        store.close()

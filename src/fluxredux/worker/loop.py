@@ -48,6 +48,10 @@ class WorkerConfig:
     storage_probe_seconds: float = 5.0  # while writes fail: how often to try a write again
     finish_retry_seconds: float = 60.0  # how long to keep trying to record a finished run
     max_backoff_seconds: float = 10.0  # after an unexpected error in the loop itself
+    # While idle, take back jobs whose lease ran out (their worker died or froze), as the
+    # API nodes' maintenance does: jobs are recovered even where no API node runs.
+    reap_seconds: float = 10.0
+    max_attempts: int = 2  # runs of a job whose worker was lost (then "worker lost")
 
 
 class Worker:
@@ -68,6 +72,7 @@ class Worker:
         self._storage_problem: str | None = None
         self._failed_write_size = 0
         self._last_probe = 0.0
+        self._last_reap = 0.0
 
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and run jobs until ``stop``. Nothing that goes wrong here ends the loop: a
@@ -87,8 +92,20 @@ class Worker:
                 continue
             if not ran:
                 self._probe_storage()
+                self._reap_expired()
                 self.wakeup.wait(self.config.idle_poll_seconds)
                 self.wakeup.clear()
+
+    def _reap_expired(self) -> None:
+        now = time.monotonic()
+        if now - self._last_reap < self.config.reap_seconds:
+            return
+        self._last_reap = now
+        try:
+            # Expired leases only: whether a silent worker is dead is not ours to guess.
+            self.lifecycle.reap(max_attempts=self.config.max_attempts)
+        except StoreUnavailable as exc:
+            log.debug("reaping expired leases failed: %s", exc.message)
 
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue was empty."""

@@ -119,6 +119,8 @@ class WorkerProcess:
                     worker_id=self.worker_id,
                     lease_seconds=settings.lease_seconds,
                     heartbeat_seconds=settings.heartbeat_seconds,
+                    reap_seconds=min(10.0, settings.lease_seconds / 3),
+                    max_attempts=settings.max_attempts,
                     decode_limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
                 ),
                 report_storage=lambda problem: self.registration.update(storage_error=problem),

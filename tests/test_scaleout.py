@@ -9,11 +9,14 @@ node at once; keys made with the command line work everywhere and die everywhere
 
 from __future__ import annotations
 
+import http.server
 import io
+import json
 import os
 import re
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -320,3 +323,49 @@ def test_workers_recover_a_dead_workers_job_even_with_no_api_node_running(deploy
         assert job is not None and job.attempt == 2
     finally:
         store.close()
+
+
+def test_a_webhook_is_delivered_once_though_every_node_hears_the_end(
+    tmp_path: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """Each API node hears every prediction's end (pub/sub); the stored outbox lets only
+    one of them make each try."""
+    received: list[tuple[str, bytes]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append((self.headers["X-FluxRedux-Delivery"], body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    hook = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    try:
+        with cluster(
+            tmp_path,
+            redis_url,
+            redis_prefix,
+            f"file://{tmp_path}/shared",
+            FLUXREDUX_ALLOW_PRIVATE_URLS="true",
+            **FAST,
+        ) as deployment:
+            nodes = [deployment.node("api-a"), deployment.node("api-b"), deployment.node("api-c")]
+            deployment.worker("worker-1")
+            body = {**nodes[0].body(), "webhook_url": hook}
+            made = httpx.post(
+                f"{nodes[0].url}/v1/prediction/", json=body, headers=nodes[0].headers(), timeout=30
+            )
+            assert made.status_code == 200, made.text
+            prediction_id = made.json()["predictionID"]
+            assert nodes[1].get(prediction_id, wait=20)["status"] == "success"
+            wait_for(lambda: len(received) >= 1, 10, "no webhook arrived")
+            time.sleep(2)  # time for a duplicate from another node to show up, if any would
+            assert [delivery for delivery, _ in received] == [prediction_id]
+            assert json.loads(received[0][1])["status"] == "success"
+    finally:
+        receiver.shutdown()

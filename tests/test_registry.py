@@ -21,6 +21,7 @@ from fluxredux.jobs.registry import (
     WorkerInfo,
     WorkerRegistry,
     is_gone,
+    process_space,
     recover_orphans,
     this_host,
 )
@@ -62,8 +63,13 @@ def ended_pid() -> int:
     return int(done.stdout)
 
 
-def worker(worker_id: str, *, host: str = "gpu-7", pid: int = 4242, state: str = "ready") -> WorkerInfo:
-    return WorkerInfo(worker_id, host, pid, "FLUX.1 Redux [schnell]", "cuda:0", state, 1.0)  # type: ignore[arg-type]
+def worker(
+    worker_id: str, *, host: str = "gpu-7", pid: int = 4242, state: str = "ready", space: str | None = None
+) -> WorkerInfo:
+    """A worker entry as Registration writes it; on this host, in this process space
+    unless ``space`` names another (a container sharing the host name)."""
+    details = {"process_space": space or (process_space() if host == this_host() else "elsewhere")}
+    return WorkerInfo(worker_id, host, pid, "FLUX.1 Redux [schnell]", "cuda:0", state, 1.0, details=details)  # type: ignore[arg-type]
 
 
 def test_register_heartbeat_unregister(registry: WorkerRegistry, clock: FakeClock) -> None:
@@ -95,6 +101,17 @@ def test_on_this_host_a_dead_process_is_gone_at_once(registry: WorkerRegistry, c
         "dead-here": True,
         "alive-here": False,
     }
+
+
+def test_a_same_named_host_with_other_pids_is_never_certainly_dead(
+    registry: WorkerRegistry, clock: FakeClock
+) -> None:
+    """Two containers may share a host name but not their pids: a pid missing here says
+    nothing of a worker in another pid namespace (or before a reboot); only silence does."""
+    registry.register(worker("next-door", host=this_host(), pid=ended_pid(), space="another-boot:4026531836"))
+    [seen] = registry.workers()
+    assert not is_gone(seen, clock.now, TTL)
+    assert is_gone(seen, clock.now + TTL + 0.1, TTL)
 
 
 def running(store: SQLiteJobStore, owner: str, lease_left: float = 3600) -> Job:

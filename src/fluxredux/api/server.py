@@ -17,6 +17,7 @@ from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import EventBus, PipeEventBus
 from fluxredux.jobs.registry import WorkerRegistry, recover_orphans
 from fluxredux.redis_backend import redacted
+from fluxredux.storage import unshared_storage
 from fluxredux.worker.monitor import WorkerFleet
 from fluxredux.worker.supervisor import WorkerSupervisor
 
@@ -99,6 +100,8 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         else:
             log.info("data: %s", settings.data_dir)
         log.info("files: %s", settings.storage or settings.files_dir)
+        if (problem := unshared_storage(settings)) is not None:
+            log.warning(problem)
         if settings.model in ("demo", "fake") or settings.model == "auto":
             log.info("model: %s (the worker says which model it loaded)", settings.model)
         if settings.host in ("0.0.0.0", "::") and not settings.public_url:

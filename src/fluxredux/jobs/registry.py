@@ -40,7 +40,8 @@ class WorkerInfo:
     started_at: float
     last_seen: float = 0.0  # stamped by the registry's clock
     # What a monitor shows of it: {"demo", "notice"}, {"error": {...}} when its model failed
-    # to load, {"storage_error": "..."} while its outputs cannot be written.
+    # to load, {"storage_error": "..."} while its outputs cannot be written; and
+    # "process_space" (see ``process_space``), which tells whose pids it can check.
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,6 +70,17 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+def process_space() -> str | None:
+    """Which set of process ids this process sees: the boot and the pid namespace, so that
+    two containers (or a pod's containers) sharing a host name never read each other's
+    pids as their own. None where /proc cannot tell (not Linux)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
 def _process_exists(pid: int) -> bool:
     """Whether ``pid`` runs here. A zombie does not: a worker whose server was killed is
     re-parented, and in a container nobody may ever reap it."""
@@ -92,12 +104,17 @@ def is_gone(worker: WorkerInfo, now: float, ttl: float) -> bool:
 
 
 def is_dead(worker: WorkerInfo) -> bool:
-    """Certainly dead: on this very machine, its process no longer exists.
+    """Certainly dead: in this very process space (same host, same boot, same pid
+    namespace), its process no longer exists.
 
     Silence alone is not death: a worker whose store was unreachable for a while may be
     running its job still, and keeps it until its lease runs out, as before there was a
     registry. Only a certain death takes a job back before its lease ends."""
-    return worker.host == this_host() and not _process_exists(worker.pid)
+    return (
+        worker.host == this_host()
+        and worker.details.get("process_space") == process_space()
+        and not _process_exists(worker.pid)
+    )
 
 
 def dead_owners(registry: WorkerRegistry, owners: set[str]) -> set[str]:

@@ -49,6 +49,18 @@ def blob_store(settings: Settings) -> BlobStore:
     return S3BlobStore(where, prefix)
 
 
+def unshared_storage(settings: Settings) -> str | None:
+    """A warning when files would stay on this machine though other machines need them:
+    with Redis, API nodes and workers elsewhere serve and write them too."""
+    if settings.redis_url is None or settings.storage is not None:
+        return None
+    return (
+        f"no --storage given: files go to this machine's data dir ({settings.files_dir}), which "
+        "API nodes and workers on other machines cannot see; use s3://bucket/prefix or "
+        "file:///shared/mount"
+    )
+
+
 def parse_storage_url(url: str) -> tuple[str, str, str]:
     """``("file", directory, "")`` or ``("s3", bucket, prefix)``; a ValueError that names
     the setting for anything else (a typo must stop the server, not store files elsewhere)."""
@@ -91,4 +103,5 @@ __all__ = [
     "key_id",
     "new_key",
     "parse_storage_url",
+    "unshared_storage",
 ]

@@ -33,7 +33,7 @@ from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import EventPublisher, JobEvent
 from fluxredux.jobs.model import Status
 from fluxredux.jobs.registry import this_host
-from fluxredux.storage import blob_store
+from fluxredux.storage import blob_store, unshared_storage
 from fluxredux.worker.factories import build_checker, build_model
 from fluxredux.worker.loop import Worker, WorkerConfig
 from fluxredux.worker.predictor import ImageModel, Predictor
@@ -93,6 +93,8 @@ class WorkerProcess:
     def run(self) -> int:
         """Load the model, then work until ``stop``; the process's exit code."""
         settings = self.settings
+        if (problem := unshared_storage(settings)) is not None:
+            log.warning(problem)
         self.registration.start()
         try:
             model = self._model_factory(settings)

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 
 from fluxredux.errors import StoreUnavailable
-from fluxredux.jobs.registry import WorkerInfo, WorkerRegistry, WorkerState, this_host
+from fluxredux.jobs.registry import WorkerInfo, WorkerRegistry, WorkerState, process_space, this_host
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class Registration:
             device=device,
             state="loading",
             started_at=time.time(),
+            details={"process_space": process_space()},
         )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="registry-heartbeat", daemon=True)

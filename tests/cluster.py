@@ -229,6 +229,47 @@ class Cluster:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{p.text()[-3000:]}" for p in self.procs)
 
+    def script_worker(
+        self, name: str, script: Path, env: dict[str, str] | None = None, wait_ready: bool = True
+    ) -> Proc:
+        """A worker started by a Python script of the test's own (``python SCRIPT``) rather
+        than by `fluxredux worker`: e.g. one that builds ``WorkerProcess`` around a model
+        of its own. It gets the deployment's settings as FLUXREDUX_* variables (no flags),
+        its own data dir and log, and is stopped with the rest."""
+        log = self.root / f"{name}.log"
+        process = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=log.open("a"),
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={
+                **self._environment(env),
+                "FLUXREDUX_REDIS_URL": self.redis_url,
+                "FLUXREDUX_STORAGE": self.storage,
+                "FLUXREDUX_DATA_DIR": str(self.root / name),
+            },
+        )
+        proc = Proc(name, process, log)
+        self.procs.append(proc)
+        if wait_ready:
+            wait_for(
+                lambda: "ready:" in proc.text() or not proc.alive(),
+                60,
+                lambda: f"{name} not ready:\n{proc.text()}",
+            )
+            assert proc.alive(), proc.text()
+        return proc
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """`fluxredux ARGS --redis URL` with the deployment's environment (its prefix)."""
+        return subprocess.run(
+            [FLUXREDUX, *args, "--redis", self.redis_url],
+            capture_output=True,
+            text=True,
+            env=self._environment(None),
+            timeout=timeout,
+        )
+
     def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()

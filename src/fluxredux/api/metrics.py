@@ -42,13 +42,13 @@ class Metrics:
         )
         self.finished = Counter(
             "fluxredux_predictions_finished",
-            "Predictions that ended, by status",
+            "Predictions that ended, by status (with Redis: every node counts the whole deployment's)",
             ["status"],
             registry=self.registry,
         )
         self.predict_time = Histogram(
             "fluxredux_predict_time_seconds",
-            "Time a worker spent on a successful prediction",
+            "Time a worker spent on a successful prediction (with Redis: the whole deployment's)",
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )

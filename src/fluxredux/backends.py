@@ -1,4 +1,4 @@
-"""Which implementation of each seam a process uses: the one place that reads ``redis_url``.
+"""Which implementation of each seam a process uses: the one place that picks between them.
 
 Embedded (no Redis, one machine): the SQLite file in the data dir for jobs, workers,
 webhooks, keys, shares and uploads; limits counted in this process (it is the only HTTP
@@ -138,7 +138,7 @@ class Backends:
             from fluxredux.jobs.redis_limits import RedisRateLimiter
 
             return RedisRateLimiter(
-                self.redis, per_minute, prefix=f"{self._prefix}{name}:", clock=self._clock
+                self.redis, per_minute, prefix=f"{self._prefix}limits:{name}:", clock=self._clock
             )
         return MemoryRateLimiter(per_minute)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fluxredux.database import DEFAULT_BUSY_TIMEOUT
@@ -152,6 +152,26 @@ class Settings(BaseSettings):
         if self.metrics_access != "auto":
             return self.metrics_access
         return "open" if is_loopback(self.host) and not self.public_url else "key"
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis_url_is_a_url(cls, value: object) -> object:
+        # An empty FLUXREDUX_REDIS_URL= means "no Redis", not a URL to fail on later.
+        if isinstance(value, str) and not value.strip():
+            return None
+        if isinstance(value, str) and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must be redis://HOST:PORT/DB (or rediss://, unix://), not {value[:100]!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _someone_runs_the_jobs(self) -> Settings:
+        # Without Redis, only this server's own workers can reach its queue: none would
+        # accept predictions that never run.
+        if self.workers == 0 and self.redis_url is None:
+            raise ValueError(
+                "workers=0 needs redis_url: without Redis no other worker can reach this server's jobs"
+            )
+        return self
 
     @model_validator(mode="after")
     def _heartbeats_fit_their_deadlines(self) -> Settings:

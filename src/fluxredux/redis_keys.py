@@ -8,7 +8,9 @@ Keys (under the deployment's prefix):
 The key format, the digest, the constant-time check and the one Unauthorized message are
 ``fluxredux.keys``'s, shared with the SQLite store. Creating and revoking are Lua scripts
 stamped with Redis TIME (the clock every node shares), so a key and its index entry are
-written in one step, and two nodes revoking one key at once revoke it once.
+written in one step, and two nodes revoking one key at once revoke it once. The listing
+script reaches key hashes by name from the prefix, which a single Redis server (or a
+replicated pair) allows; Redis Cluster would need hash tags.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import builtins
 from typing import Any
 
-from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, open_client
+from fluxredux.jobs.redis_common import (
+    LUA_PREAMBLE,
+    ClientOrUrl,
+    IndexedHashes,
+    create_with_fresh_id,
+    open_client,
+)
 from fluxredux.keys import ApiKey, check_key, new_key
 from fluxredux.redis_backend import redis_errors
-
-# How many fresh ids ``create`` tries before giving up: a 48-bit id is taken by another
-# key about never, but an existing key must never be overwritten by a new one.
-_CREATE_TRIES = 3
 
 # KEYS: the key's hash, the created index. ARGV: id, name, digest.
 # Returns created_at (a %.17g string), or false when the id is taken.
@@ -48,22 +52,6 @@ return 1
 """
 )
 
-# KEYS: the created index. ARGV: the hash key prefix. One consistent snapshot, oldest
-# first: {id, name, created_at, revoked_at, ...}; the digests stay in Redis.
-_LIST = """
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local fields = redis.call('HMGET', ARGV[1] .. id, 'name', 'created_at', 'revoked_at')
-  if fields[1] then
-    out[#out + 1] = id
-    out[#out + 1] = fields[1]
-    out[#out + 1] = fields[2]
-    out[#out + 1] = fields[3]
-  end
-end
-return out
-"""
-
 
 def _api_key(key_id: str, name: str, created_at: str, revoked_at: str) -> ApiKey:
     return ApiKey(key_id, name, float(created_at), float(revoked_at) if revoked_at else None)
@@ -83,23 +71,21 @@ class RedisKeyStore:
         # redis-py's Script objects (EVALSHA, reloaded after a restart); untyped results.
         self._create: Any = self._redis.register_script(_CREATE)
         self._revoke: Any = self._redis.register_script(_REVOKE)
-        self._list: Any = self._redis.register_script(_LIST)
+        # Oldest first, one consistent snapshot; the digests stay in Redis.
+        self._list = IndexedHashes(self._redis, self._hash_prefix, "name", "created_at", "revoked_at")
 
     def create(self, name: str) -> tuple[ApiKey, str]:
-        for _ in range(_CREATE_TRIES):
-            made = new_key()
-            with redis_errors("written"):
-                created_at = self._create(
-                    keys=[self._hash_prefix + made.id, self._created], args=[made.id, name, made.digest]
-                )
-            if created_at is not None:
-                return ApiKey(made.id, name, float(created_at), None), made.key
-        raise RuntimeError(f"no free key id in {_CREATE_TRIES} tries")  # 48 random bits: never
+        made, created_at = create_with_fresh_id(
+            new_key,
+            lambda made: self._create(
+                keys=[self._hash_prefix + made.id, self._created], args=[made.id, name, made.digest]
+            ),
+            "key id",  # 48 random bits: never taken, really
+        )
+        return ApiKey(made.id, name, float(created_at), None), made.key
 
     def list(self) -> builtins.list[ApiKey]:
-        with redis_errors("read"):
-            flat = self._list(keys=[self._created], args=[self._hash_prefix])
-        return [_api_key(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
+        return [_api_key(*row) for row in self._list.read(self._created)]
 
     def revoke(self, key_id: str) -> bool:
         with redis_errors("written"):

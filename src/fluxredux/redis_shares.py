@@ -15,18 +15,22 @@ single Redis server (or a replicated pair) allows; Redis Cluster would need hash
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import islice
 from typing import Any
 
-from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, open_client
+from fluxredux.jobs.redis_common import (
+    LUA_PREAMBLE,
+    ClientOrUrl,
+    IndexedHashes,
+    batched,
+    create_with_fresh_id,
+    open_client,
+)
 from fluxredux.redis_backend import redis_errors
 from fluxredux.shares import Share, new_token
 
 # Predictions per ``delete_for_predictions`` script: retention may delete thousands at
 # once, in several short scripts rather than one that blocks Redis.
 _DELETE_BATCH = 500
-# Tokens are 192 random bits: taken about never, but a share is never overwritten.
-_CREATE_TRIES = 3
 
 # KEYS: the share's hash, its prediction's index. ARGV: token, prediction id, owner,
 # include_reference ('1'/'0'). Returns created_at (%.17g), or false when the token is taken.
@@ -41,20 +45,6 @@ redis.call('ZADD', KEYS[2], now, ARGV[1])
 return now
 """
 )
-
-# KEYS: a prediction's index. ARGV: the share hash prefix. Oldest first (ties by token):
-# {token, prediction_id, owner, include_reference, created_at, ...}.
-_LIST = """
-local out = {}
-for _, token in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local f = redis.call('HMGET', ARGV[1] .. token, 'prediction_id', 'owner', 'include_reference', 'created_at')
-  if f[1] then
-    out[#out + 1] = token
-    for i = 1, 4 do out[#out + 1] = f[i] end
-  end
-end
-return out
-"""
 
 # KEYS: the share's hash. ARGV: token, owner, the index key prefix. 1 when deleted.
 _REVOKE = """
@@ -91,20 +81,24 @@ class RedisShareStore:
         self._index_prefix = f"{prefix}shares:prediction:"
         # redis-py's Script objects (EVALSHA, reloaded after a restart); untyped results.
         self._create: Any = self._redis.register_script(_CREATE)
-        self._list: Any = self._redis.register_script(_LIST)
+        # A prediction's shares, oldest first (ties by token).
+        self._list = IndexedHashes(
+            self._redis, self._hash_prefix, "prediction_id", "owner", "include_reference", "created_at"
+        )
         self._revoke: Any = self._redis.register_script(_REVOKE)
         self._delete: Any = self._redis.register_script(_DELETE)
 
     def create(self, prediction_id: str, owner: str, *, include_reference: bool = False) -> Share:
         flag = "1" if include_reference else "0"
-        for _ in range(_CREATE_TRIES):
-            token = new_token()
-            keys = [self._hash_prefix + token, self._index_prefix + prediction_id]
-            with redis_errors("written"):
-                created_at = self._create(keys=keys, args=[token, prediction_id, owner, flag])
-            if created_at is not None:
-                return _share(token, prediction_id, owner, flag, created_at)
-        raise RuntimeError(f"no free share token in {_CREATE_TRIES} tries")  # 192 random bits: never
+        token, created_at = create_with_fresh_id(
+            new_token,
+            lambda token: self._create(
+                keys=[self._hash_prefix + token, self._index_prefix + prediction_id],
+                args=[token, prediction_id, owner, flag],
+            ),
+            "share token",  # 192 random bits: never taken, really
+        )
+        return _share(token, prediction_id, owner, flag, created_at)
 
     def get(self, token: str) -> Share | None:
         with redis_errors("read"):
@@ -114,9 +108,7 @@ class RedisShareStore:
         return _share(token, *fields) if fields[0] is not None else None
 
     def list_for_prediction(self, prediction_id: str) -> list[Share]:
-        with redis_errors("read"):
-            flat = self._list(keys=[self._index_prefix + prediction_id], args=[self._hash_prefix])
-        return [_share(*flat[i : i + 5]) for i in range(0, len(flat), 5)]
+        return [_share(*row) for row in self._list.read(self._index_prefix + prediction_id)]
 
     def revoke(self, token: str, owner: str) -> bool:
         with redis_errors("written"):
@@ -125,9 +117,8 @@ class RedisShareStore:
             )
 
     def delete_for_predictions(self, prediction_ids: Iterable[str]) -> int:
-        ids = iter(prediction_ids)
         gone = 0
-        while batch := list(islice(ids, _DELETE_BATCH)):
+        for batch in batched(prediction_ids, _DELETE_BATCH):
             with redis_errors("written"):
                 gone += int(
                     self._delete(keys=[self._index_prefix + p for p in batch], args=[self._hash_prefix])

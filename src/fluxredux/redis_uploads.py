@@ -23,10 +23,17 @@ server (or a replicated pair) allows; Redis Cluster would need hash tags.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from itertools import islice
 from typing import Any
 
-from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, Clocked, fmt_time, open_client
+from fluxredux.jobs.redis_common import (
+    LUA_PREAMBLE,
+    ClientOrUrl,
+    Clocked,
+    IndexedHashes,
+    batched,
+    fmt_time,
+    open_client,
+)
 from fluxredux.redis_backend import redis_errors
 from fluxredux.uploads import Upload, already_recorded, upload_id_of
 
@@ -82,20 +89,6 @@ end
 return #found / 2
 """
 
-# KEYS: expired. ARGV: hash prefix, limit. The marked uploads, oldest use first:
-# {id, key, owner, created_at, last_used_at, ...}.
-_MARKED = """
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)) do
-  local f = redis.call('HMGET', ARGV[1] .. id, 'key', 'owner', 'created_at', 'last_used_at')
-  if f[1] then
-    out[#out + 1] = id
-    for i = 1, 4 do out[#out + 1] = f[i] end
-  end
-end
-return out
-"""
-
 # KEYS: by_key, expired. ARGV: hash prefix, then ids. Drops the expired ones among them;
 # how many went.
 _FORGET = """
@@ -118,12 +111,6 @@ def _upload(upload_id: str, key: str, owner: str, created_at: str, last_used_at:
     return Upload(upload_id, key, owner, float(created_at), float(last_used_at))
 
 
-def _batches(items: Iterable[str]) -> Iterable[list[str]]:
-    it = iter(items)
-    while batch := list(islice(it, _BATCH)):
-        yield batch
-
-
 class RedisUploadStore:
     """UploadStore shared by every API node of a deployment (keys under ``prefix``)."""
 
@@ -144,7 +131,10 @@ class RedisUploadStore:
         self._add: Any = self._redis.register_script(_ADD)
         self._use: Any = self._redis.register_script(_USE)
         self._mark: Any = self._redis.register_script(_MARK)
-        self._marked: Any = self._redis.register_script(_MARKED)
+        # The marked uploads, oldest use first.
+        self._marked = IndexedHashes(
+            self._redis, self._hash_prefix, "key", "owner", "created_at", "last_used_at"
+        )
         self._forget: Any = self._redis.register_script(_FORGET)
 
     def _now_arg(self, now: float | None) -> str:
@@ -175,7 +165,7 @@ class RedisUploadStore:
 
     def uploaded(self, keys: Iterable[str]) -> set[str]:
         found: set[str] = set()
-        for batch in _batches(keys):
+        for batch in batched(keys, _BATCH):
             with redis_errors("read"):
                 ids = self._redis.hmget(self._by_key, batch)
             found.update(key for key, upload_id in zip(batch, ids, strict=True) if upload_id is not None)
@@ -191,13 +181,11 @@ class RedisUploadStore:
                 break
         if limit <= 0:
             return []
-        with redis_errors("read"):
-            flat = self._marked(keys=[self._expired], args=[self._hash_prefix, str(limit)])
-        return [_upload(*flat[i : i + 5]) for i in range(0, len(flat), 5)]
+        return [_upload(*row) for row in self._marked.read(self._expired, limit)]
 
     def forget(self, upload_ids: Iterable[str]) -> int:
         gone = 0
-        for batch in _batches(upload_ids):
+        for batch in batched(upload_ids, _BATCH):
             with redis_errors("written"):
                 gone += int(
                     self._forget(keys=[self._by_key, self._expired], args=[self._hash_prefix, *batch])

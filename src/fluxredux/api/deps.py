@@ -32,6 +32,18 @@ def get_api_key(
 ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]
 
 
+def count_read(services: ServicesDep, key: ApiKeyDep) -> ApiKey:
+    """The caller's key, its read counted against the read limit (429 when over). A plain
+    function, so FastAPI runs it in a thread: with Redis, counting is a network call that
+    must never hold up the event loop."""
+    services.reads.hit(key.id, "reads")
+    return key
+
+
+# The caller's key, for routes whose requests count as reads (polls, lists, uploads, shares).
+ReaderKeyDep = Annotated[ApiKey, Depends(count_read)]
+
+
 def base_url(request: Request) -> str:
     services: Services = request.app.state.services
     return (services.settings.public_url or str(request.base_url)).rstrip("/")

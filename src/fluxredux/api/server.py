@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import socket
+from types import FrameType
 
 import uvicorn
 
@@ -25,8 +28,14 @@ log = logging.getLogger("fluxredux.serve")
 
 
 def ensure_first_key(services: Services) -> str | None:
-    """On the very first start there is no key: create one, so the API is usable at once."""
+    """On the very first start there is no key: create one, so the API is usable at once.
+
+    Not with Redis: nodes starting together would each make one. There the operator makes
+    keys with the command line, as the log says."""
     if services.keys.list():
+        return None
+    if services.backends.scale_out:
+        log.warning("no API key exists yet: create one with `fluxredux keys create --name NAME --redis URL`")
         return None
     _key, secret = services.keys.create("default")
     return secret
@@ -69,12 +78,23 @@ def local_workers(
     events come over a pipe. Otherwise (Redis, or ``--workers N`` other than 1) any
     registered worker does, on this machine (N children) or elsewhere."""
     pipe = bus if isinstance(bus, PipeEventBus) else None  # Redis: children publish there themselves
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if settings.local_workers > 1 and gpus and settings.local_workers > len(gpus.split(",")):
+        log.warning(
+            "%d workers but CUDA_VISIBLE_DEVICES names %d GPUs: some GPUs will hold two models",
+            settings.local_workers,
+            len(gpus.split(",")),
+        )
     supervisors = [
         WorkerSupervisor(settings, lifecycle, pipe, registry, index=i) for i in range(settings.local_workers)
     ]
     if settings.redis_url is None and len(supervisors) == 1:
         return supervisors[0]
     return WorkerFleet(registry, settings.worker_ttl_seconds, supervisors)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def serve(settings: Settings, *, announce: bool = True) -> None:
@@ -123,6 +143,10 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler
+    # it found. The default one would end the process there, before the workers are told
+    # to finish their jobs and the stores are closed: exit through ``finally`` instead.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
     finally:

@@ -40,13 +40,15 @@ def settings_from(**overrides: Any) -> Settings:
     """Settings from the environment, with the flags that were given on top. A bad value
     (a malformed URL, a flag out of range) is a plain error naming it, not a trace."""
     from pydantic import ValidationError
+    from rich.markup import escape
 
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"]) or "settings"
-            err.print(f"[bold red]error[/]: {where}: {error['msg']}", highlight=False)
+            message = str(error["msg"]).removeprefix("Value error, ")
+            err.print(f"[bold red]error[/]: {where}: {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -11,14 +11,16 @@ script computes equals the same sum computed in Python.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from typing import Any, TypeVar
 
 import redis
 
-from fluxredux.redis_backend import connect, server_time
+from fluxredux.redis_backend import connect, redis_errors, server_time
 
 ClientOrUrl = str | redis.Redis
+_T = TypeVar("_T")
 
 # Every script begins with these. ``clock_now(value)``: the injected clock's time when the
 # caller passed one (tests), else the server's TIME, read inside the script so that the
@@ -62,3 +64,69 @@ class Clocked:
 def fmt_time(value: float) -> str:
     """A float as a script argument, exactly (repr round-trips, like the script's %.17g)."""
     return repr(float(value))
+
+
+def batched(items: Iterable[_T], size: int) -> Iterator[list[_T]]:
+    """``items`` in lists of ``size`` (the last one shorter): long inputs go to Redis in
+    several short scripts or commands rather than one that blocks it."""
+    it = iter(items)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+# How many fresh ids ``create_with_fresh_id`` tries: a random id of 48 bits or more is
+# taken by another record about never, but an existing record must never be overwritten.
+CREATE_TRIES = 3
+
+
+def create_with_fresh_id(new_id: Callable[[], _T], write: Callable[[_T], Any], what: str) -> tuple[_T, Any]:
+    """``write(new_id())`` until one takes, as (the id, what ``write`` returned). ``write``
+    returns None when the id is taken (then a fresh one is tried); Redis failures raise
+    StoreUnavailable, and RuntimeError follows ``CREATE_TRIES`` taken ids (never, really).
+    ``what`` names the id in that error."""
+    for _ in range(CREATE_TRIES):
+        fresh = new_id()
+        with redis_errors("written"):
+            written = write(fresh)
+        if written is not None:
+            return fresh, written
+    raise RuntimeError(f"no free {what} in {CREATE_TRIES} tries")
+
+
+# KEYS: a sorted set of ids. ARGV: the hashes' key prefix, how many ids at most ('' for
+# all), then the fields to read. Lowest score first: {id, field values, id, ...} for each
+# id whose hash has its first field (an id left over from a deleted hash is skipped).
+_INDEXED_HASHES = """
+local stop = -1
+if ARGV[2] ~= '' then stop = tonumber(ARGV[2]) - 1 end
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, stop)) do
+  local f = redis.call('HMGET', ARGV[1] .. id, unpack(ARGV, 3))
+  if f[1] then
+    out[#out + 1] = id
+    for i = 1, #ARGV - 2 do out[#out + 1] = f[i] end
+  end
+end
+return out
+"""
+
+
+class IndexedHashes:
+    """Hashes ``{hash_prefix}{id}`` read through a sorted set of their ids (an index), in one
+    script: one consistent snapshot. The script builds the hash keys from the prefix inside
+    Lua, which a single Redis server (or a replicated pair) allows, not Redis Cluster."""
+
+    def __init__(self, client: Any, hash_prefix: str, *fields: str) -> None:
+        # redis-py's Script object (EVALSHA, reloaded after a restart); untyped results.
+        self._script: Any = client.register_script(_INDEXED_HASHES)
+        self._hash_prefix = hash_prefix
+        self._fields = fields
+
+    def read(self, index: str, limit: int | None = None) -> list[list[Any]]:
+        """[id, *fields] per hash, lowest score first; the first ``limit`` ids when given
+        (``limit`` > 0)."""
+        args = [self._hash_prefix, "" if limit is None else str(limit), *self._fields]
+        with redis_errors("read"):
+            flat = self._script(keys=[index], args=args)
+        width = len(self._fields) + 1
+        return [flat[i : i + width] for i in range(0, len(flat), width)]

@@ -12,8 +12,10 @@ A small protocol (SQLite and memory today; Redis for many machines), one contrac
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import secrets
 import socket
 import threading
 import time
@@ -70,6 +72,12 @@ def this_host() -> str:
     return socket.gethostname()
 
 
+def new_worker_id() -> str:
+    """A worker's name in the registry: where it runs, and a random part of its own."""
+    return f"{this_host()}-{secrets.token_hex(4)}"
+
+
+@functools.cache  # fixed for the life of the process; asked per worker, every second
 def process_space() -> str | None:
     """Which set of process ids this process sees: the boot and the pid namespace, so that
     two containers (or a pod's containers) sharing a host name never read each other's

@@ -7,12 +7,15 @@ registry of workers anywhere (Redis), with any local ones.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from fluxredux.errors import FluxReduxError, ModelUnavailable, StoreUnavailable
 from fluxredux.jobs.registry import WorkerInfo, WorkerRegistry, is_gone
+
+log = logging.getLogger(__name__)
 
 
 class WorkerMonitor(Protocol):
@@ -71,8 +74,14 @@ class WorkerFleet:
 
     def stop(self, timeout: float = 10) -> None:
         self._stop.set()
-        for worker in self.local:
-            worker.stop(timeout)
+        # All at once: each local worker drains its job in the same few seconds.
+        stoppers = [threading.Thread(target=worker.stop, args=(timeout,)) for worker in self.local]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def refresh(self) -> None:
         try:
@@ -80,6 +89,8 @@ class WorkerFleet:
             self._live = [w for w in self.registry.workers() if not is_gone(w, now, self.ttl)]
         except StoreUnavailable:
             pass  # what we knew stays; /ready reports the store itself
+        except Exception:  # this thread is the node's only view of the workers: it lives on
+            log.exception("reading the worker registry failed")
 
     def _watch(self) -> None:
         while not self._stop.wait(self.REFRESH_SECONDS):
@@ -88,7 +99,8 @@ class WorkerFleet:
     # --- WorkerMonitor --------------------------------------------------------------
 
     def _ready(self) -> list[WorkerInfo]:
-        return [w for w in self._live if w.state == "ready"]
+        """Live workers that can run a prediction end to end: model loaded, outputs storable."""
+        return [w for w in self._live if w.state == "ready" and not w.details.get("storage_error")]
 
     def status(self) -> dict[str, Any]:
         ready = self._ready()
@@ -109,6 +121,11 @@ class WorkerFleet:
         if self._ready():
             return []  # predictions run; a local worker's trouble shows in /health
         found = [problem for worker in self.local for problem in worker.problems()]
+        found += [
+            f"worker {w.id} cannot store outputs: {w.details['storage_error']}"
+            for w in self._live
+            if w.details.get("storage_error")
+        ]
         if self._live:
             loading = sum(1 for w in self._live if w.state == "loading")
             failed = [w for w in self._live if w.state == "failed"]
@@ -120,13 +137,14 @@ class WorkerFleet:
         return found
 
     def refusal(self) -> FluxReduxError | None:
-        if self._ready() or any(w.state == "loading" for w in self._live):
-            return None
-        if self._live:  # every live worker failed to load its model
+        if self._live and all(w.state == "failed" for w in self._live):
+            # Queueing work that no live worker can run would only hide the problem.
             error = self._live[0].details.get("error") or {}
             return ModelUnavailable(
                 f"the model is not available: {error.get('error', 'it failed to load')}", retry_after=30
             )
+        if self._live:
+            return None
         refusals = [worker.refusal() for worker in self.local]
         if self.local and all(refusals):
             return refusals[0]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -32,7 +31,7 @@ from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import EventPublisher, JobEvent
 from fluxredux.jobs.model import Status
-from fluxredux.jobs.registry import this_host
+from fluxredux.jobs.registry import new_worker_id
 from fluxredux.storage import blob_store, unshared_storage
 from fluxredux.worker.factories import build_checker, build_model
 from fluxredux.worker.loop import Worker, WorkerConfig
@@ -46,10 +45,6 @@ log = logging.getLogger("fluxredux.worker")
 EXIT_MODEL_FAILED = 3
 
 ModelFactory = Callable[[Settings], ImageModel]
-
-
-def new_worker_id() -> str:
-    return f"{this_host()}-{secrets.token_hex(4)}"
 
 
 class WorkerProcess:
@@ -83,8 +78,11 @@ class WorkerProcess:
     def request_stop(self) -> None:
         """Finish the running job (if any), then leave; safe from a signal handler."""
         self.stop.set()
-        if self._worker is not None:
-            self._worker.wakeup.set()
+        if self._worker is None:
+            # Still loading the model (minutes, for the real one): nothing to finish, so
+            # leave now rather than load it only to exit.
+            raise SystemExit(0)
+        self._worker.wakeup.set()
 
     def wake(self) -> None:
         if self._worker is not None:
@@ -104,8 +102,13 @@ class WorkerProcess:
             # Its last word stays in the registry (no unregister): the supervisor, /ready
             # and `fluxredux workers` show why, until the entry expires.
             self.registration.update("failed", error=exc.to_dict())
+            self.registration.stop(leave=False)
             self.backends.close()
             return EXIT_MODEL_FAILED
+        except BaseException:  # stopped while loading (SIGTERM), or the load crashed
+            self.registration.stop()
+            self.backends.close()
+            raise
         try:
             info = model.info
             self.registration.update("ready", model=info.describe(), demo=info.is_demo, notice=info.notice)

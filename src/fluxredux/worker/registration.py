@@ -52,9 +52,15 @@ class Registration:
         )
         self._register()
 
-    def stop(self) -> None:
-        """Leave the registry (a clean exit: nobody has to wait for our silence)."""
+    def stop(self, *, leave: bool = True) -> None:
+        """Stop heartbeating and, with ``leave``, leave the registry (a clean exit: nobody
+        has to wait for our silence)."""
         self._stop.set()
+        if self._thread.is_alive():
+            # A beat in flight would register us again right after we leave.
+            self._thread.join(self.every + 5)
+        if not leave:
+            return
         try:
             self.registry.unregister(self._info.id)
         except StoreUnavailable as exc:

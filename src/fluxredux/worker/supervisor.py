@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable, NoWorker, StoreUnavailable
 from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import PipeEventBus
-from fluxredux.jobs.registry import WorkerRegistry, this_host
+from fluxredux.jobs.registry import WorkerRegistry, new_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -177,11 +176,9 @@ class WorkerSupervisor:
     def _spawn(self, worker_id: str) -> tuple[subprocess.Popen[bytes], int | None]:
         env = {**os.environ, **settings_env(self.settings), "FLUXREDUX_WORKER_ID": worker_id}
         if self.settings.local_workers > 1 and self.settings.device is None:
-            # One GPU each: the i-th of those this server may use (all of them by default).
-            gpus = [
-                gpu.strip() for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu.strip()
-            ]
-            env["CUDA_VISIBLE_DEVICES"] = gpus[self.index % len(gpus)] if gpus else str(self.index)
+            gpu = gpu_of(self.index, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = gpu
         if self.events is None:
             return subprocess.Popen(self.command, stdin=subprocess.PIPE, env=env), None
         read_fd, write_fd = os.pipe()
@@ -229,7 +226,7 @@ class WorkerSupervisor:
 
     def _run_child(self) -> None:
         """Start the worker, watch it until it exits, and note what is needed to recover."""
-        worker_id = f"{this_host()}-{secrets.token_hex(4)}"
+        worker_id = new_worker_id()
         process, read_fd = self._spawn(worker_id)
         with self._lock:
             self._process = process
@@ -298,6 +295,17 @@ class WorkerSupervisor:
             log.warning("%s; will retry", self.state.supervisor_error)
             return
         self._dead_owners.clear()
+
+
+def gpu_of(index: int, visible: str | None) -> str | None:
+    """The GPU of the ``index``-th local worker: the index-th of those this server may use
+    (``CUDA_VISIBLE_DEVICES``; all of them when unset). None: leave the variable as it is
+    (set but empty means no GPU for anyone). With fewer GPUs than workers the first GPUs
+    are handed out again, two models sharing one: ``serve`` warns of it at start."""
+    if visible is None:
+        return str(index)
+    gpus = [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
+    return gpus[index % len(gpus)] if gpus else None
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
-from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ServicesDep
+from fluxredux.api.deps import BaseUrlDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.errors import error_responses
 from fluxredux.api.inputs import check_and_store
 from fluxredux.api.render import file_url
@@ -29,11 +29,10 @@ _HEADERS = {"Cache-Control": "public, max-age=604800, immutable", "X-Content-Typ
 @router.post("/v1/files", response_model=UploadedFile, summary="Upload a reference image")
 async def upload_file(
     file: Annotated[UploadFile, File(description="JPEG, PNG, WEBP or GIF")],
-    key: ApiKeyDep,
+    key: ReaderKeyDep,
     services: ServicesDep,
     base: BaseUrlDep,
 ) -> UploadedFile:
-    services.reads.hit(key.id, "reads")
     limit = services.settings.max_image_bytes
     data = await file.read(limit + 1)
     if len(data) > limit:

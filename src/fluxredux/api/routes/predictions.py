@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ServicesDep
+from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.errors import error_responses
 from fluxredux.api.inputs import resolve_reference
 from fluxredux.api.render import render
@@ -87,7 +87,8 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
         raise error
     if body.webhook_url:
         await check_webhook_target(services, body.webhook_url)
-    services.creations.hit(key.id, "prediction creations")
+    # With Redis, counting is a network call: never on the event loop.
+    await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
     stored = await resolve_reference(
         body.input.redux_image, services.blobs, services.uploads, services.fetcher, services.decode_limits
     )
@@ -175,7 +176,7 @@ async def run_prediction(
 
 @router.get("/", response_model=PredictionList, summary="Your predictions, newest first")
 async def list_predictions(
-    key: ApiKeyDep,
+    key: ReaderKeyDep,
     services: ServicesDep,
     base: BaseUrlDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -183,7 +184,6 @@ async def list_predictions(
         str | None, Query(max_length=64, description="The 'next' value of the previous page.")
     ] = None,
 ) -> PredictionList:
-    services.reads.hit(key.id, "reads")
     before = None
     if cursor:
         try:
@@ -200,9 +200,8 @@ async def list_predictions(
 
 @router.get("/{prediction_id}", response_model=Prediction, summary="Get a prediction (long-poll with ?wait=)")
 async def get_prediction(
-    prediction_id: str, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep, wait: WaitQuery = 0
+    prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep, wait: WaitQuery = 0
 ) -> Prediction:
-    services.reads.hit(key.id, "reads")
     job = await asyncio.to_thread(owned_job, services, prediction_id, key)
     if wait > 0 and not job.is_terminal:
         job = (
@@ -222,9 +221,8 @@ async def render_live(services: Services, job: Job, base: str) -> Prediction:
 
 @router.post("/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")
 async def cancel_prediction(
-    prediction_id: str, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep
+    prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep
 ) -> Prediction:
-    services.reads.hit(key.id, "reads")
     await asyncio.to_thread(owned_job, services, prediction_id, key)
     job = await asyncio.to_thread(services.lifecycle.cancel, prediction_id)
     if job is None:

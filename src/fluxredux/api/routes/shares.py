@@ -13,7 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ServicesDep
+from fluxredux.api.deps import BaseUrlDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.errors import error_responses
 from fluxredux.api.render import render
 from fluxredux.api.routes.predictions import owned_job
@@ -107,12 +107,11 @@ def public_view(share: Share, job: Job, base: str) -> SharedPrediction:
              summary="Share one of your predictions: a new link that opens without a key")  # fmt: skip
 async def create_share(
     prediction_id: str,
-    key: ApiKeyDep,
+    key: ReaderKeyDep,
     services: ServicesDep,
     base: BaseUrlDep,
     body: Annotated[ShareRequest | None, Body()] = None,
 ) -> ShareLink:
-    services.reads.hit(key.id, "reads")
     body = body or ShareRequest()
     # SQLite calls block: off the event loop, so one slow disk never stalls every request.
     await asyncio.to_thread(owned_job, services, prediction_id, key)
@@ -125,9 +124,8 @@ async def create_share(
 @router.get("/v1/prediction/{prediction_id}/shares", response_model=ShareList,
             summary="The active share links of one of your predictions")  # fmt: skip
 async def list_shares(
-    prediction_id: str, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep
+    prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep
 ) -> ShareList:
-    services.reads.hit(key.id, "reads")
     await asyncio.to_thread(owned_job, services, prediction_id, key)
     shares = await asyncio.to_thread(services.shares.list_for_prediction, prediction_id)
     return ShareList(items=[_link(share, base) for share in shares if share.owner == key.id])
@@ -135,8 +133,7 @@ async def list_shares(
 
 @router.delete("/v1/share/{token}", status_code=204, response_class=Response,
                summary="Stop sharing: the link opens nothing from now on")  # fmt: skip
-async def revoke_share(token: str, key: ApiKeyDep, services: ServicesDep) -> Response:
-    services.reads.hit(key.id, "reads")
+async def revoke_share(token: str, key: ReaderKeyDep, services: ServicesDep) -> Response:
     # Another key's share is as good as absent, exactly like another key's prediction.
     if not await asyncio.to_thread(services.shares.revoke, token, key.id):
         raise NotFound("no share with this token among yours")

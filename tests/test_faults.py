@@ -491,3 +491,22 @@ def test_short_lived_threads_leave_no_open_connections(tmp_path: Path) -> None:
         thread.join()
     assert open_fds() - before < 10  # each connection holds ~3 (db, wal, shm)
     store.close()
+
+
+def test_sigterm_lets_the_running_job_finish_before_the_server_exits(tmp_path: Path) -> None:
+    """systemd, Docker and Kubernetes stop a server with SIGTERM: its worker finishes the
+    job at hand and records it, leaves the registry, and the server exits cleanly."""
+    with serve(tmp_path, env={"FLUXREDUX_FAKE_STEP_SECONDS": "0.5"}) as server:
+        running = server.create().json()["predictionID"]
+        server.wait_for(lambda: server.get(running)["status"] == "processing", 20, "never started")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(20) == 0, server.log.read_text()[-3000:]
+    store = SQLiteJobStore(tmp_path / "data" / "fluxredux.db")
+    registry = SQLiteWorkerRegistry(tmp_path / "data" / "fluxredux.db")
+    try:
+        job = store.get(running)
+        assert job is not None and (job.status, job.attempt) == (Status.SUCCEEDED, 1)
+        assert registry.workers() == []  # it left: nobody has to wait for its silence
+    finally:
+        store.close()
+        registry.close()

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import threading
@@ -369,3 +370,69 @@ def test_a_webhook_is_delivered_once_though_every_node_hears_the_end(
             assert json.loads(received[0][1])["status"] == "success"
     finally:
         receiver.shutdown()
+
+
+def test_a_slow_redis_never_stalls_the_event_loop(deployment: Cluster) -> None:
+    """Reads are counted against the read limit in Redis: with Redis writes paused, polls
+    wait in threads while liveness and everything else on the node still answers."""
+    import redis
+
+    node = deployment.node("api-a")
+    made = node.create_id()
+    client = redis.Redis.from_url(deployment.redis_url)
+    client.execute_command("CLIENT", "PAUSE", 1500, "WRITE")  # under the 2 s timeout
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            polls = [pool.submit(node.get, made) for _ in range(3)]
+            time.sleep(0.2)  # the polls are now waiting on Redis
+            started = time.monotonic()
+            assert httpx.get(node.url + "/health", timeout=10).status_code == 200
+            assert time.monotonic() - started < 1.0
+            assert all(poll.result()["id"] == made for poll in polls)
+    finally:
+        client.execute_command("CLIENT", "UNPAUSE")
+        client.close()
+
+
+def test_a_node_with_no_key_yet_says_how_to_make_one(deployment: Cluster) -> None:
+    """Nodes starting together must not each invent a key: with Redis none is made."""
+    deployment.key = "fr_000000000000_none-yet"
+    node = deployment.node("api-a")
+    wait_for(lambda: "no API key exists yet" in node.text(), 10, node.text)
+    assert "fluxredux keys create" in node.text()
+    listed = subprocess.run(
+        [FLUXREDUX, "keys", "list", "--redis", deployment.redis_url],
+        capture_output=True, text=True, env=deployment._environment(None), check=True, timeout=60,
+    )  # fmt: skip
+    assert listed.stdout.strip() == ""
+
+
+def test_sigterm_while_the_model_loads_exits_at_once_and_leaves(deployment: Cluster) -> None:
+    """The real model takes minutes to load: a worker told to stop meanwhile goes now."""
+    from fluxredux.jobs.redis_registry import RedisWorkerRegistry
+
+    registry = RedisWorkerRegistry(deployment.redis_url, prefix=deployment.prefix)
+    try:
+        loading = deployment.worker("worker-1", env={"FLUXREDUX_MODEL": "demo"}, wait_ready=False)
+        wait_for(lambda: [w.state for w in registry.workers()] == ["loading"], 30, loading.text)
+        stopped = time.monotonic()
+        loading.signal(signal.SIGTERM)
+        assert loading.process.wait(10) == 0
+        assert time.monotonic() - stopped < 3, loading.text()
+        assert "ready:" not in loading.text()
+        assert registry.workers() == []
+    finally:
+        registry.close()
+
+
+def test_settings_that_cannot_work_are_refused_plainly(tmp_path: Path) -> None:
+    for args, expected in [
+        (["serve", "--workers", "0"], "workers=0 needs redis_url"),  # nobody would run the jobs
+        (["keys", "list", "--redis", "localhost:6379"], "must be redis://HOST:PORT/DB"),
+        (["worker", "--redis", "http://redis:6379"], "must be redis://HOST:PORT/DB"),
+    ]:
+        done = subprocess.run(
+            [FLUXREDUX, *args, "--data-dir", str(tmp_path)], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr

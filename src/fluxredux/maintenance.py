@@ -13,6 +13,7 @@ import logging
 import time
 
 from fluxredux.api.services import Services
+from fluxredux.errors import StoreUnavailable
 from fluxredux.jobs.registry import recover_orphans
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ async def run_maintenance(services: Services) -> None:
             if time.monotonic() - last_cleanup > RETENTION_INTERVAL_SECONDS:
                 last_cleanup = time.monotonic()
                 await asyncio.to_thread(delete_expired, services)
+        except StoreUnavailable as exc:  # expected while the store is down: one line, no trace
+            log.warning("maintenance skipped this round: %s", exc.message)
         except Exception:
             log.exception("maintenance failed")
         await asyncio.sleep(min(10.0, settings.lease_seconds / 3))

@@ -10,8 +10,6 @@ check what no API shows (how many times a job ran).
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import signal
 import subprocess
@@ -24,18 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from PIL import Image
 
+from tests.helpers import FLUXREDUX, TERMINAL, png_data_uri
 from tests.services import free_port
 
-FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
-TERMINAL = {"success", "error", "cancelled"}
-
-
-def tiny_png(colour: tuple[int, int, int] = (200, 120, 40)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 16), colour).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+__all__ = ["FLUXREDUX", "TERMINAL", "Cluster", "Node", "Proc", "cluster", "wait_for"]
 
 
 def wait_for(what: Callable[[], bool], timeout: float, message: Callable[[], str] | str) -> None:
@@ -95,7 +86,7 @@ class Node(Proc):
         return {"X-API-Key": self.key}
 
     def body(self, **inputs: Any) -> dict[str, Any]:
-        return {"model": "flux-redux-schnell", "input": {"redux_image": tiny_png(), **inputs}}
+        return {"model": "flux-redux-schnell", "input": {"redux_image": png_data_uri(), **inputs}}
 
     def create(self, timeout: float = 30, **inputs: Any) -> httpx.Response:
         return httpx.post(
@@ -161,47 +152,43 @@ class Cluster:
             **(extra or {}),
         }
 
-    def _start(
-        self, name: str, args: list[str], extra: dict[str, str] | None
-    ) -> tuple[subprocess.Popen[str], Path]:
+    def _launch(self, name: str, command: list[str], env: dict[str, str]) -> Proc:
         log = self.root / f"{name}.log"
-        data_dir = self.root / name  # every process its own, as on its own machine
-        process = subprocess.Popen(
-            [
-                FLUXREDUX,
-                *args,
-                "--redis",
-                self.redis_url,
-                "--storage",
-                self.storage,
-                "--data-dir",
-                str(data_dir),
-            ],
-            stdout=log.open("a"),
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=self._environment(extra),
-        )
-        return process, log
+        with log.open("a") as out:  # the child has its own copy of the descriptor
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = Proc(name, process, log)
+        self.procs.append(proc)
+        return proc
 
-    def create_key(self) -> str:
-        """An API key of the deployment, made by the real command line."""
-        done = subprocess.run(
-            [FLUXREDUX, "keys", "create", "--name", "tests", "--redis", self.redis_url],
+    def _start(self, name: str, args: list[str], extra: dict[str, str] | None) -> Proc:
+        """`fluxredux ARGS` with the deployment's flags; every process its own data dir,
+        as on its own machine."""
+        flags = ["--redis", self.redis_url, "--storage", self.storage, "--data-dir", str(self.root / name)]
+        return self._launch(name, [FLUXREDUX, *args, *flags], self._environment(extra))
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """`fluxredux ARGS --redis URL` with the deployment's environment (its prefix)."""
+        return subprocess.run(
+            [FLUXREDUX, *args, "--redis", self.redis_url],
             capture_output=True,
             text=True,
             env=self._environment(None),
-            timeout=60,
-            check=True,
+            timeout=timeout,
         )
+
+    def create_key(self) -> str:
+        """An API key of the deployment, made by the real command line."""
+        done = self.cli("keys", "create", "--name", "tests")
+        assert done.returncode == 0, done.stderr
         self.key = done.stdout.strip().splitlines()[-1]
         return self.key
 
     def node(self, name: str, env: dict[str, str] | None = None) -> Node:
         port = free_port()
-        process, log = self._start(name, ["serve", "--port", str(port), "--workers", "0"], env)
-        node = Node(name, process, log, url=f"http://127.0.0.1:{port}", key=self.key or self.create_key())
-        self.procs.append(node)
+        started = self._start(name, ["serve", "--port", str(port), "--workers", "0"], env)
+        node = Node(name, started.process, started.log, url=f"http://127.0.0.1:{port}")
+        node.key = self.key or self.create_key()
+        self.procs[-1] = node
 
         def answers() -> bool:
             assert node.alive(), node.text()
@@ -213,21 +200,19 @@ class Cluster:
         wait_for(answers, 60, lambda: f"{name} did not start:\n{node.text()}")
         return node
 
-    def worker(self, name: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> Proc:
-        process, log = self._start(name, ["worker"], env)
-        proc = Proc(name, process, log)
-        self.procs.append(proc)
-        if wait_ready:
-            wait_for(
-                lambda: "ready:" in proc.text() or not proc.alive(),
-                60,
-                lambda: f"{name} not ready:\n{proc.text()}",
-            )
-            assert proc.alive(), proc.text()
+    @staticmethod
+    def _wait_ready(proc: Proc) -> Proc:
+        wait_for(
+            lambda: "ready:" in proc.text() or not proc.alive(),
+            60,
+            lambda: f"{proc.name} not ready:\n{proc.text()}",
+        )
+        assert proc.alive(), proc.text()
         return proc
 
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.text()[-3000:]}" for p in self.procs)
+    def worker(self, name: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> Proc:
+        proc = self._start(name, ["worker"], env)
+        return self._wait_ready(proc) if wait_ready else proc
 
     def script_worker(
         self, name: str, script: Path, env: dict[str, str] | None = None, wait_ready: bool = True
@@ -236,39 +221,16 @@ class Cluster:
         than by `fluxredux worker`: e.g. one that builds ``WorkerProcess`` around a model
         of its own. It gets the deployment's settings as FLUXREDUX_* variables (no flags),
         its own data dir and log, and is stopped with the rest."""
-        log = self.root / f"{name}.log"
-        process = subprocess.Popen(
-            [sys.executable, str(script)],
-            stdout=log.open("a"),
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={
-                **self._environment(env),
-                "FLUXREDUX_REDIS_URL": self.redis_url,
-                "FLUXREDUX_STORAGE": self.storage,
-                "FLUXREDUX_DATA_DIR": str(self.root / name),
-            },
-        )
-        proc = Proc(name, process, log)
-        self.procs.append(proc)
-        if wait_ready:
-            wait_for(
-                lambda: "ready:" in proc.text() or not proc.alive(),
-                60,
-                lambda: f"{name} not ready:\n{proc.text()}",
-            )
-            assert proc.alive(), proc.text()
-        return proc
+        settings = {
+            "FLUXREDUX_REDIS_URL": self.redis_url,
+            "FLUXREDUX_STORAGE": self.storage,
+            "FLUXREDUX_DATA_DIR": str(self.root / name),
+        }
+        proc = self._launch(name, [sys.executable, str(script)], {**self._environment(env), **settings})
+        return self._wait_ready(proc) if wait_ready else proc
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """`fluxredux ARGS --redis URL` with the deployment's environment (its prefix)."""
-        return subprocess.run(
-            [FLUXREDUX, *args, "--redis", self.redis_url],
-            capture_output=True,
-            text=True,
-            env=self._environment(None),
-            timeout=timeout,
-        )
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.text()[-3000:]}" for p in self.procs)
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

@@ -7,9 +7,6 @@ nothing, so no test image is ever withheld by accident.
 
 from __future__ import annotations
 
-import base64
-import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +18,6 @@ from typing import Any
 import httpx
 import numpy as np
 import uvicorn
-from PIL import Image
 
 from fluxredux.api.app import create_app
 from fluxredux.api.services import Services, build_services
@@ -37,23 +33,15 @@ from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.loop import Worker, WorkerConfig
 from fluxredux.worker.predictor import ImageModel, Predictor
 from fluxredux.worker.registration import Registration
+from tests.helpers import png_data_uri
+from tests.services import free_port
+
+__all__ = ["Harness", "ThreadWorkers", "free_port", "png_data_uri", "running_server"]
 
 
 class NothingFound:
     def detect(self, pixels: np.ndarray) -> list[Detection]:
         return []
-
-
-def png_data_uri(width: int = 24, height: int = 16) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 120, 40)).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

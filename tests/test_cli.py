@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from tests.conftest import SAMPLE_IMAGE
-
-FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
+from tests.helpers import FLUXREDUX
 
 
 def run_cli(*args: str, cache: Path, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:

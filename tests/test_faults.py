@@ -9,8 +9,6 @@ telling the truth, then recovering by itself once the fault is gone.
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import re
 import shutil
@@ -27,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-from PIL import Image
 
 from fluxredux.config import Settings
 from fluxredux.errors import NoWorker
@@ -35,16 +32,8 @@ from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status, new_id
 from fluxredux.jobs.events import PipeEventBus
 from fluxredux.jobs.registry import SQLiteWorkerRegistry
 from fluxredux.worker.supervisor import WorkerSupervisor
-from tests.harness import free_port
-
-FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
-TERMINAL = {"success", "error", "cancelled"}
-
-
-def tiny_png() -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 16), (200, 120, 40)).save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+from tests.helpers import FLUXREDUX, png_data_uri
+from tests.services import free_port
 
 
 @dataclass
@@ -58,7 +47,7 @@ class Server:
         return {"X-API-Key": self.key}
 
     def create(self, timeout: float = 30, **inputs: Any) -> httpx.Response:
-        body = {"model": "flux-redux-schnell", "input": {"redux_image": tiny_png(), **inputs}}
+        body = {"model": "flux-redux-schnell", "input": {"redux_image": png_data_uri(), **inputs}}
         return httpx.post(f"{self.url}/v1/prediction/", json=body, headers=self.headers(), timeout=timeout)
 
     def get(self, prediction_id: str, wait: float = 0) -> dict[str, Any]:

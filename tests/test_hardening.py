@@ -23,8 +23,8 @@ from fluxredux.config import Settings, is_loopback
 from fluxredux.errors import NotFound
 from fluxredux.storage import BlobNotFound, LocalBlobStore, new_key
 from tests.harness import Harness, free_port, png_data_uri, running_server
+from tests.helpers import FLUXREDUX
 
-FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
 HUGE = 30 * 1024 * 1024  # the review's 30 MB values
 SMALL_BODY = 2_000  # an error answer about one bad value stays this small
 

@@ -194,7 +194,8 @@ def test_the_server_start_uses_the_registry(tmp_path: Path) -> None:
 
 
 def test_fluxredux_workers_lists_the_live_worker_of_a_server(tmp_path: Path) -> None:
-    from tests.test_faults import FLUXREDUX, serve
+    from tests.helpers import FLUXREDUX
+    from tests.test_faults import serve
 
     with serve(tmp_path) as server:
         pid = server.health()["model"]["pid"]

@@ -9,6 +9,7 @@ node at once; keys made with the command line work everywhere and die everywhere
 
 from __future__ import annotations
 
+import base64
 import http.server
 import io
 import json
@@ -29,7 +30,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from fluxredux.jobs.redis_outbox import RedisWebhookOutbox
 from tests.cluster import FLUXREDUX, Cluster, Node, cluster, wait_for
+from tests.helpers import png_data_uri
 from tests.services import free_port, redis_server
 
 FAST = {
@@ -61,7 +64,7 @@ def test_two_nodes_and_two_workers_share_everything_through_redis_and_s3(
         redis_url,
         redis_prefix,
         "s3://scaleout-test/outputs",
-        FLUXREDUX_FAKE_STEP_SECONDS="0.3",
+        FLUXREDUX_FAKE_STEP_SECONDS="0.5",
         **FAST,
     ) as deployment:
         a, b = deployment.node("api-a"), deployment.node("api-b")
@@ -94,7 +97,7 @@ def test_two_nodes_and_two_workers_share_everything_through_redis_and_s3(
         b.cancel(long)
         ended = a.get(long, wait=10)
         assert ended["status"] == "cancelled", ended
-        assert time.monotonic() - cancelled_at < 1.5  # a step is 0.3 s
+        assert time.monotonic() - cancelled_at < 1.5  # a step is 0.5 s, the job 2 s
 
         # Both workers take work when there is enough of it.
         jobs = [(a if i % 2 else b).create_id() for i in range(6)]
@@ -170,26 +173,15 @@ def test_an_idle_worker_starts_a_new_job_at_once(deployment: Cluster) -> None:
 
 def test_keys_made_with_the_command_line_work_on_every_node_until_revoked(deployment: Cluster) -> None:
     a, b = deployment.node("api-a"), deployment.node("api-b")
-    env = deployment._environment(None)
-    made = subprocess.run(
-        [FLUXREDUX, "keys", "create", "--name", "alice", "--redis", deployment.redis_url],
-        capture_output=True, text=True, env=env, check=True, timeout=60,
-    )  # fmt: skip
-    key = made.stdout.strip().splitlines()[-1]
+    key = deployment.cli("keys", "create", "--name", "alice").stdout.strip().splitlines()[-1]
     key_id = key.split("_")[1]
-    listed = subprocess.run(
-        [FLUXREDUX, "keys", "list", "--redis", deployment.redis_url],
-        capture_output=True, text=True, env=env, check=True, timeout=60,
-    ).stdout  # fmt: skip
+    listed = deployment.cli("keys", "list").stdout
     assert key_id in listed and "alice" in listed and key not in listed
 
     for node in (a, b):
         response = httpx.get(f"{node.url}/v1/prediction/", headers={"X-API-Key": key}, timeout=10)
         assert response.status_code == 200, response.text
-    subprocess.run(
-        [FLUXREDUX, "keys", "revoke", key_id, "--redis", deployment.redis_url],
-        capture_output=True, text=True, env=env, check=True, timeout=60,
-    )  # fmt: skip
+    assert deployment.cli("keys", "revoke", key_id).returncode == 0
     for node in (a, b):
         response = httpx.get(f"{node.url}/v1/prediction/", headers={"X-API-Key": key}, timeout=10)
         assert response.status_code == 401
@@ -198,10 +190,7 @@ def test_keys_made_with_the_command_line_work_on_every_node_until_revoked(deploy
 def test_fluxredux_workers_lists_the_deployments_workers(deployment: Cluster) -> None:
     deployment.worker("worker-1")
     deployment.worker("worker-2")
-    listed = subprocess.run(
-        [FLUXREDUX, "workers", "--redis", deployment.redis_url],
-        capture_output=True, text=True, env=deployment._environment(None), check=True, timeout=60,
-    ).stdout  # fmt: skip
+    listed = deployment.cli("workers").stdout
     assert listed.count("ready") == 2, listed
     for proc in deployment.procs:
         assert str(proc.pid) in listed
@@ -307,7 +296,7 @@ def test_workers_recover_a_dead_workers_job_even_with_no_api_node_running(deploy
     from fluxredux.jobs.redis_store import RedisJobStore
 
     node = deployment.node("api-a")
-    doomed = deployment.worker("worker-1", env={"FLUXREDUX_FAKE_STEP_SECONDS": "1"})
+    doomed = deployment.worker("worker-1", env={"FLUXREDUX_FAKE_STEP_SECONDS": "10"})  # never done
     made = node.create_id()
     node.wait_status(made, {"processing"})
     node.kill()  # no API node from here on
@@ -365,7 +354,16 @@ def test_a_webhook_is_delivered_once_though_every_node_hears_the_end(
             prediction_id = made.json()["predictionID"]
             assert nodes[1].get(prediction_id, wait=20)["status"] == "success"
             wait_for(lambda: len(received) >= 1, 10, "no webhook arrived")
-            time.sleep(2)  # time for a duplicate from another node to show up, if any would
+            # Its record is final after one try: no node will ever send it again.
+            outbox = RedisWebhookOutbox(deployment.redis_url, prefix=deployment.prefix)
+            try:
+                wait_for(
+                    lambda: (d := outbox.get(prediction_id)) is not None and d.state == "delivered", 10, "x"
+                )
+                delivery = outbox.get(prediction_id)
+                assert delivery is not None and delivery.attempts == 1
+            finally:
+                outbox.close()
             assert [delivery for delivery, _ in received] == [prediction_id]
             assert json.loads(received[0][1])["status"] == "success"
     finally:
@@ -400,11 +398,8 @@ def test_a_node_with_no_key_yet_says_how_to_make_one(deployment: Cluster) -> Non
     node = deployment.node("api-a")
     wait_for(lambda: "no API key exists yet" in node.text(), 10, node.text)
     assert "fluxredux keys create" in node.text()
-    listed = subprocess.run(
-        [FLUXREDUX, "keys", "list", "--redis", deployment.redis_url],
-        capture_output=True, text=True, env=deployment._environment(None), check=True, timeout=60,
-    )  # fmt: skip
-    assert listed.stdout.strip() == ""
+    listed = deployment.cli("keys", "list")
+    assert listed.returncode == 0 and listed.stdout.strip() == ""
 
 
 def test_sigterm_while_the_model_loads_exits_at_once_and_leaves(deployment: Cluster) -> None:
@@ -436,3 +431,34 @@ def test_settings_that_cannot_work_are_refused_plainly(tmp_path: Path) -> None:
         )
         assert done.returncode == 2, (args, done.stderr)
         assert expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_uploads_and_share_links_work_through_any_node(deployment: Cluster) -> None:
+    """An upload made through one node is a valid reference on another; a share link made
+    on one opens on every node, and revoking it anywhere closes it everywhere."""
+    a, b = deployment.node("api-a"), deployment.node("api-b")
+    deployment.worker("worker-1")
+    image = base64.b64decode(png_data_uri().split(",", 1)[1])
+    uploaded = httpx.post(
+        f"{a.url}/v1/files", files={"file": ("ref.png", image, "image/png")}, headers=a.headers(), timeout=10
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    made = httpx.post(
+        f"{b.url}/v1/prediction/",
+        json={"model": "flux-redux-schnell", "input": {"redux_image": uploaded.json()["id"]}},
+        headers=b.headers(),
+        timeout=30,
+    )
+    assert made.status_code == 200, made.text
+    prediction_id = made.json()["predictionID"]
+    assert a.get(prediction_id, wait=20)["status"] == "success"
+
+    shared = httpx.post(f"{b.url}/v1/prediction/{prediction_id}/share", headers=b.headers(), timeout=10)
+    assert shared.status_code == 200, shared.text
+    token = shared.json()["token"]
+    for node in (a, b):
+        assert httpx.get(f"{node.url}/v1/share/{token}", timeout=10).json()["status"] == "success"
+        assert httpx.get(f"{node.url}/p/{token}", timeout=10).status_code == 200
+    assert httpx.delete(f"{a.url}/v1/share/{token}", headers=a.headers(), timeout=10).status_code == 204
+    for node in (a, b):
+        assert httpx.get(f"{node.url}/v1/share/{token}", timeout=10).status_code == 404

@@ -20,9 +20,7 @@ import pytest
 
 from tests.conftest import SAMPLE_IMAGE
 from tests.harness import free_port
-
-FLUXREDUX = str(Path(sys.executable).with_name("fluxredux"))
-TERMINAL = {"success", "error", "cancelled"}
+from tests.helpers import FLUXREDUX, TERMINAL
 
 
 @dataclass

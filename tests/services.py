@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,3 +79,20 @@ def s3_server(*, port: int | None = None) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         _stop(process)
+
+
+def unreachable_redis_url() -> str:
+    """A Redis URL where nothing listens (a port just found free on loopback)."""
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+def assert_each_unavailable_quickly(calls: list[Callable[[], object]], within: float = 3.0) -> None:
+    """Every call raises StoreUnavailable naming Redis within ``within`` seconds: a Redis
+    that is down costs a caller a quick 503, never a hang and never a raw error (a 500)."""
+    from fluxredux.errors import StoreUnavailable
+
+    for call in calls:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="Redis"):
+            call()
+        assert time.monotonic() - started < within

@@ -16,14 +16,13 @@ replicated pair) allows; Redis Cluster would need hash tags.
 from __future__ import annotations
 
 import builtins
-from typing import Any
 
 from fluxredux.jobs.redis_common import (
     LUA_PREAMBLE,
     ClientOrUrl,
     IndexedHashes,
+    RedisSeam,
     create_with_fresh_id,
-    open_client,
 )
 from fluxredux.keys import ApiKey, check_key, new_key
 from fluxredux.redis_backend import redis_errors
@@ -57,20 +56,19 @@ def _api_key(key_id: str, name: str, created_at: str, revoked_at: str) -> ApiKey
     return ApiKey(key_id, name, float(created_at), float(revoked_at) if revoked_at else None)
 
 
-class RedisKeyStore:
+class RedisKeyStore(RedisSeam):
     """KeyStore shared by every API node of a deployment (keys under ``prefix``).
 
     Another deployment's keys (another prefix) are unknown here, as another data dir's are
     to the SQLite store."""
 
     def __init__(self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:") -> None:
-        self._redis, self._owned = open_client(url_or_client)
+        super().__init__(url_or_client)
         # ``id:`` keeps key hashes apart from the index whatever id a client presents.
         self._hash_prefix = f"{prefix}keys:id:"
         self._created = f"{prefix}keys:created"
-        # redis-py's Script objects (EVALSHA, reloaded after a restart); untyped results.
-        self._create: Any = self._redis.register_script(_CREATE)
-        self._revoke: Any = self._redis.register_script(_REVOKE)
+        self._create = self._script(_CREATE)
+        self._revoke = self._script(_REVOKE)
         # Oldest first, one consistent snapshot; the digests stay in Redis.
         self._list = IndexedHashes(self._redis, self._hash_prefix, "name", "created_at", "revoked_at")
 
@@ -102,7 +100,3 @@ class RedisKeyStore:
         if name is None:
             return None
         return _api_key(key_id, name, created_at, revoked_at), secret_sha256
-
-    def close(self) -> None:
-        if self._owned:
-            self._redis.close()

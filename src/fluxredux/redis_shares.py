@@ -15,15 +15,14 @@ single Redis server (or a replicated pair) allows; Redis Cluster would need hash
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from fluxredux.jobs.redis_common import (
     LUA_PREAMBLE,
     ClientOrUrl,
     IndexedHashes,
+    RedisSeam,
     batched,
     create_with_fresh_id,
-    open_client,
 )
 from fluxredux.redis_backend import redis_errors
 from fluxredux.shares import Share, new_token
@@ -72,21 +71,20 @@ def _share(token: str, prediction_id: str, owner: str, include_reference: str, c
     return Share(token, prediction_id, owner, include_reference == "1", float(created_at))
 
 
-class RedisShareStore:
+class RedisShareStore(RedisSeam):
     """ShareStore shared by every API node of a deployment (keys under ``prefix``)."""
 
     def __init__(self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:") -> None:
-        self._redis, self._owned = open_client(url_or_client)
+        super().__init__(url_or_client)
         self._hash_prefix = f"{prefix}shares:token:"
         self._index_prefix = f"{prefix}shares:prediction:"
-        # redis-py's Script objects (EVALSHA, reloaded after a restart); untyped results.
-        self._create: Any = self._redis.register_script(_CREATE)
+        self._create = self._script(_CREATE)
         # A prediction's shares, oldest first (ties by token).
         self._list = IndexedHashes(
             self._redis, self._hash_prefix, "prediction_id", "owner", "include_reference", "created_at"
         )
-        self._revoke: Any = self._redis.register_script(_REVOKE)
-        self._delete: Any = self._redis.register_script(_DELETE)
+        self._revoke = self._script(_REVOKE)
+        self._delete = self._script(_DELETE)
 
     def create(self, prediction_id: str, owner: str, *, include_reference: bool = False) -> Share:
         flag = "1" if include_reference else "0"
@@ -124,7 +122,3 @@ class RedisShareStore:
                     self._delete(keys=[self._index_prefix + p for p in batch], args=[self._hash_prefix])
                 )
         return gone
-
-    def close(self) -> None:
-        if self._owned:
-            self._redis.close()

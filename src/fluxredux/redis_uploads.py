@@ -22,17 +22,16 @@ server (or a replicated pair) allows; Redis Cluster would need hash tags.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 from fluxredux.jobs.redis_common import (
     LUA_PREAMBLE,
     ClientOrUrl,
-    Clocked,
+    Clock,
     IndexedHashes,
+    RedisSeam,
     batched,
     fmt_time,
-    open_client,
 )
 from fluxredux.redis_backend import redis_errors
 from fluxredux.uploads import Upload, already_recorded, upload_id_of
@@ -111,31 +110,25 @@ def _upload(upload_id: str, key: str, owner: str, created_at: str, last_used_at:
     return Upload(upload_id, key, owner, float(created_at), float(last_used_at))
 
 
-class RedisUploadStore:
+class RedisUploadStore(RedisSeam):
     """UploadStore shared by every API node of a deployment (keys under ``prefix``)."""
 
     def __init__(
-        self,
-        url_or_client: ClientOrUrl,
-        *,
-        prefix: str = "fluxredux:",
-        clock: Callable[[], float] | None = None,
+        self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:", clock: Clock | None = None
     ) -> None:
-        self._redis, self._owned = open_client(url_or_client)
-        self._clock = Clocked(self._redis, clock)
+        super().__init__(url_or_client, clock)
         self._hash_prefix = f"{prefix}uploads:id:"
         self._by_key = f"{prefix}uploads:by_key"
         self._live = f"{prefix}uploads:live"
         self._expired = f"{prefix}uploads:expired"
-        # redis-py's Script objects (EVALSHA, reloaded after a restart); untyped results.
-        self._add: Any = self._redis.register_script(_ADD)
-        self._use: Any = self._redis.register_script(_USE)
-        self._mark: Any = self._redis.register_script(_MARK)
+        self._add = self._script(_ADD)
+        self._use = self._script(_USE)
+        self._mark = self._script(_MARK)
         # The marked uploads, oldest use first.
         self._marked = IndexedHashes(
             self._redis, self._hash_prefix, "key", "owner", "created_at", "last_used_at"
         )
-        self._forget: Any = self._redis.register_script(_FORGET)
+        self._forget = self._script(_FORGET)
 
     def _now_arg(self, now: float | None) -> str:
         return self._clock.now_arg() if now is None else fmt_time(now)
@@ -191,7 +184,3 @@ class RedisUploadStore:
                     self._forget(keys=[self._by_key, self._expired], args=[self._hash_prefix, *batch])
                 )
         return gone
-
-    def close(self) -> None:
-        if self._owned:
-            self._redis.close()

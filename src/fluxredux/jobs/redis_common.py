@@ -1,6 +1,7 @@
-"""What the Redis registry, limiter, event bus and outbox share: a client from a URL or a
-given client, a clock (Redis TIME unless a test injects one), and the Lua preamble every
-script starts with.
+"""What the Redis seams (job store, registry, limiter, event bus, outbox, key, share and
+upload stores) share: a client from a URL or a given client, a clock (Redis TIME unless a
+test injects one), both in the ``RedisSeam`` base, and the Lua preamble every script
+starts with.
 
 Times cross the Lua boundary as strings formatted with ``%.17g``: Lua turns a number into
 a string with ``%.14g`` by default (when it is passed to ``redis.call`` or returned), which
@@ -20,6 +21,8 @@ import redis
 from fluxredux.redis_backend import connect, redis_errors, server_time
 
 ClientOrUrl = str | redis.Redis
+# An injected clock (tests): unix time as a float. None instead means Redis TIME.
+Clock = Callable[[], float]
 _T = TypeVar("_T")
 
 # Every script begins with these. ``clock_now(value)``: the injected clock's time when the
@@ -49,7 +52,7 @@ def open_client(url_or_client: ClientOrUrl) -> tuple[Any, bool]:
 class Clocked:
     """``now()`` for a Redis-backed seam: the injected clock if any, else Redis TIME."""
 
-    def __init__(self, client: redis.Redis, clock: Callable[[], float] | None) -> None:
+    def __init__(self, client: redis.Redis, clock: Clock | None) -> None:
         self._time_client = client
         self._clock = clock
 
@@ -59,6 +62,31 @@ class Clocked:
     def now_arg(self) -> str:
         """What a script gets as its time: the injected clock's time, or '' for TIME."""
         return repr(float(self._clock())) if self._clock is not None else ""
+
+
+class RedisSeam:
+    """What every Redis implementation of a seam (job store, registry, outbox, limiter, event
+    bus, key, share and upload stores) starts from, written once rather than in each: the
+    client (``_redis``, from a URL or a given client, see ``open_client``), the clock
+    (``_clock``: an injected one, else Redis TIME, the one clock all machines agree on),
+    ``_script`` for Lua scripts, ``now()``, and ``close()``, which closes the client only
+    when it was opened here (a given client belongs to whoever gave it)."""
+
+    def __init__(self, url_or_client: ClientOrUrl, clock: Clock | None = None) -> None:
+        self._redis, self._owned = open_client(url_or_client)
+        self._clock = Clocked(self._redis, clock)
+
+    def _script(self, source: str) -> Any:
+        # redis-py's Script object: runs EVALSHA, loads the script again after a Redis
+        # restart; Any because its results are untyped.
+        return self._redis.register_script(source)
+
+    def now(self) -> float:
+        return self._clock.now()
+
+    def close(self) -> None:
+        if self._owned:
+            self._redis.close()
 
 
 def fmt_time(value: float) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from fluxredux.jobs.events import JobEvent, Listener, LocalEventBus
-from fluxredux.jobs.redis_common import ClientOrUrl, open_client
+from fluxredux.jobs.redis_common import ClientOrUrl, RedisSeam
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,11 @@ def channel(prefix: str) -> str:
     return f"{prefix}events"
 
 
-class RedisEventPublisher:
+class RedisEventPublisher(RedisSeam):
     """EventPublisher for any process (a GPU worker, an API node); never raises."""
 
     def __init__(self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:") -> None:
-        self._redis, self._owned = open_client(url_or_client)
+        super().__init__(url_or_client)
         self._channel = channel(prefix)
 
     def publish(self, event: JobEvent) -> None:
@@ -50,17 +50,13 @@ class RedisEventPublisher:
         except Exception:  # the contract: never raises (a lost wake-up only delays a waiter)
             log.exception("event not published: %s", event)
 
-    def close(self) -> None:
-        if self._owned:
-            self._redis.close()
 
-
-class RedisEventBus:
+class RedisEventBus(RedisSeam):
     """EventBus shared by every machine of a deployment: what any of them publishes, the
     listeners of every bus hear (its own events too, through Redis, once each)."""
 
     def __init__(self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:") -> None:
-        self._redis, self._owned = open_client(url_or_client)
+        super().__init__(url_or_client)
         self._channel = channel(prefix)
         self._publisher = RedisEventPublisher(self._redis, prefix=prefix)
         self._local = LocalEventBus()  # fans each received event out to our listeners
@@ -143,5 +139,4 @@ class RedisEventBus:
         self._closed.set()
         self._reader.join(_POLL_SECONDS * 4 + 2)
         self._local.close()
-        if self._owned:
-            self._redis.close()
+        super().close()

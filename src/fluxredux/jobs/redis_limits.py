@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
-from typing import Any
 
 from fluxredux.jobs.limits import rate_limited
-from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, Clocked, open_client
+from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, Clock, RedisSeam
 from fluxredux.redis_backend import redis_errors
 
 # KEYS: the key's sorted set. ARGV: now or '', limit, window, a unique member suffix,
@@ -44,7 +42,7 @@ return {0, oldest[2], fmt(now)}
 )
 
 
-class RedisRateLimiter:
+class RedisRateLimiter(RedisSeam):
     """RateLimiter shared by every API node of a deployment (keys under ``prefix``).
 
     Exact under any number of threads and nodes: every decision is one script. With an
@@ -58,16 +56,15 @@ class RedisRateLimiter:
         window: float = 60.0,
         *,
         prefix: str = "fluxredux:",
-        clock: Callable[[], float] | None = None,
+        clock: Clock | None = None,
     ) -> None:
-        self._redis, self._owned = open_client(url_or_client)
+        super().__init__(url_or_client, clock)
         self._limit = limit
         self._window = window
-        self._clock = Clocked(self._redis, clock)
         self._prefix = f"{prefix}limit:"
         # One more second than the window: expiry must never drop a hit that still counts.
         self._expire_ms = str(math.ceil(window * 1000) + 1000)
-        self._hit: Any = self._redis.register_script(_HIT)  # redis-py's Script: untyped results
+        self._hit = self._script(_HIT)
 
     @property
     def limit(self) -> int:
@@ -86,7 +83,3 @@ class RedisRateLimiter:
             return
         oldest, now = float(answer[1]), float(answer[2])
         raise rate_limited(self._limit, self._window, oldest + self._window - now, what)
-
-    def close(self) -> None:
-        if self._owned:
-            self._redis.close()

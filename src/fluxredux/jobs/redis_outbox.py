@@ -15,11 +15,10 @@ Redis server (or a replicated pair) allows; Redis Cluster would need hash tags.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 from fluxredux.jobs.outbox import Delivery, DeliveryState
-from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, Clocked, fmt_time, open_client
+from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, Clock, RedisSeam, fmt_time
 from fluxredux.redis_backend import redis_errors
 
 # How many final records one ``forget`` script deletes: a long backlog is deleted in
@@ -119,26 +118,20 @@ def _delivery(prediction_id: str, flat: list[str]) -> Delivery:
     )
 
 
-class RedisWebhookOutbox:
+class RedisWebhookOutbox(RedisSeam):
     """WebhookOutbox shared by every API node of a deployment (keys under ``prefix``)."""
 
     def __init__(
-        self,
-        url_or_client: ClientOrUrl,
-        *,
-        prefix: str = "fluxredux:",
-        clock: Callable[[], float] | None = None,
+        self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:", clock: Clock | None = None
     ) -> None:
-        self._redis, self._owned = open_client(url_or_client)
-        self._clock = Clocked(self._redis, clock)
+        super().__init__(url_or_client, clock)
         self._hash_prefix = f"{prefix}webhook:"
         self._due = f"{prefix}webhooks:due"
         self._finished = f"{prefix}webhooks:finished"
-        # redis-py's Script objects (EVALSHA, reloaded after a restart); untyped results.
-        self._enqueue: Any = self._redis.register_script(_ENQUEUE)
-        self._claim: Any = self._redis.register_script(_CLAIM)
-        self._fenced_script: Any = self._redis.register_script(_FENCED)
-        self._forget: Any = self._redis.register_script(_FORGET)
+        self._enqueue = self._script(_ENQUEUE)
+        self._claim = self._script(_CLAIM)
+        self._fenced_script = self._script(_FENCED)
+        self._forget = self._script(_FORGET)
 
     def _key(self, prediction_id: str) -> str:
         return self._hash_prefix + prediction_id
@@ -201,10 +194,3 @@ class RedisWebhookOutbox:
             gone += batch
             if batch < _FORGET_BATCH:
                 return gone
-
-    def now(self) -> float:
-        return self._clock.now()
-
-    def close(self) -> None:
-        if self._owned:
-            self._redis.close()

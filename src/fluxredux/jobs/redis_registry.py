@@ -15,10 +15,9 @@ they were written.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
-from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, Clocked, fmt_time, open_client
+from fluxredux.jobs.redis_common import LUA_PREAMBLE, ClientOrUrl, Clock, RedisSeam, fmt_time
 from fluxredux.jobs.registry import WorkerInfo, WorkerState
 from fluxredux.redis_backend import redis_errors
 
@@ -88,25 +87,19 @@ def _worker(worker_id: str, flat: list[str]) -> WorkerInfo:
     )
 
 
-class RedisWorkerRegistry:
+class RedisWorkerRegistry(RedisSeam):
     """WorkerRegistry shared by every machine of a deployment (keys under ``prefix``)."""
 
     def __init__(
-        self,
-        url_or_client: ClientOrUrl,
-        *,
-        prefix: str = "fluxredux:",
-        clock: Callable[[], float] | None = None,
+        self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:", clock: Clock | None = None
     ) -> None:
-        self._redis, self._owned = open_client(url_or_client)
-        self._clock = Clocked(self._redis, clock)
+        super().__init__(url_or_client, clock)
         self._index = f"{prefix}workers"
         self._worker_prefix = f"{prefix}worker:"
-        # Script objects run EVALSHA and load the script again after a Redis restart.
-        self._register: Any = self._redis.register_script(_REGISTER)
-        self._heartbeat: Any = self._redis.register_script(_HEARTBEAT)
-        self._unregister: Any = self._redis.register_script(_UNREGISTER)
-        self._workers: Any = self._redis.register_script(_WORKERS)
+        self._register = self._script(_REGISTER)
+        self._heartbeat = self._script(_HEARTBEAT)
+        self._unregister = self._script(_UNREGISTER)
+        self._workers = self._script(_WORKERS)
 
     def _key(self, worker_id: str) -> str:
         return self._worker_prefix + worker_id
@@ -147,10 +140,3 @@ class RedisWorkerRegistry:
             flat = self._workers(keys=[self._index], args=[self._worker_prefix])
         found = [_worker(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
         return sorted(found, key=lambda w: (w.started_at, w.id))
-
-    def now(self) -> float:
-        return self._clock.now()
-
-    def close(self) -> None:
-        if self._owned:
-            self._redis.close()

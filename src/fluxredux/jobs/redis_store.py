@@ -37,7 +37,7 @@ import redis
 
 from fluxredux.errors import StoreUnavailable
 from fluxredux.jobs.model import IN_FLIGHT, Job, Status, job_from_json, job_to_json
-from fluxredux.jobs.redis_common import ClientOrUrl, Clocked, open_client
+from fluxredux.jobs.redis_common import ClientOrUrl, Clock, RedisSeam
 from fluxredux.jobs.store import Capacity, Change
 from fluxredux.jobs.transitions import start_attempt
 from fluxredux.redis_backend import redis_errors
@@ -98,21 +98,16 @@ def _matches(
     )
 
 
-class RedisJobStore:
+class RedisJobStore(RedisSeam):
     def __init__(
-        self,
-        url_or_client: ClientOrUrl,
-        *,
-        prefix: str = "fluxredux:",
-        clock: Callable[[], float] | None = None,
+        self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:", clock: Clock | None = None
     ) -> None:
         # The client is Any at this boundary (see ``open_client``); every value read from it
-        # is converted (str/int/float) where it enters our types.
-        self._redis, self._owns_client = open_client(url_or_client)
+        # is converted (str/int/float) where it enters our types. The clock is Redis's TIME
+        # by default: the one clock every node and worker agrees on for leases.
+        super().__init__(url_or_client, clock)
         self._prefix = f"{prefix}jobs:"
-        # Redis's TIME by default: the one clock every node and worker agrees on for leases.
-        self._clock = Clocked(self._redis, clock)
-        self._create_script = self._redis.register_script(_CREATE_IF_UNDER_CAPACITY)
+        self._create_script = self._script(_CREATE_IF_UNDER_CAPACITY)
 
     # --- keys and index entries --------------------------------------------------------
 
@@ -290,9 +285,6 @@ class RedisJobStore:
         result: Job | None = self._transact("written", attempt)
         return result
 
-    def now(self) -> float:
-        return self._clock.now()
-
     def queue_position(self, job_id: str) -> int | None:
         with redis_errors("read"):
             rank = self._redis.zrank(self._status_key(Status.STARTING), job_id)
@@ -437,9 +429,8 @@ class RedisJobStore:
             self._redis.set(f"{self._prefix}write-probe", repr(time.time()))
 
     def close(self) -> None:
-        if self._owns_client:
-            with redis_errors("closed"):
-                self._redis.close()
+        with redis_errors("closed"):
+            super().close()
 
 
 def _take(items: Iterator[str], n: int) -> list[str]:

@@ -69,6 +69,8 @@ def test_the_input_is_echoed_without_the_data_uri(api: Harness) -> None:
         ({"model": "sdxl"}, 400, "unknown_model", "unknown model 'sdxl'"),
         ({"input": {"redux_image": "x" * 3}}, 400, "invalid_input", "input.redux_image"),
         ({"input": {"num_outputs": 7}}, 400, "invalid_input", "input.num_outputs"),
+        ({"input": {"redux_strength": 1.5}}, 400, "invalid_input", "input.redux_strength"),
+        ({"input": {"redux_image_crop": "fill"}}, 400, "invalid_input", "input.redux_image_crop"),
         ({"input": {"steps": 4}}, 400, "invalid_input", "unknown field 'input.steps'"),
         (
             {"input": {"redux_image": "data:image/png;base64,aGVsbG8="}},

@@ -17,7 +17,7 @@ from PIL import Image
 
 from fluxredux.errors import ModelUnavailable, PredictionCancelled
 from fluxredux.pipeline.model import ReduxModel, choose_model_kind
-from fluxredux.schema import ASPECT_RATIOS, MEGAPIXELS, PredictionInput, output_size
+from fluxredux.schema import MEGAPIXELS, TABLE_ASPECT_RATIOS, PredictionInput, output_size
 from fluxredux.worker.predictor import PredictionResult, Predictor
 
 INPUT = "data:,x"
@@ -33,7 +33,7 @@ def decoded(data: bytes) -> Image.Image:
 
 
 @pytest.mark.parametrize("megapixels", MEGAPIXELS)
-@pytest.mark.parametrize("aspect_ratio", ASPECT_RATIOS)
+@pytest.mark.parametrize("aspect_ratio", TABLE_ASPECT_RATIOS)
 def test_every_size_in_the_table(
     demo_model: ReduxModel, reference_image: Image.Image, aspect_ratio: str, megapixels: str
 ) -> None:
@@ -205,3 +205,52 @@ def test_conditioning_equals_diffusers_prior_at_full_width() -> None:
     assert ours.prompt_embeds.shape == prior[0].shape == (1, 512 + 16, 4096)
     assert torch.equal(ours.prompt_embeds, prior[0])
     assert torch.equal(ours.pooled_prompt_embeds, prior[1])
+
+
+# --- beyond the hosted API: the optional controls --------------------------------------------
+
+SMALL = {"megapixels": "0.25", "output_format": "png", "seed": 11, "num_inference_steps": 2}
+
+
+def pixels_of(result: PredictionResult) -> np.ndarray:
+    return np.asarray(decoded(result.outputs[0].data), dtype=np.float64)
+
+
+def test_the_new_controls_at_their_defaults_give_todays_bytes(
+    demo_model: ReduxModel, reference_image: Image.Image
+) -> None:
+    today = predict(demo_model, reference_image, **SMALL)
+    spelled_out = predict(demo_model, reference_image, redux_strength=1, redux_image_crop="squash", **SMALL)
+    assert spelled_out.outputs[0].data == today.outputs[0].data
+
+
+def test_a_weaker_reference_moves_the_image_further_the_weaker_it_is(
+    demo_model: ReduxModel, reference_image: Image.Image
+) -> None:
+    """ln(strength) on the Redux keys: the reference's share of attention falls with it,
+    so the image moves away from the full-strength one monotonically."""
+    full = pixels_of(predict(demo_model, reference_image, **SMALL))
+    distances = [
+        float(
+            np.abs(pixels_of(predict(demo_model, reference_image, redux_strength=s, **SMALL)) - full).mean()
+        )
+        for s in (0.9, 0.5, 0.1, 0.0)
+    ]
+    assert distances[0] > 0
+    assert distances == sorted(distances), distances
+
+
+def test_crop_modes_change_what_the_encoder_sees_of_a_portrait(demo_model: ReduxModel) -> None:
+    portrait = Image.fromarray(np.random.default_rng(3).integers(0, 255, (96, 48, 3), dtype=np.uint8))
+    outputs = {
+        mode: predict(demo_model, portrait, redux_image_crop=mode, **SMALL).outputs[0].data
+        for mode in ("squash", "center", "pad")
+    }
+    assert len(set(outputs.values())) == 3
+
+
+def test_match_input_generates_at_the_references_proportions(demo_model: ReduxModel) -> None:
+    portrait = Image.new("RGB", (600, 900), (90, 60, 30))
+    result = predict(demo_model, portrait, aspect_ratio="match_input", **SMALL)
+    width, height = output_size("match_input", "0.25", (600, 900))
+    assert decoded(result.outputs[0].data).size == (width, height) == (416, 624)

@@ -9,7 +9,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from fluxredux.schema import ASPECT_RATIOS, PredictionInput, field_errors, output_size
+from fluxredux.schema import ASPECT_RATIOS, TABLE_ASPECT_RATIOS, PredictionInput, field_errors, output_size
 
 IMAGE = "https://example.com/cat.jpg"
 
@@ -47,8 +47,10 @@ def test_defaults_match_the_hosted_model() -> None:
         "output_format": "webp",
         "output_quality": 80,
         "disable_safety_checker": False,
+        "redux_strength": 1.0,  # beyond the hosted API: defaults that change nothing
+        "redux_image_crop": "squash",
     }
-    assert inputs.size == (1024, 1024)
+    assert inputs.size() == (1024, 1024)
 
 
 def test_the_spec_pages_own_example_input_is_accepted() -> None:
@@ -117,12 +119,12 @@ def test_redux_image_is_required() -> None:
     assert errors_of() == ["redux_image: Field required"]
 
 
-@pytest.mark.parametrize("aspect_ratio", ASPECT_RATIOS)
+@pytest.mark.parametrize("aspect_ratio", TABLE_ASPECT_RATIOS)
 def test_output_size_table(aspect_ratio: str) -> None:
     width, height = EXPECTED_1MP[aspect_ratio]
     assert output_size(aspect_ratio, "1") == (width, height)
     assert output_size(aspect_ratio, "0.25") == (width // 2, height // 2)
-    assert PredictionInput(redux_image=IMAGE, aspect_ratio=aspect_ratio, megapixels="0.25").size == (  # type: ignore[arg-type]
+    assert PredictionInput(redux_image=IMAGE, aspect_ratio=aspect_ratio, megapixels="0.25").size() == (  # type: ignore[arg-type]
         width // 2,
         height // 2,
     )
@@ -144,3 +146,63 @@ def test_json_schema_drives_forms_with_choices_ranges_and_defaults() -> None:
     assert properties["aspect_ratio"]["enum"] == list(ASPECT_RATIOS)
     assert (properties["num_outputs"]["minimum"], properties["num_outputs"]["maximum"]) == (1, 4)
     assert properties["output_quality"]["default"] == 80
+
+
+# --- beyond the hosted API ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("megapixels", ["1", "0.25"])
+@pytest.mark.parametrize(
+    "reference",
+    [
+        (1024, 1024),
+        (3000, 2000),
+        (2000, 3000),
+        (1920, 1080),
+        (1080, 1920),
+        (4000, 3000),
+        (613, 409),
+        (35, 31),
+    ],
+)
+def test_match_input_keeps_the_references_proportions(reference: tuple[int, int], megapixels: str) -> None:
+    width, height = output_size("match_input", megapixels, reference)
+    assert width % 16 == 0 and height % 16 == 0
+    target = 1024 * 1024 if megapixels == "1" else 512 * 512
+    assert abs(width * height / target - 1) < 0.04  # within 10% promised, 4% delivered
+    # The proportions are the reference's, but for one rounding step of 16 on a side.
+    assert abs(width / height - reference[0] / reference[1]) <= (width / height) * (16 / min(width, height))
+
+
+def test_match_input_narrows_extreme_proportions_to_21_9() -> None:
+    assert output_size("match_input", "1", (5000, 500)) == output_size("match_input", "1", (2400, 1000))
+    wide, tall = output_size("match_input", "1", (5000, 500)), output_size("match_input", "1", (500, 5000))
+    assert wide == tall[::-1] and 2.3 < wide[0] / wide[1] < 2.5
+
+
+def test_match_input_needs_a_reference() -> None:
+    with pytest.raises(ValueError, match="reference"):
+        PredictionInput(redux_image=IMAGE, aspect_ratio="match_input").size()
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"redux_strength": 1.5}, "input.redux_strength"),
+        ({"redux_strength": -0.1}, "input.redux_strength"),
+        ({"redux_strength": "strong"}, "input.redux_strength"),
+        ({"redux_image_crop": "stretch"}, "input.redux_image_crop"),
+        ({"aspect_ratio": "match"}, "input.aspect_ratio"),
+    ],
+)
+def test_bad_controls_are_named(fields: dict[str, object], named: str) -> None:
+    from fluxredux.schema import PredictionRequest
+
+    with pytest.raises(ValidationError) as info:
+        PredictionRequest(input={"redux_image": IMAGE, **fields})  # type: ignore[arg-type]
+    assert [e.field for e in field_errors(info.value)] == [named]
+
+
+def test_controls_arrive_as_numbers_or_strings() -> None:
+    inputs = PredictionInput(redux_image=IMAGE, redux_strength="0.5", redux_image_crop="pad")  # type: ignore[arg-type]
+    assert inputs.redux_strength == 0.5 and inputs.redux_image_crop == "pad"

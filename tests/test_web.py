@@ -242,3 +242,29 @@ def test_every_control_has_a_name_and_the_phone_layout_fits(browser: Browser, ap
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     for name in ("Run", "Change API key"):
         expect(page.get_by_role("button", name=name)).to_be_visible()
+
+
+def test_advanced_controls_are_folded_and_reach_the_prediction(browser: Browser, api: Harness) -> None:
+    """The controls beyond the hosted API come from the same input model, folded under
+    "Advanced"; what is set there is what the prediction runs with."""
+    watched = open_page(browser, api)
+    page = watched.page
+    enter_key(page, api.key)
+    drop_file(page, SAMPLE_IMAGE.read_bytes(), "sample.jpg", "image/jpeg")
+    strength = page.get_by_label("Redux Strength")
+    expect(strength).to_be_hidden()  # folded until asked for
+    page.get_by_text("Advanced", exact=True).click()
+    expect(strength).to_be_visible()
+    strength.fill("0.4")
+    page.get_by_role("radio", name="center").check()
+    page.get_by_role("radio", name="match_input").check()
+    page.get_by_role("button", name="Run", exact=True).click()
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+
+    image = page.get_by_role("img", name="Output")
+    image.evaluate("img => img.decode()")
+    # The sample is 768x512 (3:2): match_input keeps that at about a megapixel.
+    assert image.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1248, 832]
+    job = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0]
+    assert (job.input["redux_strength"], job.input["redux_image_crop"]) == (0.4, "center")
+    assert watched.errors == []

@@ -17,13 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MODEL_NAME = "flux-redux-schnell"
 MODEL_VERSION = "0.0.1"
 
-AspectRatio = Literal["1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21"]
+AspectRatio = Literal[
+    "1:1", "16:9", "21:9", "3:2", "2:3", "4:5", "5:4", "3:4", "4:3", "9:16", "9:21", "match_input"
+]  # fmt: skip
 Megapixels = Literal["1", "0.25"]
 OutputFormat = Literal["webp", "jpg", "png"]
+ReduxImageCrop = Literal["squash", "center", "pad"]
 
 ASPECT_RATIOS: tuple[str, ...] = get_args(AspectRatio)
 MEGAPIXELS: tuple[str, ...] = get_args(Megapixels)
 OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
+MATCH_INPUT = "match_input"
 
 # (width, height) at 1 megapixel. A fixed table, not a formula, exactly as the hosted
 # model serves it; 0.25 MP halves both sides. Every side is a multiple of 16 (the
@@ -42,6 +46,9 @@ _SIZES_1MP: dict[str, tuple[int, int]] = {
     "9:21": (640, 1536),
 }
 
+# The aspect ratios with a fixed size (all but match_input).
+TABLE_ASPECT_RATIOS: tuple[str, ...] = tuple(_SIZES_1MP)
+
 MAX_SEED = 2**63 - 1
 
 # An uploaded file's id (issued by the server); URLs and data: URIs are told apart by
@@ -56,12 +63,39 @@ MAX_URL_CHARS = 8192
 MAX_NAME_CHARS = 64
 
 
-def output_size(aspect_ratio: str, megapixels: str) -> tuple[int, int]:
-    """(width, height) of the images generated for these settings."""
+# FLUX's latent grid: both sides of an output are multiples of this.
+SIDE_MULTIPLE = 16
+# The widest and tallest proportions match_input gives: those of the table (21:9, 9:21).
+_MATCH_RATIOS = (640 / 1536, 1536 / 640)
+
+
+def output_size(
+    aspect_ratio: str, megapixels: str, reference: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(width, height) of the images generated for these settings.
+
+    ``match_input`` takes the proportions of ``reference`` (width, height): the sides are
+    the ideal ones for the asked area (1024² or 512² pixels), each rounded to the nearest
+    multiple of 16, so the area stays within 4% of the target (10% is the promise) and
+    the proportions within a rounding step of the reference's. Proportions past 21:9 or
+    9:21 are narrowed to those (the model's trained range; the table's extremes)."""
+    if aspect_ratio == MATCH_INPUT:
+        if reference is None:
+            raise ValueError("match_input needs the reference image's size")
+        return _matching_size(reference, 1024 * 1024 if megapixels == "1" else 512 * 512)
     width, height = _SIZES_1MP[aspect_ratio]
     if megapixels == "0.25":
         return width // 2, height // 2
     return width, height
+
+
+def _matching_size(reference: tuple[int, int], area: int) -> tuple[int, int]:
+    ratio = min(max(reference[0] / reference[1], _MATCH_RATIOS[0]), _MATCH_RATIOS[1])
+
+    def side(ideal: float) -> int:
+        return max(SIDE_MULTIPLE, round(ideal / SIDE_MULTIPLE) * SIDE_MULTIPLE)
+
+    return side((area * ratio) ** 0.5), side((area / ratio) ** 0.5)
 
 
 class PredictionInput(BaseModel):
@@ -80,7 +114,12 @@ class PredictionInput(BaseModel):
         max_length=MAX_REDUX_IMAGE_CHARS,
         json_schema_extra={"x-fluxredux-kind": "image"},
     )
-    aspect_ratio: AspectRatio = Field("1:1", description="Aspect ratio of the generated images.")
+    aspect_ratio: AspectRatio = Field(
+        "1:1",
+        description="Aspect ratio of the generated images; match_input: the reference image's own "
+        "(sides rounded to multiples of 16, between 21:9 and 9:21).",
+        examples=["16:9", "match_input"],
+    )
     megapixels: Megapixels = Field("1", description="Approximate size of the generated images.")
     num_outputs: int = Field(1, ge=1, le=4, description="Number of images to generate.")
     num_inference_steps: int = Field(
@@ -98,6 +137,23 @@ class PredictionInput(BaseModel):
         80, ge=0, le=100, description="Quality when saving webp or jpg (0-100). Ignored for png."
     )
     disable_safety_checker: bool = Field(False, description="Skip the safety checker on generated images.")
+    # --- beyond the hosted API: optional, and when absent every output is as before ----
+    redux_strength: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="How much the reference image steers the result: 1 fully (as the hosted API), "
+        "lower values weaken its pull, 0 ignores it.",
+        examples=[0.6],
+        json_schema_extra={"x-fluxredux-advanced": True},
+    )
+    redux_image_crop: ReduxImageCrop = Field(
+        "squash",
+        description="How the reference is made square for the image encoder: squash (stretch, as "
+        "the hosted API), center (crop the middle square), pad (fit inside a grey square).",
+        examples=["pad"],
+        json_schema_extra={"x-fluxredux-advanced": True},
+    )
 
     @field_validator("megapixels", mode="before")
     @classmethod
@@ -122,10 +178,10 @@ class PredictionInput(BaseModel):
             return value
         raise ValueError("must be an http(s) URL, a data: URI, or the id of an uploaded file")
 
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) of each generated image."""
-        return output_size(self.aspect_ratio, self.megapixels)
+    def size(self, reference: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(width, height) of each generated image; ``reference`` is the reference image's
+        (width, height), which ``match_input`` needs."""
+        return output_size(self.aspect_ratio, self.megapixels, reference)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,11 @@ def setup_logging(verbose: bool) -> None:
 
 def fail(exc: FluxReduxError) -> typer.Exit:
     """Print a domain error plainly (no stack trace); exit 2 for a caller mistake."""
-    err.print(f"[bold red]error[/] [dim]({exc.code})[/]: {escape(exc.message)}", highlight=False)
+    # soft_wrap: one line per error, never broken mid-word by the console (people grep
+    # and copy these).
+    err.print(
+        f"[bold red]error[/] [dim]({exc.code})[/]: {escape(exc.message)}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(code=2 if isinstance(exc, ClientError) else 1)
 
 

@@ -9,6 +9,7 @@ the same code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,3 +51,34 @@ def redux_conditioning(
     )
     pooled = torch.zeros((1, pooled_projection_dim), device=device, dtype=image_tokens.dtype)
     return Conditioning(prompt_embeds=torch.cat([text, image_tokens], dim=1), pooled_prompt_embeds=pooled)
+
+
+def redux_strength_bias(
+    conditioning: Conditioning,
+    strength: float,
+    *,
+    image_tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    text_sequence_length: int = TEXT_SEQUENCE_LENGTH,
+) -> torch.Tensor | None:
+    """An additive attention bias that weakens the Redux tokens: ln(strength) on their
+    keys, 0 elsewhere; None at strength 1 (nothing changes: today's exact path).
+
+    Why a bias and not scaling the tokens: multiplying the Redux embeddings by s also
+    shrinks their values and moves them off the distribution the transformer saw, and
+    users of ComfyUI's and others' Redux nodes report it goes from "no effect" to "all
+    reference" over a narrow band. ln(s) on the keys multiplies exactly the attention
+    each query pays the reference by s before the softmax renormalises (the reference's
+    share of attention falls monotonically with s, and each token keeps its meaning);
+    at s = 0 the reference is not attended at all.
+
+    Joint attention runs over [text tokens (512 zeros + Redux tokens), image tokens]; the
+    bias is shaped [1, 1, 1, keys] so it broadcasts over batch, heads and queries (a 2D
+    mask is misread by some attention backends)."""
+    if strength >= 1:
+        return None
+    text_tokens = conditioning.prompt_embeds.shape[1]
+    bias = torch.zeros((1, 1, 1, text_tokens + image_tokens), dtype=dtype, device=device)
+    bias[..., text_sequence_length:text_tokens] = math.log(strength) if strength > 0 else float("-inf")
+    return bias

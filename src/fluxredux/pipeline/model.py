@@ -21,7 +21,7 @@ from transformers import SiglipImageProcessorPil, SiglipVisionModel
 from fluxredux.config import Settings
 from fluxredux.errors import ModelUnavailable, PredictionCancelled
 from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
-from fluxredux.pipeline.conditioning import Conditioning, redux_conditioning
+from fluxredux.pipeline.conditioning import Conditioning, redux_conditioning, redux_strength_bias
 from fluxredux.pipeline.demo import DEMO_NOTICE, ensure_demo_model
 from fluxredux.weights import REDUX, SCHNELL, resolve_weights
 from fluxredux.worker.predictor import CancelCheck, ProgressCallback
@@ -227,10 +227,12 @@ class ReduxModel:
         num_outputs: int,
         num_inference_steps: int,
         seed: int,
+        strength: float = 1.0,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> Generation:
-        """Generate ``num_outputs`` images as one batch.
+        """Generate ``num_outputs`` images as one batch; ``strength`` < 1 weakens the
+        reference's pull (see ``redux_strength_bias``).
 
         ``is_cancelled`` is checked before the work starts and after every denoising
         step; a cancel raises PredictionCancelled within one step.
@@ -257,6 +259,14 @@ class ReduxModel:
             raise_if_cancelled()
             return {}
 
+        bias = redux_strength_bias(
+            conditioning,
+            strength,
+            image_tokens=(width // multiple) * (height // multiple),
+            dtype=self.pipe.transformer.dtype,  # the query's: some attention kernels insist
+            device=self.device,
+        )
+
         raise_if_cancelled()
         started = time.perf_counter()
         # The generator lives on the CPU: the same seed gives the same noise on any device.
@@ -272,6 +282,7 @@ class ReduxModel:
             generator=generator,
             output_type="latent",
             callback_on_step_end=step_end,
+            joint_attention_kwargs={"attention_mask": bias} if bias is not None else None,
         ).images
         timings["denoise"] = self._elapsed(started)
 

@@ -48,6 +48,7 @@ class FakeModel:
         num_outputs: int,
         num_inference_steps: int,
         seed: int,
+        strength: float = 1.0,  # no model: nothing to steer
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> FakeGeneration:

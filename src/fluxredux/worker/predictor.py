@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from fluxredux.errors import AllOutputsUnsafe
-from fluxredux.images import CONTENT_TYPES, EXTENSIONS, encode_image
+from fluxredux.images import CONTENT_TYPES, EXTENSIONS, encode_image, square_reference
 from fluxredux.safety import SafetyChecker, SafetyVerdict
 from fluxredux.schema import PredictionInput
 
@@ -57,6 +57,7 @@ class ImageModel(Protocol):
         num_outputs: int,
         num_inference_steps: int,
         seed: int,
+        strength: float = 1.0,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> GenerationLike: ...
@@ -112,14 +113,15 @@ class Predictor:
         is_cancelled: CancelCheck | None = None,
     ) -> PredictionResult:
         seed = inputs.seed if inputs.seed is not None else random_seed()
-        width, height = inputs.size
+        width, height = inputs.size(image.size)
         generation = self.model.generate(
-            image,
+            square_reference(image, inputs.redux_image_crop),
             width=width,
             height=height,
             num_outputs=inputs.num_outputs,
             num_inference_steps=inputs.num_inference_steps,
             seed=seed,
+            strength=inputs.redux_strength,
             on_step=on_step,
             is_cancelled=is_cancelled,
         )

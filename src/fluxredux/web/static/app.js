@@ -69,7 +69,7 @@ function radioGroup(name, prop, frames) {
     const input = el("input", { type: "radio", name, value: option });
     if (String(option) === String(prop.default)) input.checked = true;
     const label = el("label", { class: "choice" }, input);
-    if (frames) {
+    if (frames && String(option).includes(":")) { // match_input has no shape of its own
       const [w, h] = String(option).split(":").map(Number);
       const scale = 22 / Math.max(w, h);
       label.append(el("span", { class: "frame", style: `width:${w * scale}px;height:${h * scale}px`, "aria-hidden": "true" }));
@@ -104,7 +104,9 @@ function selectField(name, prop) {
 function sliderField(name, prop) {
   const { wrap, error, hint } = fieldShell(name, prop);
   const input = el("input", {
-    type: "range", id: `input-${name}`, name, min: prop.minimum, max: prop.maximum, step: 1, value: prop.default,
+    type: "range", id: `input-${name}`, name, min: prop.minimum, max: prop.maximum,
+    // Whole numbers step by 1; a fraction (0-1) by hundredths.
+    step: prop.type === "integer" ? 1 : 0.01, value: prop.default,
   });
   const value = el("output", { for: input.id }, String(prop.default));
   input.addEventListener("input", () => (value.textContent = input.value));
@@ -177,6 +179,7 @@ function buildField(name, prop) {
   }
   if (prop.type === "boolean") return switchField(name, prop);
   if (prop.type === "integer" && prop.maximum - prop.minimum <= 100) return sliderField(name, prop);
+  if (prop.type === "number" && prop.maximum !== undefined && prop.minimum !== undefined) return sliderField(name, prop);
   return null;
 }
 
@@ -184,13 +187,16 @@ async function buildForm() {
   const spec = await (await fetch("/openapi.json")).json();
   const schema = spec.components.schemas.PredictionInput;
   const container = $("schema-fields");
+  // Controls beyond the hosted API wait, folded, under "Advanced".
+  const advanced = el("details", { id: "advanced" }, el("summary", {}, "Advanced"));
   for (const [name, prop] of Object.entries(schema.properties)) {
     if (prop["x-fluxredux-kind"] === "image") continue; // the reference image has its own panel
     const field = buildField(name, prop);
     if (!field) continue;
     state.fields.set(name, field);
-    container.append(field.wrap);
+    (prop["x-fluxredux-advanced"] ? advanced : container).append(field.wrap);
   }
+  if (advanced.childElementCount > 1) container.append(advanced);
 }
 
 // --- the reference image ---------------------------------------------------------------

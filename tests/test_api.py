@@ -433,3 +433,35 @@ def test_a_long_poll_survives_a_lost_wake_up(queued_api: Harness) -> None:
     answer = queued_api.get(prediction_id, wait=30)
     assert answer["status"] == "cancelled"
     assert time.monotonic() - started < 8
+
+
+def test_several_references_are_stored_shown_and_deleted_together(api: Harness) -> None:
+    from fluxredux.maintenance import delete_expired
+
+    references = [{"image": png_data_uri(24, 16), "weight": 2}, {"image": png_data_uri(16, 24), "weight": 1}]
+    response = api.http.post(
+        "/v1/prediction/", json={"model": "flux-redux-schnell", "input": {"redux_images": references}}
+    )
+    assert response.status_code == 200, response.text
+    prediction = api.get(response.json()["predictionID"], wait=10)
+    assert prediction["status"] == "success", prediction
+    shown = prediction["input"]["redux_images"]
+    assert [item["weight"] for item in shown] == [2, 1] and prediction["input"]["redux_image"] is None
+    sizes = [Image.open(io.BytesIO(httpx.get(item["image"]).content)).size for item in shown]
+    assert sizes == [(24, 16), (16, 24)]  # each reference, in order, as a link (not a data: URI)
+
+    week_later = time.time() + api.services.settings.retention_hours * 3600 + 60
+    assert delete_expired(api.services, now=week_later) == 1
+    assert [httpx.get(item["image"]).status_code for item in shown] == [404, 404]
+
+
+def test_a_bad_second_reference_is_a_400_and_keeps_no_copy_of_the_first(api: Harness) -> None:
+    files_dir = api.services.settings.files_dir
+    before = sorted(p.name for p in files_dir.iterdir()) if files_dir.exists() else []
+    references = [{"image": png_data_uri()}, {"image": "data:image/png;base64,aGVsbG8="}]
+    response = api.http.post(
+        "/v1/prediction/", json={"model": "flux-redux-schnell", "input": {"redux_images": references}}
+    )
+    assert response.status_code == 400 and response.json()["code"].startswith("image_"), response.text
+    after = sorted(p.name for p in files_dir.iterdir()) if files_dir.exists() else []
+    assert after == before

@@ -96,13 +96,15 @@ def test_missing_real_weights_fail_fast_with_instructions(tmp_path: Path, model_
 
 
 def test_every_input_field_is_a_flag() -> None:
+    from fluxredux.cli.input_flags import NOT_FLAGS
     from fluxredux.schema import PredictionInput
 
     result = subprocess.run(
         [FLUXREDUX, "predict", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
     )
+    assert {"redux_image", "redux_images"} == NOT_FLAGS  # the positional image; no list form yet
     for field in PredictionInput.model_fields:
-        if field != "redux_image":
+        if field not in NOT_FLAGS:
             assert "--" + field.replace("_", "-") in result.stdout
 
 

@@ -70,6 +70,30 @@ def test_errors_raise_with_status_and_code(api: Harness) -> None:
     assert info.value.status == 401
 
 
+def test_several_local_references_are_uploaded_then_mixed(api: Harness) -> None:
+    """Local files among redux_images are uploaded first, like redux_image; the mix keeps
+    its order and weights, and match_input takes the first one's proportions."""
+    references = [{"image": SAMPLE_IMAGE, "weight": 0.7}, {"image": SAMPLE_IMAGE.read_bytes(), "weight": 0.3}]
+    inputs = {"redux_images": references, "aspect_ratio": "match_input", "megapixels": "0.25"}
+    with FluxRedux(api.url, api.key) as client:
+        prediction = client.run(inputs)
+        assert prediction.status == "success" and isinstance(prediction.output, str)
+        assert Image.open(io.BytesIO(client.download(prediction.output))).size == (624, 416)  # 3:2
+        assert [item["weight"] for item in prediction.input["redux_images"]] == [0.7, 0.3]
+        assert len(api.services.uploads.uploaded(_stored(api))) == 2  # both files, as uploads
+
+    async def go() -> None:
+        async with AsyncFluxRedux(api.url, api.key) as client:
+            again = await client.run(inputs)
+            assert again.status == "success"
+
+    asyncio.run(go())
+
+
+def _stored(api: Harness) -> list[str]:
+    return [path.name for path in api.services.settings.files_dir.iterdir()]
+
+
 def test_async_client(api: Harness) -> None:
     async def go() -> None:
         async with AsyncFluxRedux(api.url, api.key) as client:

@@ -25,7 +25,7 @@ INPUT = "data:,x"
 
 def predict(model: Any, image: Image.Image, **fields: Any) -> PredictionResult:
     inputs = PredictionInput(redux_image=INPUT, disable_safety_checker=True, **fields)
-    return Predictor(model, safety=None).predict(inputs, image)
+    return Predictor(model, safety=None).predict(inputs, [image])
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -87,7 +87,7 @@ def test_each_step_count_is_honoured_with_progress(
 ) -> None:
     progress: list[tuple[int, int]] = []
     generation = demo_model.generate(
-        reference_image, width=256, height=256, num_outputs=1, num_inference_steps=steps, seed=3,
+        [(reference_image, 1.0)], width=256, height=256, num_outputs=1, num_inference_steps=steps, seed=3,
         on_step=lambda done, total: progress.append((done, total)),
     )  # fmt: skip
     assert progress == [(i, steps) for i in range(1, steps + 1)]
@@ -108,7 +108,7 @@ def test_cancel_stops_within_one_step(demo_model: ReduxModel, reference_image: I
     steps_done: list[int] = []
     with pytest.raises(PredictionCancelled):
         demo_model.generate(
-            reference_image, width=256, height=256, num_outputs=1, num_inference_steps=4, seed=1,
+            [(reference_image, 1.0)], width=256, height=256, num_outputs=1, num_inference_steps=4, seed=1,
             on_step=lambda done, total: steps_done.append(done),
             is_cancelled=lambda: len(steps_done) >= 2,
         )  # fmt: skip
@@ -119,7 +119,7 @@ def test_cancel_before_start_runs_nothing(demo_model: ReduxModel, reference_imag
     steps_done: list[int] = []
     with pytest.raises(PredictionCancelled):
         demo_model.generate(
-            reference_image, width=256, height=256, num_outputs=1, num_inference_steps=4, seed=1,
+            [(reference_image, 1.0)], width=256, height=256, num_outputs=1, num_inference_steps=4, seed=1,
             on_step=lambda done, total: steps_done.append(done), is_cancelled=lambda: True,
         )  # fmt: skip
     assert steps_done == []
@@ -130,7 +130,7 @@ def test_sizes_off_the_latent_grid_are_refused_not_resized(
 ) -> None:
     with pytest.raises(ValueError, match="multiples of 16"):
         demo_model.generate(
-            reference_image, width=500, height=512, num_outputs=1, num_inference_steps=1, seed=1
+            [(reference_image, 1.0)], width=500, height=512, num_outputs=1, num_inference_steps=1, seed=1
         )
 
 
@@ -254,3 +254,26 @@ def test_match_input_generates_at_the_references_proportions(demo_model: ReduxMo
     result = predict(demo_model, portrait, aspect_ratio="match_input", **SMALL)
     width, height = output_size("match_input", "0.25", (600, 900))
     assert decoded(result.outputs[0].data).size == (width, height) == (416, 624)
+
+
+def test_weights_one_and_zero_give_the_first_reference_alone(
+    demo_model: ReduxModel, reference_image: Image.Image
+) -> None:
+    other = Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mix = {"redux_images": [{"image": INPUT, "weight": 1}, {"image": INPUT, "weight": 0}]}
+    alone = predict(demo_model, reference_image, **SMALL)
+    inputs = PredictionInput(disable_safety_checker=True, **mix, **SMALL)  # type: ignore[arg-type]
+    mixed = Predictor(demo_model, safety=None).predict(inputs, [reference_image, other])
+    assert mixed.outputs[0].data == alone.outputs[0].data
+
+
+def test_a_mix_of_two_references_is_neither_of_them(
+    demo_model: ReduxModel, reference_image: Image.Image
+) -> None:
+    other = Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mix = {"redux_images": [{"image": INPUT, "weight": 1}, {"image": INPUT, "weight": 1}]}
+    inputs = PredictionInput(disable_safety_checker=True, **mix, **SMALL)  # type: ignore[arg-type]
+    mixed = Predictor(demo_model, safety=None).predict(inputs, [reference_image, other]).outputs[0].data
+    assert mixed not in {
+        predict(demo_model, image, **SMALL).outputs[0].data for image in (reference_image, other)
+    }

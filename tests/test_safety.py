@@ -68,7 +68,7 @@ def test_a_failing_checker_counts_as_unsafe() -> None:
 
 def run(detector: object, **fields: object) -> object:
     predictor = Predictor(FakeModel(), SafetyChecker(detector, threshold=0.5))  # type: ignore[arg-type]
-    return predictor.predict(PredictionInput(redux_image=INPUT, seed=1, **fields), IMAGE)  # type: ignore[arg-type]
+    return predictor.predict(PredictionInput(redux_image=INPUT, seed=1, **fields), [IMAGE])  # type: ignore[arg-type]
 
 
 def test_unsafe_images_are_dropped_and_flags_reported_per_image() -> None:

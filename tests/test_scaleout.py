@@ -462,3 +462,33 @@ def test_uploads_and_share_links_work_through_any_node(deployment: Cluster) -> N
     assert httpx.delete(f"{a.url}/v1/share/{token}", headers=a.headers(), timeout=10).status_code == 204
     for node in (a, b):
         assert httpx.get(f"{node.url}/v1/share/{token}", timeout=10).status_code == 404
+
+
+def test_the_demo_model_runs_behind_redis_and_s3(
+    tmp_path: Path, redis_url: str, redis_prefix: str, s3_env: str, model_cache_dir: Path
+) -> None:
+    """The real model code path (the demo model, loaded by the real loader) on a worker of
+    a scale-out deployment: inputs and outputs through S3, state through Redis."""
+    boto3.client("s3").create_bucket(Bucket="scaleout-demo")
+    with cluster(
+        tmp_path,
+        redis_url,
+        redis_prefix,
+        "s3://scaleout-demo/files",
+        FLUXREDUX_MODEL="demo",
+        FLUXREDUX_CACHE_DIR=str(model_cache_dir),
+        **FAST,
+    ) as deployment:
+        node = deployment.node("api-a")
+        deployment.worker("worker-1")
+        made = node.create_id(megapixels="0.25", aspect_ratio="16:9", num_outputs=2, seed=5)
+        done = node.get(made, wait=60)
+        assert done["status"] == "success" and done["demo"] is True, done
+        sizes = [Image.open(io.BytesIO(httpx.get(url, timeout=10).content)).size for url in done["output"]]
+        assert sizes == [(672, 384), (672, 384)]
+        again = node.get(
+            node.create_id(megapixels="0.25", aspect_ratio="16:9", num_outputs=2, seed=5), wait=60
+        )
+        assert [httpx.get(u).content for u in again["output"]] == [
+            httpx.get(u).content for u in done["output"]
+        ]

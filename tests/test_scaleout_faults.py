@@ -74,12 +74,12 @@ class FaultyModel:
         self.inner = FakeModel(step_seconds=settings.fake_step_seconds)
         self.info = self.inner.info
 
-    def generate(self, image, *, seed, **kwargs):
+    def generate(self, references, *, seed, **kwargs):
         if seed == POISON:
             log.warning("seed %d: poisoned, exiting", seed)
             logging.shutdown()
             os._exit(137)
-        result = self.inner.generate(image, seed=seed, **kwargs)
+        result = self.inner.generate(references, seed=seed, **kwargs)
         if HOLD:
             log.warning("seed %d: every step done, holding", seed)
             time.sleep(HOLD)

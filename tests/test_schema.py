@@ -47,7 +47,8 @@ def test_defaults_match_the_hosted_model() -> None:
         "output_format": "webp",
         "output_quality": 80,
         "disable_safety_checker": False,
-        "redux_strength": 1.0,  # beyond the hosted API: defaults that change nothing
+        "redux_images": None,  # beyond the hosted API: defaults that change nothing
+        "redux_strength": 1.0,
         "redux_image_crop": "squash",
     }
     assert inputs.size() == (1024, 1024)
@@ -116,7 +117,7 @@ def test_redux_image_accepts_each_kind_of_reference(ref: str) -> None:
 
 
 def test_redux_image_is_required() -> None:
-    assert errors_of() == ["redux_image: Field required"]
+    assert errors_of() == ["redux_image: Field required (or give redux_images)"]
 
 
 @pytest.mark.parametrize("aspect_ratio", TABLE_ASPECT_RATIOS)
@@ -206,3 +207,35 @@ def test_bad_controls_are_named(fields: dict[str, object], named: str) -> None:
 def test_controls_arrive_as_numbers_or_strings() -> None:
     inputs = PredictionInput(redux_image=IMAGE, redux_strength="0.5", redux_image_crop="pad")  # type: ignore[arg-type]
     assert inputs.redux_strength == 0.5 and inputs.redux_image_crop == "pad"
+
+
+def two(weights: tuple[float, float] = (1, 1)) -> list[dict[str, object]]:
+    return [{"image": IMAGE, "weight": weights[0]}, {"image": "data:,x", "weight": weights[1]}]
+
+
+def test_several_references_are_mixed_by_normalised_weights() -> None:
+    inputs = PredictionInput(redux_images=two((3, 1)))  # type: ignore[arg-type]
+    assert inputs.references == [(IMAGE, 0.75), ("data:,x", 0.25)]
+    assert PredictionInput(redux_image=IMAGE).references == [(IMAGE, 1.0)]
+
+
+@pytest.mark.parametrize(
+    ("fields", "named", "says"),
+    [
+        ({}, "input.redux_image", "Field required"),
+        ({"redux_image": IMAGE, "redux_images": two()}, "input.redux_images", "not both"),
+        ({"redux_images": []}, "input.redux_images", "at least 1"),
+        ({"redux_images": two() * 3}, "input.redux_images", "at most 4"),
+        ({"redux_images": two((1, -1))}, "input.redux_images.1.weight", "greater than or equal to 0"),
+        ({"redux_images": two((0, 0))}, "input.redux_images", "at least one weight"),
+        ({"redux_images": [{"image": "ftp://x/y.png"}]}, "input.redux_images.0.image", "http(s) URL"),
+        ({"redux_images": [{"image": IMAGE, "scale": 1}]}, "input.redux_images.0.scale", "unknown field"),
+    ],
+)
+def test_bad_reference_lists_are_named(fields: dict[str, object], named: str, says: str) -> None:
+    from fluxredux.schema import PredictionRequest
+
+    with pytest.raises(ValidationError) as info:
+        PredictionRequest(input=fields)  # type: ignore[arg-type]
+    [error] = field_errors(info.value)
+    assert named in error.field and says in error.message, error

@@ -55,7 +55,7 @@ def delete_expired(services: Services, now: float | None = None) -> int:
     # Completion times are stamped by the store's clock: compare with the same clock.
     cutoff = (services.store.now() if now is None else now) - services.settings.retention_hours * 3600
     expired = services.store.find(completed_before=cutoff, limit=10_000)
-    inputs = [job.input_file for job in expired if job.input_file]
+    inputs = [key for job in expired for key in job.input_files]
     shared = services.uploads.uploaded(inputs)
     # Files before records: if deleting files fails, the records stay and the next round
     # tries again, rather than leaving files that nothing refers to.
@@ -88,9 +88,7 @@ def delete_orphan_blobs(services: Services, created_before: float) -> int:
     if not old:
         return 0
     jobs = services.store.find(limit=10_000_000)
-    keep = services.uploads.uploaded(old) | {
-        key for job in jobs for key in [*job.output, *([job.input_file] if job.input_file else [])]
-    }
+    keep = services.uploads.uploaded(old) | {key for job in jobs for key in [*job.output, *job.input_files]}
     orphans = [key for key in old if key not in keep]
     services.blobs.delete(orphans)
     return len(orphans)

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MODEL_NAME = "flux-redux-schnell"
 MODEL_VERSION = "0.0.1"
@@ -98,6 +99,40 @@ def _matching_size(reference: tuple[int, int], area: int) -> tuple[int, int]:
     return side((area * ratio) ** 0.5), side((area / ratio) ** 0.5)
 
 
+def check_image_reference(value: str) -> str:
+    """An http(s) URL (bounded), a data: URI, or an uploaded file's id."""
+    value = value.strip()
+    lowered = value[:16].lower()
+    if lowered.startswith(("http://", "https://")):
+        if len(value) > MAX_URL_CHARS:
+            raise ValueError(f"a URL must be at most {MAX_URL_CHARS:,} characters")
+        return value
+    if lowered.startswith("data:") or _FILE_ID.match(value):
+        return value
+    raise ValueError("must be an http(s) URL, a data: URI, or the id of an uploaded file")
+
+
+MAX_REFERENCES = 4
+
+
+class WeightedImage(BaseModel):
+    """One reference of several, and its share of the mix."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image: str = Field(
+        description="An http(s) URL, a data: URI, or the id of an uploaded file.",
+        min_length=1,
+        max_length=MAX_REDUX_IMAGE_CHARS,
+    )
+    weight: float = Field(1.0, ge=0, le=100, description="Its share of the mix (weights are normalised).")
+
+    @field_validator("image")
+    @classmethod
+    def _reference(cls, value: str) -> str:
+        return check_image_reference(value)
+
+
 class PredictionInput(BaseModel):
     """Inputs of one flux-redux-schnell prediction.
 
@@ -107,7 +142,9 @@ class PredictionInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="Input", frozen=True)
 
-    redux_image: str = Field(
+    # Required unless redux_images is given (checked below); the hosted API's one image.
+    redux_image: str | None = Field(
+        None,
         description="Reference image: an http(s) URL, a data: URI, or the id of an uploaded file. "
         "JPEG, PNG, WEBP or GIF (first frame).",
         min_length=1,
@@ -147,6 +184,18 @@ class PredictionInput(BaseModel):
         examples=[0.6],
         json_schema_extra={"x-fluxredux-advanced": True},
     )
+    redux_images: list[WeightedImage] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_REFERENCES,
+        description="Instead of redux_image: 1-4 references mixed into one conditioning, each by its "
+        "weight (normalised to sum to 1; weights [1, 0] give the first image alone). match_input "
+        "takes the first one's proportions.",
+        examples=[
+            [{"image": "https://example.com/a.jpg", "weight": 0.7}, {"image": "upload-id", "weight": 0.3}]
+        ],
+        json_schema_extra={"x-fluxredux-kind": "images", "x-fluxredux-advanced": True},
+    )
     redux_image_crop: ReduxImageCrop = Field(
         "squash",
         description="How the reference is made square for the image encoder: squash (stretch, as "
@@ -167,16 +216,33 @@ class PredictionInput(BaseModel):
 
     @field_validator("redux_image")
     @classmethod
-    def _redux_image_reference(cls, value: str) -> str:
-        value = value.strip()
-        lowered = value[:16].lower()
-        if lowered.startswith(("http://", "https://")):
-            if len(value) > MAX_URL_CHARS:
-                raise ValueError(f"a URL must be at most {MAX_URL_CHARS:,} characters")
-            return value
-        if lowered.startswith("data:") or _FILE_ID.match(value):
-            return value
-        raise ValueError("must be an http(s) URL, a data: URI, or the id of an uploaded file")
+    def _redux_image_reference(cls, value: str | None) -> str | None:
+        return None if value is None else check_image_reference(value)
+
+    @field_validator("redux_images")
+    @classmethod
+    def _some_weight(cls, value: list[WeightedImage] | None) -> list[WeightedImage] | None:
+        if value is not None and not any(item.weight > 0 for item in value):
+            raise ValueError("at least one weight must be above 0")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_give_the_reference(self) -> PredictionInput:
+        # Custom error types: field_errors() names the field each one is about.
+        if self.redux_image is None and self.redux_images is None:
+            raise PydanticCustomError("reference_missing", "Field required (or give redux_images)")
+        if self.redux_image is not None and self.redux_images is not None:
+            raise PydanticCustomError("reference_twice", "give redux_image or redux_images, not both")
+        return self
+
+    @property
+    def references(self) -> list[tuple[str, float]]:
+        """Every reference with its share of the mix (normalised weights, summing to 1)."""
+        if self.redux_images is None:
+            assert self.redux_image is not None  # one of the two: checked above
+            return [(self.redux_image, 1.0)]
+        total = sum(item.weight for item in self.redux_images)
+        return [(item.image, item.weight / total) for item in self.redux_images]
 
     def size(self, reference: tuple[int, int] | None = None) -> tuple[int, int]:
         """(width, height) of each generated image; ``reference`` is the reference image's
@@ -207,11 +273,15 @@ def field_path(loc: Iterable[int | str]) -> str:
     return ".".join(shorten(str(part)) for part in loc)
 
 
+# The field a whole-model check is about (pydantic places those errors on the model).
+_ABOUT = {"reference_missing": ("redux_image",), "reference_twice": ("redux_images",)}
+
+
 def field_errors(exc: ValidationError) -> list[FieldError]:
     """Turn pydantic's errors into one message per field, naming unknown fields."""
     errors = []
     for err in exc.errors(include_url=False):
-        field = field_path(err["loc"])
+        field = field_path([*err["loc"], *_ABOUT.get(err["type"], ())])
         if err["type"] == "extra_forbidden":
             message = f"unknown field '{field}'"
             allowed = ", ".join(PredictionInput.model_fields)

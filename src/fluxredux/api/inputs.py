@@ -1,4 +1,5 @@
-"""Turning ``redux_image`` into a stored, checked reference image at request time.
+"""Turning the reference images (``redux_image``, or each of ``redux_images``) into
+stored, checked images at request time.
 
 Whatever the source (upload id, data: URI, http(s) URL), the image is decoded once here
 so a bad image is a 400 now rather than a failed prediction later, then stored as an
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from PIL import Image
 
@@ -18,6 +21,7 @@ from fluxredux.errors import ImageError, StorageError
 from fluxredux.formats import INPUT_FORMATS
 from fluxredux.images import DecodeLimits, decode_image, parse_data_uri
 from fluxredux.net import SafeFetcher
+from fluxredux.schema import PredictionInput
 from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, is_valid_id, key_id, new_key
 from fluxredux.uploads import UploadStore
 
@@ -88,3 +92,55 @@ async def resolve_reference(
             "image_file_not_found", f"no uploaded file with id '{ref}' (expired or never uploaded)"
         )
     return await check_and_store(data, blobs, limits, name=upload.key)
+
+
+async def resolve_references(
+    inputs: PredictionInput,
+    blobs: BlobStore,
+    uploads: UploadStore,
+    fetcher: SafeFetcher,
+    limits: DecodeLimits,
+) -> list[StoredImage]:
+    """Every reference of ``inputs``, in order, checked and stored; if one fails, the
+    copies already made for this request are deleted before the error goes up."""
+    stored: list[StoredImage] = []
+    try:
+        for reference, _weight in inputs.references:
+            stored.append(await resolve_reference(reference, blobs, uploads, fetcher, limits))
+    except BaseException:
+        await asyncio.to_thread(blobs.delete, [image.name for image in stored if image.saved_now])
+        raise
+    return stored
+
+
+def _is_url(reference: str) -> bool:
+    return reference[:8].lower().startswith(("http://", "https://"))
+
+
+def recorded_input(inputs: PredictionInput, stored: list[StoredImage]) -> dict[str, object]:
+    """The input as the prediction keeps and echoes it: each reference that is not a URL
+    by its stored file's id (not a 30 MB data: URI echoed on every poll)."""
+    recorded = inputs.model_dump(mode="json")
+    if inputs.redux_images is None:
+        if not _is_url(recorded["redux_image"]):
+            recorded["redux_image"] = stored[0].file_id
+        return recorded
+    for item, image in zip(recorded["redux_images"], stored, strict=True):
+        if not _is_url(item["image"]):
+            item["image"] = image.file_id
+    return recorded
+
+
+def shown_references(
+    recorded: dict[str, Any], files: list[str], link: Callable[[str], str]
+) -> dict[str, Any]:
+    """``recorded`` with each reference that is not a URL shown as a link to its file."""
+    shown = dict(recorded)
+    if shown.get("redux_images"):
+        shown["redux_images"] = [
+            {**item, "image": item["image"] if _is_url(str(item["image"])) else link(name)}
+            for item, name in zip(shown["redux_images"], files, strict=False)
+        ]
+    elif files and not _is_url(str(shown.get("redux_image", ""))):
+        shown["redux_image"] = link(files[0])
+    return shown

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fluxredux.jobs.model import Status
+from fluxredux.jobs.registry import WorkerRegistry, is_gone
 from fluxredux.jobs.store import JobStore
 
 
@@ -31,8 +33,49 @@ class _StoreCollector(Collector):
         )
 
 
+class _WorkerCollector(Collector):
+    """What each live worker reports in its registry entry, read at scrape time: so the
+    workers of every machine are counted, by every API node.
+
+    The conditioning cache's counters are cumulative for the life of a worker; a worker
+    that restarts comes back under a new id, so each series only ever grows (a new one
+    starts at 0, as a restarted process's counters do)."""
+
+    def __init__(self, registry: WorkerRegistry, ttl: float) -> None:
+        self.registry = registry
+        self.ttl = ttl
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        hits = CounterMetricFamily(
+            "fluxredux_conditioning_cache_hits",
+            "References whose Redux conditioning a worker had cached (the image encoder was skipped)",
+            labels=["worker"],
+        )
+        misses = CounterMetricFamily(
+            "fluxredux_conditioning_cache_misses",
+            "References a worker's conditioning cache did not hold (the image encoder ran)",
+            labels=["worker"],
+        )
+        now = self.registry.now()
+        for worker in self.registry.workers():
+            counts = worker.details.get("conditioning_cache")
+            if is_gone(worker, now, self.ttl) or not isinstance(counts, dict):
+                continue  # gone, or no cache (the fake model, or the cache turned off)
+            if _is_count(counts.get("hits")) and _is_count(counts.get("misses")):
+                hits.add_metric([worker.id], counts["hits"])
+                misses.add_metric([worker.id], counts["misses"])
+        yield hits
+        yield misses
+
+
+def _is_count(value: Any) -> bool:
+    # Another machine wrote it: a malformed entry is left out, not a failed scrape.
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class Metrics:
-    def __init__(self, store: JobStore) -> None:
+    def __init__(self, store: JobStore, registry: WorkerRegistry, worker_ttl: float) -> None:
+        """``worker_ttl``: silent this long, a worker is gone (its series are dropped)."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "fluxredux_http_requests",
@@ -53,6 +96,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StoreCollector(store))
+        self.registry.register(_WorkerCollector(registry, worker_ttl))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+from fluxredux.api.inputs import shown_references
 from fluxredux.jobs.model import Job, Status
 from fluxredux.schema import Prediction, PublicStatus
 
@@ -33,9 +34,7 @@ def render(job: Job, base_url: str, queue_position: int | None = None) -> Predic
     output: str | list[str] | None = None
     if job.status == Status.SUCCEEDED:
         output = urls[0] if job.input.get("num_outputs", 1) == 1 and len(urls) == 1 else urls
-    shown_input: dict[str, Any] = dict(job.input)
-    if job.input_file and not str(shown_input.get("redux_image", "")).startswith(("http://", "https://")):
-        shown_input["redux_image"] = file_url(base_url, job.input_file)
+    shown_input = shown_references(job.input, job.input_files, lambda name: file_url(base_url, name))
     metrics: dict[str, Any] = dict(job.metrics)
     if job.started_at is not None:
         metrics["queue_time"] = round(job.started_at - job.created_at, 4)

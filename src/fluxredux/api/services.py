@@ -112,7 +112,7 @@ def build_services(
         fetcher=fetcher,
         outbox=outbox,
         webhooks=webhooks,
-        metrics=Metrics(store),
+        metrics=Metrics(store, registry, settings.worker_ttl_seconds),
         registry=registry,
         workers=workers(settings, lifecycle, bus, registry),
         creations=backends.rate_limiter("creations", settings.rate_limit_per_minute),

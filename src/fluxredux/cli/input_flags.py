@@ -21,8 +21,9 @@ from fluxredux.schema import PredictionInput, field_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Fields given another way than a flag (the image is the positional argument).
-NOT_FLAGS = frozenset({"redux_image"})
+# Fields given another way than a flag: the image is the positional argument. Several
+# weighted references have no command-line form yet (the API and the client take them).
+NOT_FLAGS = frozenset({"redux_image", "redux_images"})
 
 
 def flag_name(field: str) -> str:

@@ -71,7 +71,7 @@ def _run(inputs: PredictionInput, reference: tuple[bytes, Any], settings: Settin
         task = progress.add_task("denoising", total=inputs.num_inference_steps)
         result = Predictor(image_model, checker).predict(
             inputs,
-            reference[1],
+            [reference[1]],
             on_step=lambda done, total: progress.update(task, completed=done, total=total),
         )
     return result

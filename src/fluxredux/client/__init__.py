@@ -125,6 +125,30 @@ def _headers(api_key: str) -> dict[str, str]:
     return {"X-API-Key": api_key, "User-Agent": "fluxredux-client"}
 
 
+def _references(inputs: Mapping[str, Any]) -> list[Any]:
+    """Every reference image of ``inputs``: redux_image, or each of redux_images."""
+    many = inputs.get("redux_images") or []
+    return [inputs.get("redux_image"), *(item.get("image") for item in many if isinstance(item, Mapping))]
+
+
+def _with_uploads(inputs: Mapping[str, Any], upload: Callable[[Path | bytes], str]) -> dict[str, Any]:
+    """``inputs`` with each local file (a Path or bytes) among the references replaced by
+    the id ``upload`` gives it: files are uploaded first, then named by id."""
+
+    def resolved(reference: Any) -> Any:
+        return upload(reference) if isinstance(reference, Path | bytes) else reference
+
+    result = dict(inputs)
+    if "redux_image" in result:
+        result["redux_image"] = resolved(result["redux_image"])
+    if result.get("redux_images"):
+        result["redux_images"] = [
+            {**item, "image": resolved(item.get("image"))} if isinstance(item, Mapping) else item
+            for item in result["redux_images"]
+        ]
+    return result
+
+
 class FluxRedux:
     """Synchronous client.
 
@@ -172,10 +196,7 @@ class FluxRedux:
         )
 
     def _inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        resolved = dict(inputs)
-        if isinstance(resolved.get("redux_image"), Path | bytes):  # a local file: upload it first
-            resolved["redux_image"] = self.upload(resolved["redux_image"]).id
-        return resolved
+        return _with_uploads(inputs, lambda source: self.upload(source).id)
 
     def create(
         self, inputs: Mapping[str, Any], *, webhook_url: str | None = None, webhook_secret: str | None = None
@@ -269,9 +290,9 @@ class AsyncFluxRedux:
     async def create(
         self, inputs: Mapping[str, Any], *, webhook_url: str | None = None, webhook_secret: str | None = None
     ) -> str:
-        resolved = dict(inputs)
-        if isinstance(resolved.get("redux_image"), Path | bytes):
-            resolved["redux_image"] = (await self.upload(resolved["redux_image"])).id
+        sources = [ref for ref in _references(inputs) if isinstance(ref, Path | bytes)]
+        uploaded = {id(source): (await self.upload(source)).id for source in sources}
+        resolved = _with_uploads(inputs, lambda source: uploaded[id(source)])
         response = await self._request(
             "POST", "/v1/prediction/", json=_body(resolved, webhook_url, webhook_secret)
         )

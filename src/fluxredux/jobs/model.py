@@ -64,7 +64,7 @@ class Job:
     webhook_url: str | None = None
     webhook_secret: str | None = None
     webhook_state: str | None = None  # pending -> delivered | failed
-    input_file: str | None = None  # the stored reference image
+    input_files: list[str] = field(default_factory=list)  # the stored reference images, in order
 
     @property
     def is_terminal(self) -> bool:
@@ -81,4 +81,7 @@ def job_to_json(job: Job) -> str:
 def job_from_json(data: str) -> Job:
     fields = json.loads(data)
     fields["status"] = Status(fields["status"])
+    if "input_file" in fields:  # stored before several references: its one image
+        legacy = fields.pop("input_file")
+        fields["input_files"] = [legacy] if legacy else []
     return Job(**fields)

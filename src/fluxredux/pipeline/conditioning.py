@@ -10,6 +10,7 @@ the same code.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,17 +41,55 @@ def redux_conditioning(
     text_sequence_length: int = TEXT_SEQUENCE_LENGTH,
 ) -> Conditioning:
     """SigLIP -> Redux embedder -> appended after zero "text" tokens; pooled is zeros."""
-    encoder_dtype = next(image_encoder.parameters()).dtype
-    pixels = feature_extractor.preprocess(
-        images=image, do_resize=True, return_tensors="pt", do_convert_rgb=True
-    ).pixel_values.to(device=device, dtype=encoder_dtype)
-    hidden = image_encoder(pixel_values=pixels).last_hidden_state
-    image_tokens = image_embedder(hidden).image_embeds.to(device=device)
-    text = torch.zeros(
-        (1, text_sequence_length, joint_attention_dim), device=device, dtype=image_tokens.dtype
+    tokens = redux_tokens(
+        encoder_pixels(image, feature_extractor),
+        image_encoder=image_encoder,
+        image_embedder=image_embedder,
+        device=device,
     )
-    pooled = torch.zeros((1, pooled_projection_dim), device=device, dtype=image_tokens.dtype)
-    return Conditioning(prompt_embeds=torch.cat([text, image_tokens], dim=1), pooled_prompt_embeds=pooled)
+    return after_zero_text(
+        tokens,
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        text_sequence_length=text_sequence_length,
+    )
+
+
+def encoder_pixels(image: Image.Image, feature_extractor: SiglipImageProcessorPil) -> torch.Tensor:
+    """What SigLIP's processor makes of ``image`` (on the CPU): exactly what the encoder sees."""
+    pixels: torch.Tensor = feature_extractor.preprocess(
+        images=image, do_resize=True, return_tensors="pt", do_convert_rgb=True
+    ).pixel_values
+    return pixels
+
+
+def redux_tokens(
+    pixels: torch.Tensor,
+    *,
+    image_encoder: SiglipVisionModel,
+    image_embedder: ReduxImageEncoder,
+    device: torch.device,
+) -> torch.Tensor:
+    """SigLIP -> Redux embedder: the reference's tokens, on ``device``."""
+    encoder_dtype = next(image_encoder.parameters()).dtype
+    hidden = image_encoder(pixel_values=pixels.to(device=device, dtype=encoder_dtype)).last_hidden_state
+    tokens: torch.Tensor = image_embedder(hidden).image_embeds.to(device=device)
+    return tokens
+
+
+def after_zero_text(
+    tokens: torch.Tensor,
+    *,
+    joint_attention_dim: int,
+    pooled_projection_dim: int,
+    text_sequence_length: int = TEXT_SEQUENCE_LENGTH,
+) -> Conditioning:
+    """The conditioning of a prompt-less Redux prior: zero "text" tokens, then ``tokens``
+    (a new tensor: nothing done to it downstream reaches ``tokens``); pooled is zeros."""
+    device, dtype = tokens.device, tokens.dtype
+    text = torch.zeros((1, text_sequence_length, joint_attention_dim), device=device, dtype=dtype)
+    pooled = torch.zeros((1, pooled_projection_dim), device=device, dtype=dtype)
+    return Conditioning(prompt_embeds=torch.cat([text, tokens], dim=1), pooled_prompt_embeds=pooled)
 
 
 def redux_strength_bias(
@@ -82,3 +121,18 @@ def redux_strength_bias(
     bias = torch.zeros((1, 1, 1, text_tokens + image_tokens), dtype=dtype, device=device)
     bias[..., text_sequence_length:text_tokens] = math.log(strength) if strength > 0 else float("-inf")
     return bias
+
+
+def mix_conditionings(parts: Sequence[tuple[Conditioning, float]]) -> Conditioning:
+    """Several references as one conditioning: the weighted sum of their embeddings, as
+    FluxPriorReduxPipeline does with ``prompt_embeds_scale`` for a list of images, with
+    the weights given already normalised (they sum to 1, so the mix keeps the scale of
+    one reference's tokens and stays where the transformer was trained). One part (any
+    weight) is returned as it is: a single reference takes today's exact path, and
+    weights [1, 0] give exactly the first image's conditioning (1·a + 0·b = a)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    prompt = sum(c.prompt_embeds * weight for c, weight in parts)
+    pooled = sum(c.pooled_prompt_embeds * weight for c, weight in parts)
+    assert isinstance(prompt, torch.Tensor) and isinstance(pooled, torch.Tensor)
+    return Conditioning(prompt_embeds=prompt, pooled_prompt_embeds=pooled)

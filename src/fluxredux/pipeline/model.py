@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,10 +22,16 @@ from transformers import SiglipImageProcessorPil, SiglipVisionModel
 from fluxredux.config import Settings
 from fluxredux.errors import ModelUnavailable, PredictionCancelled
 from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
-from fluxredux.pipeline.conditioning import Conditioning, redux_conditioning, redux_strength_bias
+from fluxredux.pipeline.conditioning import (
+    Conditioning,
+    mix_conditionings,
+    redux_conditioning,
+    redux_strength_bias,
+)
+from fluxredux.pipeline.conditioning_cache import ConditioningCache, cached_redux_conditioning
 from fluxredux.pipeline.demo import DEMO_NOTICE, ensure_demo_model
 from fluxredux.weights import REDUX, SCHNELL, resolve_weights
-from fluxredux.worker.predictor import CancelCheck, ProgressCallback
+from fluxredux.worker.predictor import CancelCheck, ProgressCallback, Reference
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +88,14 @@ def load_model(settings: Settings) -> ReduxModel:
         log.warning("Using the DEMO model (%s): random weights, outputs are noise.", why)
     else:
         schnell_ref, redux_ref = settings.schnell_model, settings.redux_model
-    model = ReduxModel.load(schnell_ref, redux_ref, kind=kind, device=device, offload=settings.offload)
+    model = ReduxModel.load(
+        schnell_ref,
+        redux_ref,
+        kind=kind,
+        device=device,
+        offload=settings.offload,
+        conditioning_cache=ConditioningCache.from_megabytes(settings.conditioning_cache_mb),
+    )
     log.info("model ready: %s", model.info.describe())
     return model
 
@@ -96,12 +110,16 @@ class ReduxModel:
         feature_extractor: SiglipImageProcessorPil,
         image_embedder: ReduxImageEncoder,
         info: ModelInfo,
+        *,
+        conditioning_cache: ConditioningCache | None = None,
     ) -> None:
         self.pipe = pipe
         self.image_encoder = image_encoder
         self.feature_extractor = feature_extractor
         self.image_embedder = image_embedder
         self.info = info
+        # Redux tokens of recent references (None: every reference is encoded anew).
+        self.conditioning_cache = conditioning_cache
         self.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
 
     @classmethod
@@ -113,6 +131,7 @@ class ReduxModel:
         kind: ModelKind,
         device: torch.device,
         offload: str = "none",
+        conditioning_cache: ConditioningCache | None = None,
     ) -> ReduxModel:
         """Load from local folders or the Hugging Face cache; never downloads.
 
@@ -148,11 +167,24 @@ class ReduxModel:
             redux=redux_ref,
             offload=offload,
         )
-        return cls(pipe, image_encoder, feature_extractor, image_embedder, info)
+        return cls(
+            pipe,
+            image_encoder,
+            feature_extractor,
+            image_embedder,
+            info,
+            conditioning_cache=conditioning_cache,
+        )
 
     @classmethod
     def from_random(
-        cls, spec: ArchitectureSpec, *, device: torch.device, dtype: torch.dtype, seed: int = 0
+        cls,
+        spec: ArchitectureSpec,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int = 0,
+        conditioning_cache: ConditioningCache | None = None,
     ) -> ReduxModel:
         """Random weights in memory, nothing on disk: with the FULL spec on a GPU this
         times exactly like the real model (the benchmark's --full-size-random)."""
@@ -173,7 +205,14 @@ class ReduxModel:
             schnell=f"random:{spec.name}",
             redux=f"random:{spec.name}",
         )
-        return cls(pipe, parts.image_encoder, parts.feature_extractor, parts.image_embedder, info)
+        return cls(
+            pipe,
+            parts.image_encoder,
+            parts.feature_extractor,
+            parts.image_embedder,
+            info,
+            conditioning_cache=conditioning_cache,
+        )
 
     @staticmethod
     def _load_components(
@@ -207,6 +246,18 @@ class ReduxModel:
 
     def condition(self, image: Image.Image) -> Conditioning:
         config = self.pipe.transformer.config
+        if self.conditioning_cache is not None:
+            # The same conditioning, bit for bit; a reference seen lately skips the encoder.
+            return cached_redux_conditioning(
+                image,
+                cache=self.conditioning_cache,
+                image_encoder=self.image_encoder,
+                feature_extractor=self.feature_extractor,
+                image_embedder=self.image_embedder,
+                joint_attention_dim=config.joint_attention_dim,
+                pooled_projection_dim=config.pooled_projection_dim,
+                device=self.device,
+            )
         return redux_conditioning(
             image,
             image_encoder=self.image_encoder,
@@ -220,7 +271,7 @@ class ReduxModel:
     @torch.inference_mode()
     def generate(
         self,
-        image: Image.Image,
+        references: Sequence[Reference],
         *,
         width: int,
         height: int,
@@ -231,8 +282,9 @@ class ReduxModel:
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> Generation:
-        """Generate ``num_outputs`` images as one batch; ``strength`` < 1 weakens the
-        reference's pull (see ``redux_strength_bias``).
+        """Generate ``num_outputs`` images as one batch from the references mixed by their
+        shares (see ``mix_conditionings``); ``strength`` < 1 weakens the references' pull
+        (see ``redux_strength_bias``).
 
         ``is_cancelled`` is checked before the work starts and after every denoising
         step; a cancel raises PredictionCancelled within one step.
@@ -250,7 +302,7 @@ class ReduxModel:
 
         raise_if_cancelled()
         started = time.perf_counter()
-        conditioning = self.condition(image)
+        conditioning = mix_conditionings([(self.condition(image), share) for image, share in references])
         timings["prior"] = self._elapsed(started)
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:

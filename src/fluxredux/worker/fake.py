@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from fluxredux.errors import PredictionCancelled
-from fluxredux.worker.predictor import CancelCheck, ProgressCallback
+from fluxredux.worker.predictor import CancelCheck, ProgressCallback, Reference
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class FakeModel:
 
     def generate(
         self,
-        image: Image.Image,
+        references: Sequence[Reference],
         *,
         width: int,
         height: int,

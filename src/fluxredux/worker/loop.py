@@ -136,10 +136,12 @@ class Worker:
         started = time.perf_counter()
         try:
             inputs = PredictionInput.model_validate(job.input)
-            image = self._reference(job)
+            images = [self._reference(name) for name in job.input_files]
+            if not images:
+                raise FluxReduxError("the prediction has no stored reference image")
             result = self.predictor.predict(
                 inputs,
-                image,
+                images,
                 on_step=lambda step, total: self._progress(job, step, total),
                 is_cancelled=lambda: self._cancel_requested(job),
             )
@@ -156,11 +158,9 @@ class Worker:
             return
         self._succeed(job, result, names, time.perf_counter() - started)
 
-    def _reference(self, job: Job) -> Image.Image:
-        if job.input_file is None:
-            raise FluxReduxError("the prediction has no stored reference image")
+    def _reference(self, name: str) -> Image.Image:
         try:
-            data = self.blobs.get(job.input_file)
+            data = self.blobs.get(name)
         except BlobNotFound:
             raise FluxReduxError(
                 "the reference image is no longer stored; create the prediction again"

@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 # The one definition of each, for every model (real, demo, fake) and every caller.
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps), after each step
 CancelCheck = Callable[[], bool]  # asked at every step: True stops the run there
+# A reference image, made square for the image encoder, and its share of the mix (the
+# shares of one prediction sum to 1).
+Reference = tuple[Image.Image, float]
 
 
 class ModelInfoLike(Protocol):
@@ -50,7 +53,7 @@ class ImageModel(Protocol):
 
     def generate(
         self,
-        image: Image.Image,
+        references: Sequence[Reference],
         *,
         width: int,
         height: int,
@@ -107,15 +110,20 @@ class Predictor:
     def predict(
         self,
         inputs: PredictionInput,
-        image: Image.Image,
+        images: Sequence[Image.Image],
         *,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> PredictionResult:
         seed = inputs.seed if inputs.seed is not None else random_seed()
-        width, height = inputs.size(image.size)
+        if len(images) != len(inputs.references):
+            raise ValueError(f"{len(inputs.references)} references asked for, {len(images)} images given")
+        width, height = inputs.size(images[0].size)  # match_input: the first reference's proportions
         generation = self.model.generate(
-            square_reference(image, inputs.redux_image_crop),
+            [
+                (square_reference(image, inputs.redux_image_crop), weight)
+                for image, (_, weight) in zip(images, inputs.references, strict=True)
+            ],
             width=width,
             height=height,
             num_outputs=inputs.num_outputs,

@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import Protocol, runtime_checkable
 
 from fluxredux.backends import Backends
 from fluxredux.config import Settings
@@ -45,6 +46,27 @@ log = logging.getLogger("fluxredux.worker")
 EXIT_MODEL_FAILED = 3
 
 ModelFactory = Callable[[Settings], ImageModel]
+
+
+class CacheCounters(Protocol):
+    def counters(self) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class HasConditioningCache(Protocol):
+    """A model that may keep a conditioning cache (the real and demo models; the fake has none)."""
+
+    @property
+    def conditioning_cache(self) -> CacheCounters | None: ...
+
+
+def model_details(model: ImageModel) -> dict[str, object]:
+    """What the model has to say in the registry as it works: its conditioning cache's
+    cumulative hits and misses, which every API node's /metrics reads from there (so they
+    count for workers on any machine). Nothing for a model without a cache."""
+    if isinstance(model, HasConditioningCache) and model.conditioning_cache is not None:
+        return {"conditioning_cache": model.conditioning_cache.counters()}
+    return {}
 
 
 class WorkerProcess:
@@ -111,7 +133,11 @@ class WorkerProcess:
             raise
         try:
             info = model.info
-            self.registration.update("ready", model=info.describe(), demo=info.is_demo, notice=info.notice)
+            self.registration.update(
+                "ready", model=info.describe(), demo=info.is_demo, notice=info.notice, **model_details(model)
+            )
+            # Counters change with each prediction: each heartbeat carries them when they did.
+            self.registration.report_on_beat(lambda: model_details(model))
             log.info("worker %s ready: %s", self.worker_id, info.describe())
             events = self._events
             self._worker = worker = Worker(

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.errors import error_responses
-from fluxredux.api.inputs import resolve_reference
+from fluxredux.api.inputs import recorded_input, resolve_references
 from fluxredux.api.render import render
 from fluxredux.api.services import Services
 from fluxredux.config import Settings
@@ -89,23 +89,20 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
         await check_webhook_target(services, body.webhook_url)
     # With Redis, counting is a network call: never on the event loop.
     await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
-    stored = await resolve_reference(
-        body.input.redux_image, services.blobs, services.uploads, services.fetcher, services.decode_limits
+    stored = await resolve_references(
+        body.input, services.blobs, services.uploads, services.fetcher, services.decode_limits
     )
-    job_input = body.input.model_dump(mode="json")
-    if not body.input.redux_image.startswith(("http://", "https://")):
-        job_input["redux_image"] = stored.file_id  # not a 30 MB data: URI echoed on every poll
     job = Job(
         id=new_id(),
         owner=key.id,
-        input=job_input,
+        input=recorded_input(body.input, stored),
         # The store's clock, not this node's: queue order and paging must not depend on
         # which API node took the request.
         created_at=await asyncio.to_thread(services.store.now),
         version=body.version,
         webhook_url=body.webhook_url,
         webhook_secret=body.webhook_secret,
-        input_file=stored.name,
+        input_files=[image.name for image in stored],
         progress_total=body.input.num_inference_steps,
     )
     # Count and insert in one store operation: concurrent creations (of this process or
@@ -120,8 +117,8 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
         if not capacity.accepted:
             raise capacity_error(settings, capacity) or QueueFull("the server's queue is full; try again")
     except FluxReduxError:
-        if stored.saved_now:  # refused: the copy made for this request goes (an upload stays)
-            await asyncio.to_thread(services.blobs.delete, [stored.name])
+        # Refused: the copies made for this request go (an upload stays).
+        await asyncio.to_thread(services.blobs.delete, [image.name for image in stored if image.saved_now])
         raise
     services.workers.wake()
     return job

@@ -90,6 +90,7 @@ def public_view(share: Share, job: Job, base: str) -> SharedPrediction:
     shown_input = dict(full.input)
     if not share.include_reference:
         shown_input.pop("redux_image", None)
+        shown_input.pop("redux_images", None)
     return SharedPrediction(
         status=full.status,
         input=shown_input,

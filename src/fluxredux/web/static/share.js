@@ -17,15 +17,17 @@ async function show() {
   $("demo-banner").hidden = !prediction.demo;
   // The reference image is in the answer only when the sharer chose to include it.
   const reference = $("reference");
-  if (String(prediction.input.redux_image || "").startsWith("http")) {
-    reference.src = prediction.input.redux_image;
+  // One reference, or the first of several (redux_images).
+  const shown = prediction.input.redux_image || prediction.input.redux_images?.[0]?.image || "";
+  if (String(shown).startsWith("http")) {
+    reference.src = shown;
     reference.hidden = false;
   } else {
     $("reference-title").textContent = "Settings";
   }
   const inputs = $("inputs");
   for (const [name, value] of Object.entries(prediction.input)) {
-    if (name === "redux_image") continue;
+    if (name === "redux_image" || name === "redux_images") continue;
     inputs.append(el("dt", {}, name.replace(/_/g, " ")), el("dd", {}, value === null ? "random" : String(value)));
   }
   inputs.append(el("dt", {}, "seed used"), el("dd", {}, String(prediction.seed ?? "—")));

@@ -71,6 +71,7 @@ def test_the_input_is_echoed_without_the_data_uri(api: Harness) -> None:
         ({"input": {"num_outputs": 7}}, 400, "invalid_input", "input.num_outputs"),
         ({"input": {"redux_strength": 1.5}}, 400, "invalid_input", "input.redux_strength"),
         ({"input": {"redux_image_crop": "fill"}}, 400, "invalid_input", "input.redux_image_crop"),
+        ({"input": {"prompt": "x" * 2001}}, 400, "invalid_input", "input.prompt"),
         ({"input": {"steps": 4}}, 400, "invalid_input", "unknown field 'input.steps'"),
         (
             {"input": {"redux_image": "data:image/png;base64,aGVsbG8="}},
@@ -275,6 +276,8 @@ def test_openapi_describes_the_input_model(api: Harness) -> None:
     schema = httpx.get(api.url + "/openapi.json").json()
     properties = schema["components"]["schemas"]["PredictionInput"]["properties"]
     assert properties["aspect_ratio"]["enum"][:2] == ["1:1", "16:9"]
+    assert properties["prompt"]["examples"] == ["a watercolour painting, soft morning light"]
+    assert properties["prompt"]["anyOf"][0]["maxLength"] == 2000
     assert "/v1/prediction/{prediction_id}/cancel" in schema["paths"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -102,7 +103,7 @@ def test_every_input_field_is_a_flag() -> None:
     result = subprocess.run(
         [FLUXREDUX, "predict", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
     )
-    assert {"redux_image", "redux_images"} == NOT_FLAGS  # the positional image; no list form yet
+    assert {"redux_image"} == NOT_FLAGS  # the positional image
     for field in PredictionInput.model_fields:
         if field not in NOT_FLAGS:
             assert "--" + field.replace("_", "-") in result.stdout
@@ -137,3 +138,54 @@ def test_run_checks_flags_before_calling_the_server(tmp_path: Path, model_cache_
     )  # fmt: skip
     assert result.returncode == 2
     assert "--megapixels: Input should be '1' or '0.25'" in result.stderr
+
+
+def test_several_references_from_the_command_line(tmp_path: Path, model_cache_dir: Path) -> None:
+    """--redux-images takes the list as JSON (local files here); weights [1, 0] give the
+    first file alone, byte for byte."""
+    other = tmp_path / "other.png"
+    Image.new("RGB", (40, 60), (10, 200, 90)).save(other)
+    common = ("--seed", "9", "--megapixels", "0.25", "--output-format", "png")
+    alone = run_cli("predict", str(SAMPLE_IMAGE), *common, "-o", "alone", cache=model_cache_dir, cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    mix = json.dumps([{"image": str(SAMPLE_IMAGE), "weight": 1}, {"image": str(other), "weight": 0}])
+    mixed = run_cli(
+        "predict", "--redux-images", mix, *common, "-o", "mixed", cache=model_cache_dir, cwd=tmp_path
+    )
+    assert mixed.returncode == 0, mixed.stderr
+    [first], [second] = list((tmp_path / "alone").iterdir()), list((tmp_path / "mixed").iterdir())
+    assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ((str(SAMPLE_IMAGE), "--redux-images", '[{"image": "a.png"}]'), "not both"),
+        ((), "give a reference IMAGE"),
+        (("--redux-images", "[{"), "--redux-images: not valid JSON"),
+        (("--redux-images", '[{"image": "a.png", "weight": -1}]'), "--redux-images"),
+    ],
+)
+def test_references_on_the_command_line_are_checked(
+    tmp_path: Path, model_cache_dir: Path, args: tuple[str, ...], says: str
+) -> None:
+    result = run_cli("predict", *args, cache=model_cache_dir, cwd=tmp_path)
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, (
+        result.stderr
+    )
+
+
+def test_run_uploads_the_local_files_among_several_references(tmp_path: Path) -> None:
+    from tests.harness import running_server
+
+    other = tmp_path / "other.png"
+    Image.new("RGB", (40, 60), (10, 200, 90)).save(other)
+    mix = json.dumps([{"image": str(SAMPLE_IMAGE), "weight": 3}, {"image": str(other), "weight": 1}])
+    with running_server(tmp_path) as api:
+        args = ("--redux-images", mix, "--server", api.url, "--key", api.key, "--megapixels", "0.25")
+        result = run_cli("run", *args, "-o", "out", cache=tmp_path, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        [job] = api.services.store.list_by_owner(api.services.keys.list()[0].id, 5)
+        assert [item["weight"] for item in job.input["redux_images"]] == [3, 1]
+        assert api.services.uploads.uploaded(job.input_files) == set(job.input_files)  # both uploaded
+    assert len(list((tmp_path / "out").iterdir())) == 1

@@ -47,7 +47,8 @@ def test_defaults_match_the_hosted_model() -> None:
         "output_format": "webp",
         "output_quality": 80,
         "disable_safety_checker": False,
-        "redux_images": None,  # beyond the hosted API: defaults that change nothing
+        "prompt": None,  # beyond the hosted API: defaults that change nothing
+        "redux_images": None,
         "redux_strength": 1.0,
         "redux_image_crop": "squash",
     }
@@ -75,9 +76,9 @@ def test_numeric_strings_and_numbers_are_both_accepted() -> None:
 
 
 def test_unknown_fields_are_rejected_by_name() -> None:
-    messages = errors_of(redux_image=IMAGE, num_output=2, prompt="a cat")
+    messages = errors_of(redux_image=IMAGE, num_output=2, negative_prompt="blurry")
     assert any("unknown field 'num_output'" in m for m in messages)
-    assert any("unknown field 'prompt'" in m for m in messages)
+    assert any("unknown field 'negative_prompt'" in m for m in messages)
 
 
 @pytest.mark.parametrize(
@@ -194,6 +195,8 @@ def test_match_input_needs_a_reference() -> None:
         ({"redux_strength": "strong"}, "input.redux_strength"),
         ({"redux_image_crop": "stretch"}, "input.redux_image_crop"),
         ({"aspect_ratio": "match"}, "input.aspect_ratio"),
+        ({"prompt": "x" * 2001}, "input.prompt"),
+        ({"prompt": 42}, "input.prompt"),
     ],
 )
 def test_bad_controls_are_named(fields: dict[str, object], named: str) -> None:
@@ -207,6 +210,18 @@ def test_bad_controls_are_named(fields: dict[str, object], named: str) -> None:
 def test_controls_arrive_as_numbers_or_strings() -> None:
     inputs = PredictionInput(redux_image=IMAGE, redux_strength="0.5", redux_image_crop="pad")  # type: ignore[arg-type]
     assert inputs.redux_strength == 0.5 and inputs.redux_image_crop == "pad"
+
+
+def test_a_prompt_is_optional_text_of_at_most_2000_characters() -> None:
+    assert PredictionInput(redux_image=IMAGE, prompt=" a red fox\n").prompt == "a red fox"
+    assert PredictionInput(redux_image=IMAGE, prompt="x" * 2000).prompt == "x" * 2000
+    for blank in ("", "   ", "\n\t"):  # an emptied form field: no prompt, the zero-text path
+        assert PredictionInput(redux_image=IMAGE, prompt=blank).prompt is None
+    [message] = errors_of(redux_image=IMAGE, prompt="x" * 2001)
+    assert message == "prompt: String should have at most 2000 characters"
+    schema = PredictionInput.model_json_schema()["properties"]["prompt"]
+    assert schema["examples"] and schema["x-fluxredux-advanced"] is True
+    assert {"type": "string", "maxLength": 2000} in schema["anyOf"]
 
 
 def two(weights: tuple[float, float] = (1, 1)) -> list[dict[str, object]]:

@@ -268,3 +268,32 @@ def test_advanced_controls_are_folded_and_reach_the_prediction(browser: Browser,
     job = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0]
     assert (job.input["redux_strength"], job.input["redux_image_crop"]) == (0.4, "center")
     assert watched.errors == []
+
+
+def test_a_run_with_a_prompt_and_two_references(browser: Browser, api: Harness, tmp_path: Path) -> None:
+    """Advanced: a second reference (a file of its own, uploaded when run) mixed with the
+    main one by the weights set on the page, and a prompt."""
+    second = tmp_path / "second.png"
+    Image.new("RGB", (40, 60), (10, 200, 90)).save(second)
+    watched = open_page(browser, api)
+    page = watched.page
+    enter_key(page, api.key)
+    drop_file(page, SAMPLE_IMAGE.read_bytes(), "sample.jpg", "image/jpeg")
+    page.get_by_text("Advanced", exact=True).click()
+    prompt = page.get_by_label("Prompt")
+    prompt.fill("a watercolour of a lighthouse at dusk")
+    page.get_by_role("button", name="Add a reference").click()
+    page.get_by_label("Reference 2 file").set_input_files(second)
+    page.get_by_label("Weight of the main reference").fill("0.75")
+    page.get_by_label("Weight of reference 2").fill("0.25")
+    page.get_by_role("button", name="Run", exact=True).click()
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+
+    job = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0]
+    assert job.input["redux_image"] is None
+    assert [item["weight"] for item in job.input["redux_images"]] == [0.75, 0.25]
+    assert job.input["prompt"] == "a watercolour of a lighthouse at dusk"
+    assert len(job.input_files) == 2
+    stored = [Image.open(api.services.settings.files_dir / name).size for name in job.input_files]
+    assert stored == [(768, 512), (40, 60)]  # the main reference first, then the added one
+    assert watched.errors == []

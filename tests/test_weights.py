@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fluxredux.errors import WeightsNotFound
-from fluxredux.weights import REDUX, SCHNELL, WeightsSpec, resolve_weights
+from fluxredux.weights import REDUX, SCHNELL, TEXT_ENCODERS, WeightsSpec, resolve_weights
 
 # File listings of the real hub repos (names only), to check what `download` fetches.
 SCHNELL_REPO_FILES = [
@@ -48,6 +48,31 @@ def test_download_fetches_only_the_diffusers_files_we_load() -> None:
         "image_embedder/diffusion_pytorch_model.safetensors", "image_encoder/config.json",
         "image_encoder/model.safetensors",
     }  # fmt: skip
+
+
+def test_the_text_encoders_are_fetched_only_when_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import fluxredux.cli.download
+    from fluxredux.cli import app
+
+    assert selected(TEXT_ENCODERS, SCHNELL_REPO_FILES) == {
+        f for f in SCHNELL_REPO_FILES if f.startswith(("text_encoder", "tokenizer"))
+    }
+    fetched: list[tuple[str, str]] = []
+    monkeypatch.setattr(
+        fluxredux.cli.download,
+        "download_weights",
+        lambda spec, repo, token=None: fetched.append((spec.title, repo)) or Path("/nowhere"),
+    )
+    runner = CliRunner()
+    assert runner.invoke(app, ["download"]).exit_code == 0
+    assert [title for title, _ in fetched] == [REDUX.title, SCHNELL.title]
+    fetched.clear()
+    assert runner.invoke(app, ["download", "--with-text-encoders"]).exit_code == 0
+    assert fetched[-1] == (TEXT_ENCODERS.title, SCHNELL.default_repo)
+    help_text = runner.invoke(app, ["download", "--help"], env={"COLUMNS": "200"}).output
+    assert "--with-text-encoders" in help_text and "9.8 GB" in help_text
 
 
 def assert_helpful(error: WeightsNotFound) -> None:

@@ -18,6 +18,7 @@ from fluxredux.database import DEFAULT_BUSY_TIMEOUT
 ModelChoice = Literal["auto", "flux", "demo", "fake"]
 MetricsAccess = Literal["open", "key", "off"]
 Offload = Literal["none", "model", "sequential"]
+TextEncoderPolicy = Literal["keep", "unload"]
 
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"
@@ -42,6 +43,14 @@ class Settings(BaseSettings):
         "none",
         description="CUDA only. model: keep idle components in CPU RAM (saves ~10 GiB of GPU memory, "
         "slower); sequential: stream weights layer by layer (smallest GPU footprint, much slower).",
+    )
+    text_encoders: TextEncoderPolicy = Field(
+        "keep",
+        description="The text encoders (T5-XXL + CLIP, ~9.3 GiB in bf16) are loaded on the worker when a "
+        "prompt first needs them; requests without a prompt never load them. keep: they stay loaded "
+        "for the next prompt. unload: they are freed as soon as each prompt is encoded (before "
+        "denoising), so a small GPU holds them only briefly; each prompted prediction then loads them "
+        "again (seconds from a warm disk cache).",
     )
     device: str | None = Field(None, description="torch device; default cuda when present, else cpu.")
     fake_step_seconds: float = Field(

@@ -51,6 +51,12 @@ class WeightsNotFound(FluxReduxError):
     code = "weights_not_found"
 
 
+class TextEncodersMissing(WeightsNotFound):
+    """A prompt needs FLUX.1 [schnell]'s text encoders, and they are not on this machine."""
+
+    code = "text_encoders_missing"
+
+
 class ModelUnavailable(FluxReduxError):
     """The requested model cannot run here (e.g. the real model without a GPU)."""
 

@@ -62,6 +62,8 @@ MAX_REDUX_IMAGE_CHARS = 64 * 1024 * 1024
 MAX_URL_CHARS = 8192
 # Free-form strings that are stored and echoed (model, version): generous, not unbounded.
 MAX_NAME_CHARS = 64
+# A prompt: far more than the text encoders read (CLIP 77 tokens, T5 512), still bounded.
+MAX_PROMPT_CHARS = 2000
 
 
 # FLUX's latent grid: both sides of an output are multiples of this.
@@ -175,6 +177,15 @@ class PredictionInput(BaseModel):
     )
     disable_safety_checker: bool = Field(False, description="Skip the safety checker on generated images.")
     # --- beyond the hosted API: optional, and when absent every output is as before ----
+    prompt: str | None = Field(
+        None,
+        max_length=MAX_PROMPT_CHARS,
+        description="Text blended with the reference image, read by FLUX's text encoders (T5: up to 512 "
+        "tokens, CLIP: 77) where the hosted API gives them nothing. The reference still steers; a lower "
+        "redux_strength lets the text steer more. Empty or absent: no text.",
+        examples=["a watercolour painting, soft morning light"],
+        json_schema_extra={"x-fluxredux-advanced": True},
+    )
     redux_strength: float = Field(
         1.0,
         ge=0,
@@ -218,6 +229,14 @@ class PredictionInput(BaseModel):
     @classmethod
     def _redux_image_reference(cls, value: str | None) -> str | None:
         return None if value is None else check_image_reference(value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _blank_prompt_is_none(cls, value: str | None) -> str | None:
+        # A blank prompt (an emptied form field) means no prompt: the zero-text path.
+        if value is None or not value.strip():
+            return None
+        return value.strip()
 
     @field_validator("redux_images")
     @classmethod

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fluxredux.config import REDUX_REPO, SCHNELL_REPO
-from fluxredux.errors import WeightsNotFound
+from fluxredux.errors import TextEncodersMissing, WeightsNotFound
 
 LICENSE_NOTE = (
     "FLUX.1-Redux-dev is gated on the Hugging Face hub and published under the FLUX.1 [dev] "
@@ -35,8 +35,9 @@ class WeightsSpec:
 SCHNELL = WeightsSpec(
     title="FLUX.1 [schnell]",
     default_repo=SCHNELL_REPO,
-    # Text encoders and tokenizers are never loaded (Redux conditions on the image alone):
-    # skipping them saves ~9.5 GB. So is the 23 GB single-file checkpoint at the root.
+    # Text encoders and tokenizers are left out (Redux conditions on the image alone; only
+    # the optional prompt needs them: TEXT_ENCODERS below), saving ~9.8 GB. So is the 23 GB
+    # single-file checkpoint at the root.
     allow_patterns=("model_index.json", "scheduler/*", "transformer/*", "vae/*"),
     required_files=(
         "model_index.json",
@@ -46,6 +47,22 @@ SCHNELL = WeightsSpec(
     ),
     weight_folders=("transformer", "vae"),
 )
+
+# Only a prompt needs them; ``fluxredux download --with-text-encoders`` fetches them.
+TEXT_ENCODERS = WeightsSpec(
+    title="FLUX.1 [schnell] text encoders",
+    default_repo=SCHNELL_REPO,
+    allow_patterns=("text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"),
+    required_files=(
+        "text_encoder/config.json",
+        "text_encoder_2/config.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer_2/tokenizer_config.json",
+    ),
+    weight_folders=("text_encoder", "text_encoder_2"),
+)
+# What they add to a download, for the messages: T5-XXL (9.5 GB) + CLIP-L (0.25 GB), bf16.
+TEXT_ENCODERS_SIZE = "about 9.8 GB"
 
 REDUX = WeightsSpec(
     title="FLUX.1 Redux prior",
@@ -71,6 +88,34 @@ def resolve_weights(ref: str, spec: WeightsSpec) -> Path:
             ref, spec, f"{path} is missing {', '.join(missing)}", looked_in=str(path), missing=missing
         )
     return path
+
+
+def resolve_text_encoders(ref: str) -> Path:
+    """The local folder holding FLUX.1 [schnell]'s text encoders and tokenizers for ``ref``
+    (the schnell folder or repo id), or TextEncodersMissing saying where it looked."""
+    try:
+        path = _local_folder(ref)
+        if path is None:
+            path = _cached_snapshot(ref, TEXT_ENCODERS)
+    except WeightsNotFound as exc:  # the folder, or the repo in the cache, is gone
+        looked_in = str(exc.detail.get("looked_in", ref))
+        raise _text_encoders_missing(ref, f"nothing of {ref} in {looked_in}", looked_in, []) from exc
+    missing = missing_files(path, TEXT_ENCODERS)
+    if missing:
+        raise _text_encoders_missing(ref, f"{path} is missing {', '.join(missing)}", str(path), missing)
+    return path
+
+
+def _text_encoders_missing(ref: str, what: str, looked_in: str, missing: list[str]) -> TextEncodersMissing:
+    return TextEncodersMissing(
+        f"A prompt needs the FLUX.1 [schnell] text encoders, which are not on this machine: {what}. "
+        f"Fetch them with `fluxredux download --with-text-encoders` ({TEXT_ENCODERS_SIZE} more: "
+        "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ of FLUX.1-schnell, Apache-2.0), or put "
+        "those folders into FLUXREDUX_SCHNELL_MODEL's folder. Requests without a prompt do not need them.",
+        model=ref,
+        looked_in=looked_in,
+        missing=missing,
+    )
 
 
 def missing_files(folder: Path, spec: WeightsSpec) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import typing
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
@@ -17,13 +18,22 @@ import typer
 from pydantic import ValidationError
 
 from fluxredux.errors import InvalidInput
-from fluxredux.schema import PredictionInput, field_errors
+from fluxredux.schema import FieldError, PredictionInput, field_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Fields given another way than a flag: the image is the positional argument. Several
-# weighted references have no command-line form yet (the API and the client take them).
-NOT_FLAGS = frozenset({"redux_image", "redux_images"})
+# Fields given another way than a flag (the image is the positional argument).
+NOT_FLAGS = frozenset({"redux_image"})
+
+
+def _is_list(schema: dict[str, Any]) -> bool:
+    return schema.get("type") == "array" or any(s.get("type") == "array" for s in schema.get("anyOf", []))
+
+
+# Fields whose value is a list (redux_images): their flag takes it as JSON.
+JSON_FLAGS = frozenset(
+    name for name, schema in PredictionInput.model_json_schema()["properties"].items() if _is_list(schema)
+)
 
 
 def flag_name(field: str) -> str:
@@ -39,6 +49,8 @@ def _help(schema: dict[str, Any]) -> str:
         parts.append(f"Range {schema['minimum']}-{schema['maximum']}.")
     if schema.get("default") is not None:
         parts.append(f"Default: {schema['default']}.")
+    if _is_list(schema) and schema.get("examples"):
+        parts.append(f"As JSON, e.g. '{json.dumps(schema['examples'][0])}'.")
     return " ".join(p for p in parts if p)
 
 
@@ -90,12 +102,46 @@ def with_input_flags(func: F) -> F:
 IMAGE_PLACEHOLDER = "data:,image-given-apart"
 
 
+def parse_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags as the input model takes them: JSON ones decoded (an error names the flag)."""
+    parsed = dict(flags)
+    for name in JSON_FLAGS & parsed.keys():
+        try:
+            parsed[name] = json.loads(parsed[name])
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"{flag_name(name)}: not valid JSON ({exc.msg})") from None
+    return parsed
+
+
+def check_reference_choice(image_given: bool, flags: dict[str, Any]) -> None:
+    """One positional IMAGE, or several references with --redux-images: not both, not neither."""
+    if image_given == ("redux_images" in flags):
+        raise InvalidInput("give a reference IMAGE, or several with --redux-images (not both)")
+
+
 def validate_flags(flags: dict[str, Any]) -> PredictionInput:
-    """The flags checked by the input model itself; errors name the flag."""
+    """The (parsed) flags checked by the input model itself; errors name the flag.
+
+    The images are checked apart (local files here, not what the API takes): the
+    positional one, or each of --redux-images, stands in as a placeholder."""
+    given: dict[str, Any] = {"redux_image": IMAGE_PLACEHOLDER}
+    listed = flags.get("redux_images")
+    if listed is not None:
+        given = {}
+        if isinstance(listed, list):
+            stand_in = [
+                {**item, "image": IMAGE_PLACEHOLDER} if isinstance(item, dict) else item for item in listed
+            ]
+            flags = {**flags, "redux_images": stand_in}
     try:
-        return PredictionInput(redux_image=IMAGE_PLACEHOLDER, **flags)
+        return PredictionInput(**given, **flags)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{flag_name(e.field)}: {e.message}" if e.field in flags else str(e) for e in field_errors(exc)
-        )
-        raise InvalidInput(problems) from None
+        raise InvalidInput("; ".join(_named(e, flags) for e in field_errors(exc))) from None
+
+
+def _named(error: FieldError, flags: dict[str, Any]) -> str:
+    """The error with its field named as the flag that gave it (``--redux-images 0.weight``)."""
+    head, _, rest = error.field.partition(".")
+    if head not in flags:
+        return str(error)
+    return f"{flag_name(head)}{' ' + rest if rest else ''}: {error.message}"

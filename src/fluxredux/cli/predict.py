@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fluxredux.cli.app import ModelOption, VerboseOption, app, err, fail, out, setup_logging
-from fluxredux.cli.input_flags import validate_flags, with_input_flags
+from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ImageError
 from fluxredux.images import DecodeLimits, decode_image
@@ -20,7 +20,12 @@ from fluxredux.worker.predictor import PredictionResult
 @app.command()
 @with_input_flags
 def predict(
-    image: Annotated[Path, typer.Argument(help="Reference image file (JPEG, PNG, WEBP or GIF).")],
+    image: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Reference image file (JPEG, PNG, WEBP or GIF); or several, with --redux-images."
+        ),
+    ] = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where to write the images.")] = Path(
         "."
     ),
@@ -29,16 +34,20 @@ def predict(
     *,
     inputs: dict[str, Any],
 ) -> None:
-    """Generate variations of IMAGE in this process and write them to --output-dir."""
+    """Generate variations of IMAGE (or of --redux-images mixed) in this process and write
+    them to --output-dir."""
     setup_logging(verbose)
     settings = Settings() if model is None else Settings(model=model)
     try:
-        reference = _read_image(image, settings)
-        prediction_input = validate_flags(inputs)
-        result = _run(prediction_input, reference, settings)
+        parsed = parse_flags(inputs)
+        check_reference_choice(image is not None, parsed)
+        prediction_input = validate_flags(parsed)
+        paths = [image] if image is not None else [Path(item["image"]) for item in parsed["redux_images"]]
+        references = [_read_image(path, settings)[1] for path in paths]
+        result = _run(prediction_input, references, settings)
     except FluxReduxError as exc:
         raise fail(exc) from None
-    _report(result, image, output_dir)
+    _report(result, paths[0], output_dir)
 
 
 def _read_image(path: Path, settings: Settings) -> tuple[bytes, Any]:
@@ -50,7 +59,7 @@ def _read_image(path: Path, settings: Settings) -> tuple[bytes, Any]:
     return data, decode_image(data, limits)
 
 
-def _run(inputs: PredictionInput, reference: tuple[bytes, Any], settings: Settings) -> PredictionResult:
+def _run(inputs: PredictionInput, references: list[Any], settings: Settings) -> PredictionResult:
     # Imported here: torch and diffusers take seconds to import, and `--help` should not.
     from fluxredux.worker.factories import build_checker, build_model
     from fluxredux.worker.predictor import Predictor
@@ -71,7 +80,7 @@ def _run(inputs: PredictionInput, reference: tuple[bytes, Any], settings: Settin
         task = progress.add_task("denoising", total=inputs.num_inference_steps)
         result = Predictor(image_model, checker).predict(
             inputs,
-            [reference[1]],
+            references,
             on_step=lambda done, total: progress.update(task, completed=done, total=total),
         )
     return result

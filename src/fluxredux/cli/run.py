@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fluxredux.cli.app import VerboseOption, app, err, fail, out, setup_logging
-from fluxredux.cli.input_flags import validate_flags, with_input_flags
+from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
 from fluxredux.client import FluxRedux
 from fluxredux.errors import FluxReduxError, InvalidInput
 from fluxredux.schema import Prediction
@@ -20,8 +20,12 @@ from fluxredux.schema import Prediction
 @with_input_flags
 def run(
     image: Annotated[
-        str, typer.Argument(help="Reference image: a local file, an http(s) URL or an uploaded file id.")
-    ],
+        str | None,
+        typer.Argument(
+            help="Reference image: a local file, an http(s) URL or an uploaded file id; "
+            "or several, with --redux-images (local files among them are uploaded)."
+        ),
+    ] = None,
     server: Annotated[
         str, typer.Option(envvar="FLUXREDUX_SERVER", help="Server URL.")
     ] = "http://127.0.0.1:8000",
@@ -37,17 +41,29 @@ def run(
     setup_logging(verbose)
     if not key:
         raise fail(InvalidInput("an API key is needed: --key or FLUXREDUX_API_KEY"))
-    local = Path(image)
-    reference: Any = local if local.is_file() else image
     try:
-        validate_flags(inputs)  # locally first: same model, same messages as the server
+        parsed = parse_flags(inputs)
+        check_reference_choice(image is not None, parsed)
+        validate_flags(parsed)  # locally first: same model, same messages as the server
+        if image is not None:
+            parsed["redux_image"] = _local_or_remote(image)
+        else:
+            parsed["redux_images"] = [
+                {**item, "image": _local_or_remote(str(item["image"]))} for item in parsed["redux_images"]
+            ]
         with FluxRedux(server, key) as client:
-            prediction = _run_with_progress(client, {"redux_image": reference, **inputs})
+            prediction = _run_with_progress(client, parsed)
             _save(client, prediction, output_dir)
     except FluxReduxError as exc:
         raise fail(exc) from None
     except httpx.HTTPError as exc:
         raise fail(FluxReduxError(f"cannot reach the server at {server}: {exc}")) from None
+
+
+def _local_or_remote(reference: str) -> Any:
+    """A local file as a Path (the client uploads it), anything else as given."""
+    local = Path(reference)
+    return local if local.is_file() else reference
 
 
 def _run_with_progress(client: FluxRedux, inputs: dict[str, Any]) -> Prediction:
@@ -58,9 +74,9 @@ def _run_with_progress(client: FluxRedux, inputs: dict[str, Any]) -> Prediction:
         TimeElapsedColumn(),
         console=err,
     ) as progress:
-        task = progress.add_task(
-            "uploading" if not isinstance(inputs["redux_image"], str) else "creating", total=None, state=""
-        )
+        references = [inputs.get("redux_image"), *(i["image"] for i in inputs.get("redux_images") or [])]
+        local = any(isinstance(reference, Path) for reference in references)
+        task = progress.add_task("uploading" if local else "creating", total=None, state="")
         prediction_id = client.create(inputs)
         progress.update(task, description=prediction_id)
 

@@ -92,6 +92,27 @@ def after_zero_text(
     return Conditioning(prompt_embeds=torch.cat([text, tokens], dim=1), pooled_prompt_embeds=pooled)
 
 
+def with_text(
+    conditioning: Conditioning, text: Conditioning, *, text_sequence_length: int = TEXT_SEQUENCE_LENGTH
+) -> Conditioning:
+    """``conditioning`` (the zero text, then the Redux tokens: one reference's or a mix's)
+    with a prompt's encoding in place of the zeros: ``text``'s T5 tokens before the same
+    Redux tokens, and its CLIP pooled vector. What FluxPriorReduxPipeline makes of a prompt
+    and one image; for several images it sums w_i·[text, tokens_i], whose text part is the
+    prompt's own when the weights sum to 1, as here: the prompt counts once, the references
+    are mixed."""
+    if text.prompt_embeds.shape[1] != text_sequence_length:
+        raise ValueError(
+            f"the prompt's encoding has {text.prompt_embeds.shape[1]} tokens, expected {text_sequence_length}"
+        )
+    tokens = conditioning.prompt_embeds[:, text_sequence_length:]
+    device, dtype = tokens.device, tokens.dtype
+    prompt = torch.cat([text.prompt_embeds.to(device=device, dtype=dtype), tokens], dim=1)
+    return Conditioning(
+        prompt_embeds=prompt, pooled_prompt_embeds=text.pooled_prompt_embeds.to(device, dtype)
+    )
+
+
 def redux_strength_bias(
     conditioning: Conditioning,
     strength: float,
@@ -104,17 +125,21 @@ def redux_strength_bias(
     """An additive attention bias that weakens the Redux tokens: ln(strength) on their
     keys, 0 elsewhere; None at strength 1 (nothing changes: today's exact path).
 
-    Why a bias and not scaling the tokens: multiplying the Redux embeddings by s also
-    shrinks their values and moves them off the distribution the transformer saw, and
-    users of ComfyUI's and others' Redux nodes report it goes from "no effect" to "all
-    reference" over a narrow band. ln(s) on the keys multiplies exactly the attention
-    each query pays the reference by s before the softmax renormalises (the reference's
-    share of attention falls monotonically with s, and each token keeps its meaning);
-    at s = 0 the reference is not attended at all.
+    Why a bias. What users of the Redux tools report: multiplying the tokens by s (the
+    default of ComfyUI's style node, and mflux's) stays "always strong" until s is below
+    about 0.1, and moves the tokens off what the transformer was trained on; pooling the
+    27x27 token grid (the popular AdvancedRefluxControl node) does weaken the reference,
+    at the cost of its details, and its author points to an attention bias as the way to
+    set a strength without losing them. ln(s) on the keys multiplies exactly the attention
+    each query pays the reference by s before the softmax renormalises: the reference's
+    share of attention falls monotonically with s, each token keeps its meaning and
+    detail, and at s = 0 the reference is not attended at all. (How the slider feels on
+    the real weights is still to be seen on a GPU.)
 
-    Joint attention runs over [text tokens (512 zeros + Redux tokens), image tokens]; the
-    bias is shaped [1, 1, 1, keys] so it broadcasts over batch, heads and queries (a 2D
-    mask is misread by some attention backends)."""
+    Joint attention runs over [text tokens (512 zeros or a prompt's T5 tokens, then the
+    Redux tokens), image tokens]; the bias is shaped [1, 1, 1, keys] so it broadcasts over
+    batch, heads and queries (a 2D mask is misread by some attention backends). A prompt's
+    tokens keep their full weight: only the reference is weakened."""
     if strength >= 1:
         return None
     text_tokens = conditioning.prompt_embeds.shape[1]

@@ -15,7 +15,8 @@ conditioned on their image.
 
 What is cached. The Redux image tokens (1, 729, 4096 for the real model: 5.7 MiB in bf16),
 on the model's device, where they are used: a hit is only a concatenation after the zero
-text tokens, with no copy between devices. Not the zero text part (it is rebuilt, free)
+text tokens, with no copy between devices. Not the zero text part (it is rebuilt, free),
+not a prompt's text (put in its place afterwards, on a hit as on a miss: ``with_text``)
 and not the SigLIP hidden states (3.5x smaller, but a hit would still run the embedder).
 The bytes each entry holds count against the bound; the least recently used go first.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DEMO_NOTICE = "demo model: random weights, outputs are noise"
 # Bump when the demo architecture changes, so stale copies in caches are rebuilt.
-DEMO_VERSION = "v1"
+DEMO_VERSION = "v2"  # v2: tokenizers that read letters, with the real model_max_length
 DEMO_SEED = 1234
 
 
@@ -82,7 +83,7 @@ def _write_demo_model(root: Path) -> DemoModelPaths:
     parts = build_random_components(TINY, seed=DEMO_SEED)
     text_encoder, tokenizer, text_encoder_2, tokenizer_2 = _tiny_text_encoders()
     # Text encoders are saved too, exactly like the real FLUX.1-schnell folder holds
-    # them, so the loader is shown to skip them on a real layout.
+    # them: the loader skips them until a prompt needs them.
     FluxPipeline(
         scheduler=parts.scheduler,
         vae=parts.vae,
@@ -104,14 +105,17 @@ def _write_demo_model(root: Path) -> DemoModelPaths:
 
 
 def _tiny_text_encoders() -> tuple[CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast]:
+    """CLIP-L and T5 shrunk, with tokenizers that read lower-case letters (one token each),
+    so different prompts give different tokens, as with the real vocabularies."""
     torch.manual_seed(DEMO_SEED + 1)
+    vocab_size = 64
     clip = CLIPTextModel(
         CLIPTextConfig(
-            hidden_size=32,
+            hidden_size=TINY.transformer["pooled_projection_dim"],
             intermediate_size=37,
             num_hidden_layers=1,
             num_attention_heads=4,
-            vocab_size=16,
+            vocab_size=vocab_size,
             max_position_embeddings=77,
             projection_dim=32,
             bos_token_id=0,
@@ -121,16 +125,33 @@ def _tiny_text_encoders() -> tuple[CLIPTextModel, CLIPTokenizer, T5EncoderModel,
     ).eval()
     t5 = T5EncoderModel(
         T5Config(
-            d_model=32, d_ff=37, d_kv=8, num_layers=1, num_heads=4, vocab_size=16, decoder_start_token_id=0
+            d_model=TINY.transformer["joint_attention_dim"],
+            d_ff=37,
+            d_kv=8,
+            num_layers=1,
+            num_heads=4,
+            vocab_size=vocab_size,
+            decoder_start_token_id=0,
         )
     ).eval()
     # transformers 5 builds tokenizers offline from in-memory vocabularies (the
-    # vocab_file= forms would silently build empty ones).
-    clip_tokenizer = CLIPTokenizer(
-        vocab={"<|startoftext|>": 0, "<|endoftext|>": 1, "t": 2, "h": 3, "th</w>": 4, "a</w>": 5, "th": 6},
-        merges=[("t", "h")],
+    # vocab_file= forms would silently build empty ones). model_max_length as the real
+    # ones (77 and 512): FLUX pads CLIP's input to it.
+    letters = string.ascii_lowercase
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    clip_vocab.update(
+        {piece: len(clip_vocab) + i for i, piece in enumerate([*letters, *(c + "</w>" for c in letters)])}
     )
+    clip_tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
     t5_tokenizer = T5TokenizerFast(
-        vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581a", -1.0), ("b", -2.0)], extra_ids=0
+        vocab=[
+            ("<pad>", 0.0),
+            ("</s>", 0.0),
+            ("<unk>", 0.0),
+            ("\u2581", -2.0),
+            *((c, -3.0) for c in letters),
+        ],
+        extra_ids=0,
+        model_max_length=512,
     )
     return clip, clip_tokenizer, t5, t5_tokenizer

@@ -5,6 +5,7 @@ The only module (with its siblings in this package) that imports torch and diffu
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -19,18 +20,20 @@ from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from PIL import Image
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
-from fluxredux.config import Settings
-from fluxredux.errors import ModelUnavailable, PredictionCancelled
+from fluxredux.config import Offload, Settings
+from fluxredux.errors import ModelUnavailable, PredictionCancelled, TextEncodersMissing
 from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
 from fluxredux.pipeline.conditioning import (
     Conditioning,
     mix_conditionings,
     redux_conditioning,
     redux_strength_bias,
+    with_text,
 )
 from fluxredux.pipeline.conditioning_cache import ConditioningCache, cached_redux_conditioning
 from fluxredux.pipeline.demo import DEMO_NOTICE, ensure_demo_model
-from fluxredux.weights import REDUX, SCHNELL, resolve_weights
+from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
+from fluxredux.weights import REDUX, SCHNELL, resolve_text_encoders, resolve_weights
 from fluxredux.worker.predictor import CancelCheck, ProgressCallback, Reference
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,8 @@ class ModelInfo:
 class Generation:
     images: list[np.ndarray]  # (H, W, 3) uint8 each
     seed: int
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: prior, denoise, decode
+    # seconds: prior, denoise, decode (and prompt, when there was one)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def choose_model_kind(choice: str, cuda_available: bool) -> ModelKind:
@@ -95,13 +99,15 @@ def load_model(settings: Settings) -> ReduxModel:
         device=device,
         offload=settings.offload,
         conditioning_cache=ConditioningCache.from_megabytes(settings.conditioning_cache_mb),
+        keep_text_encoders=settings.text_encoders == "keep",
     )
     log.info("model ready: %s", model.info.describe())
     return model
 
 
 class ReduxModel:
-    """FLUX.1 [schnell] conditioned on one reference image through the Redux prior."""
+    """FLUX.1 [schnell] conditioned on reference images through the Redux prior, and on
+    an optional prompt through its text encoders (loaded when a prompt first needs them)."""
 
     def __init__(
         self,
@@ -112,6 +118,7 @@ class ReduxModel:
         info: ModelInfo,
         *,
         conditioning_cache: ConditioningCache | None = None,
+        text_encoders: LazyTextEncoders | None = None,
     ) -> None:
         self.pipe = pipe
         self.image_encoder = image_encoder
@@ -120,6 +127,8 @@ class ReduxModel:
         self.info = info
         # Redux tokens of recent references (None: every reference is encoded anew).
         self.conditioning_cache = conditioning_cache
+        # T5 + CLIP for prompts, not loaded yet (None: this model cannot take a prompt).
+        self.text_encoders = text_encoders
         self.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
 
     @classmethod
@@ -130,13 +139,16 @@ class ReduxModel:
         *,
         kind: ModelKind,
         device: torch.device,
-        offload: str = "none",
+        offload: Offload = "none",
         conditioning_cache: ConditioningCache | None = None,
+        keep_text_encoders: bool = True,
     ) -> ReduxModel:
         """Load from local folders or the Hugging Face cache; never downloads.
 
         Both locations are checked before any weight is read, so missing weights are
-        reported within a second, not after minutes of loading the other half.
+        reported within a second, not after minutes of loading the other half. The text
+        encoders are not loaded here: the first prompt loads them (from the schnell
+        folder, looked up again then, so a later ``download --with-text-encoders`` counts).
         """
         if offload != "none" and device.type != "cuda":
             raise ModelUnavailable(f"offload '{offload}' needs a CUDA device; this one is {device}")
@@ -167,6 +179,9 @@ class ReduxModel:
             redux=redux_ref,
             offload=offload,
         )
+        load_encoders = functools.partial(
+            _load_text_encoders, schnell_ref, dtype=dtype, device=device, offload=offload
+        )
         return cls(
             pipe,
             image_encoder,
@@ -174,6 +189,7 @@ class ReduxModel:
             image_embedder,
             info,
             conditioning_cache=conditioning_cache,
+            text_encoders=LazyTextEncoders(load_encoders, keep=keep_text_encoders),
         )
 
     @classmethod
@@ -187,7 +203,8 @@ class ReduxModel:
         conditioning_cache: ConditioningCache | None = None,
     ) -> ReduxModel:
         """Random weights in memory, nothing on disk: with the FULL spec on a GPU this
-        times exactly like the real model (the benchmark's --full-size-random)."""
+        times exactly like the real model (the benchmark's --full-size-random). No text
+        encoders: it takes no prompt."""
         parts = build_random_components(spec, seed=seed, device=device, dtype=dtype)
         pipe = FluxPipeline(
             scheduler=parts.scheduler,
@@ -244,6 +261,42 @@ class ReduxModel:
     def device(self) -> torch.device:
         return torch.device(self.pipe._execution_device)
 
+    @property
+    def text_encoders_loaded(self) -> bool:
+        """Whether T5 and CLIP are in memory now (only ever after a prompt)."""
+        return self.text_encoders is not None and self.text_encoders.loaded
+
+    def encode_prompt(self, prompt: str) -> Conditioning:
+        """The prompt's text conditioning (T5 tokens, CLIP pooled), loading the text
+        encoders first if no prompt has loaded them yet."""
+        if self.text_encoders is None:
+            raise TextEncodersMissing(
+                f"{self.info.describe()} was built without text encoders: it cannot take a prompt",
+                model=self.info.schnell,
+            )
+        return self.text_encoders.encode(prompt)
+
+    def conditioning(
+        self,
+        references: Sequence[Reference],
+        prompt: str | None = None,
+        *,
+        timings: dict[str, float] | None = None,
+    ) -> Conditioning:
+        """The references mixed by their shares (see ``mix_conditionings``), with the
+        prompt's encoding in place of the zero text if there is a prompt (``with_text``).
+        Without a prompt the text encoders are never touched. ``timings`` gets the seconds
+        of the prior and, with a prompt, of the text encoders."""
+        timings = {} if timings is None else timings
+        started = time.perf_counter()
+        conditioning = mix_conditionings([(self.condition(image), share) for image, share in references])
+        timings["prior"] = self._elapsed(started)
+        if prompt is not None:
+            started = time.perf_counter()
+            conditioning = with_text(conditioning, self.encode_prompt(prompt))
+            timings["prompt"] = self._elapsed(started)
+        return conditioning
+
     def condition(self, image: Image.Image) -> Conditioning:
         config = self.pipe.transformer.config
         if self.conditioning_cache is not None:
@@ -279,12 +332,13 @@ class ReduxModel:
         num_inference_steps: int,
         seed: int,
         strength: float = 1.0,
+        prompt: str | None = None,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> Generation:
         """Generate ``num_outputs`` images as one batch from the references mixed by their
-        shares (see ``mix_conditionings``); ``strength`` < 1 weakens the references' pull
-        (see ``redux_strength_bias``).
+        shares (see ``mix_conditionings``) and the optional ``prompt`` (see ``with_text``);
+        ``strength`` < 1 weakens the references' pull (see ``redux_strength_bias``).
 
         ``is_cancelled`` is checked before the work starts and after every denoising
         step; a cancel raises PredictionCancelled within one step.
@@ -301,9 +355,7 @@ class ReduxModel:
                 raise PredictionCancelled("the prediction was cancelled")
 
         raise_if_cancelled()
-        started = time.perf_counter()
-        conditioning = mix_conditionings([(self.condition(image), share) for image, share in references])
-        timings["prior"] = self._elapsed(started)
+        conditioning = self.conditioning(references, prompt, timings=timings)
 
         def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             if on_step is not None:
@@ -358,3 +410,14 @@ class ReduxModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # honest timings: wait for queued kernels
         return time.perf_counter() - started
+
+
+def _load_text_encoders(
+    schnell_ref: str, *, dtype: torch.dtype, device: torch.device, offload: Offload
+) -> TextEncoders:
+    """FLUX.1 [schnell]'s text encoders for ``schnell_ref`` (a folder or a repo id), or
+    TextEncodersMissing naming where they were looked for and how to get them."""
+    folder = resolve_text_encoders(schnell_ref)
+    log.info("loading the text encoders from %s", folder)
+    with quiet_library_progress():
+        return load_text_encoders(folder, dtype=dtype, device=device, offload=offload)

@@ -1,8 +1,8 @@
 """A model with the real model's interface that takes no time: API, queue and
 benchmark runs use it to measure and test everything but the model.
 
-Each image is one flat colour derived from the seed and its index, so tests can tell
-outputs apart and check that the same seed gives the same files.
+Each image is one flat colour derived from the seed (and the prompt, if any) and its
+index, so tests can tell outputs apart and check that the same seed gives the same files.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class FakeModel:
         num_inference_steps: int,
         seed: int,
         strength: float = 1.0,  # no model: nothing to steer
+        prompt: str | None = None,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> FakeGeneration:
@@ -59,7 +60,9 @@ class FakeModel:
                 time.sleep(self.step_seconds)
             if on_step is not None:
                 on_step(step, num_inference_steps)
-        rng = random.Random(seed)
+        # A prompt changes the colours, as it changes a real model's images; without one
+        # they are what they always were.
+        rng = random.Random(seed if prompt is None else f"{seed}:{prompt}")
         images = []
         for _ in range(num_outputs):
             colour = np.array([rng.randrange(256) for _ in range(3)], dtype=np.uint8)

@@ -61,6 +61,7 @@ class ImageModel(Protocol):
         num_inference_steps: int,
         seed: int,
         strength: float = 1.0,
+        prompt: str | None = None,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> GenerationLike: ...
@@ -130,6 +131,7 @@ class Predictor:
             num_inference_steps=inputs.num_inference_steps,
             seed=seed,
             strength=inputs.redux_strength,
+            prompt=inputs.prompt,
             on_step=on_step,
             is_cancelled=is_cancelled,
         )

@@ -60,13 +60,25 @@ class HasConditioningCache(Protocol):
     def conditioning_cache(self) -> CacheCounters | None: ...
 
 
+@runtime_checkable
+class HasTextEncoders(Protocol):
+    """A model that loads text encoders when a prompt first needs them (real and demo)."""
+
+    @property
+    def text_encoders_loaded(self) -> bool: ...
+
+
 def model_details(model: ImageModel) -> dict[str, object]:
     """What the model has to say in the registry as it works: its conditioning cache's
     cumulative hits and misses, which every API node's /metrics reads from there (so they
-    count for workers on any machine). Nothing for a model without a cache."""
+    count for workers on any machine), and whether its text encoders are loaded now.
+    Nothing for a model without either (the fake one)."""
+    details: dict[str, object] = {}
     if isinstance(model, HasConditioningCache) and model.conditioning_cache is not None:
-        return {"conditioning_cache": model.conditioning_cache.counters()}
-    return {}
+        details["conditioning_cache"] = model.conditioning_cache.counters()
+    if isinstance(model, HasTextEncoders):
+        details["text_encoders_loaded"] = model.text_encoders_loaded
+    return details
 
 
 class WorkerProcess:

@@ -169,10 +169,75 @@ function seedField(name, prop, numeric) {
   };
 }
 
+function textField(name, prop, text) {
+  // Optional text (a prompt): empty means "not given", so the field is left out.
+  const { wrap, error, hint } = fieldShell(name, prop);
+  const input = el("textarea", { id: `input-${name}`, name, rows: 3, maxlength: text.maxLength || 2000 });
+  wrap.append(el("label", { for: input.id }, labelFor(name, prop)), input);
+  if (hint) wrap.append(hint);
+  wrap.append(error);
+  return {
+    wrap,
+    error,
+    read: () => input.value.trim() || undefined,
+    write: (v) => (input.value = v ?? ""),
+  };
+}
+
+function referencesField(name, prop) {
+  // More references, mixed with the main one by weight. Sent as redux_images (the main
+  // reference first) only when at least one is given; otherwise the request keeps the
+  // hosted API's one redux_image.
+  const { wrap, error, hint } = fieldShell(name, prop);
+  const list = prop.anyOf?.find((p) => p.type === "array") || {};
+  const most = list.maxItems || 4;
+  const slider = (label, id) => {
+    const input = el("input", { type: "range", min: 0, max: 1, step: 0.05, value: 1, id, "aria-label": label });
+    const shown = el("output", { for: id }, "1");
+    input.addEventListener("input", () => (shown.textContent = input.value));
+    // Named by aria-label: a wrapping <label> would name the <output> too.
+    return { input, row: el("div", { class: "weight" }, el("span", {}, label, " "), shown, input) };
+  };
+  const main = slider("Weight of the main reference", "weight-main");
+  const rows = [];
+  const container = el("div", { class: "extra-references" });
+  const add = el("button", { type: "button", id: "add-reference" }, "Add a reference");
+  add.addEventListener("click", () => {
+    const n = rows.length + 2;
+    const file = el("input", { type: "file", accept: ACCEPTED_TYPES.join(","), "aria-label": `Reference ${n} file` });
+    const url = el("input", { type: "url", placeholder: "…or an image URL", "aria-label": `Reference ${n} URL` });
+    const weight = slider(`Weight of reference ${n}`, `weight-${n}`);
+    const remove = el("button", { type: "button" }, "Remove");
+    const entry = { file, url, weight: weight.input, row: el("div", { class: "extra-reference" }, file, url, weight.row, remove) };
+    remove.addEventListener("click", () => {
+      rows.splice(rows.indexOf(entry), 1);
+      entry.row.remove();
+      add.disabled = rows.length >= most - 1;
+    });
+    rows.push(entry);
+    container.append(entry.row);
+    add.disabled = rows.length >= most - 1;
+  });
+  wrap.append(el("span", { class: "label" }, labelFor(name, prop)));
+  if (hint) wrap.append(hint);
+  wrap.append(main.row, container, add, error);
+  return {
+    wrap,
+    error,
+    read: () => undefined, // assembled in run(): files are uploaded first
+    write: () => {},
+    mainWeight: () => Number(main.input.value),
+    extras: () => rows.filter((r) => r.file.files[0] || r.url.value.trim()),
+  };
+}
+
 function buildField(name, prop) {
   const nullable = Array.isArray(prop.anyOf) && prop.anyOf.some((p) => p.type === "null");
   const numeric = nullable ? prop.anyOf.find((p) => p.type === "integer") : null;
   if (numeric) return seedField(name, prop, numeric);
+  if (prop["x-fluxredux-kind"] === "images") return referencesField(name, prop);
+  const text = nullable ? prop.anyOf.find((p) => p.type === "string") : null;
+  if (text) return textField(name, prop, text);
   if (prop.enum) {
     if (name === "aspect_ratio") return radioGroup(name, prop, true);
     return prop.enum.length <= 4 ? radioGroup(name, prop, false) : selectField(name, prop);
@@ -287,7 +352,8 @@ function showApiError(error) {
   let placed = false;
   for (const item of body.fields || []) {
     const name = String(item.field).replace(/^input\./, "");
-    const target = $(`error-${name}`);
+    // redux_images.1.weight: shown under the field it belongs to.
+    const target = $(`error-${name}`) || $(`error-${name.split(".")[0]}`);
     if (target) {
       target.textContent = item.message;
       placed = true;
@@ -322,6 +388,14 @@ async function referenceValue() {
   return url || null;
 }
 
+async function extraReference(extra) {
+  const file = extra.file.files[0];
+  if (!file) return extra.url.value.trim();
+  const form = new FormData();
+  form.append("file", file, file.name);
+  return (await call("/v1/files", { method: "POST", body: form })).id;
+}
+
 async function run(event) {
   event?.preventDefault();
   if ($("run").disabled) return;
@@ -344,7 +418,16 @@ async function run(event) {
       setStatus("Ready.");
       return;
     }
-    input.redux_image = reference;
+    const mix = state.fields.get("redux_images");
+    const extras = mix ? mix.extras() : [];
+    if (extras.length) {
+      input.redux_images = [{ image: reference, weight: mix.mainWeight() }];
+      for (const extra of extras) {
+        input.redux_images.push({ image: await extraReference(extra), weight: Number(extra.weight.value) });
+      }
+    } else {
+      input.redux_image = reference;
+    }
     const created = await call("/v1/prediction/", {
       method: "POST",
       body: JSON.stringify({ model: "flux-redux-schnell", version: "0.0.1", input }),

@@ -32,47 +32,20 @@ from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status, new_id
 from fluxredux.jobs.events import PipeEventBus
 from fluxredux.jobs.registry import SQLiteWorkerRegistry
 from fluxredux.worker.supervisor import WorkerSupervisor
-from tests.helpers import FLUXREDUX, png_data_uri
+from tests.cluster import Node, wait_for
+from tests.helpers import FLUXREDUX
 from tests.services import free_port
 
 
 @dataclass
-class Server:
-    process: subprocess.Popen[str]
-    url: str
-    key: str
-    log: Path
-
-    def headers(self) -> dict[str, str]:
-        return {"X-API-Key": self.key}
-
-    def create(self, timeout: float = 30, **inputs: Any) -> httpx.Response:
-        body = {"model": "flux-redux-schnell", "input": {"redux_image": png_data_uri(), **inputs}}
-        return httpx.post(f"{self.url}/v1/prediction/", json=body, headers=self.headers(), timeout=timeout)
-
-    def get(self, prediction_id: str, wait: float = 0) -> dict[str, Any]:
-        response = httpx.get(
-            f"{self.url}/v1/prediction/{prediction_id}",
-            params={"wait": wait},
-            headers=self.headers(),
-            timeout=wait + 10,
-        )
-        assert response.status_code == 200, response.text
-        return dict(response.json())
+class Server(Node):
+    """`fluxredux serve` on one machine: an API node (tests/cluster.py) with its workers."""
 
     def health(self) -> dict[str, Any]:
         return dict(httpx.get(self.url + "/health", timeout=5).json())
 
-    def ready(self) -> httpx.Response:
-        return httpx.get(self.url + "/ready", timeout=10)
-
     def wait_for(self, what: Callable[[], bool], timeout: float, message: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not what():
-            assert time.monotonic() < deadline, (
-                f"{message}\n--- server log ---\n{self.log.read_text()[-3000:]}"
-            )
-            time.sleep(0.1)
+        wait_for(what, timeout, lambda: f"{message}\n--- server log ---\n{self.text()[-3000:]}")
 
 
 @contextmanager
@@ -103,7 +76,7 @@ def serve(
             time.sleep(0.1)
         match = re.search(r"(fr_[0-9a-f]{12}_[A-Za-z0-9_-]+)", log.read_text())
         assert match, log.read_text()
-        yield Server(process=process, url=url, key=match.group(1), log=log)
+        yield Server("serve", process, log, url=url, key=match.group(1))
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)

@@ -129,7 +129,7 @@ def pixels_key(pixels: torch.Tensor) -> bytes:
 def cached_redux_conditioning(
     image: Image.Image,
     *,
-    cache: ConditioningCache,
+    cache: ConditioningCache | None,
     image_encoder: SiglipVisionModel,
     feature_extractor: SiglipImageProcessorPil,
     image_embedder: ReduxImageEncoder,
@@ -139,16 +139,18 @@ def cached_redux_conditioning(
     text_sequence_length: int = TEXT_SEQUENCE_LENGTH,
 ) -> Conditioning:
     """``redux_conditioning`` with the Redux image tokens looked up in ``cache`` first:
-    the same pieces in the same order, only the encoder and embedder skipped on a hit."""
+    the same pieces in the same order, only the encoder and embedder skipped on a hit.
+    Without a cache (``None``: turned off), exactly ``redux_conditioning``."""
     pixels = encoder_pixels(image, feature_extractor)
-    key = pixels_key(pixels)  # on the CPU tensor, before the copy to the device
-    tokens = cache.get(key)
+    key = pixels_key(pixels) if cache is not None else b""  # on the CPU tensor, before the copy
+    tokens = cache.get(key) if cache is not None else None
     if tokens is None:
         with torch.inference_mode():  # a cached tensor must never hold an autograd graph
             tokens = redux_tokens(
                 pixels, image_encoder=image_encoder, image_embedder=image_embedder, device=device
             )
-        cache.put(key, tokens)
+        if cache is not None:
+            cache.put(key, tokens)
     return after_zero_text(
         tokens,
         joint_attention_dim=joint_attention_dim,

@@ -26,7 +26,6 @@ from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_compo
 from fluxredux.pipeline.conditioning import (
     Conditioning,
     mix_conditionings,
-    redux_conditioning,
     redux_strength_bias,
     with_text,
 )
@@ -299,20 +298,11 @@ class ReduxModel:
 
     def condition(self, image: Image.Image) -> Conditioning:
         config = self.pipe.transformer.config
-        if self.conditioning_cache is not None:
-            # The same conditioning, bit for bit; a reference seen lately skips the encoder.
-            return cached_redux_conditioning(
-                image,
-                cache=self.conditioning_cache,
-                image_encoder=self.image_encoder,
-                feature_extractor=self.feature_extractor,
-                image_embedder=self.image_embedder,
-                joint_attention_dim=config.joint_attention_dim,
-                pooled_projection_dim=config.pooled_projection_dim,
-                device=self.device,
-            )
-        return redux_conditioning(
+        # The same conditioning, bit for bit, with or without a cache; with one, a reference
+        # seen lately skips the encoder.
+        return cached_redux_conditioning(
             image,
+            cache=self.conditioning_cache,
             image_encoder=self.image_encoder,
             feature_extractor=self.feature_extractor,
             image_embedder=self.image_embedder,

@@ -25,6 +25,7 @@ from fluxredux.pipeline.conditioning_cache import (
     pixels_key,
 )
 from fluxredux.pipeline.model import ReduxModel, load_model
+from fluxredux.pipeline.text_encoders import LazyTextEncoders
 from fluxredux.schema import PredictionInput
 from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.predictor import PredictionResult, Predictor
@@ -47,10 +48,15 @@ class CountingEncoder(torch.nn.Module):
         return self.inner(**inputs)
 
 
-def with_cache(
-    demo_model: ReduxModel, cache: ConditioningCache | None, encoder: torch.nn.Module | None = None
+def sharing(
+    demo_model: ReduxModel,
+    text_encoders: LazyTextEncoders | None = None,
+    *,
+    cache: ConditioningCache | None = None,
+    encoder: torch.nn.Module | None = None,
 ) -> ReduxModel:
-    """The demo model's components (weights shared), with a cache of this test's own."""
+    """The demo model's components (weights shared), with a cache, text encoders or an
+    image encoder of the test's own."""
     return ReduxModel(
         demo_model.pipe,
         encoder if encoder is not None else demo_model.image_encoder,
@@ -58,6 +64,7 @@ def with_cache(
         demo_model.image_embedder,
         demo_model.info,
         conditioning_cache=cache,
+        text_encoders=text_encoders,
     )
 
 
@@ -139,10 +146,10 @@ def test_the_cached_conditioning_equals_redux_conditioning_bit_for_bit(
 def test_a_hit_gives_the_same_bytes_as_a_miss(demo_model: ReduxModel, reference_image: Image.Image) -> None:
     encoder = CountingEncoder(demo_model.image_encoder)
     cache = ConditioningCache(MIB)
-    model = with_cache(demo_model, cache, encoder)
+    model = sharing(demo_model, cache=cache, encoder=encoder)
     miss = predict(model, reference_image, num_outputs=2)
     hit = predict(model, reference_image, num_outputs=2)
-    uncached = predict(with_cache(demo_model, None), reference_image, num_outputs=2)
+    uncached = predict(sharing(demo_model), reference_image, num_outputs=2)
     assert (encoder.calls, cache.counters()) == (1, {"hits": 1, "misses": 1})
     files = [[o.data for o in result.outputs] for result in (miss, hit, uncached)]
     assert files[0] == files[1] == files[2]
@@ -152,7 +159,7 @@ def test_a_hit_gives_the_same_bytes_as_a_miss(demo_model: ReduxModel, reference_
 def test_a_repeated_reference_skips_the_image_encoder(demo_model: ReduxModel) -> None:
     encoder = CountingEncoder(demo_model.image_encoder)
     entry = 16 * 32 * 4  # the demo's Redux tokens: 16 of width 32, fp32
-    model = with_cache(demo_model, ConditioningCache(2 * entry), encoder)
+    model = sharing(demo_model, cache=ConditioningCache(2 * entry), encoder=encoder)
     portrait = Image.new("RGB", (48, 96), (200, 30, 30))
     portrait.paste((20, 40, 220), (0, 0, 48, 24))
     other = Image.new("RGB", (64, 64), (10, 200, 10))
@@ -197,7 +204,7 @@ def wait_for(check: Any, timeout: float = 10) -> Any:
 def test_hits_and_misses_reach_metrics_through_the_registry(
     tmp_path: Path, demo_model: ReduxModel, reference_image: Image.Image
 ) -> None:
-    model = with_cache(demo_model, ConditioningCache(MIB))
+    model = sharing(demo_model, cache=ConditioningCache(MIB))
     with running_server(tmp_path, run_worker=False) as api:
         registry = api.services.registry
         # Another machine's worker, and one whose process has ended on this one (gone).
@@ -278,7 +285,7 @@ def test_counters_ride_on_heartbeats_only_when_they_changed() -> None:
 
 def test_the_worker_process_reports_its_cache_when_ready(tmp_path: Path, demo_model: ReduxModel) -> None:
     settings = Settings(data_dir=tmp_path, model="demo", heartbeat_seconds=0.2)
-    model = with_cache(demo_model, ConditioningCache(MIB))
+    model = sharing(demo_model, cache=ConditioningCache(MIB))
     for factory, expected in ((lambda _: model, {"hits": 0, "misses": 0}), (lambda _: FakeModel(), None)):
         process = WorkerProcess(settings, worker_id="w", model_factory=factory)
         thread = threading.Thread(target=process.run, daemon=True)

@@ -29,7 +29,7 @@ from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.predictor import PredictionResult, Predictor
 from fluxredux.worker.process import model_details
 from tests.harness import running_server
-from tests.test_conditioning_cache import CountingEncoder
+from tests.test_conditioning_cache import CountingEncoder, sharing
 
 SMALL = {"megapixels": "0.25", "output_format": "png", "seed": 11, "num_inference_steps": 2}
 CPU = torch.device("cpu")
@@ -47,25 +47,6 @@ class CountingLoader:
         self.calls += 1
         time.sleep(self.delay)  # a slow load, so that concurrent first prompts overlap
         return load_text_encoders(self.folder, dtype=torch.float32, device=CPU)
-
-
-def sharing(
-    demo_model: ReduxModel,
-    text_encoders: LazyTextEncoders | None,
-    *,
-    cache: ConditioningCache | None = None,
-    encoder: torch.nn.Module | None = None,
-) -> ReduxModel:
-    """The demo model's components (weights shared), with text encoders of this test's own."""
-    return ReduxModel(
-        demo_model.pipe,
-        encoder if encoder is not None else demo_model.image_encoder,
-        demo_model.feature_extractor,
-        demo_model.image_embedder,
-        demo_model.info,
-        conditioning_cache=cache,
-        text_encoders=text_encoders,
-    )
 
 
 def predict(model: Any, image: Image.Image, **fields: Any) -> PredictionResult:

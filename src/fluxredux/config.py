@@ -19,6 +19,8 @@ ModelChoice = Literal["auto", "flux", "demo", "fake"]
 MetricsAccess = Literal["open", "key", "off"]
 Offload = Literal["none", "model", "sequential"]
 TextEncoderPolicy = Literal["keep", "unload"]
+CompileMode = Literal["none", "transformer", "all"]
+Quantization = Literal["none", "fp8"]
 
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"
@@ -73,6 +75,38 @@ class Settings(BaseSettings):
         description="Each worker keeps the Redux conditioning of recent reference images, on the "
         "model's device (GPU memory), up to this many MiB (the real model's is 5.7 MiB per image): a "
         "repeated reference skips the image encoder. 0 turns the cache off.",
+    )
+
+    # --- speed (the worker's model; see docs/performance.md) -----------------------------
+    collapse_zero_tokens: bool = Field(
+        True,
+        description="Without a prompt, the 512 zero text tokens stay identical through every block: "
+        "run them as one token whose key carries +ln(512) as an attention bias (exact; about 12% less "
+        "work at 1 MP, 24% at 0.25 MP). Needs an attention backend that takes a bias. Off: the full "
+        "512 tokens, as the reference implementation runs them.",
+    )
+    attention_backend: str = Field(
+        "auto",
+        min_length=1,
+        max_length=64,
+        description="The attention kernel, by diffusers' attention dispatcher name (native, "
+        "_native_math, _native_efficient, _native_cudnn, _native_flash, flex, xformers, flash, "
+        "_flash_3, sage...). auto: torch's scaled_dot_product_attention, which picks the kernel itself. "
+        "Checked when the worker starts: unknown or unavailable is an error there.",
+    )
+    compile: CompileMode = Field(
+        "none",
+        description="torch.compile: none; transformer (the denoiser, where the time goes); all (also "
+        "the VAE decoder and the image encoder). Compiled once at worker start over every graph a "
+        "request can take (minutes for the real model; the compiled code is cached on disk under the "
+        "data dir, so restarts are faster); no request recompiles afterwards. If compiling fails, the "
+        "worker logs why and runs eager.",
+    )
+    quantize: Quantization = Field(
+        "none",
+        description="fp8: the transformer's linear layers in float8 (dynamic activations and weights, "
+        "torchao), about twice the matmul throughput with a small change in outputs. Needs a CUDA GPU "
+        "of compute capability 8.9 or newer (Ada, Hopper, Blackwell) and torchao installed.",
     )
 
     # --- the server -------------------------------------------------------------------

@@ -113,38 +113,85 @@ def with_text(
     )
 
 
-def redux_strength_bias(
-    conditioning: Conditioning,
-    strength: float,
-    *,
-    image_tokens: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    text_sequence_length: int = TEXT_SEQUENCE_LENGTH,
+@dataclass(frozen=True)
+class TokenLayout:
+    """The transformer's joint sequence: [text tokens, Redux tokens] (the conditioning),
+    then the image tokens. A collapsed text token stands for ``text_multiplicity``
+    identical ones."""
+
+    text: int
+    redux: int
+    image: int
+    text_multiplicity: int = 1
+
+    @property
+    def context(self) -> int:
+        """Tokens of the conditioning stream: text and Redux."""
+        return self.text + self.redux
+
+    @property
+    def total(self) -> int:
+        return self.context + self.image
+
+    def describe(self) -> str:
+        return f"{self.context} text + {self.image} image tokens"
+
+
+def token_layout(conditioning: Conditioning, *, image_tokens: int, text_multiplicity: int = 1) -> TokenLayout:
+    """The layout of ``conditioning`` (full zero text, a prompt's, or collapsed to one)."""
+    context = conditioning.prompt_embeds.shape[1]
+    text = 1 if text_multiplicity > 1 else TEXT_SEQUENCE_LENGTH
+    return TokenLayout(
+        text=text, redux=context - text, image=image_tokens, text_multiplicity=text_multiplicity
+    )
+
+
+def collapse_zero_text(conditioning: Conditioning) -> Conditioning:
+    """The prompt-less conditioning with its TEXT_SEQUENCE_LENGTH zero text tokens as one.
+
+    Why it is exact: the zero tokens are identical going in, and every block treats them
+    alike (same projections, same RoPE position: text ids are all 0), so they stay
+    identical through the whole transformer, as their queries see the same keys. What
+    they add to any query's attention is 512 equal terms: one key with +ln(512) on its
+    logit gives exactly that (see ``attention_bias``). The caller must know the text is
+    the zeros (no prompt): this is not checked, as checking would cost a device sync."""
+    return Conditioning(
+        prompt_embeds=conditioning.prompt_embeds[:, TEXT_SEQUENCE_LENGTH - 1 :],
+        pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
+    )
+
+
+def attention_bias(
+    layout: TokenLayout, strength: float, *, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor | None:
-    """An additive attention bias that weakens the Redux tokens: ln(strength) on their
-    keys, 0 elsewhere; None at strength 1 (nothing changes: today's exact path).
+    """The additive attention bias on the keys of ``layout``'s sequence: ln(multiplicity)
+    on a collapsed text token, ln(strength) on the Redux tokens; None when neither applies
+    (nothing changes: the exact unmasked path).
 
-    Why a bias. What users of the Redux tools report: multiplying the tokens by s (the
-    default of ComfyUI's style node, and mflux's) stays "always strong" until s is below
-    about 0.1, and moves the tokens off what the transformer was trained on; pooling the
-    27x27 token grid (the popular AdvancedRefluxControl node) does weaken the reference,
-    at the cost of its details, and its author points to an attention bias as the way to
-    set a strength without losing them. ln(s) on the keys multiplies exactly the attention
-    each query pays the reference by s before the softmax renormalises: the reference's
-    share of attention falls monotonically with s, each token keeps its meaning and
-    detail, and at s = 0 the reference is not attended at all. (How the slider feels on
-    the real weights is still to be seen on a GPU.)
+    Shaped [1, 1, 1, keys], so it broadcasts over batch, heads and queries (a 2D mask is
+    misread by some attention backends). In ``dtype``, the query's: some kernels insist.
+    (In bf16, ln 512 rounds to 6.25: the collapsed key weighs 1.2% more than the 512 it
+    stands for, about one bf16 step on the whole model's output; fp32 is exact.)
 
-    Joint attention runs over [text tokens (512 zeros or a prompt's T5 tokens, then the
-    Redux tokens), image tokens]; the bias is shaped [1, 1, 1, keys] so it broadcasts over
-    batch, heads and queries (a 2D mask is misread by some attention backends). A prompt's
-    tokens keep their full weight: only the reference is weakened."""
-    if strength >= 1:
+    Why a bias for ``redux_strength``. What users of the Redux tools report: multiplying
+    the tokens by s (the default of ComfyUI's style node, and mflux's) stays "always
+    strong" until s is below about 0.1, and moves the tokens off what the transformer was
+    trained on; pooling the 27x27 token grid (the popular AdvancedRefluxControl node) does
+    weaken the reference, at the cost of its details, and its author points to an
+    attention bias as the way to set a strength without losing them. ln(s) on the keys
+    multiplies exactly the attention each query pays the reference by s before the softmax
+    renormalises: the reference's share of attention falls monotonically with s, each
+    token keeps its meaning and detail, and at s = 0 the reference is not attended at
+    all. (How the slider feels on the real weights is still to be seen on a GPU.) A
+    prompt's tokens keep their full weight: only the reference is weakened."""
+    collapsed = layout.text_multiplicity > 1
+    if not collapsed and strength >= 1:
         return None
-    text_tokens = conditioning.prompt_embeds.shape[1]
-    bias = torch.zeros((1, 1, 1, text_tokens + image_tokens), dtype=dtype, device=device)
-    bias[..., text_sequence_length:text_tokens] = math.log(strength) if strength > 0 else float("-inf")
+    bias = torch.zeros((1, 1, 1, layout.total), dtype=dtype, device=device)
+    if collapsed:
+        bias[..., : layout.text] = math.log(layout.text_multiplicity)
+    if strength < 1:
+        bias[..., layout.text : layout.context] = math.log(strength) if strength > 0 else float("-inf")
     return bias
 
 

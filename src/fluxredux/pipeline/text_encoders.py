@@ -7,7 +7,7 @@ to 512 tokens takes the place of the 512 zero "text" tokens, and CLIP's pooled o
 place of the zero pooled vector; the Redux image tokens stay appended after the 512 (see
 ``conditioning.with_text``). 512, not the 256 schnell also allows: the Redux prior pads to
 512, so the image tokens sit where the prompt-less path puts them and
-``redux_strength_bias`` finds them there. A test compares the result with the prior's.
+``attention_bias`` finds them there. A test compares the result with the prior's.
 
 Where they live. With offload ``none`` on the model's device, beside the transformer
 (T5-XXL is 9.1 GiB in bf16); with ``model`` in CPU RAM, moved to the device only while a

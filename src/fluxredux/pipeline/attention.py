@@ -1,0 +1,99 @@
+"""Choosing the attention kernel, and finding out at worker start whether it runs here.
+
+diffusers' attention dispatcher knows many backends by name; whether one *runs* depends on
+the machine (a package, a CUDA GPU, its generation) and on what we ask of it: the
+collapsed zero token and ``redux_strength`` pass an additive bias, which the flash and
+sage kernels refuse. diffusers checks only that a backend's package is installed, and the
+rest would surface as an error on the first request; so the worker tries the chosen
+backend once on a few tokens, with and without a bias, on its own device and dtype, and
+knows before it takes a job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+from diffusers.utils import logging as diffusers_logging
+
+from fluxredux.errors import ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    name: str  # "auto" or a dispatcher backend
+    takes_bias: bool  # whether an additive float bias works with it
+
+
+def backend_names() -> list[str]:
+    return [AUTO, *(backend.value for backend in AttentionBackendName)]
+
+
+def choose_attention(
+    transformer: FluxTransformer2DModel, name: str, *, device: torch.device, dtype: torch.dtype
+) -> AttentionChoice:
+    """Set ``name`` on every attention layer of ``transformer``, after checking it exists
+    and runs here; ModelUnavailable naming the choices otherwise. "auto" leaves diffusers'
+    default: torch's scaled_dot_product_attention, which takes a bias and picks its own
+    kernel (flash without one, memory-efficient or cuDNN with one, on a GPU)."""
+    if name == AUTO:
+        return AttentionChoice(AUTO, takes_bias=True)
+    if name not in backend_names():
+        raise ModelUnavailable(
+            f"unknown attention backend {name!r}; choose one of: {', '.join(backend_names())}"
+        )
+    backend = AttentionBackendName(name)
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # "attention backends are experimental", per call
+    try:
+        # First: diffusers' own check that the backend's package is installed (its words).
+        transformer.set_attention_backend(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelUnavailable(f"attention backend {name!r} is not available: {_first_line(exc)}") from None
+    finally:
+        diffusers_logging.set_verbosity(previous)
+    try:
+        _probe(backend, bias=False, device=device, dtype=dtype)
+    except Exception as exc:
+        raise ModelUnavailable(
+            f"attention backend {name!r} does not run on {device} ({str(dtype).removeprefix('torch.')}): "
+            f"{_first_line(exc)}; use --attention-backend auto"
+        ) from None
+    try:
+        _probe(backend, bias=True, device=device, dtype=dtype)
+        takes_bias = True
+    except Exception as exc:
+        log.info("attention backend %s does not take a bias: %s", name, _first_line(exc))
+        takes_bias = False
+    return AttentionChoice(name, takes_bias=takes_bias)
+
+
+def _probe(backend: AttentionBackendName, *, bias: bool, device: torch.device, dtype: torch.dtype) -> None:
+    """Attention over 8 tokens of 2 heads of 64, as the transformer calls it (batch,
+    tokens, heads, head dim), checked against the plain softmax formula: a backend that
+    answers something else does not run here."""
+    generator = torch.Generator("cpu").manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2, 64, generator=generator).to(device=device, dtype=dtype) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, 8, device=device, dtype=dtype) if bias else None
+    if mask is not None:
+        mask[..., 0] = 1.0
+    with torch.inference_mode():
+        got = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / 8.0
+    if mask is not None:
+        logits = logits + mask.float()
+    expected = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.float())
+    if not torch.allclose(got.float(), expected, atol=5e-2, rtol=5e-2):
+        raise RuntimeError("its result differs from the attention formula's")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from fluxredux.config import ModelChoice
+from fluxredux.config import CompileMode, ModelChoice, Quantization
 from fluxredux.errors import ClientError, FluxReduxError
 from fluxredux.logs import quiet_libraries
 
@@ -65,3 +65,35 @@ ModelOption = Annotated[
     ),
 ]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")]
+
+# The model's speed settings (docs/performance.md), for every command that loads it.
+CollapseOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--collapse-zero-tokens/--no-collapse-zero-tokens",
+        help="Run the 512 zero text tokens as one (exact). Default: FLUXREDUX_COLLAPSE_ZERO_TOKENS or on.",
+    ),
+]
+AttentionBackendOption = Annotated[
+    str | None,
+    typer.Option(
+        "--attention-backend",
+        help="auto (torch SDPA) or a diffusers attention backend (native, _native_math, flex, "
+        "_native_cudnn, flash, ...), checked at worker start. Default: FLUXREDUX_ATTENTION_BACKEND or auto.",
+    ),
+]
+CompileOption = Annotated[
+    CompileMode | None,
+    typer.Option(
+        "--compile",
+        help="torch.compile at worker start: none, transformer or all. Default: FLUXREDUX_COMPILE or none.",
+    ),
+]
+QuantizeOption = Annotated[
+    Quantization | None,
+    typer.Option(
+        "--quantize",
+        help="fp8: the transformer in float8 (CUDA, compute capability 8.9+). "
+        "Default: FLUXREDUX_QUANTIZE or none.",
+    ),
+]

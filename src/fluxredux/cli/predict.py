@@ -8,8 +8,21 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fluxredux.cli.app import ModelOption, VerboseOption, app, err, fail, out, setup_logging
+from fluxredux.cli.app import (
+    AttentionBackendOption,
+    CollapseOption,
+    CompileOption,
+    ModelOption,
+    QuantizeOption,
+    VerboseOption,
+    app,
+    err,
+    fail,
+    out,
+    setup_logging,
+)
 from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
+from fluxredux.cli.serve import settings_from
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ImageError
 from fluxredux.images import DecodeLimits, decode_image
@@ -30,6 +43,10 @@ def predict(
         "."
     ),
     model: ModelOption = None,
+    collapse_zero_tokens: CollapseOption = None,
+    attention_backend: AttentionBackendOption = None,
+    compile: CompileOption = None,
+    quantize: QuantizeOption = None,
     verbose: VerboseOption = False,
     *,
     inputs: dict[str, Any],
@@ -37,7 +54,13 @@ def predict(
     """Generate variations of IMAGE (or of --redux-images mixed) in this process and write
     them to --output-dir."""
     setup_logging(verbose)
-    settings = Settings() if model is None else Settings(model=model)
+    settings = settings_from(
+        model=model,
+        collapse_zero_tokens=collapse_zero_tokens,
+        attention_backend=attention_backend,
+        compile=compile,
+        quantize=quantize,
+    )
     try:
         parsed = parse_flags(inputs)
         check_reference_choice(image is not None, parsed)
@@ -97,6 +120,8 @@ def _report(result: PredictionResult, image: Path, output_dir: Path) -> None:
         err.print(f"safety checker removed {len(dropped)} image(s): {dropped}")
     timings = ", ".join(f"{name} {seconds:.2f}s" for name, seconds in result.timings.items())
     err.print(f"time: {timings}", highlight=False)
+    if result.sequence:
+        err.print(f"sequence: {result.sequence}", highlight=False)
     if result.notice:
         out.print(f"[bold yellow]{result.notice}[/]")
     out.print(f"seed: {result.seed}", highlight=False)

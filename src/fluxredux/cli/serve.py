@@ -7,7 +7,19 @@ from typing import Annotated, Any
 
 import typer
 
-from fluxredux.cli.app import ModelOption, VerboseOption, app, err, out, plain_errors, setup_logging
+from fluxredux.cli.app import (
+    AttentionBackendOption,
+    CollapseOption,
+    CompileOption,
+    ModelOption,
+    QuantizeOption,
+    VerboseOption,
+    app,
+    err,
+    out,
+    plain_errors,
+    setup_logging,
+)
 from fluxredux.config import Settings
 
 DataDirOption = Annotated[
@@ -70,6 +82,10 @@ def serve(
         ),
     ] = None,
     storage: StorageOption = None,
+    collapse_zero_tokens: CollapseOption = None,
+    attention_backend: AttentionBackendOption = None,
+    compile: CompileOption = None,
+    quantize: QuantizeOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Run the prediction server: HTTP API + worker processes with the model.
@@ -87,6 +103,10 @@ def serve(
         redis_url=redis,
         workers=workers,
         storage=storage,
+        collapse_zero_tokens=collapse_zero_tokens,
+        attention_backend=attention_backend,
+        compile=compile,
+        quantize=quantize,
     )
     run_server(settings)
 

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from fluxredux.cli.app import ModelOption, VerboseOption, app, err, setup_logging
+from fluxredux.cli.app import (
+    AttentionBackendOption,
+    CollapseOption,
+    CompileOption,
+    ModelOption,
+    QuantizeOption,
+    VerboseOption,
+    app,
+    err,
+    setup_logging,
+)
 from fluxredux.cli.serve import DataDirOption, RedisOption, StorageOption, settings_from
 
 
@@ -20,13 +30,27 @@ def worker(
         str | None, typer.Option("--device", help="torch device, e.g. cuda:1 (default: cuda when present).")
     ] = None,
     data_dir: DataDirOption = None,
+    collapse_zero_tokens: CollapseOption = None,
+    attention_backend: AttentionBackendOption = None,
+    compile: CompileOption = None,
+    quantize: QuantizeOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Run one worker: load the model once, then take jobs from Redis one at a time.
 
     Start one per GPU, on any machine that reaches Redis and the storage. SIGTERM (or
     Ctrl+C) finishes the running job, then exits; its registry entry goes with it."""
-    settings = settings_from(redis_url=redis, storage=storage, model=model, device=device, data_dir=data_dir)
+    settings = settings_from(
+        redis_url=redis,
+        storage=storage,
+        model=model,
+        device=device,
+        data_dir=data_dir,
+        collapse_zero_tokens=collapse_zero_tokens,
+        attention_backend=attention_backend,
+        compile=compile,
+        quantize=quantize,
+    )
     if settings.redis_url is None:
         err.print(
             "[bold red]error[/]: a worker needs the deployment's Redis: --redis redis://HOST:PORT/DB "

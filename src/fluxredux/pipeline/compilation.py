@@ -52,8 +52,9 @@ def compile_modules(targets: CompileTargets, mode: CompileMode) -> None:
     same objects). Nothing compiles until their first call: see the model's ``warm_up``."""
     if mode == "none":
         return
-    # fullgraph: the transformer must be one graph (a graph break would hide a slow path).
-    targets.transformer.compile(dynamic=True, fullgraph=True)
+    # Not fullgraph=True: with it, a compile that failed cannot fall back to eager (see
+    # eager_on_failure). The warm-up's graph count shows a graph break all the same.
+    targets.transformer.compile(dynamic=True)
     if mode == "all":
         targets.vae.decoder.compile(dynamic=True)
         targets.image_encoder.compile(dynamic=True)

@@ -32,6 +32,7 @@ class FakeGeneration:
     images: list[np.ndarray]
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
+    sequence: str | None = None  # no transformer
 
 
 class FakeModel:

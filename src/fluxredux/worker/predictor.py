@@ -45,6 +45,7 @@ class GenerationLike(Protocol):
     images: list[np.ndarray]
     seed: int
     timings: dict[str, float]
+    sequence: str | None  # the transformer's, e.g. "730 text + 4096 image tokens" (None: no transformer)
 
 
 class ImageModel(Protocol):
@@ -92,6 +93,7 @@ class PredictionResult:
     # One verdict per generated image; empty when the checker was disabled.
     safety: list[SafetyVerdict] = field(default_factory=list)
     notice: str | None = None  # e.g. the demo model's "outputs are noise"
+    sequence: str | None = None  # the transformer's token counts (see GenerationLike)
 
 
 def random_seed() -> int:
@@ -174,5 +176,10 @@ class Predictor:
         ]
         timings["encode"] = time.perf_counter() - started
         return PredictionResult(
-            outputs=outputs, seed=seed, timings=timings, safety=verdicts, notice=self.model.info.notice
+            outputs=outputs,
+            seed=seed,
+            timings=timings,
+            safety=verdicts,
+            notice=self.model.info.notice,
+            sequence=generation.sequence,
         )

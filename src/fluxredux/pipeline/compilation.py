@@ -65,6 +65,11 @@ def compiled_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
+def graphs_from_disk() -> int:
+    """Compiled code found in inductor's on-disk cache so far in this process."""
+    return int(torch._dynamo.utils.counters["inductor"]["fxgraph_cache_hit"])
+
+
 @contextmanager
 def eager_on_failure() -> Iterator[list[str]]:
     """Run the warm-up; if compiling fails (no C compiler, an unsupported op, a backend

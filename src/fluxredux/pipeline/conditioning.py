@@ -156,7 +156,9 @@ def collapse_zero_text(conditioning: Conditioning) -> Conditioning:
     logit gives exactly that (see ``attention_bias``). The caller must know the text is
     the zeros (no prompt): this is not checked, as checking would cost a device sync."""
     return Conditioning(
-        prompt_embeds=conditioning.prompt_embeds[:, TEXT_SEQUENCE_LENGTH - 1 :],
+        # A copy, not a view: a compiled transformer guards on its input's storage offset,
+        # and a view's (511 tokens in) would make the prompt path's tensors recompile.
+        prompt_embeds=conditioning.prompt_embeds[:, TEXT_SEQUENCE_LENGTH - 1 :].clone(),
         pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
     )
 

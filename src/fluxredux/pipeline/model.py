@@ -29,6 +29,7 @@ from fluxredux.pipeline.compilation import (
     compile_modules,
     compiled_graphs,
     eager_on_failure,
+    graphs_from_disk,
     use_compile_cache,
 )
 from fluxredux.pipeline.conditioning import (
@@ -105,12 +106,14 @@ class Tuning:
 class CompileReport:
     graphs: int  # graphs compiled by the warm-up
     seconds: float
+    from_disk: int = 0  # of which inductor found the compiled code on disk (a restart)
     failed: str | None = None  # why it runs eager instead
 
     def describe(self, mode: str) -> str:
         if self.failed:
             return f"compile {mode} FAILED, running eager ({self.failed})"
-        return f"compile {mode} ({self.graphs} graphs in {self.seconds:.1f} s)"
+        cached = f", {self.from_disk} from the disk cache" if self.from_disk else ""
+        return f"compile {mode} ({self.graphs} graphs in {self.seconds:.1f} s{cached})"
 
 
 @dataclass
@@ -522,12 +525,13 @@ class ReduxModel:
         if self.tuning.compile_cache is not None:
             use_compile_cache(self.tuning.compile_cache)
         compile_modules(CompileTargets(self.pipe.transformer, self.pipe.vae, self.image_encoder), mode)
-        started, graphs_before = time.perf_counter(), compiled_graphs()
+        started, graphs_before, disk_before = time.perf_counter(), compiled_graphs(), graphs_from_disk()
         with eager_on_failure() as failures:
             self._warm_up()
         return CompileReport(
             graphs=compiled_graphs() - graphs_before,
             seconds=time.perf_counter() - started,
+            from_disk=graphs_from_disk() - disk_before,
             failed=failures[0] if failures else None,
         )
 

@@ -10,9 +10,14 @@ repeated reference (a cache hit) against a new one (a miss). Not a test.
     python benchmarks/pipeline.py                      # demo model (CPU: tiny random weights)
     python benchmarks/pipeline.py --model flux         # real weights from the HF cache / folders
     python benchmarks/pipeline.py --full-size-random   # CUDA: the real architecture, random bf16
-                                                       # weights (no download; same speed)
+                                                       # weights (no download; same speed), once
+                                                       # per speed setting (the table to fill in)
+    python benchmarks/pipeline.py --realistic-width    # CPU: the real width with a few blocks:
+                                                       # collapsed/full and compiled/eager ratios
 
-Outputs of the demo and random models are noise: only the timings mean anything.
+The speed settings (--no-collapse-zero-tokens, --compile, --attention-backend, --quantize)
+apply to one run; --full-size-random runs each row of SETTINGS_MATRIX in turn unless one
+is given. Outputs of the demo and random models are noise: only the timings mean anything.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import platform
 import statistics
 import sys
@@ -29,19 +35,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
 from PIL import Image
 
 from fluxredux.config import Settings
 from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.pipeline.architecture import FULL, TINY
+from fluxredux.pipeline.conditioning import TEXT_SEQUENCE_LENGTH, TokenLayout, attention_bias
 from fluxredux.pipeline.conditioning_cache import ConditioningCache, pixels_key
-from fluxredux.pipeline.model import ReduxModel, load_model
+from fluxredux.pipeline.model import ReduxModel, Tuning, load_model
 from fluxredux.schema import PredictionInput
 from fluxredux.worker.factories import build_checker
 from fluxredux.worker.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prior", "denoise", "decode", "safety", "encode")
+
+# --full-size-random: one row per setting, from the reference implementation's way (the
+# full 512 zero tokens, eager) to everything on. fp8 rows are skipped where fp8 cannot run.
+SETTINGS_MATRIX: list[dict[str, Any]] = [
+    {"collapse_zero_tokens": False, "compile": "none", "quantize": "none"},
+    {"collapse_zero_tokens": True, "compile": "none", "quantize": "none"},
+    {"collapse_zero_tokens": True, "compile": "transformer", "quantize": "none"},
+    {"collapse_zero_tokens": True, "compile": "all", "quantize": "none"},
+    {"collapse_zero_tokens": True, "compile": "none", "quantize": "fp8"},
+    {"collapse_zero_tokens": True, "compile": "transformer", "quantize": "fp8"},
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,10 +82,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--output-format", default="webp")
     parser.add_argument("--image", type=Path, default=REPO / "examples" / "sample.jpg")
     parser.add_argument("--json", type=Path, help="default: benchmarks/results/pipeline-<model>.json")
+    speed = parser.add_argument_group("speed settings (default: a worker's defaults)")
+    speed.add_argument(
+        "--no-collapse-zero-tokens", dest="collapse_zero_tokens", action="store_false", default=None
+    )
+    speed.add_argument("--compile", choices=["none", "transformer", "all"])
+    speed.add_argument("--attention-backend")
+    speed.add_argument("--quantize", choices=["none", "fp8"])
+    parser.add_argument(
+        "--realistic-width",
+        action="store_true",
+        help="CPU: the transformer at the real width (3072, 24 heads) with --blocks double and single "
+        "blocks, timed alone at 1 and 0.25 MP: collapsed/full and compiled/eager",
+    )
+    parser.add_argument("--blocks", default="1,1", help="--realistic-width: double,single blocks")
     return parser.parse_args()
 
 
-def build_model(args: argparse.Namespace) -> ReduxModel:
+def chosen_tuning(args: argparse.Namespace) -> dict[str, Any]:
+    """The speed settings given on the command line (the others keep their defaults)."""
+    names = ("collapse_zero_tokens", "compile", "attention_backend", "quantize")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def build_model(args: argparse.Namespace, tuning: dict[str, Any]) -> ReduxModel:
+    settings = Settings(model=args.model, **tuning)
     spec_name = "full" if args.full_size_random else args.random_spec
     if spec_name:
         cuda = torch.cuda.is_available()
@@ -74,10 +114,12 @@ def build_model(args: argparse.Namespace) -> ReduxModel:
             sys.exit("--full-size-random needs a CUDA GPU (the model is 24 GB in bf16).")
         device = torch.device("cuda" if cuda else "cpu")
         dtype = torch.bfloat16 if cuda else torch.float32
-        cache = ConditioningCache.from_megabytes(Settings().conditioning_cache_mb)  # as a worker's
+        cache = ConditioningCache.from_megabytes(settings.conditioning_cache_mb)  # as a worker's
         spec = FULL if spec_name == "full" else TINY
-        return ReduxModel.from_random(spec, device=device, dtype=dtype, conditioning_cache=cache)
-    return load_model(Settings(model=args.model))
+        return ReduxModel.from_random(
+            spec, device=device, dtype=dtype, conditioning_cache=cache, tuning=Tuning.from_settings(settings)
+        )
+    return load_model(settings)
 
 
 def new_reference(image: Image.Image, fresh: Iterator[int]) -> Image.Image:
@@ -109,6 +151,7 @@ def run_case(
         "megapixels": inputs.megapixels,
         "num_outputs": inputs.num_outputs,
         "size": list(inputs.size(image.size)),
+        "sequence": result.sequence,
         "median_s": {stage: statistics.median(values) for stage, values in samples.items()},
         "samples_s": samples,
     }
@@ -147,13 +190,15 @@ def prior_cache_case(
     }
 
 
-def main() -> None:
-    args = parse_args()
-    model = build_model(args)
+def run_settings(args: argparse.Namespace, tuning: dict[str, Any], image: Image.Image) -> dict[str, Any]:
+    """Every case (size x outputs) and the prior's cache timing, with one speed setting."""
+    started = time.perf_counter()
+    model = build_model(args, tuning)
+    load_s = time.perf_counter() - started
+    print(f"== {model.info.describe()} (ready in {load_s:.1f} s)", flush=True)
     if model.info.notice:
         print(f"NOTE: {model.info.notice} (timings only)", file=sys.stderr)
     predictor = Predictor(model, build_checker(Settings(model=args.model)))  # as the worker builds it
-    image = decode_image(args.image.read_bytes(), DecodeLimits())
     fresh = itertools.count()  # a new reference for every run: the prior stage is a cache miss
     cases = []
     for megapixels in args.megapixels.split(","):
@@ -173,7 +218,7 @@ def main() -> None:
             line = "  ".join(f"{stage} {medians[stage] * 1000:8.1f}" for stage in (*STAGES, "total"))
             memory = f"  peak {case['peak_gpu_memory_gib']:.1f} GiB" if "peak_gpu_memory_gib" in case else ""
             width, height = case["size"]
-            print(f"{width}x{height} x{outputs}: {line} ms{memory}", flush=True)
+            print(f"{width}x{height} x{outputs}: {line} ms{memory}  ({case['sequence']})", flush=True)
 
     prior_cache = None
     if model.conditioning_cache is None:
@@ -190,21 +235,200 @@ def main() -> None:
             f"repeated (cache hit) {hit:.1f} ms, of which the key's hash {key:.2f} ms",
             flush=True,
         )
-
-    report = {
-        "benchmark": "pipeline",
+    return {
+        "settings": tuning,
         "model": model.info.describe(),
         "random_weights": model.info.is_demo,
+        "ready_s": load_s,  # loading, building and (with compile) the warm-up's compiles
+        "cases": cases,
+        "conditioning_cache_mb": cache.max_bytes / 2**20 if (cache := model.conditioning_cache) else 0,
+        "prior_cache": prior_cache,
+    }
+
+
+def fp8_refusal() -> str | None:
+    """Why fp8 cannot run here, or None."""
+    from fluxredux.errors import ModelUnavailable
+    from fluxredux.pipeline.quantization import check_quantization
+
+    try:
+        check_quantization("fp8", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    except ModelUnavailable as exc:
+        return exc.message
+    return None
+
+
+def forget_compiled_code() -> None:
+    """Between settings: no compiled graph, no disabled compiler, no cached memory carried over."""
+    torch._dynamo.reset()
+    torch._dynamo.config.disable = False
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def device_facts() -> dict[str, Any]:
+    facts: dict[str, Any] = {
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
         else platform.processor() or "cpu",
         "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        facts["cuda"] = torch.version.cuda
+        facts["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    return facts
+
+
+# --- --realistic-width: the transformer alone, at the real width, on a CPU ---------------
+
+
+def realistic_inputs(
+    transformer: FluxTransformer2DModel, side: int, *, collapsed: bool, redux_tokens: int = 729
+) -> dict[str, Any]:
+    """One denoising step's transformer inputs for a ``side``-pixel square output, prompt-
+    less: the 512 zero text tokens (or the one collapsed token and its bias), 729 random
+    Redux tokens, random latents; as the pipeline builds them."""
+    config = transformer.config
+    generator = torch.Generator().manual_seed(side)
+    redux = torch.randn(1, redux_tokens, config.joint_attention_dim, generator=generator)
+    text_tokens = 1 if collapsed else TEXT_SEQUENCE_LENGTH
+    text = torch.cat([torch.zeros(1, text_tokens, config.joint_attention_dim), redux], dim=1)
+    grid = side // 16  # 8x VAE, 2x2 packing
+    layout = TokenLayout(
+        text=text_tokens,
+        redux=redux_tokens,
+        image=grid * grid,
+        text_multiplicity=TEXT_SEQUENCE_LENGTH if collapsed else 1,
+    )
+    bias = attention_bias(layout, 1.0, dtype=torch.float32, device=torch.device("cpu"))
+    return {
+        "hidden_states": torch.randn(1, grid * grid, config.in_channels, generator=generator),
+        "encoder_hidden_states": text,
+        "pooled_projections": torch.zeros(1, config.pooled_projection_dim),
+        "timestep": torch.tensor([1.0]),
+        "img_ids": FluxPipeline._prepare_latent_image_ids(1, grid, grid, torch.device("cpu"), torch.float32),
+        "txt_ids": torch.zeros(text.shape[1], 3),
+        "joint_attention_kwargs": {"attention_mask": bias} if bias is not None else None,
+        "return_dict": False,
+    }
+
+
+def sequence_of(inputs: dict[str, Any]) -> str:
+    return (
+        f"{inputs['encoder_hidden_states'].shape[1]} text + {inputs['hidden_states'].shape[1]} image tokens"
+    )
+
+
+def time_calls(
+    transformer: FluxTransformer2DModel, variants: dict[str, dict[str, Any]], repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant, the variants interleaved run by run (so that the
+    machine's drift falls on all alike), after one untimed call of each."""
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for run in range(repeats + 1):
+            for name, inputs in variants.items():
+                started = time.perf_counter()
+                transformer(**inputs)
+                if run:
+                    samples[name].append(time.perf_counter() - started)
+    return samples
+
+
+def realistic_width(args: argparse.Namespace) -> None:
+    """Collapsed/full and compiled/eager, at the real hidden size (3072, 24 heads of 128)
+    with a few blocks: each block sees the same sequence, so the ratio per block is the
+    whole model's (its 19 double and 38 single blocks), give or take the embedders."""
+    double, single = (int(n) for n in args.blocks.split(","))
+    torch.manual_seed(0)
+    config = {**FULL.transformer, "num_layers": double, "num_single_layers": single}
+    transformer = FluxTransformer2DModel(**config).eval().requires_grad_(False)
+    cases = []
+    for megapixels, side in (("1", 1024), ("0.25", 512)):
+        full = realistic_inputs(transformer, side, collapsed=False)
+        collapsed = realistic_inputs(transformer, side, collapsed=True)
+        with torch.inference_mode():
+            image_full = transformer(**full)[0]
+            image_collapsed = transformer(**collapsed)[0]
+        error = ((image_collapsed - image_full).abs().max() / image_full.abs().max()).item()
+        samples = time_calls(transformer, {"full": full, "collapsed": collapsed}, args.repeats)
+        median = {name: statistics.median(values) for name, values in samples.items()}
+        cases.append(
+            {
+                "megapixels": megapixels,
+                "sequence": {
+                    name: sequence_of(inputs) for name, inputs in (("full", full), ("collapsed", collapsed))
+                },
+                "max_relative_difference": error,
+                "median_s": median,
+                "samples_s": samples,
+                "collapsed_over_full": median["collapsed"] / median["full"],
+            }
+        )
+        print(
+            f"{side}x{side}: full {median['full']:.2f} s, collapsed {median['collapsed']:.2f} s: "
+            f"ratio {median['collapsed'] / median['full']:.3f} (outputs differ by {error:.1e} of their max)",
+            flush=True,
+        )
+
+    # Compiled as a worker compiles it (dynamic shapes: one graph for both sizes).
+    started = time.perf_counter()
+    transformer.compile(dynamic=True)
+    variants = {f"{side}": realistic_inputs(transformer, side, collapsed=True) for side in (1024, 512)}
+    with torch.inference_mode():
+        for inputs in variants.values():
+            transformer(**inputs)
+    compile_s = time.perf_counter() - started
+    compiled = time_calls(transformer, variants, args.repeats)
+    for case, side in zip(cases, (1024, 512), strict=True):
+        median = statistics.median(compiled[f"{side}"])
+        case["compiled_collapsed_s"] = median
+        case["compiled_samples_s"] = compiled[f"{side}"]
+        case["compiled_over_eager"] = median / case["median_s"]["collapsed"]
+        ratio = case["compiled_over_eager"]
+        print(f"{side}x{side}: collapsed compiled {median:.2f} s: compiled/eager {ratio:.3f}")
+    print(f"compiling took {compile_s:.1f} s")
+    report = {
+        "benchmark": "pipeline --realistic-width",
+        **device_facts(),
+        "threads": torch.get_num_threads(),
+        "transformer": config,
+        "repeats": args.repeats,
+        "compile_s": compile_s,
+        "cases": cases,
+    }
+    path = args.json or REPO / "benchmarks" / "results" / "pipeline-realistic-width.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.realistic_width:
+        realistic_width(args)
+        return
+    image = decode_image(args.image.read_bytes(), DecodeLimits())
+    chosen = chosen_tuning(args)
+    rows = SETTINGS_MATRIX if args.full_size_random and not chosen else [chosen]
+    runs = []
+    for tuning in rows:
+        if tuning.get("quantize") == "fp8" and (refusal := fp8_refusal()) is not None:
+            print(f"== skipped {tuning}: {refusal}", flush=True)
+            runs.append({"settings": tuning, "skipped": refusal})
+            continue
+        runs.append(run_settings(args, tuning, image))
+        forget_compiled_code()
+
+    report = {
+        "benchmark": "pipeline",
+        **device_facts(),
         "steps": args.steps,
         "output_format": args.output_format,
         "repeats": args.repeats,
-        "cases": cases,
-        "conditioning_cache_mb": cache.max_bytes / 2**20 if (cache := model.conditioning_cache) else 0,
-        "prior_cache": prior_cache,
+        "runs": runs,
     }
     name = "full-size-random" if args.full_size_random else (args.random_spec or args.model)
     path = args.json or REPO / "benchmarks" / "results" / f"pipeline-{name}.json"

@@ -43,31 +43,33 @@ def choose_attention(
     and runs here; ModelUnavailable naming the choices otherwise. "auto" leaves diffusers'
     default: torch's scaled_dot_product_attention, which takes a bias and picks its own
     kernel (flash without one, memory-efficient or cuDNN with one, on a GPU)."""
-    if name == AUTO:
-        return AttentionChoice(AUTO, takes_bias=True)
-    if name not in backend_names():
+    if name != AUTO and name not in backend_names():
         raise ModelUnavailable(
             f"unknown attention backend {name!r}; choose one of: {', '.join(backend_names())}"
         )
-    backend = AttentionBackendName(name)
-    previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # "attention backends are experimental", per call
+    backend = None if name == AUTO else AttentionBackendName(name)
+    if backend is not None:
+        previous = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # "attention backends are experimental", per call
+        try:
+            # First: diffusers' own check that the backend's package is installed (its words).
+            transformer.set_attention_backend(name)
+        except (RuntimeError, ValueError) as exc:
+            raise ModelUnavailable(
+                f"attention backend {name!r} is not available: {_first_line(exc)}"
+            ) from None
+        finally:
+            diffusers_logging.set_verbosity(previous)
+    head_dim = int(transformer.config.attention_head_dim)
     try:
-        # First: diffusers' own check that the backend's package is installed (its words).
-        transformer.set_attention_backend(name)
-    except (RuntimeError, ValueError) as exc:
-        raise ModelUnavailable(f"attention backend {name!r} is not available: {_first_line(exc)}") from None
-    finally:
-        diffusers_logging.set_verbosity(previous)
-    try:
-        _probe(backend, bias=False, device=device, dtype=dtype)
+        _probe(backend, bias=False, head_dim=head_dim, device=device, dtype=dtype)
     except Exception as exc:
         raise ModelUnavailable(
             f"attention backend {name!r} does not run on {device} ({str(dtype).removeprefix('torch.')}): "
             f"{_first_line(exc)}; use --attention-backend auto"
         ) from None
     try:
-        _probe(backend, bias=True, device=device, dtype=dtype)
+        _probe(backend, bias=True, head_dim=head_dim, device=device, dtype=dtype)
         takes_bias = True
     except Exception as exc:
         log.info("attention backend %s does not take a bias: %s", name, _first_line(exc))
@@ -75,18 +77,29 @@ def choose_attention(
     return AttentionChoice(name, takes_bias=takes_bias)
 
 
-def _probe(backend: AttentionBackendName, *, bias: bool, device: torch.device, dtype: torch.dtype) -> None:
-    """Attention over 8 tokens of 2 heads of 64, as the transformer calls it (batch,
-    tokens, heads, head dim), checked against the plain softmax formula: a backend that
-    answers something else does not run here."""
+def _probe(
+    backend: AttentionBackendName | None,
+    *,
+    bias: bool,
+    head_dim: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Attention over 13 tokens (not a multiple of 8 or 16, as the real sequences are
+    not: some kernels want aligned masks) of 2 heads of the model's size, as the transformer calls it
+    (batch, tokens, heads, head dim), with the transformer's [1, 1, 1, keys] bias shape,
+    checked against the plain softmax formula: a backend that answers something else
+    does not run here. ``backend`` None: the dispatcher's default (torch's SDPA)."""
     generator = torch.Generator("cpu").manual_seed(0)
-    q, k, v = (torch.randn(1, 8, 2, 64, generator=generator).to(device=device, dtype=dtype) for _ in range(3))
-    mask = torch.zeros(1, 1, 1, 8, device=device, dtype=dtype) if bias else None
+    q, k, v = (
+        torch.randn(1, 13, 2, head_dim, generator=generator).to(device=device, dtype=dtype) for _ in range(3)
+    )
+    mask = torch.zeros(1, 1, 1, 13, device=device, dtype=dtype) if bias else None
     if mask is not None:
         mask[..., 0] = 1.0
     with torch.inference_mode():
         got = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=backend)
-    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / 8.0
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * head_dim**-0.5
     if mask is not None:
         logits = logits + mask.float()
     expected = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.float())

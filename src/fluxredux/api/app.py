@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxredux import __version__
 from fluxredux.api import errors
-from fluxredux.api.routes import files, predictions, shares, system, web
+from fluxredux.api.routes import files, predictions, replicate, shares, system, web
 from fluxredux.api.services import Services
 from fluxredux.errors import PayloadTooLarge, StoreUnavailable
 from fluxredux.jobs.events import JobEvent
@@ -42,7 +42,7 @@ class BodyLimit:
         )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await errors.error_response(too_large)(scope, receive, send)
+            await errors.error_response(too_large, errors.surface_of(scope["path"]))(scope, receive, send)
             return
         received = 0
         exceeded = started = False
@@ -67,7 +67,7 @@ class BodyLimit:
         with contextlib.suppress(PayloadTooLarge):
             await self.app(scope, counting_receive, guarded_send)
         if exceeded and not started:
-            await errors.error_response(too_large)(scope, receive, send)
+            await errors.error_response(too_large, errors.surface_of(scope["path"]))(scope, receive, send)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -124,6 +124,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     errors.install(app)
     app.include_router(predictions.router)
+    app.include_router(replicate.router)
     app.include_router(shares.router)
     app.include_router(files.router)
     app.include_router(system.router)

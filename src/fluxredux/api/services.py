@@ -11,6 +11,7 @@ from fluxredux.api.notifier import Notifier
 from fluxredux.api.render import render
 from fluxredux.backends import Backends
 from fluxredux.config import Settings
+from fluxredux.idempotency import IdempotencyStore
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Job, Lifecycle
 from fluxredux.jobs.events import EventBus, JobEvent
@@ -36,6 +37,7 @@ class Services:
     shares: ShareStore
     blobs: BlobStore  # inputs and outputs
     uploads: UploadStore
+    idempotency: IdempotencyStore  # Idempotency-Key records of creates, both surfaces
     bus: EventBus  # job changes, wherever they happen (worker pipes, or Redis pub/sub)
     notifier: Notifier  # the same, on the event loop (long-polls, webhooks, metrics)
     fetcher: SafeFetcher
@@ -107,6 +109,7 @@ def build_services(
         shares=backends.shares,
         blobs=blob_store(settings),
         uploads=backends.uploads,
+        idempotency=backends.idempotency,
         bus=bus,
         notifier=notifier,
         fetcher=fetcher,

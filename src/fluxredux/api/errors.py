@@ -197,6 +197,8 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     responses = error_responses(*statuses)
     for entry in responses.values():
         entry["model"] = Problem
+    if 400 in responses:  # here, invalid input is a 422: a 400 is a body that cannot be read at all
+        responses[400]["description"] = "A request body that cannot be parsed (not JSON, not UTF-8)"
     return responses
 
 

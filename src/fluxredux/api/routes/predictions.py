@@ -223,7 +223,9 @@ async def wait_after_create(services: Services, job: Job, timeout: float) -> Job
         return job
 
 
-@router.post("/", response_model=PredictionCreated, summary="Create a prediction")
+@router.post(
+    "/", response_model=PredictionCreated, summary="Create a prediction", responses=error_responses(409)
+)
 async def create_prediction(
     body: PredictionRequest,
     key: ApiKeyDep,
@@ -235,7 +237,12 @@ async def create_prediction(
     return PredictionCreated(predictionID=job.id)
 
 
-@router.post("/run", response_model=Prediction, summary="Create a prediction and wait for its result")
+@router.post(
+    "/run",
+    response_model=Prediction,
+    summary="Create a prediction and wait for its result",
+    responses=error_responses(409),
+)
 async def run_prediction(
     body: PredictionRequest,
     key: ApiKeyDep,

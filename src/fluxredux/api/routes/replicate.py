@@ -44,7 +44,7 @@ from fluxredux.schema_replicate import (
 from fluxredux.webhook_signing import signing_secret
 
 router = APIRouter(
-    tags=["replicate-compatible"], responses=problem_responses(401, 404, 409, 413, 422, 429, 503)
+    tags=["replicate-compatible"], responses=problem_responses(400, 401, 404, 409, 413, 422, 429, 503)
 )
 
 MAX_PREFER_WAIT = 60

@@ -86,11 +86,14 @@ def create_app(services: Services) -> FastAPI:
         await services.webhooks.enqueue(job)  # and the sweeper woken: the first try goes out now
 
     def on_event(event: JobEvent) -> None:
-        if event.status not in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
+        # Called on the event loop: the store is read in a thread (in the tasks), never here.
+        if event.status == Status.PROCESSING.value:  # claimed, or a step done: maybe a webhook event
+            task = asyncio.get_running_loop().create_task(services.webhooks.progressed(event.job_id))
+        elif event.status in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
+            services.metrics.finished.labels(event.status).inc()
+            task = asyncio.get_running_loop().create_task(after_terminal(event))
+        else:
             return
-        services.metrics.finished.labels(event.status).inc()
-        # Called on the event loop: the store is read in a thread, never here.
-        task = asyncio.get_running_loop().create_task(after_terminal(event))
         pending.add(task)
         task.add_done_callback(pending.discard)
 

@@ -165,6 +165,7 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> 
         await asyncio.to_thread(services.blobs.delete, [image.name for image in stored if image.saved_now])
         raise
     services.workers.wake()
+    await services.webhooks.enqueue_event(job, "start")  # when its receiver asked for it
     return job
 
 

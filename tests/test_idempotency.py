@@ -306,3 +306,38 @@ def test_one_key_makes_one_prediction_across_api_nodes(
         assert conflict.status_code == 409 and conflict.json()["header"] == "Idempotency-Key"
         listed = httpx.get(f"{nodes[0].url}/v1/prediction/", headers=nodes[0].headers()).json()
         assert [p["id"] for p in listed["items"]] == [prediction_id]
+
+
+class LosesTheFirstCreateAnswer(httpx.BaseTransport):
+    """The network as it sometimes is: the first create reaches the server (which makes
+    the prediction) but its answer never comes back."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.lost = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.method == "POST" and request.url.path == "/v1/prediction/" and not self.lost:
+            response.read()
+            response.close()
+            self.lost += 1
+            raise httpx.ReadError("connection reset before the answer arrived", request=request)
+        return response
+
+
+def test_the_python_client_resends_a_keyed_create_whose_answer_was_lost(api: Harness) -> None:
+    from fluxredux.client import FluxRedux
+
+    with FluxRedux(api.url, api.key, transport=LosesTheFirstCreateAnswer()) as client:
+        prediction_id = client.create({"redux_image": png_data_uri()}, idempotency_key="lost-answer")
+    assert created_count(api) == 1  # the resend found the first create's prediction
+    assert api.get(prediction_id)["id"] == prediction_id
+
+    # Without a key, nothing can tell a resend from a new create: the loss is raised.
+    with (
+        FluxRedux(api.url, api.key, transport=LosesTheFirstCreateAnswer()) as client,
+        pytest.raises(httpx.ReadError),
+    ):
+        client.create({"redux_image": png_data_uri()})
+    assert created_count(api) == 2

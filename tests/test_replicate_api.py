@@ -235,3 +235,23 @@ def test_the_webhook_secret_is_per_key_and_standard(api: Harness) -> None:
     assert mine == again != theirs
     assert mine.startswith("whsec_") and len(base64.b64decode(mine.removeprefix("whsec_"))) == 32
     assert httpx.get(f"{api.url}/v1/webhooks/default/secret").status_code == 401
+
+
+def test_a_missing_reference_names_redux_image_on_both_surfaces(api: Harness) -> None:
+    with bearer(api) as http:
+        replicate = http.post("/v1/predictions", json={"input": {"num_outputs": 1}}).json()
+    eachlabs = api.http.post("/v1/prediction/", json={"model": "flux-redux-schnell", "input": {}}).json()
+    for error in (replicate, eachlabs):
+        assert error["fields"][0]["field"] == "input.redux_image", error
+
+
+def test_a_job_stored_before_the_replicate_surface_reads_as_an_eachlabs_one() -> None:
+    import json
+
+    from fluxredux.jobs.model import Job, job_from_json, job_to_json
+
+    stored = json.loads(job_to_json(Job(id="j1", owner="k", input={}, created_at=1.0)))
+    for newer in ("surface", "webhook_events"):
+        del stored[newer]
+    job = job_from_json(json.dumps(stored))
+    assert (job.surface, job.webhook_events) == ("eachlabs", ["completed"])

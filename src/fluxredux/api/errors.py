@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxredux import errors
-from fluxredux.schema import field_path, shorten
+from fluxredux.schema import error_field, shorten
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ def error_response(exc: errors.FluxReduxError, surface: Surface = "eachlabs") ->
 def _validation_fields(exc: RequestValidationError) -> list[dict[str, Any]]:
     fields = []
     for err in exc.errors()[:MAX_FIELD_ERRORS]:
-        field = shorten(field_path(part for part in err.get("loc", ()) if part != "body"), MAX_DETAIL_CHARS)
+        loc = [part for part in err.get("loc", ()) if part != "body"]
+        field = shorten(error_field(loc, str(err.get("type"))), MAX_DETAIL_CHARS)
         if err.get("type") == "extra_forbidden":
             message = f"unknown field '{field}'"
         else:

@@ -159,6 +159,7 @@ class WebhookSender:
         self._sending: set[asyncio.Task[None]] = set()
         self._last_forget = float("-inf")
         self._last_event: dict[str, float] = {}  # job id -> when its last non-final event went out
+        self._no_logs: set[str] = set()  # running jobs read once and found to want no logs events
 
     # -- enqueueing -------------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class WebhookSender:
         """A job that just ended, seen by this process: its delivery, due now, sent promptly.
         Idempotent (every process seeing the event may call it)."""
         self._last_event.pop(job.id, None)  # no more non-final events
+        self._no_logs.discard(job.id)
         if job.webhook_state != "pending" or not job.webhook_url:
             return
         try:
@@ -199,15 +201,20 @@ class WebhookSender:
         """A running job changed (a worker claimed it, or finished a step): a ``logs`` event
         for receivers that want one. Throttled before the job is even read: this is called
         for every step of every job."""
-        if self._throttled(job_id):
+        if self._throttled(job_id) or job_id in self._no_logs:
             return
-        if len(self._last_event) > _MAX_THROTTLED:  # entries of jobs whose end was never seen
+        if len(self._last_event) + len(self._no_logs) > _MAX_THROTTLED:  # jobs whose end was never seen
             self._last_event.clear()
+            self._no_logs.clear()
         try:
             job = await asyncio.to_thread(self.store.get, job_id)
         except StoreUnavailable:
             return
-        if job is not None and job.status == Status.PROCESSING and job.progress_step > 0:
+        if job is None:
+            return
+        if not job.webhook_url or "logs" not in job.webhook_events:
+            self._no_logs.add(job_id)  # its other steps are not even read
+        elif job.status == Status.PROCESSING and job.progress_step > 0:
             await self.enqueue_event(job, "logs", job.progress_step)
 
     async def enqueue_pending(self) -> None:

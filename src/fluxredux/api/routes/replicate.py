@@ -11,6 +11,7 @@ on both. Only the shapes differ: ``render_replicate`` answers, errors are proble
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Annotated
 from urllib.parse import quote
 
@@ -116,6 +117,9 @@ async def create(
 ) -> ReplicatePrediction:
     settings = services.settings
     wait = prefer_wait(prefer, settings)
+    # The wait counts from the request's arrival: the client's read timeout is the wait
+    # plus half a second, and fetching a reference image may take a while.
+    started = time.monotonic()
     order = PredictionOrder(
         input=body.input,
         version=version_of(body.version, settings),
@@ -136,7 +140,7 @@ async def create(
     )
     if wait is None:
         return render_replicate(job, base)
-    job = await wait_after_create(services, job, wait)
+    job = await wait_after_create(services, job, max(0.0, wait - (time.monotonic() - started)))
     return render_replicate(job, base, waited_out=not job.is_terminal)
 
 

@@ -216,7 +216,11 @@ def test_openapi_documents_the_error_statuses_with_the_error_body(api: Harness) 
         for method, operation in item.items()
     }
     text = json.dumps(schema)
-    assert '"422"' not in text and "HTTPValidationError" not in text  # this app answers 400
+    assert "HTTPValidationError" not in text
+    for (_method, path), operation in operations.items():
+        # The Eachlabs surface answers invalid input with 400, the Replicate one with 422.
+        replicate = path.startswith(("/v1/predictions", "/v1/models/", "/v1/files/", "/v1/webhooks/"))
+        assert ("422" in operation["responses"]) == replicate, path
     expected = {
         ("POST", "/v1/prediction/"): {"400", "401", "413", "429", "503"},
         ("POST", "/v1/prediction/run"): {"400", "401", "413", "429", "503"},
@@ -233,6 +237,21 @@ def test_openapi_documents_the_error_statuses_with_the_error_body(api: Harness) 
         for status in statuses:
             content = responses[status]["content"]["application/json"]["schema"]
             assert content == {"$ref": "#/components/schemas/ErrorBody"}, (key, status)
+    replicate_expected = {
+        ("POST", "/v1/models/{owner}/{name}/predictions"): {"401", "404", "409", "413", "422", "429", "503"},
+        ("POST", "/v1/predictions"): {"401", "409", "413", "422", "429", "503"},
+        ("GET", "/v1/predictions"): {"401", "422", "429"},
+        ("GET", "/v1/predictions/{prediction_id}"): {"401", "404", "429"},
+        ("POST", "/v1/predictions/{prediction_id}/cancel"): {"401", "404", "429"},
+        ("GET", "/v1/files/{file_id}"): {"401", "404", "429"},
+        ("DELETE", "/v1/files/{file_id}"): {"401", "404", "429"},
+    }
+    for key, statuses in replicate_expected.items():
+        responses = operations[key]["responses"]
+        assert statuses <= set(responses), (key, sorted(responses))
+        for status in statuses:
+            content = responses[status]["content"]["application/json"]["schema"]
+            assert content == {"$ref": "#/components/schemas/Problem"}, (key, status)
     for status in ("429", "503"):
         assert "Retry-After" in operations["POST", "/v1/prediction/"]["responses"][status]["headers"]
     error_schema = schema["components"]["schemas"]["ErrorBody"]

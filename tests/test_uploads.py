@@ -201,6 +201,21 @@ def test_upload_store_contract_expire_and_forget(upload_store: UploadStore) -> N
     assert upload_store.expire(unused_since=300.0) == []  # last used at 300: not before it
 
 
+def test_upload_store_contract_withdraw_one(upload_store: UploadStore) -> None:
+    """An owner's delete: that upload alone is expired at once, then forgotten."""
+    a = upload_store.add("AAAAAAAAAAAAAAAAAAAAAA.png", "key-a", now=100.0)
+    b = upload_store.add("BBBBBBBBBBBBBBBBBBBBBB.jpg", "key-a", now=200.0)
+    assert upload_store.withdraw(a.id) == a
+    assert upload_store.get(a.id) is None and upload_store.use(a.id) is None
+    assert upload_store.withdraw(a.id) is None and upload_store.withdraw("nope") is None
+    assert upload_store.get(b.id) == b
+    assert upload_store.uploaded([a.key]) == {a.key}  # known until forgotten
+    # A failed blob deletion is finished by retention: the record is found marked.
+    assert upload_store.expire(unused_since=0.0) == [a]
+    assert upload_store.forget([a.id]) == 1
+    assert upload_store.uploaded([a.key]) == set() and upload_store.expire(unused_since=0.0) == []
+
+
 def test_upload_store_contract_expire_oldest_use_first_up_to_limit(upload_store: UploadStore) -> None:
     made = [upload_store.add(key_of(i), "key-a", now=t) for i, t in enumerate([500.0, 100.0, 400.0, 200.0])]
     bumped = upload_store.use(made[1].id, now=300.0)  # now the third oldest

@@ -1,7 +1,7 @@
 """Which implementation of each seam a process uses: the one place that picks between them.
 
 Embedded (no Redis, one machine): the SQLite file in the data dir for jobs, workers,
-webhooks, keys, shares and uploads; limits counted in this process (it is the only HTTP
+webhooks, keys, shares, uploads and idempotency keys; limits counted in this process (it is the only HTTP
 process); job events over a pipe from the worker child.
 
 Scale-out (``redis_url``): every one of them in Redis, shared by all API nodes and
@@ -20,6 +20,7 @@ from functools import cached_property
 from typing import Any, TypeVar
 
 from fluxredux.config import Settings
+from fluxredux.idempotency import IdempotencyStore, SQLiteIdempotencyStore
 from fluxredux.jobs.events import EventBus, PipeEventBus
 from fluxredux.jobs.limits import MemoryRateLimiter, RateLimiter
 from fluxredux.jobs.outbox import SQLiteWebhookOutbox, WebhookOutbox
@@ -128,6 +129,14 @@ class Backends:
 
             return self._keep(RedisUploadStore(self.redis, prefix=self._prefix, clock=self._clock))
         return self._keep(self._sqlite(SQLiteUploadStore))
+
+    @cached_property
+    def idempotency(self) -> IdempotencyStore:
+        if self.scale_out:
+            from fluxredux.redis_idempotency import RedisIdempotencyStore
+
+            return self._keep(RedisIdempotencyStore(self.redis, prefix=self._prefix, clock=self._clock))
+        return self._keep(self._sqlite(SQLiteIdempotencyStore, clock=self._sqlite_clock))
 
     def rate_limiter(self, name: str, per_minute: int) -> RateLimiter:
         """A limit of ``per_minute`` hits per API key, counted apart from other ``name``s.

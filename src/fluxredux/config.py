@@ -192,6 +192,12 @@ class Settings(BaseSettings):
     webhook_secret: str | None = Field(
         None, description="Signs webhooks that carry no webhook_secret of their own."
     )
+    replicate_model_alias: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$",
+        description="Another owner/name under which the Replicate-compatible API serves the model "
+        "(besides black-forest-labs/flux-redux-schnell), e.g. your-org/redux.",
+    )
     webhook_attempts: int = Field(6, ge=1, description="Deliveries tried per webhook.")
     webhook_first_delay_seconds: float = Field(1.0, gt=0, description="Backoff before the 2nd try (doubles).")
 

@@ -81,6 +81,12 @@ class UnknownModel(ClientError):
     code = "unknown_model"
 
 
+class IdempotencyConflict(ClientError):
+    """An ``Idempotency-Key`` already used with a different request (body or route)."""
+
+    code = "idempotency_key_reused"
+
+
 class Unauthorized(FluxReduxError):
     """Missing, unknown or revoked API key."""
 

@@ -88,6 +88,18 @@ end
 return #found / 2
 """
 
+# KEYS: the upload's hash, live, expired. ARGV: id.
+# Marks that one upload expired; returns {key, owner, created_at, last_used_at}, or false
+# when unknown or expired already.
+_WITHDRAW = """
+local f = redis.call('HMGET', KEYS[1], 'expired', 'key', 'owner', 'created_at', 'last_used_at')
+if f[1] ~= '0' then return false end
+redis.call('HSET', KEYS[1], 'expired', '1')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], f[5], ARGV[1])
+return {f[2], f[3], f[4], f[5]}
+"""
+
 # KEYS: by_key, expired. ARGV: hash prefix, then ids. Drops the expired ones among them;
 # how many went.
 _FORGET = """
@@ -129,6 +141,7 @@ class RedisUploadStore(RedisSeam):
             self._redis, self._hash_prefix, "key", "owner", "created_at", "last_used_at"
         )
         self._forget = self._script(_FORGET)
+        self._withdraw = self._script(_WITHDRAW)
 
     def _now_arg(self, now: float | None) -> str:
         return self._clock.now_arg() if now is None else fmt_time(now)
@@ -175,6 +188,13 @@ class RedisUploadStore(RedisSeam):
         if limit <= 0:
             return []
         return [_upload(*row) for row in self._marked.read(self._expired, limit)]
+
+    def withdraw(self, upload_id: str) -> Upload | None:
+        with redis_errors("written"):
+            fields = self._withdraw(
+                keys=[self._hash_prefix + upload_id, self._live, self._expired], args=[upload_id]
+            )
+        return _upload(upload_id, *fields) if fields is not None else None
 
     def forget(self, upload_ids: Iterable[str]) -> int:
         gone = 0

@@ -296,11 +296,17 @@ def field_path(loc: Iterable[int | str]) -> str:
 _ABOUT = {"reference_missing": ("redux_image",), "reference_twice": ("redux_images",)}
 
 
+def error_field(loc: Iterable[int | str], error_type: str) -> str:
+    """The dotted field an error is about: its location, plus the field a whole-model
+    check names (a missing reference is about ``redux_image``)."""
+    return field_path([*loc, *_ABOUT.get(error_type, ())])
+
+
 def field_errors(exc: ValidationError) -> list[FieldError]:
     """Turn pydantic's errors into one message per field, naming unknown fields."""
     errors = []
     for err in exc.errors(include_url=False):
-        field = field_path([*err["loc"], *_ABOUT.get(err["type"], ())])
+        field = error_field(err["loc"], err["type"])
         if err["type"] == "extra_forbidden":
             message = f"unknown field '{field}'"
             allowed = ", ".join(PredictionInput.model_fields)

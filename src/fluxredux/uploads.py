@@ -11,7 +11,11 @@ Expiry is two-step so that a blob is never deleted under a create that has just 
 and a failed blob deletion is retried: ``expire`` marks the records (a marked upload is
 no longer found), the caller deletes their blobs, then ``forget`` drops the records.
 
-``UploadStore`` is a small protocol (add, get, use, uploaded, expire, forget): the SQLite
+An owner deletes an upload the same two-step way: ``withdraw`` marks that one upload
+expired at once, the caller deletes its blob, then ``forget``s it (if the deletion fails,
+the next retention round finds it marked and finishes the job).
+
+``UploadStore`` is a small protocol (add, get, use, uploaded, expire, withdraw, forget): the SQLite
 table here (one machine), Redis in ``fluxredux.redis_uploads`` (many API nodes), one
 contract suite (tests/test_uploads.py). Times are the caller's ``now`` when given, else
 the store's clock.
@@ -89,6 +93,10 @@ class UploadStore(Protocol):
         and return the marked ones, oldest use first: these plus any an earlier round
         marked but did not ``forget`` (its blob deletion failed)."""
 
+    def withdraw(self, upload_id: str) -> Upload | None:
+        """Mark this one upload expired now (its owner deletes it): no longer found, its
+        blob to be deleted, then ``forget``. None when unknown or expired already."""
+
     def forget(self, upload_ids: Iterable[str]) -> int:
         """Drop the records of expired uploads whose blobs are gone; how many went (one
         that is not expired stays)."""
@@ -150,6 +158,15 @@ class SQLiteUploadStore:
                 f"SELECT {_FIELDS} FROM uploads WHERE expired = 1 ORDER BY last_used_at LIMIT ?", (limit,)
             ).fetchall()
         return [_upload(row) for row in rows]
+
+    def withdraw(self, upload_id: str) -> Upload | None:
+        with self._db.transaction() as db:
+            row = db.execute(
+                f"SELECT {_FIELDS} FROM uploads WHERE id = ? AND expired = 0", (upload_id,)
+            ).fetchone()
+            if row is not None:
+                db.execute("UPDATE uploads SET expired = 1 WHERE id = ?", (upload_id,))
+        return _upload(row) if row else None
 
     def forget(self, upload_ids: Iterable[str]) -> int:
         ids = [(upload_id,) for upload_id in upload_ids]

@@ -1,9 +1,22 @@
 """Webhook delivery: on a terminal state, POST the prediction to its webhook_url.
 
-Signed: ``X-FluxRedux-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<body>")>``
-with ``X-FluxRedux-Timestamp: <unix seconds>`` and ``X-FluxRedux-Delivery: <prediction id>``.
-The secret is the request's ``webhook_secret``, else the server's
-``FLUXREDUX_WEBHOOK_SECRET``; with neither, the request is sent unsigned.
+Eachlabs surface: the Eachlabs body, signed ``X-FluxRedux-Signature: v1=<hex
+HMAC-SHA256(secret, "<timestamp>.<body>")>`` with ``X-FluxRedux-Timestamp: <unix
+seconds>`` and ``X-FluxRedux-Delivery: <prediction id>``. The secret is the request's
+``webhook_secret``, else the server's ``FLUXREDUX_WEBHOOK_SECRET``; with neither, the
+request is sent unsigned.
+
+Replicate surface (``job.surface == "replicate"``): Replicate's body, signed the Standard
+Webhooks way (``webhook-id``, ``webhook-timestamp``, ``webhook-signature``; see
+fluxredux.webhook_signing) with the job's secret, always set for these jobs. Its
+``webhook_events`` choose what is sent: ``completed`` (the end, as above), ``output``
+(this model's output appears at the end: the end is sent when it succeeded), and two
+non-final events, each its own outbox record with its own id
+(``<prediction id>.<event>[.<step>]``) and tried once only (a later event or the end
+carries newer news anyway): ``start`` when the prediction is created, ``logs`` when its
+run progresses (a step done), at most one non-final event per ``EVENT_INTERVAL_SECONDS``
+per prediction (throttled by each API process; the record ids keep two nodes from sending
+the same step twice).
 
 Tried up to ``attempts`` times, the second try ``first_delay`` after the first, each wait
 twice the one before, on any non-2xx answer, network error or timeout. Delivery runs
@@ -49,10 +62,11 @@ from typing import Any, Literal
 import httpx
 
 from fluxredux.errors import FetchRefused, StoreUnavailable
-from fluxredux.jobs.model import Job
+from fluxredux.jobs.model import REPLICATE, Job, Status
 from fluxredux.jobs.outbox import Delivery, WebhookOutbox
 from fluxredux.jobs.store import JobStore
 from fluxredux.net import SafeFetcher, check_url_shape
+from fluxredux.webhook_signing import signed_headers
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +76,10 @@ DELIVERY_HEADER = "X-FluxRedux-Delivery"
 
 # Final records are deleted after ``keep_seconds``; looked for this often.
 FORGET_INTERVAL_SECONDS = 600.0
+# At most one non-final event (start, logs) per prediction this often.
+EVENT_INTERVAL_SECONDS = 0.5
+# Beyond this many predictions remembered for throttling, the memory starts afresh.
+_MAX_THROTTLED = 10_000
 
 Outcome = Literal["delivered", "retry", "failed"]
 
@@ -76,6 +94,20 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str, *, toleranc
     if abs(time.time() - float(timestamp)) > tolerance:
         return False
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
+
+
+def event_delivery_id(job_id: str, event: str, step: int | None = None) -> str:
+    """The outbox id of a non-final event: never a prediction id (ids have no dots)."""
+    return f"{job_id}.{event}" if step is None else f"{job_id}.{event}.{step}"
+
+
+def job_id_of(delivery_id: str) -> str:
+    return delivery_id.split(".", 1)[0]
+
+
+def is_final(delivery_id: str) -> bool:
+    """The end of a prediction (its id alone), not one of its non-final events."""
+    return "." not in delivery_id
 
 
 @dataclass(frozen=True)
@@ -126,12 +158,16 @@ class WebhookSender:
         self._sweeper: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self._last_forget = float("-inf")
+        self._last_event: dict[str, float] = {}  # job id -> when its last non-final event went out
+        self._no_logs: set[str] = set()  # running jobs read once and found to want no logs events
 
     # -- enqueueing -------------------------------------------------------------------
 
     async def enqueue(self, job: Job) -> None:
         """A job that just ended, seen by this process: its delivery, due now, sent promptly.
         Idempotent (every process seeing the event may call it)."""
+        self._last_event.pop(job.id, None)  # no more non-final events
+        self._no_logs.discard(job.id)
         if job.webhook_state != "pending" or not job.webhook_url:
             return
         try:
@@ -140,6 +176,46 @@ class WebhookSender:
             log.warning("webhook for %s not enqueued now: %s", job.id, exc.message)
             return
         await self._after_enqueue([delivery])
+
+    async def enqueue_event(self, job: Job, event: str, step: int | None = None) -> None:
+        """A non-final event of ``job`` (``start``, ``logs``) if its receiver asked for it and
+        none went out in the last ``EVENT_INTERVAL_SECONDS``; idempotent per (event, step)."""
+        if not job.webhook_url or event not in job.webhook_events or self._throttled(job.id):
+            return
+        self._last_event[job.id] = time.monotonic()
+        try:
+            delivery = await asyncio.to_thread(
+                self.outbox.enqueue, event_delivery_id(job.id, event, step), job.webhook_url
+            )
+        except StoreUnavailable as exc:  # best effort: the next event, or the end, says more
+            log.info("webhook %s event for %s not enqueued: %s", event, job.id, exc.message)
+            return
+        if delivery.state == "pending":
+            self.wake()
+
+    def _throttled(self, job_id: str) -> bool:
+        last = self._last_event.get(job_id)
+        return last is not None and time.monotonic() - last < EVENT_INTERVAL_SECONDS
+
+    async def progressed(self, job_id: str) -> None:
+        """A running job changed (a worker claimed it, or finished a step): a ``logs`` event
+        for receivers that want one. Throttled before the job is even read: this is called
+        for every step of every job."""
+        if self._throttled(job_id) or job_id in self._no_logs:
+            return
+        if len(self._last_event) + len(self._no_logs) > _MAX_THROTTLED:  # jobs whose end was never seen
+            self._last_event.clear()
+            self._no_logs.clear()
+        try:
+            job = await asyncio.to_thread(self.store.get, job_id)
+        except StoreUnavailable:
+            return
+        if job is None:
+            return
+        if not job.webhook_url or "logs" not in job.webhook_events:
+            self._no_logs.add(job_id)  # its other steps are not even read
+        elif job.status == Status.PROCESSING and job.progress_step > 0:
+            await self.enqueue_event(job, "logs", job.progress_step)
 
     async def enqueue_pending(self) -> None:
         """Every job marked pending gets its delivery: what ended while no API process ran,
@@ -165,7 +241,7 @@ class WebhookSender:
 
     async def _after_enqueue(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
-            if delivery.state != "pending":  # sent, but its job was not told
+            if delivery.state != "pending" and is_final(delivery.prediction_id):  # sent, its job not told
                 await self._mirror(delivery)
         if any(d.state == "pending" for d in deliveries):
             self.wake()
@@ -245,7 +321,8 @@ class WebhookSender:
             )
         elif recorded.state != "pending":
             log.info("webhook for %s %s", claimed.prediction_id, recorded.state)
-            await self._mirror(recorded)
+            if is_final(recorded.prediction_id):  # an event's outcome is not the job's to show
+                await self._mirror(recorded)
 
     def _record(self, claimed: Delivery, outcome: Outcome) -> Delivery | None:
         if outcome == "delivered":
@@ -255,11 +332,12 @@ class WebhookSender:
         return self.outbox.failed(claimed)
 
     async def _try(self, claimed: Delivery) -> Outcome:
-        retry: Outcome = "retry" if claimed.attempts < self.policy.attempts else "failed"
-        if claimed.attempts > self.policy.attempts:
+        attempts = self.policy.attempts if is_final(claimed.prediction_id) else 1  # events: one try
+        retry: Outcome = "retry" if claimed.attempts < attempts else "failed"
+        if claimed.attempts > attempts:
             return "failed"  # the last try's claim ran out unrecorded (its process died mid-send)
         try:
-            job = await asyncio.to_thread(self.store.get, claimed.prediction_id)
+            job = await asyncio.to_thread(self.store.get, job_id_of(claimed.prediction_id))
         except StoreUnavailable as exc:
             log.warning(
                 "webhook for %s: the prediction cannot be read: %s", claimed.prediction_id, exc.message
@@ -268,9 +346,10 @@ class WebhookSender:
         if job is None:
             return "failed"  # deleted (past retention): nothing left to send
         body = json.dumps(self.render(job), separators=(",", ":")).encode()
-        secret = job.webhook_secret or self.policy.server_secret
         try:
-            sent = await asyncio.wait_for(self._post(claimed, body, secret), 3 * self.policy.timeout)
+            sent = await asyncio.wait_for(
+                self._post(claimed, body, self._signature(job, claimed, body)), 3 * self.policy.timeout
+            )
         except FetchRefused as exc:
             log.warning("webhook for %s refused: %s", job.id, exc.message)
             return "failed"  # the target itself is not allowed: retrying cannot help
@@ -279,18 +358,27 @@ class WebhookSender:
             return retry
         return "delivered" if sent else retry
 
-    async def _post(self, delivery: Delivery, body: bytes, secret: str | None) -> bool:
-        url = check_url_shape(delivery.url)
-        ip = await self.fetcher.checked_address(url)
-        timestamp = str(int(time.time()))
-        headers = {
-            "Content-Type": "application/json",
-            "Host": url.netloc.decode("ascii"),
-            TIMESTAMP_HEADER: timestamp,
-            DELIVERY_HEADER: delivery.prediction_id,
-        }
+    def _signature(self, job: Job, delivery: Delivery, body: bytes) -> dict[str, str]:
+        """The headers that identify and sign this try, in the job's surface's way."""
+        now = time.time()
+        if job.surface == REPLICATE:
+            # webhook-id: the delivery's id, the same on every try of it (receivers dedupe by it).
+            return (
+                signed_headers(job.webhook_secret, delivery.prediction_id, body, now)
+                if job.webhook_secret
+                else {}
+            )
+        timestamp = str(int(now))
+        headers = {TIMESTAMP_HEADER: timestamp, DELIVERY_HEADER: delivery.prediction_id}
+        secret = job.webhook_secret or self.policy.server_secret
         if secret:
             headers[SIGNATURE_HEADER] = sign(secret, timestamp, body)
+        return headers
+
+    async def _post(self, delivery: Delivery, body: bytes, signature: dict[str, str]) -> bool:
+        url = check_url_shape(delivery.url)
+        ip = await self.fetcher.checked_address(url)
+        headers = {"Content-Type": "application/json", "Host": url.netloc.decode("ascii"), **signature}
         try:
             response = await self._client.post(
                 url.copy_with(host=str(ip)),

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxredux import __version__
 from fluxredux.api import errors
-from fluxredux.api.routes import files, predictions, shares, system, web
+from fluxredux.api.routes import files, predictions, replicate, shares, system, web
 from fluxredux.api.services import Services
 from fluxredux.errors import PayloadTooLarge, StoreUnavailable
 from fluxredux.jobs.events import JobEvent
@@ -42,7 +42,7 @@ class BodyLimit:
         )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await errors.error_response(too_large)(scope, receive, send)
+            await errors.error_response(too_large, errors.surface_of(scope["path"]))(scope, receive, send)
             return
         received = 0
         exceeded = started = False
@@ -67,7 +67,7 @@ class BodyLimit:
         with contextlib.suppress(PayloadTooLarge):
             await self.app(scope, counting_receive, guarded_send)
         if exceeded and not started:
-            await errors.error_response(too_large)(scope, receive, send)
+            await errors.error_response(too_large, errors.surface_of(scope["path"]))(scope, receive, send)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -86,11 +86,14 @@ def create_app(services: Services) -> FastAPI:
         await services.webhooks.enqueue(job)  # and the sweeper woken: the first try goes out now
 
     def on_event(event: JobEvent) -> None:
-        if event.status not in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
+        # Called on the event loop: the store is read in a thread (in the tasks), never here.
+        if event.status == Status.PROCESSING.value:  # claimed, or a step done: maybe a webhook event
+            task = asyncio.get_running_loop().create_task(services.webhooks.progressed(event.job_id))
+        elif event.status in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
+            services.metrics.finished.labels(event.status).inc()
+            task = asyncio.get_running_loop().create_task(after_terminal(event))
+        else:
             return
-        services.metrics.finished.labels(event.status).inc()
-        # Called on the event loop: the store is read in a thread, never here.
-        task = asyncio.get_running_loop().create_task(after_terminal(event))
         pending.add(task)
         task.add_done_callback(pending.discard)
 
@@ -124,6 +127,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.services = services
     errors.install(app)
     app.include_router(predictions.router)
+    app.include_router(replicate.router)
     app.include_router(shares.router)
     app.include_router(files.router)
     app.include_router(system.router)

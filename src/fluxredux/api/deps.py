@@ -18,14 +18,20 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_api_key(
-    services: ServicesDep,
+def presented_key(
     x_api_key: Annotated[str | None, Header(description="Your API key.")] = None,
     authorization: Annotated[str | None, Header(description="Or: Bearer <API key>.")] = None,
-) -> ApiKey:
-    presented = x_api_key
-    if not presented and authorization and authorization.lower().startswith("bearer "):
-        presented = authorization[7:].strip()
+) -> str | None:
+    """The key as the caller sent it: X-API-Key (Eachlabs), or Authorization: Bearer (Replicate)."""
+    if not x_api_key and authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return x_api_key
+
+
+PresentedKeyDep = Annotated[str | None, Depends(presented_key)]
+
+
+def get_api_key(services: ServicesDep, presented: PresentedKeyDep) -> ApiKey:
     return services.keys.verify(presented)
 
 

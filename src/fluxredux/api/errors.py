@@ -1,15 +1,26 @@
 """The ONE mapping from errors to HTTP responses.
 
-Domain errors carry a code and a message; here they get a status. Every error body is
-``{"error": "<message>", "code": "<machine-readable>", ...detail}``. Anything unexpected
-is logged with its stack trace and answered with a generic 500 that reveals nothing.
+Domain errors carry a code and a message; here they get a status and a body, in the
+shape of the API surface the request came to (chosen by its path, see ``surface_of``):
+
+- Eachlabs (``/v1/prediction/...`` and the rest): ``{"error": "<message>", "code":
+  "<machine-readable>", ...detail}``, invalid input a 400.
+- Replicate (``/v1/predictions``, ``/v1/models/...``, ``/v1/files/{id}``,
+  ``/v1/webhooks/...``): RFC 7807 problem details ``{"title", "detail", "status"}`` (what
+  the official client reads into ``ReplicateError``) plus the same ``code`` and detail
+  keys; invalid input a 422, an unknown model a 404.
+- ``POST /v1/files``, which both surfaces' clients call: both shapes in one body.
+
+Anything unexpected is logged with its stack trace and answered with a generic 500 that
+reveals nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from http import HTTPStatus
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fluxredux import errors
-from fluxredux.schema import field_path, shorten
+from fluxredux.schema import error_field, shorten
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +40,25 @@ MAX_DETAIL_CHARS = 256
 # A body with a million unknown keys is one mistake, not a million-line answer.
 MAX_FIELD_ERRORS = 20
 
+Surface = Literal["eachlabs", "replicate", "shared"]
+
+# The paths of the Replicate-compatible surface. ``/v1/prediction/`` (Eachlabs) is not
+# among them: it does not start with ``/v1/predictions``.
+_REPLICATE_PATHS = ("/v1/predictions", "/v1/models/", "/v1/webhooks/", "/v1/files/")
+_SHARED_PATHS = ("/v1/files",)
+
+
+def surface_of(path: str) -> Surface:
+    """Which API surface a request path belongs to: it decides the error shape."""
+    if path in _SHARED_PATHS:
+        return "shared"
+    return "replicate" if path.startswith(_REPLICATE_PATHS) else "eachlabs"
+
+
 # Most specific first: the first matching class decides.
 STATUS_BY_ERROR: list[tuple[type[errors.FluxReduxError], int]] = [
     (errors.PayloadTooLarge, 413),
+    (errors.IdempotencyConflict, 409),
     (errors.ClientError, 400),
     (errors.Unauthorized, 401),
     (errors.NotFound, 404),
@@ -43,11 +70,23 @@ STATUS_BY_ERROR: list[tuple[type[errors.FluxReduxError], int]] = [
 ]
 
 
-def status_for(exc: errors.FluxReduxError) -> int:
-    for cls, status in STATUS_BY_ERROR:
-        if isinstance(exc, cls):
-            return status
-    return 500
+def status_for(exc: errors.FluxReduxError, surface: Surface = "eachlabs") -> int:
+    status = next((status for cls, status in STATUS_BY_ERROR if isinstance(exc, cls)), 500)
+    if surface == "replicate":
+        # Replicate answers an unknown model with 404 and a bad input with 422.
+        if isinstance(exc, errors.UnknownModel):
+            return 404
+        if status == 400:
+            return 422
+    return status
+
+
+# Replicate's title for 422; the other titles are the statuses' reason phrases.
+_TITLES = {422: "Input validation failed"}
+
+
+def problem_title(status: int) -> str:
+    return _TITLES.get(status) or HTTPStatus(status).phrase
 
 
 def error_body(exc: errors.FluxReduxError) -> dict[str, Any]:
@@ -60,18 +99,31 @@ def error_body(exc: errors.FluxReduxError) -> dict[str, Any]:
     return body
 
 
-def error_response(exc: errors.FluxReduxError) -> JSONResponse:
+def shaped_body(body: dict[str, Any], status: int, surface: Surface) -> dict[str, Any]:
+    """An Eachlabs error body (``{"error", "code", ...}``) in the surface's shape."""
+    if surface == "eachlabs":
+        return body
+    problem = {"title": problem_title(status), "detail": body.get("error", ""), "status": status}
+    if surface == "shared":
+        return {**body, **problem}
+    rest = {key: value for key, value in body.items() if key != "error"}
+    return {**problem, **rest}
+
+
+def error_response(exc: errors.FluxReduxError, surface: Surface = "eachlabs") -> JSONResponse:
     headers = {}
     retry_after = getattr(exc, "retry_after", None) or exc.detail.get("retry_after")
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
-    return JSONResponse(error_body(exc), status_code=status_for(exc), headers=headers)
+    status = status_for(exc, surface)
+    return JSONResponse(shaped_body(error_body(exc), status, surface), status_code=status, headers=headers)
 
 
 def _validation_fields(exc: RequestValidationError) -> list[dict[str, Any]]:
     fields = []
     for err in exc.errors()[:MAX_FIELD_ERRORS]:
-        field = shorten(field_path(part for part in err.get("loc", ()) if part != "body"), MAX_DETAIL_CHARS)
+        loc = [part for part in err.get("loc", ()) if part != "body"]
+        field = shorten(error_field(loc, str(err.get("type"))), MAX_DETAIL_CHARS)
         if err.get("type") == "extra_forbidden":
             message = f"unknown field '{field}'"
         else:
@@ -100,11 +152,27 @@ class ErrorBody(BaseModel):
     retry_after: int | None = Field(None, description="429 and 503: seconds until a retry may succeed.")
 
 
+class Problem(BaseModel):
+    """Every error answer of the Replicate-compatible surface: RFC 7807 problem details,
+    plus the machine-readable ``code`` (and ``fields`` for invalid input) of ``ErrorBody``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    title: str = Field(description="A short summary of the kind of problem.")
+    detail: str = Field(description="What went wrong, in words a user can act on.")
+    status: int = Field(description="The HTTP status.")
+    code: str = Field(description="Machine-readable, as in ErrorBody.")
+    fields: list[FieldProblem] | None = Field(None, description="Input errors: one entry per invalid field.")
+    retry_after: int | None = Field(None, description="429 and 503: seconds until a retry may succeed.")
+
+
 _ERROR_DESCRIPTIONS = {
     400: "Invalid input (each field named), an unusable image or URL (the specific reason in `code`)",
     401: "Missing, unknown or revoked API key",
     404: "No such prediction or file (or not yours)",
+    409: "The Idempotency-Key was used before with a different request",
     413: "Request body over the server's limit",
+    422: "Invalid input (each field named in `detail` and `fields`), an unusable image or URL",
     429: "Over a per-key limit; retry after `Retry-After` seconds",
     503: "Queue full or the server cannot take work now; retry after `Retry-After` seconds",
 }
@@ -125,23 +193,40 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return responses
 
 
-def _validation_errors_are_400(schema: dict[str, Any]) -> None:
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``error_responses`` for the Replicate-compatible surface: the ``Problem`` body."""
+    responses = error_responses(*statuses)
+    for entry in responses.values():
+        entry["model"] = Problem
+    if 400 in responses:  # here, invalid input is a 422: a 400 is a body that cannot be read at all
+        responses[400]["description"] = "A request body that cannot be parsed (not JSON, not UTF-8)"
+    return responses
+
+
+def _ref(model: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{model}"}}}
+
+
+def _validation_errors_as_answered(schema: dict[str, Any]) -> None:
     """FastAPI documents request validation as 422 with its own body; this app answers
-    400 with ``ErrorBody`` (see ``_invalid``), so the schema says that instead."""
-    for operations in schema.get("paths", {}).values():
+    400 with ``ErrorBody`` on the Eachlabs surface and 422 with ``Problem`` on the
+    Replicate one (see ``_invalid``), so the schema says that instead."""
+    for path, operations in schema.get("paths", {}).items():
+        replicate = surface_of(path) == "replicate"
         for operation in operations.values():
             responses = operation.get("responses", {})
-            if responses.pop("422", None) is not None and "400" not in responses:
-                responses["400"] = {
-                    "description": _ERROR_DESCRIPTIONS[400],
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
-                }
+            if responses.pop("422", None) is None:
+                continue
+            status, model = ("422", "Problem") if replicate else ("400", "ErrorBody")
+            if status not in responses:
+                responses[status] = {"description": _ERROR_DESCRIPTIONS[int(status)], "content": _ref(model)}
     components = schema.get("components", {}).get("schemas", {})
-    if "ErrorBody" not in components:
-        defs = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
-        components.update(defs.pop("$defs", {}))
-        components["ErrorBody"] = defs
-        schema.setdefault("components", {})["schemas"] = components
+    for name, model_class in (("ErrorBody", ErrorBody), ("Problem", Problem)):
+        if name not in components:
+            defs = model_class.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(defs.pop("$defs", {}))
+            components[name] = defs
+    schema.setdefault("components", {})["schemas"] = components
     text = json.dumps(schema)
     for unused in ("HTTPValidationError", "ValidationError"):
         if f'"#/components/schemas/{unused}"' not in text:
@@ -153,7 +238,7 @@ class ErrorDocumentingFastAPI(FastAPI):
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:  # FastAPI caches the schema it generates; fix it once
-            _validation_errors_are_400(super().openapi())
+            _validation_errors_as_answered(super().openapi())
         return self.openapi_schema or {}
 
 
@@ -162,7 +247,7 @@ def install(app: FastAPI) -> None:
     async def _domain(request: Request, exc: errors.FluxReduxError) -> JSONResponse:
         if status_for(exc) >= 500 and not isinstance(exc, errors.QueueFull):
             log.error("%s %s: %s", request.method, request.url.path, exc.message)
-        return error_response(exc)
+        return error_response(exc, surface_of(request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -171,14 +256,15 @@ def install(app: FastAPI) -> None:
         if len(exc.errors()) > len(fields):
             summary += f"; and {len(exc.errors()) - len(fields):,} more"
         error = errors.InvalidInput(f"invalid request: {summary}", fields=fields)
-        return error_response(error)
+        return error_response(error, surface_of(request.url.path))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        body = {"error": shorten(str(exc.detail), MAX_MESSAGE_CHARS), "code": code}
         # The exception's headers matter: Allow on a 405, WWW-Authenticate and the like.
         return JSONResponse(
-            {"error": shorten(str(exc.detail), MAX_MESSAGE_CHARS), "code": code},
+            shaped_body(body, exc.status_code, surface_of(request.url.path)),
             status_code=exc.status_code,
             headers=exc.headers,
         )
@@ -186,4 +272,5 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse({"error": "internal server error", "code": "internal"}, status_code=500)
+        body = {"error": "internal server error", "code": "internal"}
+        return JSONResponse(shaped_body(body, 500, surface_of(request.url.path)), status_code=500)

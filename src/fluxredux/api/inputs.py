@@ -23,7 +23,7 @@ from fluxredux.images import DecodeLimits, decode_image, parse_data_uri
 from fluxredux.net import SafeFetcher
 from fluxredux.schema import PredictionInput
 from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, is_valid_id, key_id, new_key
-from fluxredux.uploads import UploadStore
+from fluxredux.uploads import UploadStore, upload_id_of
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,27 @@ async def check_and_store(
     )
 
 
+def own_upload_id(ref: str, own_files: str | None) -> str | None:
+    """The upload id in a link to this server's file ``{own_files}{id}.{ext}``, if ``ref``
+    is one: the Replicate client passes an upload as its URL, which this server need not
+    (and, on a private address, may not) fetch from itself."""
+    if own_files is None or not ref.startswith(own_files):
+        return None
+    upload_id = upload_id_of(ref[len(own_files) :])
+    return upload_id if is_valid_id(upload_id) else None
+
+
 async def resolve_reference(
-    ref: str, blobs: BlobStore, uploads: UploadStore, fetcher: SafeFetcher, limits: DecodeLimits
+    ref: str,
+    blobs: BlobStore,
+    uploads: UploadStore,
+    fetcher: SafeFetcher,
+    limits: DecodeLimits,
+    own_files: str | None = None,
 ) -> StoredImage:
+    own = own_upload_id(ref, own_files)
+    if own is not None and await asyncio.to_thread(uploads.get, own) is not None:
+        ref = own  # one of this server's uploads: used as such, below
     if ref[:5].lower() == "data:":
         return await check_and_store(parse_data_uri(ref, limits.max_bytes), blobs, limits)
     if ref[:7].lower() == "http://" or ref[:8].lower() == "https://":
@@ -100,13 +118,15 @@ async def resolve_references(
     uploads: UploadStore,
     fetcher: SafeFetcher,
     limits: DecodeLimits,
+    own_files: str | None = None,
 ) -> list[StoredImage]:
     """Every reference of ``inputs``, in order, checked and stored; if one fails, the
-    copies already made for this request are deleted before the error goes up."""
+    copies already made for this request are deleted before the error goes up.
+    ``own_files``: this server's files' URL prefix (links to its uploads are uploads)."""
     stored: list[StoredImage] = []
     try:
         for reference, _weight in inputs.references:
-            stored.append(await resolve_reference(reference, blobs, uploads, fetcher, limits))
+            stored.append(await resolve_reference(reference, blobs, uploads, fetcher, limits, own_files))
     except BaseException:
         await asyncio.to_thread(blobs.delete, [image.name for image in stored if image.saved_now])
         raise

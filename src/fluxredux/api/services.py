@@ -9,12 +9,15 @@ from typing import Any
 from fluxredux.api.metrics import Metrics
 from fluxredux.api.notifier import Notifier
 from fluxredux.api.render import render
+from fluxredux.api.replicate_render import render_replicate
 from fluxredux.backends import Backends
 from fluxredux.config import Settings
+from fluxredux.idempotency import IdempotencyStore
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Job, Lifecycle
 from fluxredux.jobs.events import EventBus, JobEvent
 from fluxredux.jobs.limits import RateLimiter
+from fluxredux.jobs.model import REPLICATE
 from fluxredux.jobs.outbox import WebhookOutbox
 from fluxredux.jobs.registry import WorkerRegistry
 from fluxredux.jobs.store import JobStore
@@ -36,6 +39,7 @@ class Services:
     shares: ShareStore
     blobs: BlobStore  # inputs and outputs
     uploads: UploadStore
+    idempotency: IdempotencyStore  # Idempotency-Key records of creates, both surfaces
     bus: EventBus  # job changes, wherever they happen (worker pipes, or Redis pub/sub)
     notifier: Notifier  # the same, on the event loop (long-polls, webhooks, metrics)
     fetcher: SafeFetcher
@@ -84,6 +88,8 @@ def build_services(
     def webhook_body(job: Job) -> dict[str, Any]:
         # Read at send time: the port is known only once the server has bound its socket.
         public_url = settings.public_url or f"http://{settings.host}:{settings.port}"
+        if job.surface == REPLICATE:  # the body in the shape of the surface it was made on
+            return render_replicate(job, public_url).model_dump(mode="json")
         return render(job, public_url).model_dump(mode="json")
 
     outbox = backends.outbox
@@ -107,6 +113,7 @@ def build_services(
         shares=backends.shares,
         blobs=blob_store(settings),
         uploads=backends.uploads,
+        idempotency=backends.idempotency,
         bus=bus,
         notifier=notifier,
         fetcher=fetcher,

@@ -10,6 +10,12 @@ header is sent again after that many seconds: at most ``retries`` times (default
 at most ``max_retry_wait`` seconds waited in all (default 60) per call; ``retries=0``
 turns this off. Then the last answer raises ApiError as any other error does.
 
+``create(..., idempotency_key="order-42")`` (and ``run``) sends an ``Idempotency-Key``: the
+server answers a repeated create with that key with the prediction the first one made
+(for 24 h). So such a create is also sent again when its answer was lost (the connection
+dropped or timed out after the request went out), within the same ``retries``: the
+retry can only find the prediction the lost answer named, never make a second one.
+
 Imports only httpx, pydantic and fluxredux.schema/errors: no torch, no server code.
 """
 
@@ -38,6 +44,8 @@ LONG_POLL = 55.0  # seconds per ?wait= request; the server allows up to 60
 # the capacity check), so a refused create created nothing and cannot run twice. Reads,
 # uploads and cancels are idempotent anyway.
 RETRY_STATUSES = frozenset({429, 503})
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 # Replaced in tests, to count the waits without spending them.
 _sleep = time.sleep
@@ -105,6 +113,13 @@ class _RetryBudget:
         self.wait_left -= delay
         return delay
 
+    def resend_lost(self) -> bool:
+        """Whether a request whose answer was lost may be sent again (one retry used)."""
+        if self.retries <= 0:
+            return False
+        self.retries -= 1
+        return True
+
 
 def _body(inputs: Mapping[str, Any], webhook_url: str | None, webhook_secret: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"model": MODEL_NAME, "version": MODEL_VERSION, "input": dict(inputs)}
@@ -113,6 +128,12 @@ def _body(inputs: Mapping[str, Any], webhook_url: str | None, webhook_secret: st
     if webhook_secret:
         body["webhook_secret"] = webhook_secret
     return body
+
+
+def _idempotency(key: str | None) -> dict[str, Any]:
+    """The create's request options for an idempotency key; with one, a lost answer may be
+    asked for again."""
+    return {"headers": {IDEMPOTENCY_HEADER: key}, "resend_if_lost": True} if key else {}
 
 
 def _upload_parts(source: Path | bytes) -> dict[str, tuple[str, bytes]]:
@@ -180,10 +201,17 @@ class FluxRedux:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    def _request(
+        self, method: str, url: str, *, resend_if_lost: bool = False, **kwargs: Any
+    ) -> httpx.Response:
         budget = _RetryBudget(self.retries, self.max_retry_wait)
         while True:
-            response = self._http.request(method, url, **kwargs)
+            try:
+                response = self._http.request(method, url, **kwargs)
+            except httpx.TransportError:
+                if not (resend_if_lost and budget.resend_lost()):
+                    raise
+                continue
             delay = budget.delay(response)
             if delay is None:
                 _raise_for(response)
@@ -199,10 +227,16 @@ class FluxRedux:
         return _with_uploads(inputs, lambda source: self.upload(source).id)
 
     def create(
-        self, inputs: Mapping[str, Any], *, webhook_url: str | None = None, webhook_secret: str | None = None
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
         body = _body(self._inputs(inputs), webhook_url, webhook_secret)
-        return str(self._request("POST", "/v1/prediction/", json=body).json()["predictionID"])
+        response = self._request("POST", "/v1/prediction/", json=body, **_idempotency(idempotency_key))
+        return str(response.json()["predictionID"])
 
     def get(self, prediction_id: str, *, wait: float = 0) -> Prediction:
         params = {"wait": wait} if wait else None
@@ -229,8 +263,10 @@ class FluxRedux:
             if poll:
                 time.sleep(poll)
 
-    def run(self, inputs: Mapping[str, Any], *, timeout: float | None = None) -> Prediction:
-        return self.wait(self.create(inputs), timeout=timeout)
+    def run(
+        self, inputs: Mapping[str, Any], *, timeout: float | None = None, idempotency_key: str | None = None
+    ) -> Prediction:
+        return self.wait(self.create(inputs, idempotency_key=idempotency_key), timeout=timeout)
 
     def cancel(self, prediction_id: str) -> Prediction:
         return Prediction.model_validate(
@@ -273,10 +309,17 @@ class AsyncFluxRedux:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def _request(
+        self, method: str, url: str, *, resend_if_lost: bool = False, **kwargs: Any
+    ) -> httpx.Response:
         budget = _RetryBudget(self.retries, self.max_retry_wait)
         while True:
-            response = await self._http.request(method, url, **kwargs)
+            try:
+                response = await self._http.request(method, url, **kwargs)
+            except httpx.TransportError:
+                if not (resend_if_lost and budget.resend_lost()):
+                    raise
+                continue
             delay = budget.delay(response)
             if delay is None:
                 _raise_for(response)
@@ -288,13 +331,21 @@ class AsyncFluxRedux:
         return UploadedFile.model_validate(response.json())
 
     async def create(
-        self, inputs: Mapping[str, Any], *, webhook_url: str | None = None, webhook_secret: str | None = None
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        webhook_url: str | None = None,
+        webhook_secret: str | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
         sources = [ref for ref in _references(inputs) if isinstance(ref, Path | bytes)]
         uploaded = {id(source): (await self.upload(source)).id for source in sources}
         resolved = _with_uploads(inputs, lambda source: uploaded[id(source)])
         response = await self._request(
-            "POST", "/v1/prediction/", json=_body(resolved, webhook_url, webhook_secret)
+            "POST",
+            "/v1/prediction/",
+            json=_body(resolved, webhook_url, webhook_secret),
+            **_idempotency(idempotency_key),
         )
         return str(response.json()["predictionID"])
 
@@ -313,8 +364,10 @@ class AsyncFluxRedux:
             if prediction.status in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
                 return prediction
 
-    async def run(self, inputs: Mapping[str, Any], *, timeout: float | None = None) -> Prediction:
-        return await self.wait(await self.create(inputs), timeout=timeout)
+    async def run(
+        self, inputs: Mapping[str, Any], *, timeout: float | None = None, idempotency_key: str | None = None
+    ) -> Prediction:
+        return await self.wait(await self.create(inputs, idempotency_key=idempotency_key), timeout=timeout)
 
     async def cancel(self, prediction_id: str) -> Prediction:
         response = await self._request("POST", f"/v1/prediction/{prediction_id}/cancel")

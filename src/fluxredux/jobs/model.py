@@ -31,6 +31,14 @@ TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELED})
 IN_FLIGHT = frozenset({Status.STARTING, Status.PROCESSING})
 
 
+# The API surfaces a job can be created on: its webhooks take that surface's body and signing.
+EACHLABS = "eachlabs"
+REPLICATE = "replicate"
+
+# Replicate's webhook events; the Eachlabs surface's webhook is the ``completed`` one.
+WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+
+
 def new_id() -> str:
     """128 random bits, URL-safe. Not a secret (ids travel in logs and webhooks): reading a
     prediction needs its owner's key, and sharing uses tokens of its own."""
@@ -65,10 +73,23 @@ class Job:
     webhook_secret: str | None = None
     webhook_state: str | None = None  # pending -> delivered | failed
     input_files: list[str] = field(default_factory=list)  # the stored reference images, in order
+    surface: str = EACHLABS  # the API it was created on (EACHLABS or REPLICATE)
+    # Which webhook events its receiver wants (of WEBHOOK_EVENTS): the final one by default.
+    webhook_events: list[str] = field(default_factory=lambda: ["completed"])
 
     @property
     def is_terminal(self) -> bool:
         return self.status.is_terminal
+
+    @property
+    def wants_final_webhook(self) -> bool:
+        """Whether its end is delivered: asked as ``completed``, or as ``output`` when it
+        succeeded (this model's output appears all at once, when the prediction ends)."""
+        if not self.webhook_url:
+            return False
+        return "completed" in self.webhook_events or (
+            "output" in self.webhook_events and self.status == Status.SUCCEEDED
+        )
 
 
 def job_to_json(job: Job) -> str:

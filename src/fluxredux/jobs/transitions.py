@@ -32,7 +32,7 @@ def transition(job: Job, to: Status, now: float, **fields: Any) -> Job:
     if to.is_terminal:
         job.completed_at = now
         job.lease_owner = job.lease_expires_at = None
-        if job.webhook_url:
+        if job.wants_final_webhook:
             job.webhook_state = "pending"
     if to == Status.STARTING:  # back in the queue after a lost worker
         job.lease_owner = job.lease_expires_at = None

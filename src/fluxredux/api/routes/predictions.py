@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import APIRouter, Query
 
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.errors import error_responses
+from fluxredux.api.idempotent import IdempotencyKeyHeader, create_once, fingerprint
 from fluxredux.api.inputs import recorded_input, resolve_references
 from fluxredux.api.render import render
 from fluxredux.api.services import Services
@@ -26,10 +28,19 @@ from fluxredux.errors import (
     UnknownModel,
 )
 from fluxredux.jobs import Job, Status, new_id
+from fluxredux.jobs.model import EACHLABS
 from fluxredux.jobs.store import Capacity
 from fluxredux.keys import ApiKey
 from fluxredux.net import check_url_shape
-from fluxredux.schema import MODEL_NAME, Prediction, PredictionCreated, PredictionList, PredictionRequest
+from fluxredux.schema import (
+    MODEL_NAME,
+    MODEL_VERSION,
+    Prediction,
+    PredictionCreated,
+    PredictionInput,
+    PredictionList,
+    PredictionRequest,
+)
 
 router = APIRouter(
     prefix="/v1/prediction", tags=["predictions"], responses=error_responses(400, 401, 404, 413, 429, 503)
@@ -56,24 +67,54 @@ def capacity_error(settings: Settings, capacity: Capacity) -> FluxReduxError | N
     return None
 
 
-async def check_webhook_target(services: Services, url: str) -> None:
+async def check_webhook_target(services: Services, url: str, field: str = "webhook_url") -> None:
     """Refuse a webhook URL now, naming the field, rather than drop its deliveries later."""
     timeout = services.settings.fetch_timeout_seconds
     try:
         await asyncio.wait_for(services.fetcher.checked_address(check_url_shape(url)), timeout)
     except FetchRefused as exc:
-        raise FetchRefused(exc.code, f"webhook_url: {exc.message}", field="webhook_url") from None
+        raise FetchRefused(exc.code, f"{field}: {exc.message}", field=field) from None
     except asyncio.TimeoutError:
         raise FetchRefused(
-            "url_dns", f"webhook_url: its host did not resolve within {timeout:g} s", field="webhook_url"
+            "url_dns", f"{field}: its host did not resolve within {timeout:g} s", field=field
         ) from None
 
 
-async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -> Job:
-    """Validate everything, check limits, store the reference image, queue the job."""
-    settings = services.settings
+@dataclass(frozen=True)
+class PredictionOrder:
+    """What a create asks for, whichever API surface it came to."""
+
+    input: PredictionInput
+    version: str = MODEL_VERSION
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_events: tuple[str, ...] = ("completed",)
+    webhook_field: str = "webhook_url"  # how the request names the webhook (in errors)
+    surface: str = EACHLABS
+    # This server's base URL: a reference linking to one of its own uploads is used as
+    # that upload (the Replicate client passes uploads by their URL), not fetched.
+    base_url: str | None = None
+
+
+async def create_job(
+    body: PredictionRequest, key: ApiKey, services: Services, base_url: str | None = None
+) -> Job:
+    """An Eachlabs create: the model must be this server's."""
     if body.model != MODEL_NAME:
         raise UnknownModel(f"unknown model '{body.model}'; this server runs '{MODEL_NAME}'", model=body.model)
+    order = PredictionOrder(
+        input=body.input,
+        version=body.version,
+        webhook_url=body.webhook_url,
+        webhook_secret=body.webhook_secret,
+        base_url=base_url,
+    )
+    return await queue_job(order, key, services)
+
+
+async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> Job:
+    """Validate everything, check limits, store the reference image, queue the job."""
+    settings = services.settings
     refusal = services.workers.refusal()
     if refusal is not None:  # accepting work that no worker can run would only hide the problem
         raise refusal
@@ -85,25 +126,28 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
     )
     if (error := capacity_error(settings, early)) is not None:
         raise error
-    if body.webhook_url:
-        await check_webhook_target(services, body.webhook_url)
+    if order.webhook_url:
+        await check_webhook_target(services, order.webhook_url, order.webhook_field)
     # With Redis, counting is a network call: never on the event loop.
     await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
+    own_files = f"{order.base_url.rstrip('/')}/files/" if order.base_url else None
     stored = await resolve_references(
-        body.input, services.blobs, services.uploads, services.fetcher, services.decode_limits
+        order.input, services.blobs, services.uploads, services.fetcher, services.decode_limits, own_files
     )
     job = Job(
         id=new_id(),
         owner=key.id,
-        input=recorded_input(body.input, stored),
+        input=recorded_input(order.input, stored),
         # The store's clock, not this node's: queue order and paging must not depend on
         # which API node took the request.
         created_at=await asyncio.to_thread(services.store.now),
-        version=body.version,
-        webhook_url=body.webhook_url,
-        webhook_secret=body.webhook_secret,
+        version=order.version,
+        webhook_url=order.webhook_url,
+        webhook_secret=order.webhook_secret,
+        webhook_events=list(order.webhook_events),
+        surface=order.surface,
         input_files=[image.name for image in stored],
-        progress_total=body.input.num_inference_steps,
+        progress_total=order.input.num_inference_steps,
     )
     # Count and insert in one store operation: concurrent creations (of this process or
     # another) cannot push a key over its in-flight limit or the queue over its cap.
@@ -121,6 +165,7 @@ async def create_job(body: PredictionRequest, key: ApiKey, services: Services) -
         await asyncio.to_thread(services.blobs.delete, [image.name for image in stored if image.saved_now])
         raise
     services.workers.wake()
+    await services.webhooks.enqueue_event(job, "start")  # when its receiver asked for it
     return job
 
 
@@ -151,24 +196,86 @@ def owned_job(services: Services, job_id: str, key: ApiKey) -> Job:
     return job
 
 
-@router.post("/", response_model=PredictionCreated, summary="Create a prediction")
+async def create_idempotent(
+    route: str,
+    body: PredictionRequest,
+    key: ApiKey,
+    services: Services,
+    base: str,
+    idempotency_key: str | None,
+) -> Job:
+    return await create_once(
+        services,
+        key,
+        idempotency_key,
+        fingerprint(route, body.model_dump(mode="json")),
+        lambda: create_job(body, key, services, base),
+    )
+
+
+async def wait_after_create(services: Services, job: Job, timeout: float) -> Job:
+    """The job once it ended, or as it is after ``timeout`` s; a store that cannot be read
+    meanwhile gives the job as created (accepted all the same: a retry must not duplicate it)."""
+    if job.is_terminal:
+        return job
+    try:
+        return await wait_until_done(services, job.id, timeout) or job
+    except StoreUnavailable:
+        return job
+
+
+@router.post(
+    "/", response_model=PredictionCreated, summary="Create a prediction", responses=error_responses(409)
+)
 async def create_prediction(
-    body: PredictionRequest, key: ApiKeyDep, services: ServicesDep
+    body: PredictionRequest,
+    key: ApiKeyDep,
+    services: ServicesDep,
+    base: BaseUrlDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> PredictionCreated:
-    job = await create_job(body, key, services)
+    job = await create_idempotent("/v1/prediction/", body, key, services, base, idempotency_key)
     return PredictionCreated(predictionID=job.id)
 
 
-@router.post("/run", response_model=Prediction, summary="Create a prediction and wait for its result")
+@router.post(
+    "/run",
+    response_model=Prediction,
+    summary="Create a prediction and wait for its result",
+    responses=error_responses(409),
+)
 async def run_prediction(
-    body: PredictionRequest, key: ApiKeyDep, services: ServicesDep, base: BaseUrlDep
+    body: PredictionRequest,
+    key: ApiKeyDep,
+    services: ServicesDep,
+    base: BaseUrlDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Prediction:
-    job = await create_job(body, key, services)
+    job = await create_idempotent("/v1/prediction/run", body, key, services, base, idempotency_key)
+    finished = await wait_after_create(services, job, services.settings.sync_wait_seconds)
+    return render(finished, base)  # no queue position: it may be gone by now
+
+
+def parse_cursor(cursor: str | None) -> float | None:
+    """A page's cursor: the creation time of the last prediction of the page before."""
+    if not cursor:
+        return None
     try:
-        finished = await wait_until_done(services, job.id, services.settings.sync_wait_seconds)
-    except StoreUnavailable:
-        finished = None  # accepted all the same: answer with it, so a retry does not duplicate it
-    return render(finished or job, base)  # no queue position: it may be gone by now
+        return float(cursor)
+    except ValueError:
+        raise InvalidInput(
+            "invalid cursor: pass the 'next' value of the previous page", cursor=cursor
+        ) from None
+
+
+async def page_of_jobs(
+    services: Services, key: ApiKey, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """The caller's jobs, newest first, from ``cursor`` on; and the next page's cursor."""
+    before = parse_cursor(cursor)
+    jobs = await asyncio.to_thread(services.store.list_by_owner, key.id, limit + 1, before)
+    page = jobs[:limit]
+    return page, repr(page[-1].created_at) if len(jobs) > limit else None
 
 
 @router.get("/", response_model=PredictionList, summary="Your predictions, newest first")
@@ -181,17 +288,7 @@ async def list_predictions(
         str | None, Query(max_length=64, description="The 'next' value of the previous page.")
     ] = None,
 ) -> PredictionList:
-    before = None
-    if cursor:
-        try:
-            before = float(cursor)
-        except ValueError:
-            raise InvalidInput(
-                "invalid cursor: pass the 'next' value of the previous page", cursor=cursor
-            ) from None
-    jobs = await asyncio.to_thread(services.store.list_by_owner, key.id, limit + 1, before)
-    page = jobs[:limit]
-    next_cursor = repr(page[-1].created_at) if len(jobs) > limit else None
+    page, next_cursor = await page_of_jobs(services, key, limit, cursor)
     return PredictionList(items=[render(job, base) for job in page], next=next_cursor)
 
 
@@ -216,12 +313,17 @@ async def render_live(services: Services, job: Job, base: str) -> Prediction:
     return render(job, base, queue_position=position)
 
 
-@router.post("/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")
-async def cancel_prediction(
-    prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep
-) -> Prediction:
+async def cancel_owned(services: Services, prediction_id: str, key: ApiKey) -> Job:
+    """Cancel the caller's prediction (idempotent); the job as it is after."""
     await asyncio.to_thread(owned_job, services, prediction_id, key)
     job = await asyncio.to_thread(services.lifecycle.cancel, prediction_id)
     if job is None:
         raise NotFound(f"no prediction with id '{prediction_id}'", id=prediction_id)
-    return render(job, base)
+    return job
+
+
+@router.post("/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")
+async def cancel_prediction(
+    prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep
+) -> Prediction:
+    return render(await cancel_owned(services, prediction_id, key), base)

@@ -1,0 +1,110 @@
+"""``Idempotency-Key`` on creates, on both surfaces: the same key and request within 24 h
+answer with the prediction the first create made; the same key with another request is
+a 409 (see fluxredux.idempotency for the store and its rules)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Header
+
+from fluxredux.api.services import Services
+from fluxredux.errors import IdempotencyConflict, InvalidInput, NotFound, StoreUnavailable, Unavailable
+from fluxredux.jobs import Job
+from fluxredux.keys import ApiKey
+
+log = logging.getLogger(__name__)
+
+HEADER = "Idempotency-Key"
+MAX_KEY_CHARS = 255
+# How long a duplicate that arrives while the first create is still running waits for it.
+WAIT_FOR_FIRST_SECONDS = 10.0
+_POLL_SECONDS = 0.05
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias=HEADER,
+        max_length=MAX_KEY_CHARS,
+        description="Makes the create safe to retry: for 24 h, the same key with the same request "
+        "answers with the same prediction; with another request, 409.",
+    ),
+]
+
+
+def fingerprint(route: str, body: Any) -> str:
+    """The request a key was first used with: its route and its parsed body (so that
+    ``"num_outputs": "1"`` and ``1`` are the same request)."""
+    canonical = json.dumps([route, body], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _checked(idempotency_key: str) -> str:
+    key = idempotency_key.strip()
+    if not key or not key.isprintable():
+        raise InvalidInput(
+            f"{HEADER}: must be 1-{MAX_KEY_CHARS} printable characters",
+            fields=[{"field": HEADER, "message": "must be printable and not empty", "type": "value_error"}],
+            header=HEADER,
+        )
+    return key
+
+
+async def create_once(
+    services: Services,
+    key: ApiKey,
+    idempotency_key: str | None,
+    request_fingerprint: str,
+    create: Callable[[], Awaitable[Job]],
+) -> Job:
+    """``create()``, unless this caller's ``idempotency_key`` already made a prediction for
+    the same request: then that prediction (as stored now)."""
+    if idempotency_key is None:
+        return await create()
+    store = services.idempotency
+    scope, idem = key.id, _checked(idempotency_key)
+    deadline = time.monotonic() + WAIT_FOR_FIRST_SECONDS
+    while True:
+        claim = await asyncio.to_thread(store.claim, scope, idem, request_fingerprint)
+        record = claim.record
+        if claim.won:
+            break
+        if record.fingerprint != request_fingerprint:
+            raise IdempotencyConflict(
+                f"this {HEADER} was used with a different request in the last 24 h; "
+                "use a new key for a new request",
+                header=HEADER,
+            )
+        if record.prediction_id is not None:
+            job = await asyncio.to_thread(services.store.get, record.prediction_id)
+            if job is None or job.owner != key.id:
+                raise NotFound(
+                    f"the prediction this {HEADER} made ('{record.prediction_id}') has been deleted",
+                    id=record.prediction_id,
+                )
+            return job
+        if time.monotonic() > deadline:  # the first create with this key is still running
+            raise Unavailable(f"a create with this {HEADER} is still in progress; retry shortly")
+        await asyncio.sleep(_POLL_SECONDS)
+    try:
+        job = await create()
+    except BaseException:
+        # Nothing was made: the key is free for the retry (a refusal is not remembered).
+        with contextlib.suppress(StoreUnavailable):
+            await asyncio.to_thread(store.release, record)
+        raise
+    try:
+        if not await asyncio.to_thread(store.complete, record, job.id):
+            log.warning("%s %r: the claim ran out before prediction %s was made", HEADER, idem, job.id)
+    except StoreUnavailable as exc:
+        # The prediction exists; the key's claim runs out unfinished, and only then may a
+        # retry make a second one.
+        log.warning("%s %r: prediction %s not recorded: %s", HEADER, idem, job.id, exc.message)
+    return job

@@ -1,0 +1,99 @@
+"""The Replicate-compatible HTTP contract: request and answer shapes only.
+
+The input itself is ``fluxredux.schema.PredictionInput``, the one input model of every
+surface; this module only wraps it the way Replicate's API does. Like ``schema``, it
+imports pydantic and the standard library only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fluxredux.schema import MAX_NAME_CHARS, PredictionInput
+
+# The hosted model's name, as Replicate's clients call it.
+REPLICATE_MODEL = "black-forest-labs/flux-redux-schnell"
+
+ReplicateStatus = Literal["starting", "processing", "succeeded", "failed", "canceled"]
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+
+
+class ReplicatePredictionRequest(BaseModel):
+    """Body of ``POST /v1/predictions`` and ``POST /v1/models/{owner}/{name}/predictions``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: str | None = Field(
+        None,
+        max_length=MAX_NAME_CHARS,
+        description="Accepted and recorded (this server runs one model); on /v1/predictions an "
+        "'owner/name' or 'owner/name:version' must name the model this server runs.",
+    )
+    input: PredictionInput
+    webhook: str | None = Field(
+        None, max_length=2048, description="Receives the prediction (POST) on the events asked for."
+    )
+    webhook_events_filter: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        max_length=4,
+        description="Which events are sent to the webhook: start, output, logs, completed "
+        "(default: all of them). Non-final events are throttled; completed is always sent.",
+    )
+
+
+class ReplicatePredictionUrls(BaseModel):
+    get: str
+    cancel: str
+    web: str
+
+
+class ReplicatePrediction(BaseModel):
+    """A prediction as Replicate's API shows it."""
+
+    id: str
+    model: str = Field(description="owner/name")
+    version: str
+    status: ReplicateStatus
+    input: dict[str, Any]
+    output: list[str] | None = Field(None, description="The generated images' URLs, once it succeeded.")
+    error: str | None = None
+    logs: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict, description="predict_time, total_time, ...")
+    source: Literal["api"] = "api"
+    data_removed: bool = False
+    created_at: str
+    started_at: str | None = None
+    completed_at: str | None = None
+    urls: ReplicatePredictionUrls
+
+
+class ReplicatePredictionPage(BaseModel):
+    previous: str | None = Field(None, description="Always null: pages are read newest first, forwards.")
+    next: str | None = Field(None, description="The URL of the next (older) page.")
+    results: list[ReplicatePrediction]
+
+
+class ReplicateFileUrls(BaseModel):
+    get: str = Field(description="Usable as redux_image (and downloads the file).")
+
+
+class ReplicateFile(BaseModel):
+    """An uploaded file, as Replicate's API shows it."""
+
+    id: str = Field(description="Also usable as redux_image.")
+    name: str
+    content_type: str
+    size: int
+    etag: str
+    checksums: dict[str, str]
+    metadata: dict[str, Any]
+    created_at: str
+    expires_at: str | None
+    urls: ReplicateFileUrls
+
+
+class WebhookSigningSecret(BaseModel):
+    key: str = Field(description="whsec_<base64>: verify deliveries with the standardwebhooks package.")

@@ -1,0 +1,163 @@
+"""The official `replicate` client (1.0.7), unchanged but for its base URL and token,
+against `fluxredux serve --model demo` (a real server process and its worker process):
+run with a local file, create/wait/reload/cancel/list, a failed prediction, a bad input."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.cluster import wait_for
+from tests.conftest import SAMPLE_IMAGE
+from tests.test_faults import Server, serve
+
+replicate = pytest.importorskip("replicate")
+
+MODEL = "black-forest-labs/flux-redux-schnell"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> Iterator[Server]:
+    with serve(
+        tmp_path_factory.mktemp("replicate-serve"),
+        model="demo",
+        env={"FLUXREDUX_CACHE_DIR": str(model_cache_dir)},
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: Server) -> Any:
+    made = replicate.Client(api_token=server.key, base_url=server.url)
+    made.poll_interval = 0.1  # the default 0.5 s only makes the test slower
+    return made
+
+
+def image_bytes(item: Any) -> bytes:
+    """An output's bytes. The client turns https:// and data: outputs into FileOutput
+    objects (``read()``); this server is plain http on loopback, so it keeps the URL."""
+    if hasattr(item, "read"):
+        return bytes(item.read())
+    response = httpx.get(str(item), timeout=30)
+    response.raise_for_status()
+    return response.content
+
+
+def test_run_with_a_local_file_returns_images_of_the_asked_size(
+    client: Any, server: Server, tmp_path: Path
+) -> None:
+    local = tmp_path / "reference.png"
+    Image.open(SAMPLE_IMAGE).convert("RGB").resize((96, 64)).save(local)
+
+    outputs = client.run(
+        MODEL,
+        input={
+            "redux_image": local,  # uploaded by the client through POST /v1/files (field "content")
+            "aspect_ratio": "16:9",
+            "megapixels": "0.25",
+            "num_outputs": 2,
+            "num_inference_steps": 1,
+            "output_format": "png",
+        },
+    )
+
+    assert isinstance(outputs, list) and len(outputs) == 2
+    for item in outputs:
+        with Image.open(io.BytesIO(image_bytes(item))) as image:
+            assert (image.format, image.size) == ("PNG", (672, 384))
+    # The upload was used in place (not fetched back over HTTP): the prediction shows it.
+    [prediction] = [p for p in client.predictions.list().results if p.input.get("aspect_ratio") == "16:9"]
+    assert prediction.input["redux_image"].startswith(server.url + "/files/")
+    assert prediction.status == "succeeded" and prediction.model == MODEL
+
+
+def test_create_wait_reload_cancel_and_list(client: Any, server: Server) -> None:
+    upload = client.files.create(SAMPLE_IMAGE)
+    small = {"redux_image": upload.urls["get"], "megapixels": "0.25", "num_inference_steps": 1}
+
+    created = client.predictions.create(model=MODEL, input=small)
+    assert created.status in {"starting", "processing"} and created.output is None
+    created.wait()
+    assert created.status == "succeeded"
+    assert len(created.output) == 1 and created.metrics["predict_time"] > 0
+    created.reload()
+    assert created.status == "succeeded" and created.completed_at is not None
+
+    # A long one, cancelled through the client, while it waits or runs.
+    long = client.predictions.create(model=MODEL, input={**small, "num_outputs": 4, "num_inference_steps": 4})
+    long.cancel()
+    long.wait()
+    assert long.status == "canceled" and long.output is None
+
+    page = client.predictions.list()
+    ids = [p.id for p in page.results]
+    assert ids.index(long.id) < ids.index(created.id)  # newest first
+
+    # One state machine: the Eachlabs surface reads (and names) the same predictions.
+    headers = {"X-API-Key": server.key}
+    eachlabs = httpx.get(f"{server.url}/v1/prediction/{long.id}", headers=headers).json()
+    assert eachlabs["status"] == "cancelled"
+
+
+def test_a_failed_prediction_raises_model_error(client: Any, server: Server) -> None:
+    """An upload deleted while a prediction that uses it waits in the queue: that
+    prediction fails when its turn comes, and run() raises ModelError with its error."""
+    upload = client.files.create(SAMPLE_IMAGE)
+    # Keeps the worker busy while run()'s prediction is queued and its input deleted.
+    busy = client.predictions.create(
+        model=MODEL, input={"redux_image": upload.urls["get"], "num_outputs": 4, "num_inference_steps": 4}
+    )
+
+    def busy_running() -> bool:
+        busy.reload()
+        return bool(busy.status == "processing")
+
+    wait_for(busy_running, 30, "the busy prediction did not start")  # its reference is read by now
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            client.run(MODEL, input={"redux_image": upload.urls["get"], "megapixels": "0.25", "seed": 7})
+        except BaseException as exc:
+            raised.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    wait_for(
+        lambda: any(p.input.get("seed") == 7 for p in client.predictions.list().results),
+        30,
+        "run() created no prediction",
+    )
+    assert client.files.delete(upload.id) is True
+    busy.reload()
+    assert busy.status != "succeeded", "the worker finished before the upload was deleted: make it slower"
+    runner.join(90)
+
+    assert len(raised) == 1 and isinstance(raised[0], replicate.exceptions.ModelError), raised
+    failed = raised[0].prediction
+    assert failed.status == "failed" and "no longer stored" in str(failed.error)
+    assert str(raised[0]) == failed.error
+    busy.wait()
+    assert busy.status == "succeeded"  # its reference was read before the upload went
+
+
+def test_a_bad_input_raises_replicate_error_naming_the_field(client: Any) -> None:
+    started = time.monotonic()
+    with pytest.raises(replicate.exceptions.ReplicateError) as raised:
+        client.run(MODEL, input={"redux_image": SAMPLE_IMAGE.open("rb"), "num_outputs": 9})
+    error = raised.value
+    assert error.status == 422 and error.title == "Input validation failed"
+    assert "input.num_outputs" in (error.detail or "")
+    assert time.monotonic() - started < 30  # refused at once, not after a wait
+
+    with pytest.raises(replicate.exceptions.ReplicateError) as unknown:
+        client.run("someone/else", input={"redux_image": "https://example.com/x.png"})
+    assert unknown.value.status == 404 and "someone/else" in (unknown.value.detail or "")

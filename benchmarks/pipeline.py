@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
 from PIL import Image
 
 from fluxredux.config import Settings
@@ -285,11 +284,13 @@ def device_facts() -> dict[str, Any]:
 
 
 def realistic_inputs(
-    transformer: FluxTransformer2DModel, side: int, *, collapsed: bool, redux_tokens: int = 729
+    transformer: Any, side: int, *, collapsed: bool, redux_tokens: int = 729
 ) -> dict[str, Any]:
     """One denoising step's transformer inputs for a ``side``-pixel square output, prompt-
     less: the 512 zero text tokens (or the one collapsed token and its bias), 729 random
     Redux tokens, random latents; as the pipeline builds them."""
+    from diffusers import FluxPipeline  # after fluxredux.pipeline (see its __init__)
+
     config = transformer.config
     generator = torch.Generator().manual_seed(side)
     redux = torch.randn(1, redux_tokens, config.joint_attention_dim, generator=generator)
@@ -321,9 +322,7 @@ def sequence_of(inputs: dict[str, Any]) -> str:
     )
 
 
-def time_calls(
-    transformer: FluxTransformer2DModel, variants: dict[str, dict[str, Any]], repeats: int
-) -> dict[str, list[float]]:
+def time_calls(transformer: Any, variants: dict[str, dict[str, Any]], repeats: int) -> dict[str, list[float]]:
     """Seconds per call of each variant, the variants interleaved run by run (so that the
     machine's drift falls on all alike), after one untimed call of each."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -341,6 +340,8 @@ def realistic_width(args: argparse.Namespace) -> None:
     """Collapsed/full and compiled/eager, at the real hidden size (3072, 24 heads of 128)
     with a few blocks: each block sees the same sequence, so the ratio per block is the
     whole model's (its 19 double and 38 single blocks), give or take the embedders."""
+    from diffusers import FluxTransformer2DModel  # after fluxredux.pipeline (see its __init__)
+
     double, single = (int(n) for n in args.blocks.split(","))
     torch.manual_seed(0)
     config = {**FULL.transformer, "num_layers": double, "num_single_layers": single}

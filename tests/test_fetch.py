@@ -215,4 +215,22 @@ def test_the_api_refuses_a_loopback_redux_image_with_the_reason(tmp_path: object
         response = api.http.post("/v1/prediction/", json=body)
     assert response.status_code == 400
     assert response.json()["code"] == "url_not_public"
+    assert response.json()["field"] == "input.redux_image"
+    assert response.json()["error"].startswith("input.redux_image: ")
     assert server.requests == []
+
+
+def test_an_unusable_reference_among_several_is_named_by_its_place(tmp_path: object) -> None:
+    from tests.harness import running_server
+    from tests.helpers import png_data_uri
+
+    with running_server(tmp_path, run_worker=False) as api:  # type: ignore[arg-type]
+        body = api.body()
+        del body["input"]["redux_image"]
+        body["input"]["redux_images"] = [{"image": png_data_uri()}, {"image": "data:,"}]
+        response = api.http.post("/v1/prediction/", json=body)
+    assert response.status_code == 400
+    assert (response.json()["code"], response.json()["field"]) == (
+        "image_empty",
+        "input.redux_images.1.image",
+    )

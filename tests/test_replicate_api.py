@@ -212,6 +212,10 @@ def test_the_file_field_keeps_its_answer_and_bad_uploads_are_named(api: Harness)
         "/v1/files", files={"content": ("ref.png", PNG, "image/png")}, data={"metadata": "[1]"}
     )
     assert bad_metadata.status_code == 400 and bad_metadata.json()["fields"][0]["field"] == "metadata"
+    nested = api.http.post(  # deeper than the JSON parser's stack: was a 500
+        "/v1/files", files={"content": ("ref.png", PNG, "image/png")}, data={"metadata": "[" * 15000}
+    )
+    assert nested.status_code == 400 and nested.json()["fields"][0]["field"] == "metadata"
 
 
 def test_another_keys_file_is_not_found(api: Harness) -> None:

@@ -4,6 +4,7 @@ run with a local file, create/wait/reload/cancel/list, a failed prediction, a ba
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 import time
@@ -22,6 +23,7 @@ from tests.test_faults import Server, serve
 replicate = pytest.importorskip("replicate")
 
 MODEL = "black-forest-labs/flux-redux-schnell"
+SAMPLE_DATA_URI = "data:image/jpeg;base64," + base64.b64encode(SAMPLE_IMAGE.read_bytes()).decode()
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +110,15 @@ def test_create_wait_reload_cancel_and_list(client: Any, server: Server) -> None
 
 
 def test_a_failed_prediction_raises_model_error(client: Any, server: Server) -> None:
-    """An upload deleted while a prediction that uses it waits in the queue: that
-    prediction fails when its turn comes, and run() raises ModelError with its error."""
+    """A reference lost from storage (the disk's file removed behind the server's back)
+    while the prediction that uses it waits in the queue: that prediction fails when its
+    turn comes, and run() raises ModelError with its error."""
     upload = client.files.create(SAMPLE_IMAGE)
-    # Keeps the worker busy while run()'s prediction is queued and its input deleted.
-    busy = client.predictions.create(
-        model=MODEL, input={"redux_image": upload.urls["get"], "num_outputs": 4, "num_inference_steps": 4}
+    stored = server.log.parent / "data" / "files" / upload.urls["get"].rsplit("/", 1)[-1]
+    assert stored.is_file()
+    busy = client.predictions.create(  # keeps the worker busy while run()'s prediction waits
+        model=MODEL, input={"redux_image": SAMPLE_DATA_URI, "num_outputs": 4, "num_inference_steps": 4}
     )
-
-    def busy_running() -> bool:
-        busy.reload()
-        return bool(busy.status == "processing")
-
-    wait_for(busy_running, 30, "the busy prediction did not start")  # its reference is read by now
     raised: list[BaseException] = []
 
     def run() -> None:
@@ -136,9 +134,9 @@ def test_a_failed_prediction_raises_model_error(client: Any, server: Server) -> 
         30,
         "run() created no prediction",
     )
-    assert client.files.delete(upload.id) is True
+    stored.unlink()
     busy.reload()
-    assert busy.status != "succeeded", "the worker finished before the upload was deleted: make it slower"
+    assert busy.status != "succeeded", "the worker finished before the file was removed: make it slower"
     runner.join(90)
 
     assert len(raised) == 1 and isinstance(raised[0], replicate.exceptions.ModelError), raised
@@ -146,7 +144,30 @@ def test_a_failed_prediction_raises_model_error(client: Any, server: Server) -> 
     assert failed.status == "failed" and "no longer stored" in str(failed.error)
     assert str(raised[0]) == failed.error
     busy.wait()
-    assert busy.status == "succeeded"  # its reference was read before the upload went
+    assert busy.status == "succeeded"
+
+
+def test_deleting_a_file_keeps_the_predictions_already_accepted(client: Any, server: Server) -> None:
+    """DELETE /v1/files/{id} stops new predictions from using the file at once, but one
+    already accepted (queued behind another) still runs with it: nothing accepted is lost."""
+    upload = client.files.create(SAMPLE_IMAGE)
+    busy = client.predictions.create(
+        model=MODEL, input={"redux_image": SAMPLE_DATA_URI, "num_outputs": 4, "num_inference_steps": 4}
+    )
+    queued = client.predictions.create(model=MODEL, input={"redux_image": upload.urls["get"], "seed": 3})
+    assert client.files.delete(upload.id) is True
+    queued.reload()
+    assert queued.status == "starting", "the prediction ran before the delete: make the busy one slower"
+
+    with pytest.raises(replicate.exceptions.ReplicateError) as refused:  # gone for new predictions
+        client.predictions.create(model=MODEL, input={"redux_image": upload.id})
+    assert "redux_image" in str(refused.value)
+    with pytest.raises(replicate.exceptions.ReplicateError):
+        client.files.get(upload.id)
+
+    busy.wait()
+    queued.wait()
+    assert queued.status == "succeeded", queued.error
 
 
 def test_a_bad_input_raises_replicate_error_naming_the_field(client: Any) -> None:

@@ -125,8 +125,18 @@ async def resolve_references(
     ``own_files``: this server's files' URL prefix (links to its uploads are uploads)."""
     stored: list[StoredImage] = []
     try:
-        for reference, _weight in inputs.references:
-            stored.append(await resolve_reference(reference, blobs, uploads, fetcher, limits, own_files))
+        for index, (reference, _weight) in enumerate(inputs.references):
+            try:
+                stored.append(await resolve_reference(reference, blobs, uploads, fetcher, limits, own_files))
+            except ImageError as exc:  # say which reference it was, as a validation error does
+                field = (
+                    "input.redux_image"
+                    if inputs.redux_images is None
+                    else f"input.redux_images.{index}.image"
+                )
+                raise type(exc)(
+                    exc.code, f"{field}: {exc.message}", **{**exc.detail, "field": field}
+                ) from None
     except BaseException:
         await asyncio.to_thread(blobs.delete, [image.name for image in stored if image.saved_now])
         raise

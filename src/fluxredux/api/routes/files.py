@@ -26,6 +26,7 @@ from fluxredux.api.render import file_url, iso_time
 from fluxredux.api.services import Services
 from fluxredux.errors import FluxReduxError, ImageError, InvalidInput, NotFound, StorageError
 from fluxredux.formats import INPUT_FORMATS, content_type_for
+from fluxredux.jobs import Status
 from fluxredux.keys import ApiKey
 from fluxredux.schema import UploadedFile, shorten
 from fluxredux.schema_replicate import ReplicateFile
@@ -40,7 +41,7 @@ MAX_METADATA_CHARS = 16 * 1024
 MAX_NAME_CHARS = 255
 
 
-def _field_missing(message: str, field: str) -> InvalidInput:
+def _field_error(message: str, field: str) -> InvalidInput:
     return InvalidInput(message, fields=[{"field": field, "message": message, "type": "value_error"}])
 
 
@@ -49,10 +50,10 @@ def _metadata(text: str | None) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested past the parser's stack
         value = None
     if not isinstance(value, dict):
-        raise _field_missing("metadata: must be a JSON object", "metadata")
+        raise _field_error("metadata: must be a JSON object", "metadata")
     return value
 
 
@@ -98,7 +99,7 @@ async def upload_file(
 ) -> UploadedFile | ReplicateFile:
     given = file or content
     if given is None or (file is not None and content is not None):
-        raise _field_missing("send the image as one multipart field: 'file' (or 'content')", "file")
+        raise _field_error("send the image as one multipart field: 'file' (or 'content')", "file")
     shown_metadata = _metadata(metadata)
     limit = services.settings.max_image_bytes
     data = await given.read(limit + 1)
@@ -164,10 +165,21 @@ async def delete_file(file_id: str, key: ReaderKeyDep, services: ServicesDep) ->
     upload = await asyncio.to_thread(services.uploads.withdraw, file_id)
     if upload is None:  # deleted meanwhile
         raise NotFound(f"no file with id '{file_id}'", id=file_id)
-    # If this fails, the upload stays marked: the next retention round deletes its blob.
-    await asyncio.to_thread(services.blobs.delete, [upload.key])
+    # Accepted predictions that use it must still run: while one waits or runs, the
+    # image stays (and goes with that prediction, as its own input copy, at its
+    # retention: the upload record that would keep it is forgotten below). Otherwise it
+    # goes now. If deleting fails, the upload stays marked: the next retention round does it.
+    if not await asyncio.to_thread(_used_by_unfinished_predictions, services, upload.key):
+        await asyncio.to_thread(services.blobs.delete, [upload.key])
     await asyncio.to_thread(services.uploads.forget, [upload.id])
     return Response(status_code=204)
+
+
+def _used_by_unfinished_predictions(services: Services, key: str) -> bool:
+    """Whether a queued or running prediction reads the blob ``key`` (blocking). The
+    queue is bounded (max_queue), so this reads a bounded number of jobs."""
+    unfinished = services.store.find([Status.STARTING, Status.PROCESSING], limit=10_000_000)
+    return any(key in job.input_files for job in unfinished)
 
 
 async def _chunks(blob: BlobStream) -> AsyncIterator[bytes]:

@@ -81,6 +81,26 @@ def test_run_with_a_local_file_returns_images_of_the_asked_size(
     assert prediction.status == "succeeded" and prediction.model == MODEL
 
 
+def test_a_pinned_version_runs_and_the_model_describes_its_input(client: Any) -> None:
+    """run("owner/name:version") creates through /v1/predictions, then reads the version
+    (its schema says how outputs come): both must answer."""
+    version = "e8e9ba0b5d8c66a4e9f9b4de6b2a1c0f"  # a hosted version id, as a user's code pins it
+    outputs = client.run(
+        f"{MODEL}:{version}",
+        input={"redux_image": SAMPLE_DATA_URI, "megapixels": "0.25", "num_inference_steps": 1},
+    )
+    assert isinstance(outputs, list) and len(outputs) == 1
+    with Image.open(io.BytesIO(image_bytes(outputs[0]))) as image:
+        assert image.size == (512, 512)
+
+    model = client.models.get(MODEL)
+    schema = model.latest_version.openapi_schema["components"]["schemas"]
+    assert "redux_image" in schema["Input"]["properties"] and schema["Output"]["type"] == "array"
+    assert client.models.get(MODEL).versions.get(version).id == version
+    with pytest.raises(replicate.exceptions.ReplicateError):
+        client.models.get("someone/else")
+
+
 def test_create_wait_reload_cancel_and_list(client: Any, server: Server) -> None:
     upload = client.files.create(SAMPLE_IMAGE)
     small = {"redux_image": upload.urls["get"], "megapixels": "0.25", "num_inference_steps": 1}

@@ -97,3 +97,45 @@ class ReplicateFile(BaseModel):
 
 class WebhookSigningSecret(BaseModel):
     key: str = Field(description="whsec_<base64>: verify deliveries with the standardwebhooks package.")
+
+
+class ReplicateVersion(BaseModel):
+    """A model version, as Replicate's API shows it: the official client reads one after
+    running a pinned ``owner/name:version`` (its ``openapi_schema`` says how outputs come)."""
+
+    id: str
+    created_at: str
+    cog_version: str = Field(description="Not a Cog model: names fluxredux's API instead.")
+    openapi_schema: dict[str, Any] = Field(description="Input (the one input model) and Output schemas.")
+
+
+class ReplicateModel(BaseModel):
+    """The model this server runs, as Replicate's API shows a model."""
+
+    url: str
+    owner: str
+    name: str
+    description: str
+    visibility: Literal["public", "private"] = "private"
+    github_url: str | None = None
+    paper_url: str | None = None
+    license_url: str | None = None
+    run_count: int = 0
+    cover_image_url: str | None = None
+    default_example: dict[str, Any] | None = None
+    latest_version: ReplicateVersion
+
+
+def version_schema() -> dict[str, Any]:
+    """Cog's shape of a version's schema: the input model's JSON schema, and the output as
+    a list of image URLs (what the hosted model returns)."""
+    return {
+        "openapi": "3.0.2",
+        "info": {"title": "fluxredux", "version": "1"},
+        "components": {
+            "schemas": {
+                "Input": PredictionInput.model_json_schema(),
+                "Output": {"type": "array", "items": {"type": "string", "format": "uri"}, "title": "Output"},
+            }
+        },
+    }

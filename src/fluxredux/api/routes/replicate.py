@@ -1,5 +1,6 @@
 """The Replicate-compatible surface: /v1/models/{owner}/{name}/predictions,
-/v1/predictions (create, get, cancel, list) and the webhook signing secret.
+/v1/predictions (create, get, cancel, list), the model and its versions, and the webhook
+signing secret.
 
 A translation of the one prediction state machine, not a second one: creates go through
 ``queue_job`` (the Eachlabs surface's own), reads, cancels and lists through the same
@@ -15,7 +16,7 @@ import time
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Path, Query
 
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, PresentedKeyDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.errors import problem_responses
@@ -37,10 +38,13 @@ from fluxredux.keys import ApiKey
 from fluxredux.schema import MODEL_VERSION
 from fluxredux.schema_replicate import (
     REPLICATE_MODEL,
+    ReplicateModel,
     ReplicatePrediction,
     ReplicatePredictionPage,
     ReplicatePredictionRequest,
+    ReplicateVersion,
     WebhookSigningSecret,
+    version_schema,
 )
 from fluxredux.webhook_signing import signing_secret
 
@@ -233,3 +237,50 @@ async def cancel_prediction(
 )
 async def webhook_secret(key: ApiKeyDep, presented: PresentedKeyDep) -> WebhookSigningSecret:
     return WebhookSigningSecret(key=signing_secret(presented or ""))
+
+
+# When this API's shape last changed: what a version's created_at says.
+VERSION_CREATED_AT = "2026-12-01T00:00:00Z"
+
+
+def describe_version(version_id: str) -> ReplicateVersion:
+    return ReplicateVersion(
+        id=version_id, created_at=VERSION_CREATED_AT, cog_version="fluxredux", openapi_schema=version_schema()
+    )
+
+
+@router.get(
+    "/v1/models/{owner}/{name}",
+    response_model=ReplicateModel,
+    summary="The model this server runs (Replicate-compatible)",
+)
+async def get_model(
+    owner: str, name: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep
+) -> ReplicateModel:
+    check_model(f"{owner}/{name}", services.settings)
+    return ReplicateModel(
+        url=f"{base}/v1/models/{owner}/{name}",
+        owner=owner,
+        name=name,
+        description="FLUX.1 Redux [schnell] image variations, served by fluxredux",
+        latest_version=describe_version(MODEL_VERSION),
+    )
+
+
+@router.get(
+    "/v1/models/{owner}/{name}/versions/{version_id}",
+    response_model=ReplicateVersion,
+    summary="A version of the model (Replicate-compatible): every id names the one model served",
+)
+async def get_model_version(
+    owner: str,
+    name: str,
+    version_id: Annotated[str, Path(max_length=128)],
+    key: ReaderKeyDep,
+    services: ServicesDep,
+) -> ReplicateVersion:
+    # Creates accept any version id (this server runs one model): so do reads, or the
+    # official client, which reads the version after running a pinned "owner/name:version",
+    # would fail after its prediction was made.
+    check_model(f"{owner}/{name}", services.settings)
+    return describe_version(version_id)

@@ -16,9 +16,12 @@ from typing import Annotated, Any
 from fastapi import Header
 
 from fluxredux.api.services import Services
+from fluxredux.config import Settings
 from fluxredux.errors import IdempotencyConflict, InvalidInput, NotFound, StoreUnavailable, Unavailable
+from fluxredux.idempotency import CLAIM_SECONDS
 from fluxredux.jobs import Job
 from fluxredux.keys import ApiKey
+from fluxredux.schema import MAX_REFERENCES
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,14 @@ def _checked(idempotency_key: str) -> str:
     return key
 
 
+def claim_seconds(settings: Settings) -> float:
+    """How long a claim holds its key before a retry may make a prediction of its own:
+    longer than the slowest create can take, which fetches the webhook's address and up to
+    MAX_REFERENCES reference URLs, each bounded by fetch_timeout_seconds (a claim that ran
+    out while its create went on would let a retry make a second prediction)."""
+    return max(CLAIM_SECONDS, (MAX_REFERENCES + 1) * settings.fetch_timeout_seconds + CLAIM_SECONDS)
+
+
 async def create_once(
     services: Services,
     key: ApiKey,
@@ -72,7 +83,9 @@ async def create_once(
     scope, idem = key.id, _checked(idempotency_key)
     deadline = time.monotonic() + WAIT_FOR_FIRST_SECONDS
     while True:
-        claim = await asyncio.to_thread(store.claim, scope, idem, request_fingerprint)
+        claim = await asyncio.to_thread(
+            store.claim, scope, idem, request_fingerprint, claim_seconds=claim_seconds(services.settings)
+        )
         record = claim.record
         if claim.won:
             break

@@ -101,6 +101,19 @@ def test_a_pinned_version_runs_and_the_model_describes_its_input(client: Any) ->
         client.models.get("someone/else")
 
 
+def test_an_output_fed_back_in_is_read_from_storage_not_fetched(client: Any, server: Server) -> None:
+    """A previous output's URL as redux_image (a common Redux loop): this server's own file,
+    taken from its storage (a loopback URL would be refused as private if fetched)."""
+    small = {"megapixels": "0.25", "num_inference_steps": 1}
+    [first] = client.run(MODEL, input={"redux_image": SAMPLE_DATA_URI, **small})
+    [again] = client.run(MODEL, input={"redux_image": str(first), **small})
+    assert image_bytes(again) != image_bytes(first)
+    missing = str(first).rsplit("/", 1)[0] + "/AAAAAAAAAAAAAAAAAAAAAA.png"
+    with pytest.raises(replicate.exceptions.ReplicateError) as refused:
+        client.predictions.create(model=MODEL, input={"redux_image": missing, **small})
+    assert "input.redux_image" in str(refused.value) and "no longer stored" in str(refused.value)
+
+
 def test_create_wait_reload_cancel_and_list(client: Any, server: Server) -> None:
     upload = client.files.create(SAMPLE_IMAGE)
     small = {"redux_image": upload.urls["get"], "megapixels": "0.25", "num_inference_steps": 1}

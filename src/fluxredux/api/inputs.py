@@ -22,7 +22,15 @@ from fluxredux.formats import INPUT_FORMATS
 from fluxredux.images import DecodeLimits, decode_image, parse_data_uri
 from fluxredux.net import SafeFetcher
 from fluxredux.schema import PredictionInput
-from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, is_valid_id, key_id, new_key
+from fluxredux.storage import (
+    BlobNotFound,
+    BlobStore,
+    BlobStoreError,
+    is_valid_id,
+    is_valid_key,
+    key_id,
+    new_key,
+)
 from fluxredux.uploads import UploadStore, upload_id_of
 
 
@@ -71,14 +79,15 @@ async def check_and_store(
     )
 
 
-def own_upload_id(ref: str, own_files: str | None) -> str | None:
-    """The upload id in a link to this server's file ``{own_files}{id}.{ext}``, if ``ref``
-    is one: the Replicate client passes an upload as its URL, which this server need not
-    (and, on a private address, may not) fetch from itself."""
+def own_file_key(ref: str, own_files: str | None) -> str | None:
+    """The blob key in a link to this server's file ``{own_files}{key}``, if ``ref`` is
+    one: an upload (the Replicate client passes uploads as URLs), or another prediction's
+    output or input (feeding an output back in is a common Redux loop). This server need
+    not (and, on a private address, may not) fetch those from itself."""
     if own_files is None or not ref.startswith(own_files):
         return None
-    upload_id = upload_id_of(ref[len(own_files) :])
-    return upload_id if is_valid_id(upload_id) else None
+    key = ref[len(own_files) :]
+    return key if is_valid_key(key) else None
 
 
 async def resolve_reference(
@@ -89,9 +98,14 @@ async def resolve_reference(
     limits: DecodeLimits,
     own_files: str | None = None,
 ) -> StoredImage:
-    own = own_upload_id(ref, own_files)
-    if own is not None and await asyncio.to_thread(uploads.get, own) is not None:
-        ref = own  # one of this server's uploads: used as such, below
+    own_key = own_file_key(ref, own_files)
+    if own_key is not None:
+        if await asyncio.to_thread(uploads.get, upload_id_of(own_key)) is not None:
+            ref = upload_id_of(own_key)  # one of this server's uploads: used as such, below
+        else:
+            # Another prediction's file: a copy of this prediction's own, as for a fetched
+            # URL (in place, it would go when that prediction does, or take it along).
+            return await check_and_store(await _own_file(blobs, own_key, ref), blobs, limits)
     if ref[:5].lower() == "data:":
         return await check_and_store(parse_data_uri(ref, limits.max_bytes), blobs, limits)
     if ref[:7].lower() == "http://" or ref[:8].lower() == "https://":
@@ -110,6 +124,16 @@ async def resolve_reference(
             "image_file_not_found", f"no uploaded file with id '{ref}' (expired or never uploaded)"
         )
     return await check_and_store(data, blobs, limits, name=upload.key)
+
+
+async def _own_file(blobs: BlobStore, key: str, ref: str) -> bytes:
+    try:
+        data: bytes = await asyncio.to_thread(blobs.get, key)
+    except BlobNotFound:
+        raise ImageError("image_file_not_found", f"{ref} is no longer stored (expired or deleted)") from None
+    except BlobStoreError as exc:
+        raise StorageError(f"the image could not be read from storage ({exc.reason}); retry later") from exc
+    return data
 
 
 async def resolve_references(

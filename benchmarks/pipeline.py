@@ -42,7 +42,8 @@ from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.pipeline.architecture import FULL, TINY
 from fluxredux.pipeline.conditioning import TEXT_SEQUENCE_LENGTH, TokenLayout, attention_bias
 from fluxredux.pipeline.conditioning_cache import ConditioningCache, pixels_key
-from fluxredux.pipeline.model import ReduxModel, Tuning, load_model
+from fluxredux.pipeline.model import ReduxModel, load_model
+from fluxredux.pipeline.speed import Tuning
 from fluxredux.schema import PredictionInput
 from fluxredux.worker.factories import build_checker
 from fluxredux.worker.predictor import Predictor

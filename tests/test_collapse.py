@@ -20,14 +20,13 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxPosEmbed
 from PIL import Image
 
-from fluxredux.pipeline.model import ReduxModel, Tuning
+from fluxredux.pipeline.model import ReduxModel
+from fluxredux.pipeline.speed import Tuning
 from fluxredux.schema import PredictionInput
 from fluxredux.worker.predictor import PredictionResult, Predictor
 from tests.conftest import SAMPLE_IMAGE
 from tests.helpers import png_data_uri
 from tests.test_cli import run_cli
-
-torch.set_grad_enabled(False)
 
 
 def joint_attention(
@@ -39,10 +38,11 @@ def joint_attention(
     side = math.isqrt(image.shape[1])
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     image_ids = torch.stack([torch.zeros(side * side), rows.flatten(), cols.flatten()], dim=1)
-    rope = FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])(torch.cat([text_ids, image_ids]))
-    image_out, text_out = attention(
-        hidden_states=image, encoder_hidden_states=text, attention_mask=bias, image_rotary_emb=rope
-    )
+    with torch.inference_mode():
+        rope = FluxPosEmbed(theta=10000, axes_dim=[4, 6, 6])(torch.cat([text_ids, image_ids]))
+        image_out, text_out = attention(
+            hidden_states=image, encoder_hidden_states=text, attention_mask=bias, image_rotary_emb=rope
+        )
     return image_out, text_out
 
 
@@ -50,8 +50,9 @@ def joint_attention(
 def attention() -> FluxAttention:
     torch.manual_seed(0)
     layer = FluxAttention(query_dim=64, heads=4, dim_head=16, added_kv_proj_dim=64, bias=True).eval()
-    for parameter in layer.parameters():  # LayerNorm weights start at 1: randomise them too
-        parameter.normal_(0, 0.3)
+    with torch.no_grad():
+        for parameter in layer.parameters():  # LayerNorm weights start at 1: randomise them too
+            parameter.normal_(0, 0.3)
     return layer
 
 
@@ -189,3 +190,23 @@ def test_predict_prints_the_sequence_either_way(tmp_path: Path, model_cache_dir:
     (a,), (b,) = (tmp_path / "a").iterdir(), (tmp_path / "b").iterdir()
     difference = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
     assert difference.max() <= 2
+
+
+def test_a_collapsed_conditioning_cannot_be_misread(
+    demo_model: ReduxModel, reference_image: Image.Image
+) -> None:
+    """What expects the 512 text tokens refuses a collapsed conditioning rather than take
+    the Redux tokens for text (or the other way round)."""
+    from fluxredux.pipeline.conditioning import collapse_zero_text, mix_conditionings, with_text
+
+    with torch.inference_mode():
+        full = demo_model.conditioning([(reference_image, 1.0)])
+        collapsed = collapse_zero_text(full)
+        assert collapsed.prompt_embeds.shape[1] == full.prompt_embeds.shape[1] - 511
+        for misuse in (
+            lambda: with_text(collapsed, full),
+            lambda: mix_conditionings([(collapsed, 0.5), (full, 0.5)]),
+            lambda: collapse_zero_text(collapsed),
+        ):
+            with pytest.raises(ValueError, match="collapsed"):
+                misuse()

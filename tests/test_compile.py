@@ -9,6 +9,8 @@ compiled code on disk; a compiler that fails leaves a worker that runs eager and
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,8 @@ import torch
 from PIL import Image
 
 from fluxredux.pipeline.compilation import compiled_graphs
-from fluxredux.pipeline.model import ReduxModel, Tuning
+from fluxredux.pipeline.model import ReduxModel
+from fluxredux.pipeline.speed import Tuning
 from fluxredux.schema import MEGAPIXELS, TABLE_ASPECT_RATIOS, PredictionInput
 from fluxredux.worker.predictor import PredictionResult, Predictor
 from tests.conftest import SAMPLE_IMAGE
@@ -31,16 +34,28 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("compile-data")
 
 
+# Compiling takes minutes on a 2-core CPU, and the module's fixture compiles.
+pytestmark = pytest.mark.timeout(900)
+
+
 @pytest.fixture(scope="module")
-def compiled(model_cache_dir: Path, data_dir: Path) -> ReduxModel:
-    """The demo model compiled as a worker compiles it, with its cache under ``data_dir``."""
+def compiled(model_cache_dir: Path, data_dir: Path) -> Iterator[ReduxModel]:
+    """The demo model compiled as a worker compiles it (everything that compiles: the
+    transformer and the image encoder), with its cache under ``data_dir``."""
     from fluxredux.pipeline.demo import demo_model_paths
 
     paths = demo_model_paths(model_cache_dir)
-    tuning = Tuning(compile="transformer", compile_cache=data_dir / "compile-cache")
-    return ReduxModel.load(
-        str(paths.schnell), str(paths.redux), kind="demo", device=torch.device("cpu"), tuning=tuning
-    )
+    tuning = Tuning(compile="all", compile_cache=data_dir / "compile-cache")
+    previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        yield ReduxModel.load(
+            str(paths.schnell), str(paths.redux), kind="demo", device=torch.device("cpu"), tuning=tuning
+        )
+    finally:  # the worker's setting, not this test process's: later tests' subprocesses inherit it
+        if previous is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
 
 
 def predict(model: ReduxModel, image: Image.Image, **fields: Any) -> PredictionResult:
@@ -55,8 +70,9 @@ def pixels(result: PredictionResult) -> np.ndarray:
 
 
 def test_the_warm_up_compiles_every_graph_and_says_so(compiled: ReduxModel, data_dir: Path) -> None:
-    # One output or several x with a bias (the collapsed token) or without (a prompt).
-    assert "compile transformer (4 graphs in " in compiled.info.describe()
+    # The transformer: one output or several x with a bias (the collapsed token) or without
+    # (a prompt); and the image encoder.
+    assert "compile all (5 graphs in " in compiled.info.describe()
     assert any((data_dir / "compile-cache").rglob("*")), "nothing was kept on disk"
 
 

@@ -4,6 +4,7 @@ request a setting cannot serve."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import time
@@ -44,8 +45,8 @@ def test_fp8_is_refused_without_a_cuda_gpu() -> None:
             ("--attention-backend", "warp-drive"),
             "unknown attention backend 'warp-drive'; choose one of: auto",
         ),
-        # Installed packages only: flash-attn is not (diffusers' own words follow).
-        (("--attention-backend", "flash"), "attention backend 'flash' is not available"),
+        # A backend whose package is not installed (diffusers' own words follow).
+        (("--attention-backend", "xformers"), "attention backend 'xformers' is not available"),
         # torch's flash kernel runs on this CPU, but takes no bias, which the collapse needs.
         (("--attention-backend", "_native_flash"), "does not take an attention bias"),
         (("--compile", "everything"), "--compile"),
@@ -55,12 +56,36 @@ def test_fp8_is_refused_without_a_cuda_gpu() -> None:
 def test_a_setting_that_cannot_run_is_one_plain_error(
     tmp_path: Path, model_cache_dir: Path, flags: tuple[str, ...], expected: str
 ) -> None:
+    if "xformers" in flags and importlib.util.find_spec("xformers") is not None:
+        pytest.skip("xformers is installed here")
     result = run_cli(*PREDICT, *flags, cache=model_cache_dir, cwd=tmp_path)
     if flags[0] == "--compile":  # typer refuses the value itself, naming the choices
         assert result.returncode == 2 and "none" in result.stderr and "transformer" in result.stderr
         return
     assert expected in one_line_error(result)
     assert not (tmp_path / "out").exists()
+
+
+def test_combinations_offloading_cannot_run_are_refused_before_loading() -> None:
+    from fluxredux.pipeline.speed import Tuning, check_tuning
+
+    with pytest.raises(
+        ModelUnavailable, match="compile=transformer cannot be combined with offload=sequential"
+    ):
+        check_tuning(Tuning(compile="transformer"), torch.device("cuda"), "sequential")
+    check_tuning(Tuning(compile="transformer"), torch.device("cpu"), "none")
+
+
+def test_auto_is_torch_sdpa_whatever_another_model_chose() -> None:
+    """diffusers keeps a process-wide default backend, which choosing one for a model
+    changes: "auto" must not inherit it."""
+    from fluxredux.pipeline.architecture import TINY, build_random_components
+    from fluxredux.pipeline.attention import choose_attention
+
+    cpu = torch.device("cpu")
+    first, second = (build_random_components(TINY).transformer for _ in range(2))
+    assert not choose_attention(first, "_native_flash", device=cpu, dtype=torch.float32).takes_bias
+    assert choose_attention(second, "auto", device=cpu, dtype=torch.float32).takes_bias
 
 
 def test_a_backend_without_bias_runs_uncollapsed_but_refuses_a_weaker_reference(

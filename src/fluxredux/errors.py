@@ -157,3 +157,9 @@ class PayloadTooLarge(ClientError):
 
 class FetchRefused(ImageError):
     """A redux_image URL was refused or could not be fetched; ``code`` says why."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, shortened: for one-line reports of what a library raised."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]

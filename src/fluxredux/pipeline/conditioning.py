@@ -27,6 +27,16 @@ TEXT_SEQUENCE_LENGTH = 512
 class Conditioning:
     prompt_embeds: torch.Tensor  # (1, TEXT_SEQUENCE_LENGTH + image tokens, joint_attention_dim)
     pooled_prompt_embeds: torch.Tensor  # (1, pooled_projection_dim)
+    # The zero text as one token (see collapse_zero_text): then prompt_embeds holds 1 + image
+    # tokens, and nothing that expects TEXT_SEQUENCE_LENGTH text tokens may take it.
+    collapsed: bool = False
+
+
+def _not_collapsed(conditioning: Conditioning, what: str) -> None:
+    if conditioning.collapsed:
+        raise ValueError(
+            f"{what} takes a conditioning with its {TEXT_SEQUENCE_LENGTH} text tokens, not a collapsed one"
+        )
 
 
 def redux_conditioning(
@@ -101,6 +111,7 @@ def with_text(
     and one image; for several images it sums w_i·[text, tokens_i], whose text part is the
     prompt's own when the weights sum to 1, as here: the prompt counts once, the references
     are mixed."""
+    _not_collapsed(conditioning, "with_text")
     if text.prompt_embeds.shape[1] != text_sequence_length:
         raise ValueError(
             f"the prompt's encoding has {text.prompt_embeds.shape[1]} tokens, expected {text_sequence_length}"
@@ -137,13 +148,12 @@ class TokenLayout:
         return f"{self.context} text + {self.image} image tokens"
 
 
-def token_layout(conditioning: Conditioning, *, image_tokens: int, text_multiplicity: int = 1) -> TokenLayout:
+def token_layout(conditioning: Conditioning, *, image_tokens: int) -> TokenLayout:
     """The layout of ``conditioning`` (full zero text, a prompt's, or collapsed to one)."""
     context = conditioning.prompt_embeds.shape[1]
-    text = 1 if text_multiplicity > 1 else TEXT_SEQUENCE_LENGTH
-    return TokenLayout(
-        text=text, redux=context - text, image=image_tokens, text_multiplicity=text_multiplicity
-    )
+    text = 1 if conditioning.collapsed else TEXT_SEQUENCE_LENGTH
+    multiplicity = TEXT_SEQUENCE_LENGTH if conditioning.collapsed else 1
+    return TokenLayout(text=text, redux=context - text, image=image_tokens, text_multiplicity=multiplicity)
 
 
 def collapse_zero_text(conditioning: Conditioning) -> Conditioning:
@@ -155,11 +165,13 @@ def collapse_zero_text(conditioning: Conditioning) -> Conditioning:
     they add to any query's attention is 512 equal terms: one key with +ln(512) on its
     logit gives exactly that (see ``attention_bias``). The caller must know the text is
     the zeros (no prompt): this is not checked, as checking would cost a device sync."""
+    _not_collapsed(conditioning, "collapse_zero_text")
     return Conditioning(
         # A copy, not a view: a compiled transformer guards on its input's storage offset,
         # and a view's (511 tokens in) would make the prompt path's tensors recompile.
         prompt_embeds=conditioning.prompt_embeds[:, TEXT_SEQUENCE_LENGTH - 1 :].clone(),
         pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
+        collapsed=True,
     )
 
 
@@ -171,7 +183,10 @@ def attention_bias(
     (nothing changes: the exact unmasked path).
 
     Shaped [1, 1, 1, keys], so it broadcasts over batch, heads and queries (a 2D mask is
-    misread by some attention backends). In ``dtype``, the query's: some kernels insist.
+    misread by some attention backends), as a view of one row of keys (strides 0, 0, 0,
+    1): whatever the sequence's length, its rows are aligned as memory-efficient kernels
+    want them, and a compiled graph sees the same strides. In ``dtype``, the query's: some
+    kernels insist.
     (In bf16, ln 512 rounds to 6.25: the collapsed key weighs 1.2% more than the 512 it
     stands for, about one bf16 step on the whole model's output; fp32 is exact.)
 
@@ -189,12 +204,17 @@ def attention_bias(
     collapsed = layout.text_multiplicity > 1
     if not collapsed and strength >= 1:
         return None
-    bias = torch.zeros((1, 1, 1, layout.total), dtype=dtype, device=device)
+    keys = torch.zeros(layout.total, dtype=dtype, device=device)
     if collapsed:
-        bias[..., : layout.text] = math.log(layout.text_multiplicity)
+        keys[: layout.text] = math.log(layout.text_multiplicity)
     if strength < 1:
-        bias[..., layout.text : layout.context] = math.log(strength) if strength > 0 else float("-inf")
-    return bias
+        keys[layout.text : layout.context] = math.log(strength) if strength > 0 else float("-inf")
+    return key_bias(keys)
+
+
+def key_bias(keys: torch.Tensor) -> torch.Tensor:
+    """A bias per key (1-D) as the [1, 1, 1, keys] attention mask every query shares."""
+    return keys.expand(1, 1, 1, keys.shape[0])
 
 
 def mix_conditionings(parts: Sequence[tuple[Conditioning, float]]) -> Conditioning:
@@ -204,6 +224,8 @@ def mix_conditionings(parts: Sequence[tuple[Conditioning, float]]) -> Conditioni
     one reference's tokens and stays where the transformer was trained). One part (any
     weight) is returned as it is: a single reference takes today's exact path, and
     weights [1, 0] give exactly the first image's conditioning (1·a + 0·b = a)."""
+    for conditioning, _ in parts:
+        _not_collapsed(conditioning, "mix_conditionings")
     if len(parts) == 1:
         return parts[0][0]
     prompt = sum(c.prompt_embeds * weight for c, weight in parts)

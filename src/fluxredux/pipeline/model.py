@@ -8,10 +8,10 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -20,33 +20,21 @@ from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from PIL import Image
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
-from fluxredux.config import CompileMode, Offload, Quantization, Settings
+from fluxredux.config import Offload, Settings
 from fluxredux.errors import InvalidInput, ModelUnavailable, PredictionCancelled, TextEncodersMissing
 from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
-from fluxredux.pipeline.attention import AttentionChoice, choose_attention
-from fluxredux.pipeline.compilation import (
-    CompileTargets,
-    compile_modules,
-    compiled_graphs,
-    eager_on_failure,
-    graphs_from_disk,
-    use_compile_cache,
-)
+from fluxredux.pipeline.attention import AttentionChoice
 from fluxredux.pipeline.conditioning import (
-    TEXT_SEQUENCE_LENGTH,
     Conditioning,
-    TokenLayout,
-    after_zero_text,
-    attention_bias,
     collapse_zero_text,
     mix_conditionings,
-    redux_tokens,
     token_layout,
     with_text,
 )
 from fluxredux.pipeline.conditioning_cache import ConditioningCache, cached_redux_conditioning
 from fluxredux.pipeline.demo import DEMO_NOTICE, ensure_demo_model
-from fluxredux.pipeline.quantization import check_quantization, quantize_transformer
+from fluxredux.pipeline.denoising import denoise_and_decode, elapsed, image_tokens
+from fluxredux.pipeline.speed import Components, Tuning, check_tuning, ready_for_speed
 from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
 from fluxredux.weights import REDUX, SCHNELL, resolve_text_encoders, resolve_weights
 from fluxredux.worker.predictor import CancelCheck, ProgressCallback, Reference
@@ -79,41 +67,6 @@ class ModelInfo:
         name = "DEMO model (random weights, outputs are noise)" if self.is_demo else "FLUX.1 Redux [schnell]"
         speed = f"; {self.speed}" if self.speed else ""
         return f"{name} on {self.device} ({self.dtype}, offload {self.offload}{speed})"
-
-
-@dataclass(frozen=True)
-class Tuning:
-    """How the model is run for speed (docs/performance.md); the defaults are exact."""
-
-    collapse_zero_tokens: bool = True
-    attention_backend: str = "auto"
-    compile: CompileMode = "none"
-    quantize: Quantization = "none"
-    compile_cache: Path | None = None  # where inductor keeps compiled code (None: its default)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Tuning:
-        return cls(
-            collapse_zero_tokens=settings.collapse_zero_tokens,
-            attention_backend=settings.attention_backend,
-            compile=settings.compile,
-            quantize=settings.quantize,
-            compile_cache=settings.data_dir / "compile-cache",
-        )
-
-
-@dataclass(frozen=True)
-class CompileReport:
-    graphs: int  # graphs compiled by the warm-up
-    seconds: float
-    from_disk: int = 0  # of which inductor found the compiled code on disk (a restart)
-    failed: str | None = None  # why it runs eager instead
-
-    def describe(self, mode: str) -> str:
-        if self.failed:
-            return f"compile {mode} FAILED, running eager ({self.failed})"
-        cached = f", {self.from_disk} from the disk cache" if self.from_disk else ""
-        return f"compile {mode} ({self.graphs} graphs in {self.seconds:.1f} s{cached})"
 
 
 @dataclass
@@ -176,23 +129,62 @@ class ReduxModel:
         conditioning_cache: ConditioningCache | None = None,
         text_encoders: LazyTextEncoders | None = None,
         tuning: Tuning | None = None,
+        attention: AttentionChoice | None = None,
     ) -> None:
-        """Takes the loaded components, then readies them for speed as ``tuning`` says
-        (quantisation, attention backend, compilation with its warm-up: the worker takes
-        no job before this is done); ``info`` then says what it made of them."""
+        """Takes components readied for speed already (see ``_assemble``): ``tuning`` is
+        what was asked, ``attention`` what it became."""
         self.pipe = pipe
         self.image_encoder = image_encoder
         self.feature_extractor = feature_extractor
         self.image_embedder = image_embedder
+        self.info = info
         # Redux tokens of recent references (None: every reference is encoded anew).
         self.conditioning_cache = conditioning_cache
         # T5 + CLIP for prompts, not loaded yet (None: this model cannot take a prompt).
         self.text_encoders = text_encoders
-        self.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
         self.tuning = tuning or Tuning()
-        self.attention = self._choose_attention()
-        compiled = self._compile()
-        self.info = replace(info, speed=self._describe_speed(compiled))
+        self.attention = attention or AttentionChoice("auto", takes_bias=True)
+        self.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
+
+    @classmethod
+    def _assemble(
+        cls,
+        pipe: FluxPipeline,
+        image_encoder: SiglipVisionModel,
+        feature_extractor: SiglipImageProcessorPil,
+        image_embedder: ReduxImageEncoder,
+        info: ModelInfo,
+        *,
+        device: torch.device,
+        tuning: Tuning,
+        conditioning_cache: ConditioningCache | None,
+        text_encoders: LazyTextEncoders | None,
+    ) -> ReduxModel:
+        """Ready the loaded components for speed as ``tuning`` says (fp8, the attention
+        backend, compile and its warm-up: the worker takes no job before this is done),
+        then the model, whose description says what came of it."""
+        speed = ready_for_speed(
+            Components(
+                pipe=pipe,
+                image_encoder=image_encoder,
+                feature_extractor=feature_extractor,
+                image_embedder=image_embedder,
+                device=device,
+                takes_prompts=text_encoders is not None,
+            ),
+            tuning,
+        )
+        return cls(
+            pipe,
+            image_encoder,
+            feature_extractor,
+            image_embedder,
+            replace(info, speed=speed.describe()),
+            conditioning_cache=conditioning_cache,
+            text_encoders=text_encoders,
+            tuning=tuning,
+            attention=speed.attention,
+        )
 
     @classmethod
     def load(
@@ -217,7 +209,7 @@ class ReduxModel:
         if offload != "none" and device.type != "cuda":
             raise ModelUnavailable(f"offload '{offload}' needs a CUDA device; this one is {device}")
         tuning = tuning or Tuning()
-        check_quantization(tuning.quantize, device)  # before minutes of loading, not after
+        check_tuning(tuning, device, offload)  # before minutes of loading, not after
         schnell_dir = resolve_weights(schnell_ref, SCHNELL)
         redux_dir = resolve_weights(redux_ref, REDUX)
         # bf16 on GPUs (the weights' own precision); fp32 on CPUs, where bf16 is ~15x slower.
@@ -248,15 +240,16 @@ class ReduxModel:
         load_encoders = functools.partial(
             _load_text_encoders, schnell_ref, dtype=dtype, device=device, offload=offload
         )
-        return cls(
+        return cls._assemble(
             pipe,
             image_encoder,
             feature_extractor,
             image_embedder,
             info,
+            device=device,
+            tuning=tuning,
             conditioning_cache=conditioning_cache,
             text_encoders=LazyTextEncoders(load_encoders, keep=keep_text_encoders),
-            tuning=tuning,
         )
 
     @classmethod
@@ -274,7 +267,7 @@ class ReduxModel:
         times exactly like the real model (the benchmark's --full-size-random). No text
         encoders: it takes no prompt."""
         tuning = tuning or Tuning()
-        check_quantization(tuning.quantize, device)
+        check_tuning(tuning, device, "none")
         parts = build_random_components(spec, seed=seed, device=device, dtype=dtype)
         pipe = FluxPipeline(
             scheduler=parts.scheduler,
@@ -292,14 +285,16 @@ class ReduxModel:
             schnell=f"random:{spec.name}",
             redux=f"random:{spec.name}",
         )
-        return cls(
+        return cls._assemble(
             pipe,
             parts.image_encoder,
             parts.feature_extractor,
             parts.image_embedder,
             info,
-            conditioning_cache=conditioning_cache,
+            device=device,
             tuning=tuning,
+            conditioning_cache=conditioning_cache,
+            text_encoders=None,
         )
 
     @staticmethod
@@ -361,11 +356,11 @@ class ReduxModel:
         timings = {} if timings is None else timings
         started = time.perf_counter()
         conditioning = mix_conditionings([(self.condition(image), share) for image, share in references])
-        timings["prior"] = self._elapsed(started)
+        timings["prior"] = elapsed(started, self.device)
         if prompt is not None:
             started = time.perf_counter()
             conditioning = with_text(conditioning, self.encode_prompt(prompt))
-            timings["prompt"] = self._elapsed(started)
+            timings["prompt"] = elapsed(started, self.device)
         return conditioning
 
     def condition(self, image: Image.Image) -> Conditioning:
@@ -405,7 +400,7 @@ class ReduxModel:
         ``is_cancelled`` is checked before the work starts and after every denoising
         step; a cancel raises PredictionCancelled within one step.
         """
-        image_tokens = self._image_tokens(width, height)
+        tokens = image_tokens(self.pipe, width, height)
         if strength < 1 and not self.attention.takes_bias:
             raise InvalidInput(
                 f"redux_strength below 1 needs an attention bias, which this worker's attention "
@@ -421,10 +416,9 @@ class ReduxModel:
 
         raise_if_cancelled()
         conditioning = self.conditioning(references, prompt, timings=timings)
-        multiplicity = 1
         if prompt is None and self.tuning.collapse_zero_tokens:
-            conditioning, multiplicity = collapse_zero_text(conditioning), TEXT_SEQUENCE_LENGTH
-        layout = token_layout(conditioning, image_tokens=image_tokens, text_multiplicity=multiplicity)
+            conditioning = collapse_zero_text(conditioning)
+        layout = token_layout(conditioning, image_tokens=tokens)
 
         def step_end(step: int) -> None:
             if on_step is not None:
@@ -432,7 +426,8 @@ class ReduxModel:
             raise_if_cancelled()
 
         raise_if_cancelled()
-        images = self._denoise_and_decode(
+        images = denoise_and_decode(
+            self.pipe,
             conditioning,
             layout,
             strength,
@@ -441,190 +436,12 @@ class ReduxModel:
             num_outputs=num_outputs,
             num_inference_steps=num_inference_steps,
             seed=seed,
+            device=self.device,
             on_step_end=step_end,
             before_decode=raise_if_cancelled,
             timings=timings,
         )
         return Generation(images=images, seed=seed, timings=timings, sequence=layout.describe())
-
-    def _image_tokens(self, width: int, height: int) -> int:
-        multiple = int(self.pipe.vae_scale_factor) * 2
-        if width % multiple or height % multiple:
-            # diffusers would silently resize; the size table never needs it.
-            raise ValueError(f"width and height must be multiples of {multiple}, got {width}x{height}")
-        return (width // multiple) * (height // multiple)
-
-    def _denoise_and_decode(
-        self,
-        conditioning: Conditioning,
-        layout: TokenLayout,
-        strength: float,
-        *,
-        width: int,
-        height: int,
-        num_outputs: int,
-        num_inference_steps: int,
-        seed: int,
-        on_step_end: Callable[[int], None] = lambda step: None,
-        before_decode: Callable[[], None] = lambda: None,
-        timings: dict[str, float] | None = None,
-    ) -> list[np.ndarray]:
-        timings = {} if timings is None else timings
-        bias = attention_bias(
-            layout, strength, dtype=self.pipe.transformer.dtype, device=self.device
-        )  # the query's dtype: some attention kernels insist
-
-        def step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            on_step_end(step)
-            return {}
-
-        started = time.perf_counter()
-        # The generator lives on the CPU: the same seed gives the same noise on any device.
-        generator = torch.Generator("cpu").manual_seed(seed)
-        latents = self.pipe(
-            prompt_embeds=conditioning.prompt_embeds,
-            pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
-            width=width,
-            height=height,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=0.0,  # schnell is guidance-distilled
-            num_images_per_prompt=num_outputs,
-            generator=generator,
-            output_type="latent",
-            callback_on_step_end=step_end,
-            joint_attention_kwargs={"attention_mask": bias} if bias is not None else None,
-        ).images
-        timings["denoise"] = self._elapsed(started)
-
-        before_decode()
-        started = time.perf_counter()
-        images = self.decode(latents, width=width, height=height)
-        timings["decode"] = self._elapsed(started)
-        return images
-
-    # --- readying the model for speed (from __init__) ----------------------------------
-
-    def _choose_attention(self) -> AttentionChoice:
-        transformer = self.pipe.transformer
-        quantize_transformer(transformer, self.tuning.quantize)
-        choice = choose_attention(
-            transformer, self.tuning.attention_backend, device=self.device, dtype=transformer.dtype
-        )
-        if self.tuning.collapse_zero_tokens and not choice.takes_bias:
-            raise ModelUnavailable(
-                f"attention backend {choice.name!r} does not take an attention bias, which "
-                "collapse_zero_tokens needs: use --attention-backend auto (or native, flex, ...), "
-                "or --no-collapse-zero-tokens"
-            )
-        return choice
-
-    def _compile(self) -> CompileReport | None:
-        mode = self.tuning.compile
-        if mode == "none":
-            return None
-        if self.tuning.compile_cache is not None:
-            use_compile_cache(self.tuning.compile_cache)
-        compile_modules(CompileTargets(self.pipe.transformer, self.pipe.vae, self.image_encoder), mode)
-        started, graphs_before, disk_before = time.perf_counter(), compiled_graphs(), graphs_from_disk()
-        with eager_on_failure() as failures:
-            self._warm_up()
-        return CompileReport(
-            graphs=compiled_graphs() - graphs_before,
-            seconds=time.perf_counter() - started,
-            from_disk=graphs_from_disk() - disk_before,
-            failed=failures[0] if failures else None,
-        )
-
-    @torch.inference_mode()
-    def _warm_up(self) -> None:
-        """Run every graph a request can take once, so that compiling happens now and not
-        under a request: one or several outputs (a batch of 1 is its own graph), with an
-        attention bias or without (both, unless every request has one: the collapsed path
-        always does, and only a prompt at full strength goes without). The size does not
-        matter (dynamic shapes): the smallest does. With "all", the image encoder too."""
-        config = self.pipe.transformer.config
-        if self.tuning.compile == "all":
-            started = time.perf_counter()
-            size = self.feature_extractor.size
-            pixels = torch.zeros((1, 3, size["height"], size["width"]))
-            redux_tokens(
-                pixels,
-                image_encoder=self.image_encoder,
-                image_embedder=self.image_embedder,
-                device=self.device,
-            )
-            log.info("compiled the image encoder in %.1f s", time.perf_counter() - started)
-        dtype = self.pipe.transformer.dtype
-        zero = after_zero_text(
-            torch.zeros(
-                (1, self._redux_token_count(), config.joint_attention_dim), device=self.device, dtype=dtype
-            ),
-            joint_attention_dim=config.joint_attention_dim,
-            pooled_projection_dim=config.pooled_projection_dim,
-        )
-        cases: list[tuple[Conditioning, int, float]] = []  # conditioning, text multiplicity, strength
-        if self.tuning.collapse_zero_tokens:
-            cases.append((collapse_zero_text(zero), TEXT_SEQUENCE_LENGTH, 1.0))
-        elif self.attention.takes_bias:
-            cases.append((zero, 1, 0.5))  # the bias of redux_strength < 1
-        if not self.tuning.collapse_zero_tokens or self.text_encoders is not None:
-            cases.append((zero, 1, 1.0))  # no bias: a prompt (or no collapse) at full strength
-        side = self.pipe.vae_scale_factor * 2 * 16  # 256 px: 256 image tokens
-        graphs = [(case, outputs) for case in cases for outputs in (1, 2)]
-        for number, ((conditioning, multiplicity, strength), outputs) in enumerate(graphs, start=1):
-            started = time.perf_counter()
-            layout = token_layout(
-                conditioning, image_tokens=self._image_tokens(side, side), text_multiplicity=multiplicity
-            )
-            self._denoise_and_decode(
-                conditioning,
-                layout,
-                strength,
-                width=side,
-                height=side,
-                num_outputs=outputs,
-                num_inference_steps=1,
-                seed=0,
-            )
-            bias = "with" if multiplicity > 1 or strength < 1 else "without"
-            log.info(
-                "compiling %d/%d: %d output(s), %s attention bias: %.1f s",
-                number,
-                len(graphs),
-                outputs,
-                bias,
-                time.perf_counter() - started,
-            )
-
-    def _redux_token_count(self) -> int:
-        size = int(self.feature_extractor.size["height"])
-        patch = int(self.image_encoder.config.patch_size)
-        return (size // patch) ** 2
-
-    def _describe_speed(self, compiled: CompileReport | None) -> str:
-        tuning = self.tuning
-        parts = [
-            f"collapse {'on' if tuning.collapse_zero_tokens else 'off'}",
-            f"attention {self.attention.name}",
-            compiled.describe(tuning.compile) if compiled else "compile none",
-            f"quantize {tuning.quantize}",
-        ]
-        return ", ".join(parts)
-
-    def decode(self, latents: torch.Tensor, *, width: int, height: int) -> list[np.ndarray]:
-        """Packed latents -> uint8 RGB arrays. Quantised on the device, where it is free."""
-        vae = self.pipe.vae
-        latents = FluxPipeline._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        decoded = vae.decode(latents.to(device=self.device, dtype=vae.dtype), return_dict=False)[0]
-        pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        array = pixels.permute(0, 2, 3, 1).cpu().numpy()
-        return [np.ascontiguousarray(one) for one in array]
-
-    def _elapsed(self, started: float) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # honest timings: wait for queued kernels
-        return time.perf_counter() - started
 
 
 def _load_text_encoders(

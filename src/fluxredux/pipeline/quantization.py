@@ -38,11 +38,11 @@ def check_quantization(mode: Quantization, device: torch.device) -> None:
             f"quantize={mode} needs compute capability 8.9 or newer; {torch.cuda.get_device_name(device)} "
             f"has {capability[0]}.{capability[1]}. Use --quantize none."
         )
-    try:
-        import torchao  # noqa: F401
+    try:  # the names quantize_transformer uses: an older torchao lacks some
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_  # noqa: F401
     except ImportError:
         raise ModelUnavailable(
-            f"quantize={mode} needs torchao: pip install 'fluxredux[fp8]' (or torchao)"
+            f"quantize={mode} needs torchao 0.14 or newer: pip install 'fluxredux[fp8]'"
         ) from None
 
 

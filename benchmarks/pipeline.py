@@ -16,20 +16,25 @@ repeated reference (a cache hit) against a new one (a miss). Not a test.
                                                        # collapsed/full and compiled/eager ratios
 
 The speed settings (--no-collapse-zero-tokens, --compile, --attention-backend, --quantize)
-apply to one run; --full-size-random runs each row of SETTINGS_MATRIX in turn unless one
-is given. Outputs of the demo and random models are noise: only the timings mean anything.
+apply to one run; --full-size-random (or --all-settings) runs each row of SETTINGS_MATRIX
+in turn unless one is given, writing the JSON after each row (--rows picks rows, keeping
+those of earlier commands in the file). Outputs of the demo and random models are noise:
+only the timings mean anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +61,11 @@ STAGES = ("prior", "denoise", "decode", "safety", "encode")
 SETTINGS_MATRIX: list[dict[str, Any]] = [
     {"collapse_zero_tokens": False, "compile": "none", "quantize": "none"},
     {"collapse_zero_tokens": True, "compile": "none", "quantize": "none"},
+    # The kernels torch's SDPA chooses among, named (auto lets it choose): with the bias...
+    {"collapse_zero_tokens": True, "attention_backend": "_native_cudnn"},
+    {"collapse_zero_tokens": True, "attention_backend": "_native_efficient"},
+    # ... and flash, which takes none: the full sequence is then the price.
+    {"collapse_zero_tokens": False, "attention_backend": "_native_flash"},
     {"collapse_zero_tokens": True, "compile": "transformer", "quantize": "none"},
     {"collapse_zero_tokens": True, "compile": "all", "quantize": "none"},
     {"collapse_zero_tokens": True, "compile": "none", "quantize": "fp8"},
@@ -96,6 +106,16 @@ def parse_args() -> argparse.Namespace:
         "blocks, timed alone at 1 and 0.25 MP: collapsed/full and compiled/eager",
     )
     parser.add_argument("--blocks", default="1,1", help="--realistic-width: double,single blocks")
+    parser.add_argument(
+        "--all-settings",
+        action="store_true",
+        help="run every row of SETTINGS_MATRIX (the default of --full-size-random) on this model",
+    )
+    parser.add_argument(
+        "--rows",
+        help="--full-size-random: which rows of SETTINGS_MATRIX to run, e.g. 0,1,5 (default: all); "
+        "rows already in the JSON file are kept, so a run can be split over several commands",
+    )
     return parser.parse_args()
 
 
@@ -105,8 +125,10 @@ def chosen_tuning(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
-def build_model(args: argparse.Namespace, tuning: dict[str, Any]) -> ReduxModel:
-    settings = Settings(model=args.model, **tuning)
+def build_model(args: argparse.Namespace, tuning: dict[str, Any], data_dir: Path) -> ReduxModel:
+    # A data dir of the row's own: a compile's time is a cold compile, never read back
+    # from another row's cache on disk.
+    settings = Settings(model=args.model, data_dir=data_dir, **tuning)
     spec_name = "full" if args.full_size_random else args.random_spec
     if spec_name:
         cuda = torch.cuda.is_available()
@@ -192,8 +214,15 @@ def prior_cache_case(
 
 def run_settings(args: argparse.Namespace, tuning: dict[str, Any], image: Image.Image) -> dict[str, Any]:
     """Every case (size x outputs) and the prior's cache timing, with one speed setting."""
+    with tempfile.TemporaryDirectory(prefix="fluxredux-bench-") as data_dir:
+        return run_settings_in(args, tuning, image, Path(data_dir))
+
+
+def run_settings_in(
+    args: argparse.Namespace, tuning: dict[str, Any], image: Image.Image, data_dir: Path
+) -> dict[str, Any]:
     started = time.perf_counter()
-    model = build_model(args, tuning)
+    model = build_model(args, tuning, data_dir)
     load_s = time.perf_counter() - started
     print(f"== {model.info.describe()} (ready in {load_s:.1f} s)", flush=True)
     if model.info.notice:
@@ -259,9 +288,12 @@ def fp8_refusal() -> str | None:
 
 
 def forget_compiled_code() -> None:
-    """Between settings: no compiled graph, no disabled compiler, no cached memory carried over."""
+    """Between settings: no compiled graph, no disabled compiler, no cached memory carried
+    over. A compiled module holds itself in a reference cycle (its compiled call is a bound
+    method of its own): only the collector frees its 24 GB."""
     torch._dynamo.reset()
     torch._dynamo.config.disable = False
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -414,28 +446,37 @@ def main() -> None:
         return
     image = decode_image(args.image.read_bytes(), DecodeLimits())
     chosen = chosen_tuning(args)
-    rows = SETTINGS_MATRIX if args.full_size_random and not chosen else [chosen]
-    runs = []
-    for tuning in rows:
-        if tuning.get("quantize") == "fp8" and (refusal := fp8_refusal()) is not None:
-            print(f"== skipped {tuning}: {refusal}", flush=True)
-            runs.append({"settings": tuning, "skipped": refusal})
-            continue
-        runs.append(run_settings(args, tuning, image))
-        forget_compiled_code()
-
-    report = {
-        "benchmark": "pipeline",
-        **device_facts(),
-        "steps": args.steps,
-        "output_format": args.output_format,
-        "repeats": args.repeats,
-        "runs": runs,
-    }
+    if (args.full_size_random or args.all_settings) and not chosen:
+        numbers = [int(n) for n in args.rows.split(",")] if args.rows else range(len(SETTINGS_MATRIX))
+        rows = [(number, SETTINGS_MATRIX[number]) for number in numbers]
+    else:
+        rows = [(0, chosen)]
     name = "full-size-random" if args.full_size_random else (args.random_spec or args.model)
     path = args.json or REPO / "benchmarks" / "results" / f"pipeline-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    # Rows of an earlier command (--rows) are kept: one row may need a command of its own.
+    earlier = json.loads(path.read_text()) if args.rows and path.is_file() else {}
+    runs: dict[str, Any] = dict(earlier.get("runs", {}))
+    for number, tuning in rows:
+        if tuning.get("quantize") == "fp8" and (refusal := fp8_refusal()) is not None:
+            print(f"== row {number}, skipped {tuning}: {refusal}", flush=True)
+            runs[str(number)] = {"settings": tuning, "skipped": refusal}
+        else:
+            try:
+                runs[str(number)] = run_settings(args, tuning, image)
+            except Exception as exc:  # one row's failure (out of memory, a backend) keeps the others
+                traceback.print_exc()
+                runs[str(number)] = {"settings": tuning, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            forget_compiled_code()
+        report = {
+            "benchmark": "pipeline",
+            **device_facts(),
+            "steps": args.steps,
+            "output_format": args.output_format,
+            "repeats": args.repeats,
+            "runs": dict(sorted(runs.items(), key=lambda item: int(item[0]))),
+        }
+        path.write_text(json.dumps(report, indent=2))  # after every row: a crash loses one row
     print(f"wrote {path}")
 
 

@@ -2,7 +2,7 @@
 
 The input itself is ``fluxredux.schema.PredictionInput``, the one input model of every
 surface; this module only wraps it the way Replicate's API does. Like ``schema``, it
-imports pydantic and the standard library only.
+imports pydantic, the standard library and the job's plain types (its webhook events).
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fluxredux.jobs.model import WebhookEvent
 from fluxredux.schema import MAX_NAME_CHARS, PredictionInput
 
 # The hosted model's name, as Replicate's clients call it.
 REPLICATE_MODEL = "black-forest-labs/flux-redux-schnell"
 
 ReplicateStatus = Literal["starting", "processing", "succeeded", "failed", "canceled"]
-WebhookEvent = Literal["start", "output", "logs", "completed"]
 
 
 class ReplicatePredictionRequest(BaseModel):

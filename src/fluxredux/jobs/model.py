@@ -7,7 +7,7 @@ import json
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 
 class Status(str, Enum):
@@ -32,11 +32,13 @@ IN_FLIGHT = frozenset({Status.STARTING, Status.PROCESSING})
 
 
 # The API surfaces a job can be created on: its webhooks take that surface's body and signing.
-EACHLABS = "eachlabs"
-REPLICATE = "replicate"
+Surface = Literal["eachlabs", "replicate"]
+EACHLABS: Surface = "eachlabs"
+REPLICATE: Surface = "replicate"
 
 # Replicate's webhook events; the Eachlabs surface's webhook is the ``completed`` one.
-WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+WebhookEvent = Literal["start", "output", "logs", "completed"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("start", "output", "logs", "completed")
 
 
 def new_id() -> str:
@@ -73,9 +75,9 @@ class Job:
     webhook_secret: str | None = None
     webhook_state: str | None = None  # pending -> delivered | failed
     input_files: list[str] = field(default_factory=list)  # the stored reference images, in order
-    surface: str = EACHLABS  # the API it was created on (EACHLABS or REPLICATE)
+    surface: Surface = EACHLABS  # the API it was created on
     # Which webhook events its receiver wants (of WEBHOOK_EVENTS): the final one by default.
-    webhook_events: list[str] = field(default_factory=lambda: ["completed"])
+    webhook_events: list[WebhookEvent] = field(default_factory=lambda: ["completed"])
 
     @property
     def is_terminal(self) -> bool:

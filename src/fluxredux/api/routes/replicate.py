@@ -21,8 +21,7 @@ from fastapi import APIRouter, Header, Path, Query
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, PresentedKeyDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.errors import problem_responses
 from fluxredux.api.idempotent import IdempotencyKeyHeader, create_once, fingerprint
-from fluxredux.api.replicate_render import render_replicate
-from fluxredux.api.routes.predictions import (
+from fluxredux.api.prediction_actions import (
     PredictionOrder,
     cancel_owned,
     owned_job,
@@ -30,6 +29,7 @@ from fluxredux.api.routes.predictions import (
     queue_job,
     wait_after_create,
 )
+from fluxredux.api.replicate_render import render_replicate
 from fluxredux.api.services import Services
 from fluxredux.config import Settings
 from fluxredux.errors import InvalidInput, UnknownModel

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fluxredux.api.deps import BaseUrlDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.errors import error_responses
+from fluxredux.api.prediction_actions import owned_job
 from fluxredux.api.render import render
-from fluxredux.api.routes.predictions import owned_job
 from fluxredux.api.services import Services
 from fluxredux.errors import NotFound
 from fluxredux.jobs import Job

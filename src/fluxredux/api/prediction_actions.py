@@ -1,0 +1,203 @@
+"""What both API surfaces do to predictions (Eachlabs' /v1/prediction and Replicate's
+/v1/predictions are thin translations over these): queue a job after every check, find
+the caller's own, wait for one to end, page through them, cancel one.
+
+Each takes the caller's key and the services; none knows either surface's shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+
+from fluxredux.api.inputs import recorded_input, resolve_references
+from fluxredux.api.services import Services
+from fluxredux.config import Settings
+from fluxredux.errors import (
+    FetchRefused,
+    FluxReduxError,
+    InvalidInput,
+    NotFound,
+    QueueFull,
+    RateLimited,
+    StoreUnavailable,
+)
+from fluxredux.jobs import Job, new_id
+from fluxredux.jobs.model import EACHLABS, Surface, WebhookEvent
+from fluxredux.jobs.store import Capacity
+from fluxredux.keys import ApiKey
+from fluxredux.net import check_url_shape
+from fluxredux.schema import MODEL_VERSION, PredictionInput
+
+# A long-poll re-reads its job this often even without a wake-up.
+LONG_POLL_RECHECK_SECONDS = 5.0
+
+
+def capacity_error(settings: Settings, capacity: Capacity) -> FluxReduxError | None:
+    if capacity.in_flight >= settings.max_in_flight_per_key:
+        return RateLimited(
+            f"too many predictions in flight: {capacity.in_flight} of {settings.max_in_flight_per_key} "
+            "allowed per API key; wait for one to finish",
+            retry_after=2,
+            limit=settings.max_in_flight_per_key,
+        )
+    if capacity.queued >= settings.max_queue:
+        return QueueFull(f"the server's queue is full ({settings.max_queue} waiting); try again shortly")
+    return None
+
+
+async def check_webhook_target(services: Services, url: str, field: str = "webhook_url") -> None:
+    """Refuse a webhook URL now, naming the field, rather than drop its deliveries later."""
+    timeout = services.settings.fetch_timeout_seconds
+    try:
+        await asyncio.wait_for(services.fetcher.checked_address(check_url_shape(url)), timeout)
+    except FetchRefused as exc:
+        raise FetchRefused(exc.code, f"{field}: {exc.message}", field=field) from None
+    except asyncio.TimeoutError:
+        raise FetchRefused(
+            "url_dns", f"{field}: its host did not resolve within {timeout:g} s", field=field
+        ) from None
+
+
+@dataclass(frozen=True)
+class PredictionOrder:
+    """What a create asks for, whichever API surface it came to."""
+
+    input: PredictionInput
+    version: str = MODEL_VERSION
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_events: tuple[WebhookEvent, ...] = ("completed",)
+    webhook_field: str = "webhook_url"  # how the request names the webhook (in errors)
+    surface: Surface = EACHLABS
+    # This server's base URL: a reference linking to one of its own uploads is used as
+    # that upload (the Replicate client passes uploads by their URL), not fetched.
+    base_url: str | None = None
+
+
+async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> Job:
+    """Validate everything, check limits, store the reference image, queue the job."""
+    settings = services.settings
+    refusal = services.workers.refusal()
+    if refusal is not None:  # accepting work that no worker can run would only hide the problem
+        raise refusal
+    # Refuse early, before fetching or decoding anything; the insert below checks again.
+    early = Capacity(
+        in_flight=await asyncio.to_thread(services.lifecycle.in_flight, key.id),
+        queued=await asyncio.to_thread(services.lifecycle.queue_depth),
+        accepted=False,
+    )
+    if (error := capacity_error(settings, early)) is not None:
+        raise error
+    if order.webhook_url:
+        await check_webhook_target(services, order.webhook_url, order.webhook_field)
+    # With Redis, counting is a network call: never on the event loop.
+    await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
+    own_files = f"{order.base_url.rstrip('/')}/files/" if order.base_url else None
+    stored = await resolve_references(
+        order.input, services.blobs, services.uploads, services.fetcher, services.decode_limits, own_files
+    )
+    job = Job(
+        id=new_id(),
+        owner=key.id,
+        input=recorded_input(order.input, stored),
+        # The store's clock, not this node's: queue order and paging must not depend on
+        # which API node took the request.
+        created_at=await asyncio.to_thread(services.store.now),
+        version=order.version,
+        webhook_url=order.webhook_url,
+        webhook_secret=order.webhook_secret,
+        webhook_events=list(order.webhook_events),
+        surface=order.surface,
+        input_files=[image.name for image in stored],
+        progress_total=order.input.num_inference_steps,
+    )
+    # Count and insert in one store operation: concurrent creations (of this process or
+    # another) cannot push a key over its in-flight limit or the queue over its cap.
+    try:
+        capacity = await asyncio.to_thread(
+            services.lifecycle.create_if_under_capacity,
+            job,
+            settings.max_in_flight_per_key,
+            settings.max_queue,
+        )
+        if not capacity.accepted:
+            raise capacity_error(settings, capacity) or QueueFull("the server's queue is full; try again")
+    except FluxReduxError:
+        # Refused: the copies made for this request go (an upload stays).
+        await asyncio.to_thread(services.blobs.delete, [image.name for image in stored if image.saved_now])
+        raise
+    services.workers.wake()
+    await services.webhooks.enqueue_event(job, "start")  # when its receiver asked for it
+    return job
+
+
+async def wait_until_done(services: Services, job_id: str, timeout: float) -> Job | None:
+    """Long-poll: woken by the job's state change, not by re-reading on a timer."""
+    deadline = time.monotonic() + timeout
+    event = services.notifier.subscribe(job_id)
+    try:
+        while True:
+            event.clear()  # before reading: a change that lands after the read still wakes us
+            job = await asyncio.to_thread(services.store.get, job_id)
+            remaining = deadline - time.monotonic()
+            if job is None or job.is_terminal or remaining <= 0:
+                return job
+            with contextlib.suppress(asyncio.TimeoutError):
+                # Re-read now and then even without a wake-up: a lost message (a bus
+                # reconnecting, a worker on another machine) costs latency, never the answer.
+                await asyncio.wait_for(event.wait(), min(remaining, LONG_POLL_RECHECK_SECONDS))
+    finally:
+        services.notifier.unsubscribe(job_id, event)
+
+
+def owned_job(services: Services, job_id: str, key: ApiKey) -> Job:
+    """The caller's job (blocking: call it through asyncio.to_thread)."""
+    job = services.store.get(job_id)
+    if job is None or job.owner != key.id:  # another key's prediction is as good as absent
+        raise NotFound(f"no prediction with id '{job_id}'", id=job_id)
+    return job
+
+
+async def wait_after_create(services: Services, job: Job, timeout: float) -> Job:
+    """The job once it ended, or as it is after ``timeout`` s; a store that cannot be read
+    meanwhile gives the job as created (accepted all the same: a retry must not duplicate it)."""
+    if job.is_terminal:
+        return job
+    try:
+        return await wait_until_done(services, job.id, timeout) or job
+    except StoreUnavailable:
+        return job
+
+
+def parse_cursor(cursor: str | None) -> float | None:
+    """A page's cursor: the creation time of the last prediction of the page before."""
+    if not cursor:
+        return None
+    try:
+        return float(cursor)
+    except ValueError:
+        raise InvalidInput(
+            "invalid cursor: pass the 'next' value of the previous page", cursor=cursor
+        ) from None
+
+
+async def page_of_jobs(
+    services: Services, key: ApiKey, limit: int, cursor: str | None
+) -> tuple[list[Job], str | None]:
+    """The caller's jobs, newest first, from ``cursor`` on; and the next page's cursor."""
+    before = parse_cursor(cursor)
+    jobs = await asyncio.to_thread(services.store.list_by_owner, key.id, limit + 1, before)
+    page = jobs[:limit]
+    return page, repr(page[-1].created_at) if len(jobs) > limit else None
+
+
+async def cancel_owned(services: Services, prediction_id: str, key: ApiKey) -> Job:
+    """Cancel the caller's prediction (idempotent); the job as it is after."""
+    await asyncio.to_thread(owned_job, services, prediction_id, key)
+    job = await asyncio.to_thread(services.lifecycle.cancel, prediction_id)
+    if job is None:
+        raise NotFound(f"no prediction with id '{prediction_id}'", id=prediction_id)
+    return job

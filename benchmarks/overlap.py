@@ -1,0 +1,286 @@
+"""Overlap: does one job's CPU work (safety check, encode, store, record) hide under the
+next job's model work? Images/s of a real worker loop at concurrency 4, overlap on and off.
+
+The worker is the real one (worker/loop.py: claim, heartbeats, model stage, post stage on
+its background slot, outputs written to a blob store, ends recorded in SQLite), run in this
+process against a SQLite store in a temporary directory. Four client threads each keep one
+prediction queued or running (create, wait for its end, create the next), so the queue is
+never empty. No HTTP server: what is measured is the worker's pipeline, not the API
+(benchmarks/service.py measures that), and on a small machine an API process would take
+CPU from the very stages being overlapped.
+
+Two models:
+
+- fake: a fixed "GPU time" per job (steps x step seconds, a sleep) and a fixed "CPU time"
+  (a sleep in the post stage, as GIL-releasing as a real encoder: see worker/fake.py), for
+  several CPU/model ratios. The ideal is 1 / (model time per image) when the CPU work is
+  the smaller one: the model never waits.
+- demo: the real tiny random-weight FLUX pipeline, the real NudeNet check and real encoding.
+  Here both stages run on this machine's CPU cores, so they compete for them: its figures
+  say how much overlap buys on a CPU-only machine, not what it buys next to a GPU.
+
+Throughput is the steady state: (jobs - 1) / (time from the first job's end to the last's),
+so the pipeline's filling and draining do not count; each figure is the median of --runs
+runs in this one process (a shared machine is noisy). Not a test.
+
+    python benchmarks/overlap.py                 # fake ratios, then the demo model
+    python benchmarks/overlap.py --skip-demo     # the fake model only (no torch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, new_id
+from fluxredux.safety import SafetyChecker
+from fluxredux.schema import PredictionInput
+from fluxredux.storage import LocalBlobStore
+from fluxredux.storage.blobs import key_id, new_key
+from fluxredux.worker.fake import FakeModel
+from fluxredux.worker.loop import Worker, WorkerConfig
+from fluxredux.worker.predictor import ImageModel, Predictor
+
+REPO = Path(__file__).resolve().parents[1]
+CONCURRENCY = 4
+FAKE_STEPS = 4
+FAKE_RATIOS = (0.25, 0.5, 0.9, 1.5)  # CPU time / model time per job
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    predictor: Predictor
+    inputs: dict[str, Any]  # each job's input, besides its reference image
+    model_seconds: float  # the model stage's time per job, alone
+    cpu_seconds: float  # the post stage's time per job, alone
+    images_per_job: int
+
+
+def run_worker(scenario: Scenario, overlap: bool, jobs: int, data_dir: Path) -> float:
+    """One run: ``jobs`` predictions through a fresh worker; steady-state images/s."""
+    store = SQLiteJobStore(data_dir / "jobs.db")
+    blobs = LocalBlobStore(data_dir / "files")
+    ended: dict[str, threading.Event] = {}
+    end_times: list[float] = []
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def publish(job: Job) -> None:
+        if job.is_terminal:
+            with lock:
+                end_times.append(time.perf_counter())
+                outcomes.append(job.status.value)
+            ended[job.id].set()
+
+    lifecycle = Lifecycle(store, publish=publish)
+    worker = Worker(
+        lifecycle,
+        scenario.predictor,
+        blobs,
+        WorkerConfig(worker_id="bench", idle_poll_seconds=0.05, overlap=overlap),
+    )
+    reference = io.BytesIO()
+    Image.new("RGB", (256, 256), (90, 140, 200)).save(reference, "PNG")
+    remaining = list(range(jobs))
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not remaining:
+                    return
+                remaining.pop()
+            key = new_key("png")
+            blobs.put(key, reference.getvalue(), "image/png")
+            inputs = PredictionInput.model_validate({"redux_image": key_id(key), **scenario.inputs})
+            job = Job(
+                id=new_id(),
+                owner="bench",
+                input=inputs.model_dump(mode="json"),
+                created_at=store.now(),
+                input_files=[key],
+            )
+            ended[job.id] = threading.Event()
+            lifecycle.create(job)
+            worker.wakeup.set()
+            if not ended[job.id].wait(600):
+                raise RuntimeError(f"job {job.id} never ended")
+
+    stop = threading.Event()
+    loop = threading.Thread(target=worker.run_forever, args=(stop,))
+    loop.start()
+    clients = [threading.Thread(target=client) for _ in range(CONCURRENCY)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    stop.set()
+    worker.wakeup.set()
+    loop.join()
+    store.close()
+    if outcomes != ["succeeded"] * jobs:
+        raise RuntimeError(f"not every prediction succeeded: {outcomes}")
+    end_times.sort()
+    return (jobs - 1) * scenario.images_per_job / (end_times[-1] - end_times[0])
+
+
+def median_of(runs: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
+    values = [measure() for _ in range(runs)]
+    return statistics.median(values), values
+
+
+def measure_scenario(scenario: Scenario, jobs: int, runs: int) -> dict[str, Any]:
+    ideal = scenario.images_per_job / scenario.model_seconds
+    # With more CPU than model work the CPU is the bottleneck: its rate is the best possible.
+    best = scenario.images_per_job / max(scenario.model_seconds, scenario.cpu_seconds)
+    row: dict[str, Any] = {
+        "scenario": scenario.name,
+        "model_seconds_per_job": round(scenario.model_seconds, 4),
+        "cpu_seconds_per_job": round(scenario.cpu_seconds, 4),
+        "cpu_over_model": round(scenario.cpu_seconds / scenario.model_seconds, 3),
+        "images_per_job": scenario.images_per_job,
+        "ideal_images_per_s": round(ideal, 3),
+        "best_possible_images_per_s": round(best, 3),
+        "serial_images_per_s": round(
+            scenario.images_per_job / (scenario.model_seconds + scenario.cpu_seconds), 3
+        ),
+    }
+    for overlap in (True, False):
+
+        def one(overlap: bool = overlap) -> float:
+            with tempfile.TemporaryDirectory(prefix="fluxredux-overlap-") as tmp:
+                return run_worker(scenario, overlap, jobs, Path(tmp))
+
+        median, values = median_of(runs, one)
+        label = "on" if overlap else "off"
+        row[f"overlap_{label}_images_per_s"] = round(median, 3)
+        row[f"overlap_{label}_runs"] = [round(v, 3) for v in values]
+        row[f"overlap_{label}_of_ideal"] = round(median / ideal, 3)
+        row[f"overlap_{label}_of_best_possible"] = round(median / best, 3)
+    print(
+        f"{scenario.name:<18} model {scenario.model_seconds:6.3f} s  cpu {scenario.cpu_seconds:6.3f} s  "
+        f"ideal {ideal:6.2f}/s  on {row['overlap_on_images_per_s']:6.2f}/s "
+        f"({row['overlap_on_of_ideal']:5.1%})  off {row['overlap_off_images_per_s']:6.2f}/s "
+        f"({row['overlap_off_of_ideal']:5.1%})  best possible {best:6.2f}/s",
+        flush=True,
+    )
+    return row
+
+
+def fake_scenarios(step_seconds: float) -> list[Scenario]:
+    model_seconds = FAKE_STEPS * step_seconds
+    return [
+        Scenario(
+            name=f"fake cpu={ratio:g}x",
+            predictor=Predictor(FakeModel(step_seconds, cpu_seconds=ratio * model_seconds), None),
+            inputs={"num_inference_steps": FAKE_STEPS, "disable_safety_checker": True, "megapixels": "0.25"},
+            model_seconds=model_seconds,
+            cpu_seconds=ratio * model_seconds,
+            images_per_job=1,
+        )
+        for ratio in FAKE_RATIOS
+    ]
+
+
+def demo_scenario(runs: int) -> tuple[Scenario, dict[str, Any]]:
+    """The demo model with the real checker; each stage timed alone (medians) first."""
+    import torch
+
+    from fluxredux.config import Settings
+    from fluxredux.pipeline.model import load_model
+    from fluxredux.worker.factories import build_checker
+
+    settings = Settings(model="demo", device="cpu")
+    model: ImageModel = load_model(settings)
+    checker: SafetyChecker = build_checker(settings)
+    predictor = Predictor(model, checker)
+    inputs = {"num_inference_steps": 4, "megapixels": "0.25", "output_format": "webp", "num_outputs": 1}
+    reference = Image.new("RGB", (256, 256), (90, 140, 200))
+    parsed = PredictionInput.model_validate({"redux_image": "https://example.com/r.png", **inputs})
+    predictor.predict(parsed, [reference])  # warm-up: first-call costs stay out of the figures
+    model_times, cpu_times = [], []
+    for _ in range(max(3, runs)):
+        started = time.perf_counter()
+        generated = predictor.generate(parsed, [reference])
+        model_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        predictor.finish(generated)
+        cpu_times.append(time.perf_counter() - started)
+    scenario = Scenario(
+        name="demo",
+        predictor=predictor,
+        inputs=inputs,
+        model_seconds=statistics.median(model_times),
+        cpu_seconds=statistics.median(cpu_times),
+        images_per_job=1,
+    )
+    about = {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "model": model.info.describe(),
+    }
+    return scenario, about
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=5, help="runs per figure; the median is reported")
+    parser.add_argument("--jobs", type=int, default=12, help="predictions per run (fake model)")
+    parser.add_argument("--demo-jobs", type=int, default=8, help="predictions per run (demo model)")
+    parser.add_argument("--step-seconds", type=float, default=0.1, help="the fake model's time per step")
+    parser.add_argument("--skip-demo", action="store_true", help="the fake model only")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=REPO / "benchmarks" / "results" / "overlap.json",
+        help="where the JSON report goes (default benchmarks/results/overlap.json)",
+    )
+    args = parser.parse_args()
+    print(
+        f"concurrency {CONCURRENCY}, medians of {args.runs} runs; {os.cpu_count()} CPU cores, "
+        f"{platform.platform()}",
+        flush=True,
+    )
+    rows = [measure_scenario(s, args.jobs, args.runs) for s in fake_scenarios(args.step_seconds)]
+    demo: dict[str, Any] | None = None
+    if not args.skip_demo:
+        scenario, demo = demo_scenario(args.runs)
+        rows.append(measure_scenario(scenario, args.demo_jobs, args.runs))
+    report = {
+        "benchmark": "overlap",
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": sys.version.split()[0],
+        },
+        "concurrency": CONCURRENCY,
+        "runs": args.runs,
+        "jobs": args.jobs,
+        "demo_jobs": args.demo_jobs,
+        "demo": demo,
+        "rows": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"written: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

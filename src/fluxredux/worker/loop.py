@@ -16,6 +16,11 @@ wait for the CPU. At most one post stage runs at a time: N+1's waits for N's. Jo
 its lease heartbeat until its end is recorded, and the loop waits for the post stage
 before it idles or returns (a SIGTERM drain included), so every claimed job is recorded.
 
+A job that lost a worker before runs alone (the post stage in flight is recorded before its
+model starts), and a job's last attempt finishes its post stage before the next claim: if
+a job kills the process, it takes no neighbour's result with it. A job in its post stage
+when the process dies is re-run like the one that killed it (its attempt had a re-run left).
+
 A cancel is honoured until the outputs are written: the post stage checks for one when it
 starts and again just before the writes (the job ends canceled, nothing stored); one that
 arrives after that loses the race, as one arriving after the end would, and the job
@@ -145,6 +150,10 @@ class Worker:
         if job is None:
             return False
         log.info("prediction %s: started (attempt %d)", job.id, job.attempt)
+        if job.attempt > 1:
+            # It lost a worker before: it may be what kills workers. The job in its post
+            # stage is recorded first, so that if it kills this one too it takes nobody along.
+            self.wait_for_post_stage()
         release = self._keep_lease(job)
         try:
             started = time.perf_counter()
@@ -163,9 +172,12 @@ class Worker:
             finally:
                 release()  # the lease is kept until the job's end is recorded
 
-        if self.config.overlap:
+        # In the background its run is at risk from the next job's (a crash of this process
+        # loses both): only a job that can afford a re-run takes that risk, never its last.
+        if self.config.overlap and job.attempt < self.config.max_attempts:
             self._post_stage.start(post_stage)
         else:
+            self.wait_for_post_stage()  # one post stage at a time, in either mode
             post_stage()
         return True
 
@@ -216,7 +228,8 @@ class Worker:
             self._stop_if_cancelled(job)  # the last chance: once written, the job succeeds
             names = self._store_outputs(result)
         except Exception as exc:
-            self._end_with_error(job, exc)
+            if self._end_with_error(job, exc) is None and isinstance(exc, PredictionCancelled):
+                self._log_taken_back(job)
             return
         # The job's own work: its model stage and its post stage, not the wait between them.
         self._succeed(job, result, names, model_seconds + time.perf_counter() - started)
@@ -225,14 +238,17 @@ class Worker:
         if self._cancel_requested(job):
             raise PredictionCancelled("the prediction was cancelled")
 
-    def _end_with_error(self, job: Job, exc: Exception) -> None:
+    def _end_with_error(self, job: Job, exc: Exception) -> Job | None:
+        """Record the end a failure means; None if the job is no longer this worker's."""
         if isinstance(exc, PredictionCancelled):
-            self._finish(job, Status.CANCELED, logs="cancelled while running")
-        elif isinstance(exc, FluxReduxError):  # the user can act on these (unsafe outputs, bad image)
-            self._finish(job, Status.FAILED, error=exc.message, error_code=exc.code)
-        else:
-            log.error("prediction %s failed", job.id, exc_info=exc)
-            self._finish(job, Status.FAILED, error=INTERNAL_ERROR, error_code="internal")
+            return self._finish(job, Status.CANCELED, logs="cancelled while running")
+        if isinstance(exc, FluxReduxError):  # the user can act on these (unsafe outputs, bad image)
+            return self._finish(job, Status.FAILED, error=exc.message, error_code=exc.code)
+        log.error("prediction %s failed", job.id, exc_info=exc)
+        return self._finish(job, Status.FAILED, error=INTERNAL_ERROR, error_code="internal")
+
+    def _log_taken_back(self, job: Job) -> None:
+        log.warning("prediction %s: no longer this worker's (taken back); its outputs were dropped", job.id)
 
     def _reference(self, name: str) -> Image.Image:
         try:
@@ -355,9 +371,7 @@ class Worker:
             progress_step=job.input.get("num_inference_steps", 4),
         )
         if finished is None:  # lost the job meanwhile (reaped, canceled): drop our files
-            log.warning(
-                "prediction %s: no longer this worker's (taken back); its outputs were dropped", job.id
-            )
+            self._log_taken_back(job)
             self.blobs.delete(names)
         else:
             log.info("prediction %s: succeeded in %.2f s", job.id, elapsed)

@@ -10,23 +10,34 @@ from __future__ import annotations
 
 import itertools
 import signal
+import threading
 from pathlib import Path
 
-from fluxredux.jobs import Job, SQLiteJobStore, Status
-from fluxredux.storage import LocalBlobStore
+from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status
+from fluxredux.safety import SafetyChecker
+from fluxredux.storage import LocalBlobStore, blob_store
 from fluxredux.storage.blobs import BlobInfo, BlobStoreError
 from fluxredux.worker.fake import FakeModel
-from tests.harness import Harness, running_server
+from fluxredux.worker.loop import Worker, WorkerConfig
+from fluxredux.worker.predictor import Predictor
+from tests.harness import Harness, NothingFound, running_server
 from tests.test_faults import serve
 
 
 def finished(api: Harness, prediction_ids: list[str]) -> list[Job]:
-    """Each prediction once it has ended, in the order they were created (and claimed)."""
+    """Each prediction once it has ended, in the order they were created (and claimed);
+    each run once, by the one worker."""
+    jobs = ended(api, prediction_ids)
+    assert all(job.attempt == 1 for job in jobs), [job.attempt for job in jobs]
+    return jobs
+
+
+def ended(api: Harness, prediction_ids: list[str]) -> list[Job]:
     jobs = []
     for prediction_id in prediction_ids:
         assert api.get(prediction_id, wait=30)["status"] in {"success", "error", "cancelled"}
         job = api.services.lifecycle.store.get(prediction_id)
-        assert job is not None and job.is_terminal and job.attempt == 1
+        assert job is not None and job.is_terminal
         jobs.append(job)
     return jobs
 
@@ -154,3 +165,43 @@ def test_sigterm_during_a_post_stage_records_it_and_the_next_job_before_exiting(
         (Status.SUCCEEDED, 1),
         (Status.STARTING, 0),  # never claimed: left queued for the next worker
     ]
+
+
+def test_a_job_that_lost_a_worker_before_runs_alone(tmp_path: Path) -> None:
+    """A re-run may be the job that kills workers: the job in its post stage is recorded
+    before its model starts, and as its last attempt (of 2) its own post stage is done
+    before the next claim, so a crash would take no other job's result along."""
+    step_seconds, cpu_seconds = 0.1, 0.3
+    with running_server(tmp_path, run_worker=False) as api:
+        ids = [api.create_id(num_inference_steps=4, seed=i) for i in range(4)]
+
+        def lost_a_worker(job: Job) -> Job:
+            job.attempt = 1  # queued again after its first worker was lost, as the reaper leaves it
+            return job
+
+        api.services.lifecycle.store.update(ids[1], lost_a_worker)
+        settings = api.services.settings
+        worker = Worker(
+            Lifecycle(SQLiteJobStore(settings.database_path)),
+            Predictor(FakeModel(step_seconds, cpu_seconds), SafetyChecker(NothingFound())),
+            blob_store(settings),
+            WorkerConfig(worker_id="test-worker", lease_seconds=5, heartbeat_seconds=0.5, max_attempts=2),
+        )
+        stop = threading.Event()
+        loop = threading.Thread(target=worker.run_forever, args=(stop,))
+        loop.start()
+        try:
+            first, rerun, third, fourth = ended(api, ids)
+        finally:
+            stop.set()
+            worker.wakeup.set()
+            loop.join(10)
+    assert [job.status for job in (first, rerun, third, fourth)] == [Status.SUCCEEDED] * 4
+    assert rerun.attempt == 2
+    assert first.completed_at is not None and rerun.completed_at is not None
+    # Its model ran only after the first job was recorded: both its stages came after.
+    assert rerun.completed_at - first.completed_at >= 4 * step_seconds + cpu_seconds
+    # Its last attempt's post stage ended before the next job was claimed.
+    assert third.started_at is not None and third.started_at >= rerun.completed_at
+    # First runs overlap as usual.
+    assert started_before_the_last_one_ended([third, fourth]) == [True]

@@ -21,7 +21,9 @@ Two models:
 
 Throughput is the steady state: (jobs - 1) / (time from the first job's end to the last's),
 so the pipeline's filling and draining do not count; each figure is the median of --runs
-runs in this one process (a shared machine is noisy). Not a test.
+runs in this one process, on and off interleaved (a shared machine is noisy). The demo's
+model and CPU time per job are the medians of the jobs' own recorded timings (prior +
+denoise + decode; safety + encode) in the runs without overlap. Not a test.
 
     python benchmarks/overlap.py                 # fake ratios, then the demo model
     python benchmarks/overlap.py --skip-demo     # the fake model only (no torch)
@@ -39,14 +41,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, new_id
+from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status, new_id
 from fluxredux.safety import SafetyChecker
 from fluxredux.schema import PredictionInput
 from fluxredux.storage import LocalBlobStore
@@ -66,13 +67,25 @@ class Scenario:
     name: str
     predictor: Predictor
     inputs: dict[str, Any]  # each job's input, besides its reference image
-    model_seconds: float  # the model stage's time per job, alone
-    cpu_seconds: float  # the post stage's time per job, alone
     images_per_job: int
+    # The model's and the post stage's time per job, when fixed (the fake model). None:
+    # measured, as the medians of the jobs' own timings in the runs without overlap.
+    fixed_seconds: tuple[float, float] | None = None
 
 
-def run_worker(scenario: Scenario, overlap: bool, jobs: int, data_dir: Path) -> float:
-    """One run: ``jobs`` predictions through a fresh worker; steady-state images/s."""
+MODEL_TIMINGS = ("prior", "denoise", "decode")  # what the model reports of its stage
+CPU_TIMINGS = ("post_work", "safety", "encode")  # what the predictor's post stage reports
+
+
+@dataclass(frozen=True)
+class Run:
+    images_per_s: float  # steady state
+    model_seconds: list[float]  # per job, from its recorded timings
+    cpu_seconds: list[float]
+
+
+def run_worker(scenario: Scenario, overlap: bool, jobs: int, data_dir: Path) -> Run:
+    """One run: ``jobs`` predictions through a fresh worker."""
     store = SQLiteJobStore(data_dir / "jobs.db")
     blobs = LocalBlobStore(data_dir / "files")
     ended: dict[str, threading.Event] = {}
@@ -136,48 +149,55 @@ def run_worker(scenario: Scenario, overlap: bool, jobs: int, data_dir: Path) -> 
     # ran as fast as with torch.set_num_threads(1) (on a busy 2-core machine ~5x faster
     # than with the main thread's 2), which would measure some other worker.
     worker.run_forever(stop)
+    metrics = [job.metrics for job in store.find([Status.SUCCEEDED])]
     store.close()
     if outcomes != ["succeeded"] * jobs:
         raise RuntimeError(f"not every prediction succeeded: {outcomes}")
     end_times.sort()
-    return (jobs - 1) * scenario.images_per_job / (end_times[-1] - end_times[0])
-
-
-def median_of(runs: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
-    values = [measure() for _ in range(runs)]
-    return statistics.median(values), values
+    return Run(
+        images_per_s=(jobs - 1) * scenario.images_per_job / (end_times[-1] - end_times[0]),
+        model_seconds=[sum(m.get(k, 0.0) for k in MODEL_TIMINGS) for m in metrics],
+        cpu_seconds=[sum(m.get(k, 0.0) for k in CPU_TIMINGS) for m in metrics],
+    )
 
 
 def measure_scenario(scenario: Scenario, jobs: int, runs: int) -> dict[str, Any]:
-    ideal = scenario.images_per_job / scenario.model_seconds
+    results: dict[bool, list[Run]] = {True: [], False: []}
+    for _ in range(runs):
+        for overlap in (True, False):  # interleaved: a busy spell of the machine hits both
+            with tempfile.TemporaryDirectory(prefix="fluxredux-overlap-") as tmp:
+                results[overlap].append(run_worker(scenario, overlap, jobs, Path(tmp)))
+    if scenario.fixed_seconds is not None:
+        model_seconds, cpu_seconds = scenario.fixed_seconds
+    else:  # each stage's time when the other one does not run meanwhile
+        model_seconds = statistics.median(t for run in results[False] for t in run.model_seconds)
+        cpu_seconds = statistics.median(t for run in results[False] for t in run.cpu_seconds)
+    ideal = scenario.images_per_job / model_seconds
     # With more CPU than model work the CPU is the bottleneck: its rate is the best possible.
-    best = scenario.images_per_job / max(scenario.model_seconds, scenario.cpu_seconds)
+    best = scenario.images_per_job / max(model_seconds, cpu_seconds)
     row: dict[str, Any] = {
         "scenario": scenario.name,
-        "model_seconds_per_job": round(scenario.model_seconds, 4),
-        "cpu_seconds_per_job": round(scenario.cpu_seconds, 4),
-        "cpu_over_model": round(scenario.cpu_seconds / scenario.model_seconds, 3),
+        "model_seconds_per_job": round(model_seconds, 4),
+        "cpu_seconds_per_job": round(cpu_seconds, 4),
+        "cpu_over_model": round(cpu_seconds / model_seconds, 3),
         "images_per_job": scenario.images_per_job,
         "ideal_images_per_s": round(ideal, 3),
         "best_possible_images_per_s": round(best, 3),
-        "serial_images_per_s": round(
-            scenario.images_per_job / (scenario.model_seconds + scenario.cpu_seconds), 3
-        ),
+        "serial_images_per_s": round(scenario.images_per_job / (model_seconds + cpu_seconds), 3),
     }
-    for overlap in (True, False):
-
-        def one(overlap: bool = overlap) -> float:
-            with tempfile.TemporaryDirectory(prefix="fluxredux-overlap-") as tmp:
-                return run_worker(scenario, overlap, jobs, Path(tmp))
-
-        median, values = median_of(runs, one)
+    for overlap, measured in results.items():
         label = "on" if overlap else "off"
+        median = statistics.median(run.images_per_s for run in measured)
         row[f"overlap_{label}_images_per_s"] = round(median, 3)
-        row[f"overlap_{label}_runs"] = [round(v, 3) for v in values]
+        row[f"overlap_{label}_runs"] = [round(run.images_per_s, 3) for run in measured]
         row[f"overlap_{label}_of_ideal"] = round(median / ideal, 3)
         row[f"overlap_{label}_of_best_possible"] = round(median / best, 3)
+        if scenario.fixed_seconds is None:  # what sharing the CPU does to each stage
+            row[f"overlap_{label}_model_seconds_per_job"] = round(
+                statistics.median(t for run in measured for t in run.model_seconds), 4
+            )
     print(
-        f"{scenario.name:<18} model {scenario.model_seconds:6.3f} s  cpu {scenario.cpu_seconds:6.3f} s  "
+        f"{scenario.name:<18} model {model_seconds:6.3f} s  cpu {cpu_seconds:6.3f} s  "
         f"ideal {ideal:6.2f}/s  on {row['overlap_on_images_per_s']:6.2f}/s "
         f"({row['overlap_on_of_ideal']:5.1%})  off {row['overlap_off_images_per_s']:6.2f}/s "
         f"({row['overlap_off_of_ideal']:5.1%})  best possible {best:6.2f}/s",
@@ -193,16 +213,15 @@ def fake_scenarios(step_seconds: float) -> list[Scenario]:
             name=f"fake cpu={ratio:g}x",
             predictor=Predictor(FakeModel(step_seconds, cpu_seconds=ratio * model_seconds), None),
             inputs={"num_inference_steps": FAKE_STEPS, "disable_safety_checker": True, "megapixels": "0.25"},
-            model_seconds=model_seconds,
-            cpu_seconds=ratio * model_seconds,
             images_per_job=1,
+            fixed_seconds=(model_seconds, ratio * model_seconds),
         )
         for ratio in FAKE_RATIOS
     ]
 
 
-def demo_scenario(runs: int) -> tuple[Scenario, dict[str, Any]]:
-    """The demo model with the real checker; each stage timed alone (medians) first."""
+def demo_scenario() -> tuple[Scenario, dict[str, Any]]:
+    """The demo model with the real checker and encoder, warmed up."""
     import torch
 
     from fluxredux.config import Settings
@@ -214,31 +233,15 @@ def demo_scenario(runs: int) -> tuple[Scenario, dict[str, Any]]:
     checker: SafetyChecker = build_checker(settings)
     predictor = Predictor(model, checker)
     inputs = {"num_inference_steps": 4, "megapixels": "0.25", "output_format": "webp", "num_outputs": 1}
-    reference = Image.new("RGB", (256, 256), (90, 140, 200))
     parsed = PredictionInput.model_validate({"redux_image": "https://example.com/r.png", **inputs})
-    predictor.predict(parsed, [reference])  # warm-up: first-call costs stay out of the figures
-    model_times, cpu_times = [], []
-    for _ in range(max(3, runs)):
-        started = time.perf_counter()
-        generated = predictor.generate(parsed, [reference])
-        model_times.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        predictor.finish(generated)
-        cpu_times.append(time.perf_counter() - started)
-    scenario = Scenario(
-        name="demo",
-        predictor=predictor,
-        inputs=inputs,
-        model_seconds=statistics.median(model_times),
-        cpu_seconds=statistics.median(cpu_times),
-        images_per_job=1,
-    )
+    # First-call costs (allocations, the checker's session) stay out of the figures.
+    predictor.predict(parsed, [Image.new("RGB", (256, 256), (90, 140, 200))])
     about = {
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "model": model.info.describe(),
     }
-    return scenario, about
+    return Scenario(name="demo", predictor=predictor, inputs=inputs, images_per_job=1), about
 
 
 def main() -> None:
@@ -265,7 +268,7 @@ def main() -> None:
     rows = [measure_scenario(s, args.jobs, args.runs) for s in fake_scenarios(args.step_seconds)]
     demo: dict[str, Any] | None = None
     if not args.skip_demo:
-        scenario, demo = demo_scenario(args.runs)
+        scenario, demo = demo_scenario()
         rows.append(measure_scenario(scenario, args.demo_jobs, args.runs))
     report = {
         "benchmark": "overlap",

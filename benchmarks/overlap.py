@@ -253,6 +253,7 @@ def main() -> None:
     parser.add_argument("--demo-jobs", type=int, default=8, help="predictions per run (demo model)")
     parser.add_argument("--step-seconds", type=float, default=0.1, help="the fake model's time per step")
     parser.add_argument("--skip-demo", action="store_true", help="the fake model only")
+    parser.add_argument("--skip-fake", action="store_true", help="the demo model only")
     parser.add_argument(
         "--json",
         type=Path,
@@ -265,7 +266,10 @@ def main() -> None:
         f"{platform.platform()}",
         flush=True,
     )
-    rows = [measure_scenario(s, args.jobs, args.runs) for s in fake_scenarios(args.step_seconds)]
+    load_before = os.getloadavg()
+    rows = []
+    if not args.skip_fake:
+        rows += [measure_scenario(s, args.jobs, args.runs) for s in fake_scenarios(args.step_seconds)]
     demo: dict[str, Any] | None = None
     if not args.skip_demo:
         scenario, demo = demo_scenario()
@@ -277,6 +281,9 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "python": sys.version.split()[0],
+            # Other work on the machine (1, 5, 15 min): the demo's figures depend on it.
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
         "concurrency": CONCURRENCY,
         "runs": args.runs,

@@ -130,10 +130,11 @@ def test_a_post_stage_that_fails_fails_only_its_own_job(tmp_path: Path) -> None:
 
 
 def test_a_cancel_during_the_post_stage_ends_the_job_canceled_with_nothing_stored(tmp_path: Path) -> None:
-    with running_server(tmp_path, model=FakeModel(step_seconds=0.05, cpu_seconds=1.5)) as api:
+    with running_server(tmp_path, model=FakeModel(step_seconds=0.05, cpu_seconds=2.5)) as api:
         first = api.create_id(num_inference_steps=4, seed=1)
         second = api.create_id(num_inference_steps=4, seed=2)
-        # The first job's model is done (4 of 4 steps) and the second one's has started.
+        # The first job's model is done (4 of 4 steps) and the second one's has started
+        # (2.5 s of post stage: room for a slow machine between these lines and the cancel).
         api.wait_status(second, {"processing"})
         in_post_stage = api.get(first)
         assert in_post_stage["status"] == "processing" and in_post_stage["progress"]["step"] == 4

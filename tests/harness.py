@@ -28,7 +28,7 @@ from fluxredux.jobs import Lifecycle, SQLiteJobStore
 from fluxredux.jobs.events import JobEvent
 from fluxredux.net import SafeFetcher
 from fluxredux.safety import Detection, SafetyChecker
-from fluxredux.storage import blob_store
+from fluxredux.storage import BlobStore, blob_store
 from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.loop import Worker, WorkerConfig
 from fluxredux.worker.predictor import ImageModel, Predictor
@@ -115,6 +115,7 @@ def running_server(
     model: ImageModel | None = None,
     run_worker: bool = True,
     fetcher: SafeFetcher | None = None,
+    worker_blobs: BlobStore | None = None,
     **overrides: Any,
 ) -> Iterator[Harness]:
     port = free_port()
@@ -157,8 +158,11 @@ def running_server(
         worker = Worker(
             lifecycle,
             Predictor(model or FakeModel(), SafetyChecker(NothingFound())),
-            blob_store(settings),  # the same storage as the server, as a worker process does
-            WorkerConfig(worker_id="test-worker", lease_seconds=5, heartbeat_seconds=0.5),
+            # The same storage as the server, as a worker process does (or a test's own view of it).
+            worker_blobs or blob_store(settings),
+            WorkerConfig(
+                worker_id="test-worker", lease_seconds=5, heartbeat_seconds=0.5, overlap=settings.overlap
+            ),
         )
         workers.worker = worker
         # As a worker process registers itself, and keeps its entry fresh.

@@ -264,7 +264,8 @@ def test_frozen_worker_past_its_lease_is_fenced_off(deployment: Cluster, launche
     assert f"prediction {job}: succeeded in" in other.text()
     recorded = outputs_of(done)
 
-    # Woken, the first run writes its outputs, loses the final compare-and-set, drops them.
+    # Woken, the first run finds the job taken back (before its writes, or at the final
+    # compare-and-set) and drops its outputs.
     frozen.signal(signal.SIGCONT)
     wait_log(frozen, f"prediction {job}: no longer this worker's (taken back); its outputs were dropped")
     assert f"prediction {job}: succeeded in" not in frozen.text()
@@ -414,7 +415,10 @@ def test_a_job_that_kills_every_worker_fails_as_worker_lost(deployment: Cluster,
         assert sorted(exits) == [137, 137], exits
         healthy = [*before, *after]
         assert all(ended[pid]["status"] == "success" for pid in healthy), ended
-        assert all(attempts_started(c, pid) == [1] for pid in healthy), worker_logs(c)
+        # With overlap a healthy job may be in its post stage when the poisoned one kills
+        # the process: it is re-run once, never failed (worker/loop.py keeps its last
+        # attempt out of the background, and runs a job that lost a worker before alone).
+        assert all(attempts_started(c, pid) in ([1], [1, 2]) for pid in healthy), worker_logs(c)
     assert_no_traceback(*c.procs)
 
 

@@ -58,6 +58,18 @@ class Settings(BaseSettings):
     fake_step_seconds: float = Field(
         0.0, ge=0, le=60, description="The fake model's time per denoising step (service tests, benchmarks)."
     )
+    fake_cpu_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="The fake model's CPU time per prediction, after the model (safety check and encode "
+        "stand-in), for tests and benchmarks of overlap.",
+    )
+    overlap: bool = Field(
+        True,
+        description="Run one prediction's safety check, encoding and storing (CPU) while the next one's "
+        "model runs. false: one after the other (for comparison).",
+    )
     cache_dir: Path = Field(
         default_factory=lambda: platformdirs.user_cache_path("fluxredux"),
         description="Where the demo model is written.",

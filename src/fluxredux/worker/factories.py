@@ -17,7 +17,7 @@ def build_model(settings: Settings) -> ImageModel:
     if settings.model == "fake":
         from fluxredux.worker.fake import FakeModel
 
-        return FakeModel(step_seconds=settings.fake_step_seconds)
+        return FakeModel(step_seconds=settings.fake_step_seconds, cpu_seconds=settings.fake_cpu_seconds)
     from fluxredux.pipeline.model import load_model
 
     return load_model(settings)

@@ -36,9 +36,21 @@ class FakeGeneration:
 
 
 class FakeModel:
-    def __init__(self, step_seconds: float = 0.0) -> None:
+    def __init__(self, step_seconds: float = 0.0, cpu_seconds: float = 0.0) -> None:
         self.info = FakeModelInfo()
         self.step_seconds = step_seconds  # > 0 makes runs slow enough to cancel mid-way
+        # A fixed "CPU time" per job, spent in the post stage (after the model), so tests
+        # and benchmarks can give a job fixed model and CPU times (worker/loop.py overlaps them).
+        self.cpu_seconds = cpu_seconds
+
+    def post_stage_work(self) -> None:
+        """The post stage's share of a job. A sleep, not busy work: a real checker and
+        encoder (onnxruntime, Pillow) release the GIL while they work, as a sleep does, so the
+        model stage of the next job goes on meanwhile; a busy Python loop would hold the GIL
+        and measure GIL contention instead, and busy native work would measure how loaded
+        this machine's cores happen to be. (The fake's "GPU time" is a sleep for the same reason.)"""
+        if self.cpu_seconds:
+            time.sleep(self.cpu_seconds)
 
     def generate(
         self,

@@ -7,6 +7,24 @@ flag, so a cancel stops a running prediction within one denoising step.
 
 Faults of the store or the disk never end this process: a locked or unreachable store
 is retried, and outputs that cannot be written fail that one job as ``storage_error``.
+
+Overlap (``WorkerConfig.overlap``, on by default): a run has two stages, the model stage
+(the GPU's part) and the post stage (safety check, encode, store outputs, record the end:
+CPU work). Once job N's model stage is done, its post stage runs on a background thread
+(worker/overlap.py) while this loop claims job N+1 and runs its model, so the GPU does not
+wait for the CPU. At most one post stage runs at a time: N+1's waits for N's. Job N keeps
+its lease heartbeat until its end is recorded, and the loop waits for the post stage
+before it idles or returns (a SIGTERM drain included), so every claimed job is recorded.
+
+A job that lost a worker before runs alone (the post stage in flight is recorded before its
+model starts), and a job's last attempt finishes its post stage before the next claim: if
+a job kills the process, it takes no neighbour's result with it. A job in its post stage
+when the process dies is re-run like the one that killed it (its attempt had a re-run left).
+
+A cancel is honoured until the outputs are written: the post stage checks for one when it
+starts and again just before the writes (the job ends canceled, nothing stored); one that
+arrives after that loses the race, as one arriving after the end would, and the job
+succeeds. The lifecycle's fencing makes either end happen exactly once.
 """
 
 from __future__ import annotations
@@ -27,7 +45,8 @@ from fluxredux.jobs.lifecycle import Lifecycle
 from fluxredux.jobs.model import Job, Status
 from fluxredux.schema import PredictionInput
 from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, new_key
-from fluxredux.worker.predictor import PredictionResult, Predictor
+from fluxredux.worker.overlap import PostStageSlot
+from fluxredux.worker.predictor import Generated, PredictionResult, Predictor
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +71,8 @@ class WorkerConfig:
     # API nodes' maintenance does: jobs are recovered even where no API node runs.
     reap_seconds: float = 10.0
     max_attempts: int = 2  # runs of a job whose worker was lost (then "worker lost")
+    # One job's post stage (CPU) under the next job's model stage; False: one after the other.
+    overlap: bool = True
 
 
 class Worker:
@@ -73,10 +94,18 @@ class Worker:
         self._failed_write_size = 0
         self._last_probe = 0.0
         self._last_reap = 0.0
+        self._post_stage = PostStageSlot()
 
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and run jobs until ``stop``. Nothing that goes wrong here ends the loop: a
-        store that is locked or unreachable is retried with a growing pause."""
+        store that is locked or unreachable is retried with a growing pause. Returns only
+        once the last job's post stage has been recorded."""
+        try:
+            self._loop(stop)
+        finally:
+            self.wait_for_post_stage()
+
+    def _loop(self, stop: threading.Event) -> None:
         backoff = 0.0
         while not stop.is_set():
             try:
@@ -91,10 +120,17 @@ class Worker:
                 stop.wait(backoff)
                 continue
             if not ran:
+                # Nothing queued: finish the last job before idling (and before probing the
+                # storage, whose state only one thread at a time may touch).
+                self.wait_for_post_stage()
                 self._probe_storage()
                 self._reap_expired()
                 self.wakeup.wait(self.config.idle_poll_seconds)
                 self.wakeup.clear()
+
+    def wait_for_post_stage(self) -> None:
+        """Block until the job in its post stage (if any) has been recorded."""
+        self._post_stage.wait()
 
     def _reap_expired(self) -> None:
         now = time.monotonic()
@@ -108,20 +144,54 @@ class Worker:
             log.debug("reaping expired leases failed: %s", exc.message)
 
     def run_once(self) -> bool:
-        """Claim and run one job; False when the queue was empty."""
+        """Claim one job and run its model stage; then its post stage, in the background
+        with overlap (once the previous one has ended), else here. False: queue empty."""
         job = self.lifecycle.claim(self.config.worker_id, self.config.lease_seconds)
         if job is None:
             return False
         log.info("prediction %s: started (attempt %d)", job.id, job.attempt)
-        stop_heartbeat = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(job, stop_heartbeat), daemon=True)
-        heartbeat.start()
+        if job.attempt > 1:
+            # It lost a worker before: it may be what kills workers. The job in its post
+            # stage is recorded first, so that if it kills this one too it takes nobody along.
+            self.wait_for_post_stage()
+        release = self._keep_lease(job)
         try:
-            self._run(job)
-        finally:
-            stop_heartbeat.set()
-            heartbeat.join()
+            started = time.perf_counter()
+            generated = self._model_stage(job)
+            model_seconds = time.perf_counter() - started
+        except BaseException:
+            release()
+            raise
+        if generated is None:  # already ended (failed, canceled)
+            release()
+            return True
+
+        def post_stage() -> None:
+            try:
+                self._post_stage_of(job, generated, model_seconds)
+            finally:
+                release()  # the lease is kept until the job's end is recorded
+
+        # In the background its run is at risk from the next job's (a crash of this process
+        # loses both): only a job that can afford a re-run takes that risk, never its last.
+        if self.config.overlap and job.attempt < self.config.max_attempts:
+            self._post_stage.start(post_stage)
+        else:
+            self.wait_for_post_stage()  # one post stage at a time, in either mode
+            post_stage()
         return True
+
+    def _keep_lease(self, job: Job) -> Callable[[], None]:
+        """Renew ``job``'s lease on a thread until the returned function is called."""
+        stop = threading.Event()
+        heartbeat = threading.Thread(target=self._heartbeat, args=(job, stop), daemon=True)
+        heartbeat.start()
+
+        def release() -> None:
+            stop.set()
+            heartbeat.join()
+
+        return release
 
     def _heartbeat(self, job: Job, stop: threading.Event) -> None:
         while not stop.wait(self.config.heartbeat_seconds):
@@ -132,31 +202,53 @@ class Worker:
                 # Keep beating: the lease is only lost if the store stays unwritable past it.
                 log.warning("prediction %s: lease not renewed: %s", job.id, exc.message)
 
-    def _run(self, job: Job) -> None:
-        started = time.perf_counter()
+    def _model_stage(self, job: Job) -> Generated | None:
+        """Reference images -> the model's images. None: the job has ended already."""
         try:
             inputs = PredictionInput.model_validate(job.input)
             images = [self._reference(name) for name in job.input_files]
             if not images:
                 raise FluxReduxError("the prediction has no stored reference image")
-            result = self.predictor.predict(
+            return self.predictor.generate(
                 inputs,
                 images,
                 on_step=lambda step, total: self._progress(job, step, total),
                 is_cancelled=lambda: self._cancel_requested(job),
             )
+        except Exception as exc:
+            self._end_with_error(job, exc)
+            return None
+
+    def _post_stage_of(self, job: Job, generated: Generated, model_seconds: float) -> None:
+        """Safety check, encode, store, record: whatever goes wrong ends this job only."""
+        started = time.perf_counter()
+        try:
+            self._stop_if_cancelled(job)
+            result = self.predictor.finish(generated)
+            self._stop_if_cancelled(job)  # the last chance: once written, the job succeeds
             names = self._store_outputs(result)
-        except PredictionCancelled:
-            self._finish(job, Status.CANCELED, logs="cancelled while running")
+        except Exception as exc:
+            if self._end_with_error(job, exc) is None and isinstance(exc, PredictionCancelled):
+                self._log_taken_back(job)
             return
-        except FluxReduxError as exc:  # the user can act on these (unsafe outputs, bad image)
-            self._finish(job, Status.FAILED, error=exc.message, error_code=exc.code)
-            return
-        except Exception:
-            log.exception("prediction %s failed", job.id)
-            self._finish(job, Status.FAILED, error=INTERNAL_ERROR, error_code="internal")
-            return
-        self._succeed(job, result, names, time.perf_counter() - started)
+        # The job's own work: its model stage and its post stage, not the wait between them.
+        self._succeed(job, result, names, model_seconds + time.perf_counter() - started)
+
+    def _stop_if_cancelled(self, job: Job) -> None:
+        if self._cancel_requested(job):
+            raise PredictionCancelled("the prediction was cancelled")
+
+    def _end_with_error(self, job: Job, exc: Exception) -> Job | None:
+        """Record the end a failure means; None if the job is no longer this worker's."""
+        if isinstance(exc, PredictionCancelled):
+            return self._finish(job, Status.CANCELED, logs="cancelled while running")
+        if isinstance(exc, FluxReduxError):  # the user can act on these (unsafe outputs, bad image)
+            return self._finish(job, Status.FAILED, error=exc.message, error_code=exc.code)
+        log.error("prediction %s failed", job.id, exc_info=exc)
+        return self._finish(job, Status.FAILED, error=INTERNAL_ERROR, error_code="internal")
+
+    def _log_taken_back(self, job: Job) -> None:
+        log.warning("prediction %s: no longer this worker's (taken back); its outputs were dropped", job.id)
 
     def _reference(self, name: str) -> Image.Image:
         try:
@@ -279,9 +371,7 @@ class Worker:
             progress_step=job.input.get("num_inference_steps", 4),
         )
         if finished is None:  # lost the job meanwhile (reaped, canceled): drop our files
-            log.warning(
-                "prediction %s: no longer this worker's (taken back); its outputs were dropped", job.id
-            )
+            self._log_taken_back(job)
             self.blobs.delete(names)
         else:
             log.info("prediction %s: succeeded in %.2f s", job.id, elapsed)

@@ -1,5 +1,9 @@
 """One prediction, end to end: reference image -> model -> safety -> encoded files.
 
+Two stages: ``generate`` (the model: the GPU's part) and ``finish`` (safety check and
+encode, on CPU threads), so that the worker can run one job's ``finish`` while the next
+job's ``generate`` runs; ``predict`` is both, one after the other.
+
 The model is anything with ``info`` and ``generate`` (the real FLUX model, the demo
 model, or a fake in tests); this module itself never imports torch.
 """
@@ -13,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -85,6 +89,27 @@ class OutputImage:
         return EXTENSIONS[self.output_format]
 
 
+@runtime_checkable
+class HasPostStageWork(Protocol):
+    """A model that asks for CPU work of its own in the post stage: the fake model, given a
+    fixed CPU time per job (``fake_cpu_seconds``) to stand in for a real checker and
+    encoder in tests and benchmarks of the worker's overlap."""
+
+    def post_stage_work(self) -> None: ...
+
+
+@dataclass
+class Generated:
+    """The model stage's product: the decoded images, not yet checked or encoded. Held
+    between the stages, so the worker keeps at most two jobs' worth (see worker/loop.py)."""
+
+    inputs: PredictionInput
+    images: list[np.ndarray]
+    seed: int
+    timings: dict[str, float]
+    sequence: str | None = None  # the transformer's token counts (see GenerationLike)
+
+
 @dataclass
 class PredictionResult:
     outputs: list[OutputImage]
@@ -118,6 +143,18 @@ class Predictor:
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> PredictionResult:
+        """Both stages, one after the other (the CLI, benchmarks, a worker without overlap)."""
+        return self.finish(self.generate(inputs, images, on_step=on_step, is_cancelled=is_cancelled))
+
+    def generate(
+        self,
+        inputs: PredictionInput,
+        images: Sequence[Image.Image],
+        *,
+        on_step: ProgressCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> Generated:
+        """The model stage (the GPU's part): references -> decoded images, nothing checked yet."""
         seed = inputs.seed if inputs.seed is not None else random_seed()
         if len(images) != len(inputs.references):
             raise ValueError(f"{len(inputs.references)} references asked for, {len(images)} images given")
@@ -137,8 +174,24 @@ class Predictor:
             on_step=on_step,
             is_cancelled=is_cancelled,
         )
-        timings = dict(generation.timings)
-        pixels = list(enumerate(generation.images))
+        return Generated(
+            inputs=inputs,
+            images=list(generation.images),
+            seed=seed,
+            timings=dict(generation.timings),
+            sequence=generation.sequence,
+        )
+
+    def finish(self, generated: Generated) -> PredictionResult:
+        """The post stage (CPU threads): safety check and encode. Raises AllOutputsUnsafe
+        when nothing is left to return."""
+        inputs = generated.inputs
+        timings = dict(generated.timings)
+        pixels = list(enumerate(generated.images))
+        if isinstance(self.model, HasPostStageWork):
+            started = time.perf_counter()
+            self.model.post_stage_work()
+            timings["post_work"] = time.perf_counter() - started
 
         verdicts: list[SafetyVerdict] = []
         if not inputs.disable_safety_checker:
@@ -177,9 +230,9 @@ class Predictor:
         timings["encode"] = time.perf_counter() - started
         return PredictionResult(
             outputs=outputs,
-            seed=seed,
+            seed=generated.seed,
             timings=timings,
             safety=verdicts,
             notice=self.model.info.notice,
-            sequence=generation.sequence,
+            sequence=generated.sequence,
         )

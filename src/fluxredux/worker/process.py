@@ -10,8 +10,9 @@ only in how they hear of new jobs and where their events go:
 - scale-out (Redis): events published on Redis, and "a job was queued" heard there too,
   so an idle worker on another machine starts within milliseconds, not at its next poll.
 
-Stopping drains: the running job is finished and recorded, then the worker leaves the
-registry and exits; a job it never got to stays queued for the others.
+Stopping drains: the running job is finished and recorded (and, with overlap, the one
+before it in its post stage: ``Worker.run_forever`` returns only after it), then the
+worker leaves the registry and exits; a job it never got to stays queued for the others.
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ class WorkerProcess:
                     reap_seconds=min(10.0, settings.lease_seconds / 3),
                     max_attempts=settings.max_attempts,
                     decode_limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
+                    overlap=settings.overlap,
                 ),
                 report_storage=lambda problem: self.registration.update(storage_error=problem),
             )

@@ -114,6 +114,12 @@ def test_a_malformed_json_body_is_a_400(api: Harness) -> None:
         "/v1/prediction/", content=b"{not json", headers={"Content-Type": "application/json"}
     )
     assert response.status_code == 400 and response.json()["code"] == "invalid_input"
+    assert response.json()["fields"][0]["field"] == "body"  # not the character position it failed at
+    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {api.key}"}) as replicate:
+        problem = replicate.post(
+            "/v1/predictions", content=b"{not json", headers={"Content-Type": "application/json"}
+        )
+    assert problem.status_code == 422 and problem.json()["fields"][0]["field"] == "body"
 
 
 def test_keys(api: Harness) -> None:

@@ -123,6 +123,8 @@ def _validation_fields(exc: RequestValidationError) -> list[dict[str, Any]]:
     fields = []
     for err in exc.errors()[:MAX_FIELD_ERRORS]:
         loc = [part for part in err.get("loc", ()) if part != "body"]
+        if err.get("type") == "json_invalid":
+            loc = ["body"]  # its location is a character position, not a field
         field = shorten(error_field(loc, str(err.get("type"))), MAX_DETAIL_CHARS)
         if err.get("type") == "extra_forbidden":
             message = f"unknown field '{field}'"
@@ -199,7 +201,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     for entry in responses.values():
         entry["model"] = Problem
     if 400 in responses:  # here, invalid input is a 422: a 400 is a body that cannot be read at all
-        responses[400]["description"] = "A request body that cannot be parsed (not JSON, not UTF-8)"
+        responses[400]["description"] = "A request that cannot be read at all (e.g. a body nested too deeply)"
     return responses
 
 

@@ -128,8 +128,9 @@ async def create(
         input=body.input,
         version=version_of(body.version, settings),
         webhook_url=body.webhook,
-        # Checked by get_api_key already; the signing secret is derived from it.
-        webhook_secret=signing_secret(presented or ""),
+        # The key was checked by get_api_key already; the signing secret is derived from
+        # it, and kept only where a webhook will need it.
+        webhook_secret=signing_secret(presented) if body.webhook and presented else None,
         webhook_events=tuple(body.webhook_events_filter or WEBHOOK_EVENTS),
         webhook_field="webhook",
         surface=REPLICATE,

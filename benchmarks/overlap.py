@@ -47,14 +47,17 @@ from typing import Any
 
 from PIL import Image
 
-from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status, new_id
+from fluxredux.backends.sqlite.jobs import SQLiteJobStore
+from fluxredux.jobs import Lifecycle
+from fluxredux.jobs.job import Job, Status, new_id
+from fluxredux.pipeline.fake import FakeModel
+from fluxredux.pipeline.protocol import ImageModel
 from fluxredux.safety import SafetyChecker
 from fluxredux.schema import PredictionInput
 from fluxredux.storage import LocalBlobStore
 from fluxredux.storage.blobs import key_id, new_key
-from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.loop import Worker, WorkerConfig
-from fluxredux.worker.predictor import ImageModel, Predictor
+from fluxredux.worker.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = 4
@@ -225,7 +228,7 @@ def demo_scenario() -> tuple[Scenario, dict[str, Any]]:
     import torch
 
     from fluxredux.config import Settings
-    from fluxredux.pipeline.model import load_model
+    from fluxredux.pipeline.loading import load_model
     from fluxredux.worker.factories import build_checker
 
     settings = Settings(model="demo", device="cpu")

@@ -44,10 +44,14 @@ from PIL import Image
 
 from fluxredux.config import Settings
 from fluxredux.images import DecodeLimits, decode_image
+from fluxredux.pipeline.loading import load_model, use_pil_image_processors
+
+use_pil_image_processors()  # before the imports below bring in diffusers (see pipeline/loading.py)
+
 from fluxredux.pipeline.architecture import FULL, TINY
 from fluxredux.pipeline.conditioning import TEXT_SEQUENCE_LENGTH, TokenLayout, attention_bias
 from fluxredux.pipeline.conditioning_cache import ConditioningCache, pixels_key
-from fluxredux.pipeline.model import ReduxModel, load_model
+from fluxredux.pipeline.redux_model import ReduxModel
 from fluxredux.pipeline.speed import Tuning
 from fluxredux.schema import PredictionInput
 from fluxredux.worker.factories import build_checker
@@ -322,7 +326,7 @@ def realistic_inputs(
     """One denoising step's transformer inputs for a ``side``-pixel square output, prompt-
     less: the 512 zero text tokens (or the one collapsed token and its bias), 729 random
     Redux tokens, random latents; as the pipeline builds them."""
-    from diffusers import FluxPipeline  # after fluxredux.pipeline (see its __init__)
+    from diffusers import FluxPipeline
 
     config = transformer.config
     generator = torch.Generator().manual_seed(side)
@@ -373,7 +377,7 @@ def realistic_width(args: argparse.Namespace) -> None:
     """Collapsed/full and compiled/eager, at the real hidden size (3072, 24 heads of 128)
     with a few blocks: each block sees the same sequence, so the ratio per block is the
     whole model's (its 19 double and 38 single blocks), give or take the embedders."""
-    from diffusers import FluxTransformer2DModel  # after fluxredux.pipeline (see its __init__)
+    from diffusers import FluxTransformer2DModel
 
     double, single = (int(n) for n in args.blocks.split(","))
     torch.manual_seed(0)

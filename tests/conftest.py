@@ -32,7 +32,7 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_model(model_cache_dir: Path) -> Any:
     """The demo model loaded through the real loader (load_model with settings)."""
     from fluxredux.config import Settings
-    from fluxredux.pipeline.model import load_model
+    from fluxredux.pipeline.redux_model import load_model
 
     return load_model(Settings(model="demo", cache_dir=model_cache_dir))
 

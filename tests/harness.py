@@ -22,16 +22,18 @@ import uvicorn
 from fluxredux.api.app import create_app
 from fluxredux.api.services import Services, build_services
 from fluxredux.api.timeouts import timeout_protocol
+from fluxredux.backends.sqlite.jobs import SQLiteJobStore
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable
-from fluxredux.jobs import Lifecycle, SQLiteJobStore
+from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import JobEvent
 from fluxredux.net import SafeFetcher
+from fluxredux.pipeline.fake import FakeModel
+from fluxredux.pipeline.protocol import ImageModel
 from fluxredux.safety import Detection, SafetyChecker
 from fluxredux.storage import BlobStore, blob_store
-from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.loop import Worker, WorkerConfig
-from fluxredux.worker.predictor import ImageModel, Predictor
+from fluxredux.worker.predictor import Predictor
 from fluxredux.worker.registration import Registration
 from tests.helpers import png_data_uri
 from tests.services import free_port

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from fluxredux.worker.fake import FakeModel
+from fluxredux.pipeline.fake import FakeModel
 from tests.harness import Harness, png_data_uri, running_server
 
 
@@ -330,7 +330,7 @@ def test_png_data_uri_helper_is_a_real_image() -> None:
 
 
 def test_retention_deletes_old_predictions_and_their_files(api: Harness) -> None:
-    from fluxredux.maintenance import delete_expired
+    from fluxredux.api.maintenance import delete_expired
 
     prediction = api.get(api.create_id(), wait=10)
     assert httpx.get(prediction["output"]).status_code == 200
@@ -427,7 +427,8 @@ def test_a_waiting_prediction_shows_its_place_in_the_queue(queued_api: Harness) 
 def test_a_long_poll_survives_a_lost_wake_up(queued_api: Harness) -> None:
     """The job ends without any event reaching this server (a message lost on the bus):
     the long-poll still answers, from its slow re-read, well before its wait is over."""
-    from fluxredux.jobs import Status, transition
+    from fluxredux.jobs import transition
+    from fluxredux.jobs.job import Status
 
     prediction_id = queued_api.create_id()
 
@@ -445,7 +446,7 @@ def test_a_long_poll_survives_a_lost_wake_up(queued_api: Harness) -> None:
 
 
 def test_several_references_are_stored_shown_and_deleted_together(api: Harness) -> None:
-    from fluxredux.maintenance import delete_expired
+    from fluxredux.api.maintenance import delete_expired
 
     references = [{"image": png_data_uri(24, 16), "weight": 2}, {"image": png_data_uri(16, 24), "weight": 1}]
     response = api.http.post(

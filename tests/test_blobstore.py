@@ -25,8 +25,13 @@ from botocore.config import Config
 
 from fluxredux.config import Settings
 from fluxredux.errors import StorageError
-from fluxredux.formats import CONTENT_TYPES_BY_EXTENSION, INPUT_FORMATS, OUTPUT_FORMATS, content_type_for
 from fluxredux.images import ACCEPTED_FORMATS, CONTENT_TYPES, EXTENSIONS
+from fluxredux.images.formats import (
+    CONTENT_TYPES_BY_EXTENSION,
+    INPUT_FORMATS,
+    OUTPUT_FORMATS,
+    content_type_for,
+)
 from fluxredux.storage import (
     CHUNK_SIZE,
     BlobNotFound,

@@ -14,7 +14,7 @@ from PIL import Image
 
 import fluxredux.client
 from fluxredux.client import ApiError, AsyncFluxRedux, FluxRedux
-from fluxredux.worker.fake import FakeModel
+from fluxredux.pipeline.fake import FakeModel
 from tests.conftest import SAMPLE_IMAGE
 from tests.harness import Harness, png_data_uri, running_server
 

@@ -20,7 +20,7 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxPosEmbed
 from PIL import Image
 
-from fluxredux.pipeline.model import ReduxModel
+from fluxredux.pipeline.redux_model import ReduxModel
 from fluxredux.pipeline.speed import Tuning
 from fluxredux.schema import PredictionInput
 from fluxredux.worker.predictor import PredictionResult, Predictor

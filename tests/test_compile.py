@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from fluxredux.pipeline.compilation import compiled_graphs
-from fluxredux.pipeline.model import ReduxModel
+from fluxredux.pipeline.redux_model import ReduxModel
 from fluxredux.pipeline.speed import Tuning
 from fluxredux.schema import MEGAPIXELS, TABLE_ASPECT_RATIOS, PredictionInput
 from fluxredux.worker.predictor import PredictionResult, Predictor

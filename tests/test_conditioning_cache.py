@@ -24,10 +24,11 @@ from fluxredux.pipeline.conditioning_cache import (
     entry_bytes,
     pixels_key,
 )
-from fluxredux.pipeline.model import ReduxModel, load_model
+from fluxredux.pipeline.fake import FakeModel
+from fluxredux.pipeline.loading import load_model
+from fluxredux.pipeline.redux_model import ReduxModel
 from fluxredux.pipeline.text_encoders import LazyTextEncoders
 from fluxredux.schema import PredictionInput
-from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.predictor import PredictionResult, Predictor
 from fluxredux.worker.process import WorkerProcess, model_details
 from fluxredux.worker.registration import Registration
@@ -263,7 +264,7 @@ class CountingRegistry:
 
 
 def test_counters_ride_on_heartbeats_only_when_they_changed() -> None:
-    from fluxredux.jobs.registry import MemoryWorkerRegistry
+    from fluxredux.backends.memory.registry import MemoryWorkerRegistry
 
     registry = CountingRegistry(MemoryWorkerRegistry())
     counts = {"hits": 0, "misses": 0}

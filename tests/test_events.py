@@ -14,15 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fluxredux.jobs.events import (
-    EventBus,
-    EventPublisher,
-    JobEvent,
-    LocalEventBus,
-    PipeEventBus,
-    PipePublisher,
-)
-from fluxredux.jobs.redis_events import RedisEventBus, RedisEventPublisher
+from fluxredux.backends.redis.events import RedisEventBus, RedisEventPublisher
+from fluxredux.backends.sqlite.events import PipeEventBus, PipePublisher
+from fluxredux.jobs.events import EventBus, EventPublisher, JobEvent, LocalEventBus
 from tests.services import free_port, redis_server
 
 

@@ -26,11 +26,13 @@ from typing import Any
 import httpx
 import pytest
 
+from fluxredux.backends.sqlite.events import PipeEventBus
+from fluxredux.backends.sqlite.jobs import SQLiteJobStore
+from fluxredux.backends.sqlite.registry import SQLiteWorkerRegistry
 from fluxredux.config import Settings
 from fluxredux.errors import NoWorker
-from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status, new_id
-from fluxredux.jobs.events import PipeEventBus
-from fluxredux.jobs.registry import SQLiteWorkerRegistry
+from fluxredux.jobs import Lifecycle
+from fluxredux.jobs.job import Job, Status, new_id
 from fluxredux.worker.supervisor import WorkerSupervisor
 from tests.cluster import Node, wait_for
 from tests.helpers import FLUXREDUX

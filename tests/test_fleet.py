@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from fluxredux.backends.memory.registry import MemoryWorkerRegistry
 from fluxredux.errors import ModelUnavailable
-from fluxredux.jobs.registry import MemoryWorkerRegistry, WorkerInfo
+from fluxredux.jobs.registry import WorkerInfo
 from fluxredux.worker.monitor import WorkerFleet
 from fluxredux.worker.supervisor import gpu_of
 

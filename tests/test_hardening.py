@@ -460,7 +460,7 @@ def test_loading_the_model_warns_about_no_missing_torchvision(model_cache_dir: P
         "warnings.simplefilter('always')\n"
         "logging.basicConfig(level=logging.WARNING)\n"
         "from fluxredux.config import Settings\n"
-        "from fluxredux.pipeline.model import load_model\n"
+        "from fluxredux.pipeline.loading import load_model\n"
         f"model = load_model(Settings(model='demo', cache_dir={str(model_cache_dir)!r}))\n"
         "print('loaded', model.info.kind)\n"
     )

@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from fluxredux.idempotency import IdempotencyStore, SQLiteIdempotencyStore
-from fluxredux.redis_idempotency import RedisIdempotencyStore
-from fluxredux.worker.fake import FakeModel
+from fluxredux.access.idempotency import IdempotencyStore
+from fluxredux.backends.redis.idempotency import RedisIdempotencyStore
+from fluxredux.backends.sqlite.idempotency import SQLiteIdempotencyStore
+from fluxredux.pipeline.fake import FakeModel
 from tests.harness import Harness, png_data_uri, running_server
 from tests.test_jobs import FakeClock
 

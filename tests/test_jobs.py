@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from fluxredux.jobs import Job, JobStore, Lifecycle, SQLiteJobStore, Status, new_id
+from fluxredux.backends.memory.jobs import MemoryJobStore
+from fluxredux.backends.redis.jobs import RedisJobStore
+from fluxredux.backends.sqlite.jobs import SQLiteJobStore
+from fluxredux.jobs import JobStore, Lifecycle
+from fluxredux.jobs.job import Job, Status, new_id
 from fluxredux.jobs.lifecycle import WORKER_LOST, InvalidTransition, transition
-from fluxredux.jobs.memory import MemoryJobStore
-from fluxredux.jobs.redis_store import RedisJobStore
 
 
 class FakeClock:

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import redis
 
+from fluxredux.access.keys import UNAUTHORIZED, KeyStore, digest, parse_key
+from fluxredux.backends.redis.keys import RedisKeyStore
+from fluxredux.backends.sqlite.keys import SQLiteKeyStore
 from fluxredux.errors import Unauthorized
-from fluxredux.keys import UNAUTHORIZED, KeyStore, SQLiteKeyStore, digest, parse_key
-from fluxredux.redis_keys import RedisKeyStore
 
 
 @dataclass

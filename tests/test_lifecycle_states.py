@@ -15,8 +15,11 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from fluxredux.jobs import Job, Lifecycle, MemoryJobStore, SQLiteJobStore, Status, new_id
-from fluxredux.jobs.redis_store import RedisJobStore
+from fluxredux.backends.memory.jobs import MemoryJobStore
+from fluxredux.backends.redis.jobs import RedisJobStore
+from fluxredux.backends.sqlite.jobs import SQLiteJobStore
+from fluxredux.jobs import Lifecycle
+from fluxredux.jobs.job import Job, Status, new_id
 from fluxredux.jobs.store import JobStore
 
 WORKERS = ("w1", "w2", "w3")

@@ -13,11 +13,13 @@ import signal
 import threading
 from pathlib import Path
 
-from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status
+from fluxredux.backends.sqlite.jobs import SQLiteJobStore
+from fluxredux.jobs import Lifecycle
+from fluxredux.jobs.job import Job, Status
+from fluxredux.pipeline.fake import FakeModel
 from fluxredux.safety import SafetyChecker
 from fluxredux.storage import LocalBlobStore, blob_store
 from fluxredux.storage.blobs import BlobInfo, BlobStoreError
-from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.loop import Worker, WorkerConfig
 from fluxredux.worker.predictor import Predictor
 from tests.harness import Harness, NothingFound, running_server

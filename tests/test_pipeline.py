@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from fluxredux.errors import ModelUnavailable, PredictionCancelled
-from fluxredux.pipeline.model import ReduxModel, choose_model_kind
+from fluxredux.pipeline.loading import choose_model_kind
+from fluxredux.pipeline.redux_model import ReduxModel
 from fluxredux.schema import MEGAPIXELS, TABLE_ASPECT_RATIOS, PredictionInput, output_size
 from fluxredux.worker.predictor import PredictionResult, Predictor
 

@@ -22,10 +22,11 @@ from fluxredux.errors import FluxReduxError, TextEncodersMissing
 from fluxredux.pipeline.conditioning import TEXT_SEQUENCE_LENGTH
 from fluxredux.pipeline.conditioning_cache import MIB, ConditioningCache
 from fluxredux.pipeline.demo import demo_model_paths
-from fluxredux.pipeline.model import ReduxModel, load_model
+from fluxredux.pipeline.fake import FakeModel
+from fluxredux.pipeline.loading import load_model
+from fluxredux.pipeline.redux_model import ReduxModel
 from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
 from fluxredux.schema import PredictionInput
-from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.predictor import PredictionResult, Predictor
 from fluxredux.worker.process import model_details
 from tests.harness import running_server
@@ -265,7 +266,7 @@ def test_missing_text_encoders_fail_a_prompted_prediction_clearly(
 def test_a_repo_missing_from_the_cache_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
-    from fluxredux.weights import resolve_text_encoders
+    from fluxredux.pipeline.weights import resolve_text_encoders
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(TextEncodersMissing) as info:

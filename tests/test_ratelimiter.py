@@ -8,9 +8,10 @@ from collections.abc import Callable
 
 import pytest
 
+from fluxredux.backends.redis.limits import RedisRateLimiter
+from fluxredux.backends.sqlite.limits import InProcessRateLimiter
 from fluxredux.errors import RateLimited
-from fluxredux.jobs.limits import MemoryRateLimiter, RateLimiter
-from fluxredux.jobs.redis_limits import RedisRateLimiter
+from fluxredux.jobs.limits import RateLimiter
 
 
 class FakeClock:
@@ -45,7 +46,7 @@ def _redis_limiters(request: pytest.FixtureRequest) -> LimiterFactory:
 
 # Each implementation: the test's request -> its factory.
 LIMITERS: dict[str, Callable[[pytest.FixtureRequest], LimiterFactory]] = {
-    "memory": lambda _: lambda limit, window, clock: MemoryRateLimiter(limit, window, clock=clock),
+    "memory": lambda _: lambda limit, window, clock: InProcessRateLimiter(limit, window, clock=clock),
     "redis": _redis_limiters,
 }
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import redis
 
+from fluxredux.backends.memory.jobs import MemoryJobStore
+from fluxredux.backends.redis.jobs import RedisJobStore
 from fluxredux.errors import StoreUnavailable
-from fluxredux.jobs import Job, MemoryJobStore, Status, new_id
-from fluxredux.jobs.redis_store import RedisJobStore
+from fluxredux.jobs.job import Job, Status, new_id
 from fluxredux.jobs.transitions import start_attempt, transition
 from tests.services import assert_each_unavailable_quickly, unreachable_redis_url
 from tests.test_jobs import FakeClock, make_job

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from fluxredux.backends.memory.registry import MemoryWorkerRegistry
+from fluxredux.backends.redis.registry import RedisWorkerRegistry
+from fluxredux.backends.sqlite.jobs import SQLiteJobStore
+from fluxredux.backends.sqlite.registry import SQLiteWorkerRegistry
 from fluxredux.config import Settings
-from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, Status, new_id
-from fluxredux.jobs.redis_registry import RedisWorkerRegistry
+from fluxredux.jobs import Lifecycle
+from fluxredux.jobs.job import Job, Status, new_id
 from fluxredux.jobs.registry import (
-    MemoryWorkerRegistry,
-    SQLiteWorkerRegistry,
     WorkerInfo,
     WorkerRegistry,
     is_gone,

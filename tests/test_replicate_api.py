@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fluxredux.worker.fake import FakeModel
+from fluxredux.pipeline.fake import FakeModel
 from tests.harness import Harness, png_data_uri, running_server
 
 MODEL = "black-forest-labs/flux-redux-schnell"
@@ -252,7 +252,7 @@ def test_a_missing_reference_names_redux_image_on_both_surfaces(api: Harness) ->
 def test_a_job_stored_before_the_replicate_surface_reads_as_an_eachlabs_one() -> None:
     import json
 
-    from fluxredux.jobs.model import Job, job_from_json, job_to_json
+    from fluxredux.jobs.job import Job, job_from_json, job_to_json
 
     stored = json.loads(job_to_json(Job(id="j1", owner="k", input={}, created_at=1.0)))
     for newer in ("surface", "webhook_events"):

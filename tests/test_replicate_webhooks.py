@@ -20,7 +20,7 @@ import pytest
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from fluxredux.worker.fake import FakeModel
+from fluxredux.pipeline.fake import FakeModel
 from tests.cluster import wait_for
 from tests.harness import Harness, png_data_uri, running_server
 
@@ -205,7 +205,7 @@ def test_a_bad_events_filter_is_a_422_naming_it(api: Harness, receiver: Receiver
 
 
 def test_the_eachlabs_surface_keeps_its_body_and_signature(api: Harness, receiver: Receiver) -> None:
-    from fluxredux.webhooks import verify
+    from fluxredux.webhooks.signing import verify
 
     body = api.body() | {"webhook_url": receiver.url, "webhook_secret": "s3cret"}
     prediction_id = api.http.post("/v1/prediction/", json=body).json()["predictionID"]

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from fluxredux.errors import AllOutputsUnsafe
+from fluxredux.pipeline.fake import FakeModel
 from fluxredux.safety import Detection, SafetyChecker, unsafe_detections
 from fluxredux.schema import PredictionInput
-from fluxredux.worker.fake import FakeModel
 from fluxredux.worker.predictor import Predictor
 
 IMAGE = Image.new("RGB", (32, 32))

@@ -30,7 +30,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from fluxredux.jobs.redis_outbox import RedisWebhookOutbox
+from fluxredux.backends.redis.outbox import RedisWebhookOutbox
 from tests.cluster import FLUXREDUX, Cluster, Node, cluster, wait_for
 from tests.helpers import png_data_uri
 from tests.services import free_port, redis_server
@@ -292,8 +292,8 @@ def test_a_node_started_before_redis_answers_503_then_recovers_by_itself(tmp_pat
 def test_workers_recover_a_dead_workers_job_even_with_no_api_node_running(deployment: Cluster) -> None:
     """Leases are reclaimed by the workers themselves, not only by API nodes' maintenance:
     with every API node gone, a killed worker's job is still re-run by another worker."""
-    from fluxredux.jobs import Status
-    from fluxredux.jobs.redis_store import RedisJobStore
+    from fluxredux.backends.redis.jobs import RedisJobStore
+    from fluxredux.jobs.job import Status
 
     node = deployment.node("api-a")
     doomed = deployment.worker("worker-1", env={"FLUXREDUX_FAKE_STEP_SECONDS": "10"})  # never done
@@ -404,7 +404,7 @@ def test_a_node_with_no_key_yet_says_how_to_make_one(deployment: Cluster) -> Non
 
 def test_sigterm_while_the_model_loads_exits_at_once_and_leaves(deployment: Cluster) -> None:
     """The real model takes minutes to load: a worker told to stop meanwhile goes now."""
-    from fluxredux.jobs.redis_registry import RedisWorkerRegistry
+    from fluxredux.backends.redis.registry import RedisWorkerRegistry
 
     registry = RedisWorkerRegistry(deployment.redis_url, prefix=deployment.prefix)
     try:

@@ -200,7 +200,7 @@ def test_match_input_needs_a_reference() -> None:
     ],
 )
 def test_bad_controls_are_named(fields: dict[str, object], named: str) -> None:
-    from fluxredux.schema import PredictionRequest
+    from fluxredux.api.eachlabs.shapes import PredictionRequest
 
     with pytest.raises(ValidationError) as info:
         PredictionRequest(input={"redux_image": IMAGE, **fields})  # type: ignore[arg-type]
@@ -248,7 +248,7 @@ def test_several_references_are_mixed_by_normalised_weights() -> None:
     ],
 )
 def test_bad_reference_lists_are_named(fields: dict[str, object], named: str, says: str) -> None:
-    from fluxredux.schema import PredictionRequest
+    from fluxredux.api.eachlabs.shapes import PredictionRequest
 
     with pytest.raises(ValidationError) as info:
         PredictionRequest(input=fields)  # type: ignore[arg-type]

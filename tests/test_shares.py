@@ -16,9 +16,10 @@ import httpx
 import pytest
 import redis
 
-from fluxredux.maintenance import delete_expired
-from fluxredux.redis_shares import RedisShareStore
-from fluxredux.shares import ShareStore, SQLiteShareStore
+from fluxredux.access.shares import ShareStore
+from fluxredux.api.maintenance import delete_expired
+from fluxredux.backends.redis.shares import RedisShareStore
+from fluxredux.backends.sqlite.shares import SQLiteShareStore
 from tests.harness import Harness, running_server
 
 

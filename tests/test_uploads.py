@@ -16,9 +16,10 @@ import httpx
 import pytest
 import redis
 
-from fluxredux.maintenance import delete_expired
-from fluxredux.redis_uploads import RedisUploadStore
-from fluxredux.uploads import SQLiteUploadStore, Upload, UploadStore
+from fluxredux.access.uploads import Upload, UploadStore
+from fluxredux.api.maintenance import delete_expired
+from fluxredux.backends.redis.uploads import RedisUploadStore
+from fluxredux.backends.sqlite.uploads import SQLiteUploadStore
 from tests.harness import Harness, png_data_uri, running_server
 
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from fluxredux.worker.fake import FakeModel
+from fluxredux.pipeline.fake import FakeModel
 from tests.conftest import SAMPLE_IMAGE
 from tests.harness import Harness, running_server
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from fluxredux.jobs.outbox import MemoryWebhookOutbox, SQLiteWebhookOutbox, WebhookOutbox
-from fluxredux.jobs.redis_outbox import RedisWebhookOutbox
+from fluxredux.backends.memory.outbox import MemoryWebhookOutbox
+from fluxredux.backends.redis.outbox import RedisWebhookOutbox
+from fluxredux.backends.sqlite.outbox import SQLiteWebhookOutbox
+from fluxredux.jobs.outbox import WebhookOutbox
 from tests.test_jobs import FakeClock
 
 Opener = Callable[[], WebhookOutbox]

@@ -14,18 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from fluxredux.jobs import Job, Lifecycle, SQLiteJobStore, new_id
-from fluxredux.jobs.outbox import SQLiteWebhookOutbox
+from fluxredux.backends.sqlite.jobs import SQLiteJobStore
+from fluxredux.backends.sqlite.outbox import SQLiteWebhookOutbox
+from fluxredux.jobs import Lifecycle
+from fluxredux.jobs.job import Job, new_id
 from fluxredux.net import FetchPolicy, SafeFetcher
-from fluxredux.webhooks import (
-    DELIVERY_HEADER,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    WebhookPolicy,
-    WebhookSender,
-    sign,
-    verify,
-)
+from fluxredux.webhooks.sender import WebhookPolicy, WebhookSender
+from fluxredux.webhooks.signing import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
 from tests.harness import Harness, running_server
 from tests.test_jobs import FakeClock
 
@@ -161,7 +156,7 @@ def test_sign_is_hmac_sha256_over_timestamp_and_body() -> None:
 
 def test_pending_deliveries_resume_after_a_restart(tmp_path: Path, receiver: Receiver) -> None:
     """A webhook that was due when the server stopped is sent when it starts again."""
-    from fluxredux.jobs import Status
+    from fluxredux.jobs.job import Status
 
     (tmp_path / "data").mkdir()
     store = SQLiteJobStore(tmp_path / "data" / "fluxredux.db")

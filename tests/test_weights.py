@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fluxredux.errors import WeightsNotFound
-from fluxredux.weights import REDUX, SCHNELL, TEXT_ENCODERS, WeightsSpec, resolve_weights
+from fluxredux.pipeline.weights import REDUX, SCHNELL, TEXT_ENCODERS, WeightsSpec, resolve_weights
 
 # File listings of the real hub repos (names only), to check what `download` fetches.
 SCHNELL_REPO_FILES = [

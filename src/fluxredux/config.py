@@ -6,6 +6,8 @@ Built once at the entry point and passed down; no module reads the environment i
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,14 +15,16 @@ import platformdirs
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from fluxredux.database import DEFAULT_BUSY_TIMEOUT
-
 ModelChoice = Literal["auto", "flux", "demo", "fake"]
 MetricsAccess = Literal["open", "key", "off"]
 Offload = Literal["none", "model", "sequential"]
 TextEncoderPolicy = Literal["keep", "unload"]
 CompileMode = Literal["none", "transformer", "all"]
 Quantization = Literal["none", "fp8"]
+
+# How long a SQLite write waits for another process's write lock before giving up: long
+# enough for any of our own transactions (milliseconds), short enough to answer a 503 quickly.
+DEFAULT_BUSY_TIMEOUT = 2.0
 
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"
@@ -277,3 +281,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name (or "", all interfaces): assume reachable from outside
         return False
+
+
+# Libraries whose INFO/WARNING chatter (HTTP requests, weight loading) hides what
+# matters; shown with --verbose.
+NOISY_LIBRARIES = ("httpx", "huggingface_hub", "diffusers", "transformers", "botocore", "boto3")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    # transformers resets its logger's level when first imported; this variable is the
+    # setting it reads then.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbose else "error")
+    for name in NOISY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)

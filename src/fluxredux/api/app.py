@@ -15,13 +15,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fluxredux import __version__
 from fluxredux.api import errors
-from fluxredux.api.routes import files, predictions, replicate, shares, system, web
+from fluxredux.api.eachlabs import routes as eachlabs_routes
+from fluxredux.api.maintenance import run_maintenance
+from fluxredux.api.replicate import routes as replicate_routes
+from fluxredux.api.routes import files, shares, system, web
+from fluxredux.api.routes.web import STATIC_DIR
 from fluxredux.api.services import Services
 from fluxredux.errors import PayloadTooLarge, StoreUnavailable
 from fluxredux.jobs.events import JobEvent
-from fluxredux.jobs.model import Status
-from fluxredux.maintenance import run_maintenance
-from fluxredux.web import STATIC_DIR
+from fluxredux.jobs.job import Status
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +128,8 @@ def create_app(services: Services) -> FastAPI:
     )
     app.state.services = services
     errors.install(app)
-    app.include_router(predictions.router)
-    app.include_router(replicate.router)
+    app.include_router(eachlabs_routes.router)
+    app.include_router(replicate_routes.router)
     app.include_router(shares.router)
     app.include_router(files.router)
     app.include_router(system.router)

@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
+from fluxredux.access.keys import ApiKey
 from fluxredux.api.services import Services
-from fluxredux.keys import ApiKey
 
 
 def get_services(request: Request) -> Services:

@@ -15,12 +15,12 @@ from typing import Annotated, Any
 
 from fastapi import Header
 
+from fluxredux.access.idempotency import CLAIM_SECONDS
+from fluxredux.access.keys import ApiKey
 from fluxredux.api.services import Services
 from fluxredux.config import Settings
 from fluxredux.errors import IdempotencyConflict, InvalidInput, NotFound, StoreUnavailable, Unavailable
-from fluxredux.idempotency import CLAIM_SECONDS
-from fluxredux.jobs import Job
-from fluxredux.keys import ApiKey
+from fluxredux.jobs.job import Job
 from fluxredux.schema import MAX_REFERENCES
 
 log = logging.getLogger(__name__)

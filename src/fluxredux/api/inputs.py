@@ -17,9 +17,10 @@ from typing import Any
 
 from PIL import Image
 
+from fluxredux.access.uploads import UploadStore, upload_id_of
 from fluxredux.errors import ImageError, StorageError
-from fluxredux.formats import INPUT_FORMATS
 from fluxredux.images import DecodeLimits, decode_image, parse_data_uri
+from fluxredux.images.formats import INPUT_FORMATS
 from fluxredux.net import SafeFetcher
 from fluxredux.schema import PredictionInput
 from fluxredux.storage import (
@@ -31,7 +32,6 @@ from fluxredux.storage import (
     key_id,
     new_key,
 )
-from fluxredux.uploads import UploadStore, upload_id_of
 
 
 @dataclass(frozen=True)

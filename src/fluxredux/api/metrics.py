@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fluxredux.jobs.model import Status
+from fluxredux.jobs.job import Status
 from fluxredux.jobs.registry import WorkerRegistry, is_gone
 from fluxredux.jobs.store import JobStore
 

@@ -12,6 +12,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+from fluxredux.access.keys import ApiKey
 from fluxredux.api.inputs import recorded_input, resolve_references
 from fluxredux.api.services import Services
 from fluxredux.config import Settings
@@ -24,10 +25,8 @@ from fluxredux.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from fluxredux.jobs import Job, new_id
-from fluxredux.jobs.model import EACHLABS, Surface, WebhookEvent
+from fluxredux.jobs.job import EACHLABS, Job, Surface, WebhookEvent, new_id
 from fluxredux.jobs.store import Capacity
-from fluxredux.keys import ApiKey
 from fluxredux.net import check_url_shape
 from fluxredux.schema import MODEL_VERSION, PredictionInput
 

@@ -14,12 +14,13 @@ import uvicorn
 from fluxredux.api.app import create_app
 from fluxredux.api.services import Services, build_services
 from fluxredux.api.timeouts import timeout_protocol
+from fluxredux.backends.redis.client import redacted
+from fluxredux.backends.sqlite.events import PipeEventBus
 from fluxredux.config import Settings
 from fluxredux.errors import StoreUnavailable
 from fluxredux.jobs import Lifecycle
-from fluxredux.jobs.events import EventBus, PipeEventBus
+from fluxredux.jobs.events import EventBus
 from fluxredux.jobs.registry import WorkerRegistry, recover_orphans
-from fluxredux.redis_backend import redacted
 from fluxredux.storage import unshared_storage
 from fluxredux.worker.monitor import WorkerFleet
 from fluxredux.worker.supervisor import WorkerSupervisor

@@ -6,27 +6,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fluxredux.access.idempotency import IdempotencyStore
+from fluxredux.access.keys import KeyStore
+from fluxredux.access.shares import ShareStore
+from fluxredux.access.uploads import UploadStore
+from fluxredux.api.eachlabs.render import render
 from fluxredux.api.metrics import Metrics
 from fluxredux.api.notifier import Notifier
-from fluxredux.api.render import render
-from fluxredux.api.replicate_render import render_replicate
-from fluxredux.backends import Backends
+from fluxredux.api.replicate.render import render_replicate
+from fluxredux.backends import Backends, backends_for
 from fluxredux.config import Settings
-from fluxredux.idempotency import IdempotencyStore
 from fluxredux.images import DecodeLimits
-from fluxredux.jobs import Job, Lifecycle
+from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import EventBus, JobEvent
+from fluxredux.jobs.job import REPLICATE, Job
 from fluxredux.jobs.limits import RateLimiter
-from fluxredux.jobs.model import REPLICATE
 from fluxredux.jobs.outbox import WebhookOutbox
 from fluxredux.jobs.registry import WorkerRegistry
 from fluxredux.jobs.store import JobStore
-from fluxredux.keys import KeyStore
 from fluxredux.net import FetchPolicy, SafeFetcher
-from fluxredux.shares import ShareStore
 from fluxredux.storage import BlobStore, blob_store
-from fluxredux.uploads import UploadStore
-from fluxredux.webhooks import WebhookPolicy, WebhookSender
+from fluxredux.webhooks.sender import WebhookPolicy, WebhookSender
 from fluxredux.worker.monitor import WorkerMonitor
 
 
@@ -72,7 +72,7 @@ def build_services(
     fetcher: SafeFetcher | None = None,
     clock: Callable[[], float] | None = None,
 ) -> Services:
-    backends = Backends(settings, clock=clock)
+    backends = backends_for(settings, clock=clock)
     store, registry, bus = backends.jobs, backends.registry, backends.bus
     notifier = Notifier()
     bus.add_listener(notifier.publish)

@@ -12,9 +12,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from fluxredux.config import CompileMode, ModelChoice, Quantization
+from fluxredux.config import CompileMode, ModelChoice, Quantization, quiet_libraries
 from fluxredux.errors import ClientError, FluxReduxError
-from fluxredux.logs import quiet_libraries
 
 app = typer.Typer(
     help="fluxredux: self-hosted FLUX.1 Redux [schnell] image variations.",

@@ -8,7 +8,7 @@ import typer
 
 from fluxredux.cli.app import VerboseOption, app, err, fail, out, setup_logging
 from fluxredux.errors import FluxReduxError
-from fluxredux.weights import (
+from fluxredux.pipeline.weights import (
     LICENSE_NOTE,
     REDUX,
     SCHNELL,

@@ -9,11 +9,11 @@ import httpx
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fluxredux.api.eachlabs.shapes import Prediction
 from fluxredux.cli.app import VerboseOption, app, err, fail, out, setup_logging
 from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
 from fluxredux.client import FluxRedux
 from fluxredux.errors import FluxReduxError, InvalidInput
-from fluxredux.schema import Prediction
 
 
 @app.command()

@@ -117,9 +117,9 @@ app.add_typer(keys_app, name="keys")
 
 def _key_store(data_dir: Path | None, redis: str | None) -> Any:
     """The keys of the data dir's database, or of the Redis deployment with --redis."""
-    from fluxredux.backends import Backends
+    from fluxredux.backends import backends_for
 
-    return Backends(settings_from(data_dir=data_dir, redis_url=redis)).keys
+    return backends_for(settings_from(data_dir=data_dir, redis_url=redis)).keys
 
 
 @keys_app.command("create")

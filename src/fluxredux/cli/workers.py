@@ -15,14 +15,14 @@ def workers(data_dir: DataDirOption = None, redis: RedisOption = None) -> None:
     """List the live workers: id, host, process, state, model, device, last heartbeat.
 
     Those of the data dir's server, or with --redis those of the whole deployment."""
-    from fluxredux.backends import Backends
+    from fluxredux.backends import backends_for
     from fluxredux.jobs.registry import is_gone
 
     settings = settings_from(data_dir=data_dir, redis_url=redis)
     if settings.redis_url is None and not settings.database_path.exists():
         out.print(f"no workers: nothing has run with the data dir {settings.data_dir}", highlight=False)
         return
-    backends = Backends(settings)
+    backends = backends_for(settings)
     try:
         with plain_errors():
             registry = backends.registry

@@ -31,8 +31,9 @@ from typing import Any
 
 import httpx
 
+from fluxredux.api.eachlabs.shapes import Prediction, PredictionList, UploadedFile
 from fluxredux.errors import FluxReduxError
-from fluxredux.schema import MODEL_NAME, MODEL_VERSION, Prediction, PredictionList, UploadedFile
+from fluxredux.schema import MODEL_NAME, MODEL_VERSION
 
 __all__ = ["ApiError", "AsyncFluxRedux", "FluxRedux"]
 

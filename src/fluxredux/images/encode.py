@@ -17,7 +17,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from fluxredux.formats import OUTPUT_FORMATS
+from fluxredux.images.formats import OUTPUT_FORMATS
 
 # By output_format, from the one formats table.
 EXTENSIONS = {name: f.extension for name, f in OUTPUT_FORMATS.items()}

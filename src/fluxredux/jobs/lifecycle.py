@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fluxredux.jobs.model import IN_FLIGHT, Job, Status
+from fluxredux.jobs.job import IN_FLIGHT, Job, Status
 from fluxredux.jobs.store import Capacity, JobStore
 from fluxredux.jobs.transitions import InvalidTransition, transition
 

@@ -13,20 +13,15 @@ A small protocol (SQLite and memory today; Redis for many machines), one contrac
 from __future__ import annotations
 
 import functools
-import json
 import os
 import secrets
 import socket
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from fluxredux.database import ClockedTables
+from fluxredux.jobs.job import Job, Status
 from fluxredux.jobs.lifecycle import Lifecycle
-from fluxredux.jobs.model import Job, Status
 
 WorkerState = Literal["loading", "ready", "failed"]
 
@@ -129,98 +124,6 @@ def dead_owners(registry: WorkerRegistry, owners: set[str]) -> set[str]:
     """Those of ``owners`` (lease owners of running jobs) whose worker is certainly dead."""
     known = {worker.id: worker for worker in registry.workers()}
     return {owner for owner in owners if owner in known and is_dead(known[owner])}
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS workers (
-    id TEXT PRIMARY KEY,
-    host TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    model TEXT NOT NULL,
-    device TEXT NOT NULL,
-    state TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    details TEXT NOT NULL
-);
-"""
-_FIELDS = "id, host, pid, model, device, state, started_at, last_seen, details"
-
-
-def _worker(row: tuple[Any, ...]) -> WorkerInfo:
-    worker_id, host, pid, model, device, state, started_at, last_seen, details = row
-    return WorkerInfo(worker_id, host, pid, model, device, state, started_at, last_seen, json.loads(details))
-
-
-class SQLiteWorkerRegistry(ClockedTables):
-    SCHEMA = _SCHEMA
-
-    def register(self, worker: WorkerInfo) -> None:
-        seen = replace(worker, last_seen=self.now())
-        self._db.write(
-            f"INSERT OR REPLACE INTO workers ({_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                *(seen.id, seen.host, seen.pid, seen.model, seen.device, seen.state),
-                *(seen.started_at, seen.last_seen, json.dumps(seen.details)),
-            ),
-        )
-
-    def heartbeat(
-        self, worker_id: str, *, state: WorkerState | None = None, model: str | None = None
-    ) -> bool:
-        changed = self._db.write(
-            "UPDATE workers SET last_seen = ?, state = COALESCE(?, state), model = COALESCE(?, model) "
-            "WHERE id = ?",
-            (self.now(), state, model, worker_id),
-        )
-        return changed == 1
-
-    def unregister(self, worker_id: str, *, seen_before: float | None = None) -> None:
-        limit = float("inf") if seen_before is None else seen_before
-        self._db.write("DELETE FROM workers WHERE id = ? AND last_seen <= ?", (worker_id, limit))
-
-    def workers(self) -> list[WorkerInfo]:
-        rows = self._db.rows(f"SELECT {_FIELDS} FROM workers ORDER BY started_at, id")
-        return [_worker(row) for row in rows]
-
-
-class MemoryWorkerRegistry:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
-        self._workers: dict[str, WorkerInfo] = {}
-        self._lock = threading.Lock()
-
-    def register(self, worker: WorkerInfo) -> None:
-        with self._lock:
-            self._workers[worker.id] = replace(worker, last_seen=self.now())
-
-    def heartbeat(
-        self, worker_id: str, *, state: WorkerState | None = None, model: str | None = None
-    ) -> bool:
-        with self._lock:
-            worker = self._workers.get(worker_id)
-            if worker is None:
-                return False
-            self._workers[worker_id] = replace(
-                worker, last_seen=self.now(), state=state or worker.state, model=model or worker.model
-            )
-            return True
-
-    def unregister(self, worker_id: str, *, seen_before: float | None = None) -> None:
-        with self._lock:
-            worker = self._workers.get(worker_id)
-            if worker is not None and (seen_before is None or worker.last_seen <= seen_before):
-                del self._workers[worker_id]
-
-    def workers(self) -> list[WorkerInfo]:
-        with self._lock:
-            return sorted(self._workers.values(), key=lambda w: (w.started_at, w.id))
-
-    def now(self) -> float:
-        return self._clock()
-
-    def close(self) -> None:
-        pass
 
 
 def recover_orphans(

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from fluxredux.jobs.model import Job, Status
+from fluxredux.jobs.job import Job, Status
 
 Change = Callable[[Job], Job | None]  # returns the new job, or None for "no change"
 

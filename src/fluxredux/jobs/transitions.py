@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fluxredux.jobs.model import Job, Status
+from fluxredux.jobs.job import Job, Status
 
 _ALLOWED = {
     Status.STARTING: {Status.PROCESSING, Status.CANCELED},

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import Protocol
 
 from fluxredux.errors import NotFound, StorageError
-from fluxredux.formats import CONTENT_TYPES_BY_EXTENSION, content_type_for
+from fluxredux.images.formats import CONTENT_TYPES_BY_EXTENSION, content_type_for
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{22}$")
 _KEY = re.compile(

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from fluxredux.formats import content_type_for
+from fluxredux.images.formats import content_type_for
 from fluxredux.storage.blobs import (
     CHUNK_SIZE,
     BlobInfo,

@@ -37,7 +37,7 @@ from botocore.exceptions import (
 )
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from fluxredux.formats import content_type_for
+from fluxredux.images.formats import content_type_for
 from fluxredux.storage.blobs import (
     CHUNK_SIZE,
     BlobInfo,

@@ -14,8 +14,8 @@ import signal
 import sys
 import threading
 
+from fluxredux.backends.sqlite.events import PipePublisher
 from fluxredux.config import Settings
-from fluxredux.jobs.events import PipePublisher
 from fluxredux.worker.process import WorkerProcess, configure_logging, worker_id_from_env
 
 

@@ -8,17 +8,17 @@ inside the calls, so importing this module stays light.
 from __future__ import annotations
 
 from fluxredux.config import Settings
+from fluxredux.pipeline.protocol import ImageModel
 from fluxredux.safety import SafetyChecker
-from fluxredux.worker.predictor import ImageModel
 
 
 def build_model(settings: Settings) -> ImageModel:
     """The model ``settings.model`` names: ``fake`` (no torch), else the real or demo FLUX."""
     if settings.model == "fake":
-        from fluxredux.worker.fake import FakeModel
+        from fluxredux.pipeline.fake import FakeModel
 
         return FakeModel(step_seconds=settings.fake_step_seconds, cpu_seconds=settings.fake_cpu_seconds)
-    from fluxredux.pipeline.model import load_model
+    from fluxredux.pipeline.loading import load_model
 
     return load_model(settings)
 

@@ -39,10 +39,10 @@ from typing import Any
 from PIL import Image
 
 from fluxredux.errors import FluxReduxError, PredictionCancelled, StorageError, StoreUnavailable
-from fluxredux.formats import PNG
 from fluxredux.images import DecodeLimits, decode_image
+from fluxredux.images.formats import PNG
+from fluxredux.jobs.job import Job, Status
 from fluxredux.jobs.lifecycle import Lifecycle
-from fluxredux.jobs.model import Job, Status
 from fluxredux.schema import PredictionInput
 from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, new_key
 from fluxredux.worker.overlap import PostStageSlot

@@ -26,18 +26,19 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Protocol, runtime_checkable
 
-from fluxredux.backends import Backends
+from fluxredux.backends import backends_for
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import EventPublisher, JobEvent
-from fluxredux.jobs.model import Status
+from fluxredux.jobs.job import Status
 from fluxredux.jobs.registry import new_worker_id
+from fluxredux.pipeline.protocol import ImageModel
 from fluxredux.storage import blob_store, unshared_storage
 from fluxredux.worker.factories import build_checker, build_model
 from fluxredux.worker.loop import Worker, WorkerConfig
-from fluxredux.worker.predictor import ImageModel, Predictor
+from fluxredux.worker.predictor import Predictor
 from fluxredux.worker.registration import Registration
 
 log = logging.getLogger("fluxredux.worker")
@@ -95,7 +96,7 @@ class WorkerProcess:
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id or new_worker_id()
-        self.backends = Backends(settings)
+        self.backends = backends_for(settings)
         self.stop = threading.Event()
         self._model_factory = model_factory
         # Embedded: the pipe to the server. Scale-out: the Redis bus, which also brings
@@ -195,7 +196,7 @@ class WorkerProcess:
 
 
 def configure_logging(prefix: str = "worker") -> None:
-    from fluxredux.logs import quiet_libraries
+    from fluxredux.config import quiet_libraries
 
     logging.basicConfig(
         level=logging.INFO, format=f"{prefix}: %(levelname)s %(message)s", stream=sys.stderr, force=True

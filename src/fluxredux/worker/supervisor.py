@@ -22,10 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fluxredux.backends.sqlite.events import PipeEventBus
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable, NoWorker, StoreUnavailable
 from fluxredux.jobs import Lifecycle
-from fluxredux.jobs.events import PipeEventBus
 from fluxredux.jobs.registry import WorkerRegistry, new_worker_id
 
 log = logging.getLogger(__name__)

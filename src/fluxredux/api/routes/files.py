@@ -19,19 +19,20 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
+from fluxredux.access.keys import ApiKey
+from fluxredux.access.uploads import Upload
 from fluxredux.api.deps import BaseUrlDep, ReaderKeyDep, ServicesDep
+from fluxredux.api.eachlabs.render import file_url, iso_time
+from fluxredux.api.eachlabs.shapes import UploadedFile
 from fluxredux.api.errors import error_responses, problem_responses
 from fluxredux.api.inputs import check_and_store
-from fluxredux.api.render import file_url, iso_time
+from fluxredux.api.replicate.shapes import ReplicateFile
 from fluxredux.api.services import Services
 from fluxredux.errors import FluxReduxError, ImageError, InvalidInput, NotFound, StorageError
-from fluxredux.formats import INPUT_FORMATS, content_type_for
-from fluxredux.jobs import Status
-from fluxredux.keys import ApiKey
-from fluxredux.schema import UploadedFile, shorten
-from fluxredux.schema_replicate import ReplicateFile
+from fluxredux.images.formats import INPUT_FORMATS, content_type_for
+from fluxredux.jobs.job import Status
+from fluxredux.schema import shorten
 from fluxredux.storage import BlobStream
-from fluxredux.uploads import Upload
 
 router = APIRouter(tags=["files"])
 

@@ -13,15 +13,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from fluxredux.access.shares import Share
 from fluxredux.api.deps import BaseUrlDep, ReaderKeyDep, ServicesDep
+from fluxredux.api.eachlabs.render import render
+from fluxredux.api.eachlabs.shapes import PredictionMetrics, PublicStatus
 from fluxredux.api.errors import error_responses
 from fluxredux.api.prediction_actions import owned_job
-from fluxredux.api.render import render
 from fluxredux.api.services import Services
 from fluxredux.errors import NotFound
-from fluxredux.jobs import Job
-from fluxredux.schema import PredictionMetrics, PublicStatus
-from fluxredux.shares import Share
+from fluxredux.jobs.job import Job
 
 router = APIRouter(tags=["shares"], responses=error_responses(400, 401, 404, 413, 429, 503))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from importlib.resources import files
+from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
@@ -10,7 +12,9 @@ from fastapi.responses import FileResponse
 from fluxredux.api.deps import ServicesDep
 from fluxredux.api.routes.shares import shared_job
 from fluxredux.errors import NotFound
-from fluxredux.web import STATIC_DIR
+
+# The playground's static files: shipped as package data, not a package of their own.
+STATIC_DIR = Path(str(files("fluxredux") / "web" / "static"))
 
 router = APIRouter()
 

@@ -1,0 +1,1 @@
+"""The hosted (Eachlabs) contract: its routes, response shapes and renderer."""

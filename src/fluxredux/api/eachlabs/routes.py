@@ -1,0 +1,145 @@
+"""/v1/prediction (the Eachlabs surface): create, get (long-poll), run (sync), cancel, list.
+What it shares with the Replicate surface is in api/prediction_actions.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from fluxredux.access.keys import ApiKey
+from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ReaderKeyDep, ServicesDep
+from fluxredux.api.eachlabs.render import render
+from fluxredux.api.eachlabs.shapes import Prediction, PredictionCreated, PredictionList, PredictionRequest
+from fluxredux.api.errors import error_responses
+from fluxredux.api.idempotent import IdempotencyKeyHeader, create_once, fingerprint
+from fluxredux.api.prediction_actions import (
+    PredictionOrder,
+    cancel_owned,
+    owned_job,
+    page_of_jobs,
+    queue_job,
+    wait_after_create,
+    wait_until_done,
+)
+from fluxredux.api.services import Services
+from fluxredux.errors import UnknownModel
+from fluxredux.jobs.job import Job, Status
+from fluxredux.schema import MODEL_NAME
+
+router = APIRouter(
+    prefix="/v1/prediction", tags=["predictions"], responses=error_responses(400, 401, 404, 413, 429, 503)
+)
+
+WaitQuery = Annotated[
+    float,
+    Query(ge=0, le=60, description="Hold the request until the prediction ends, at most this many seconds."),
+]
+
+
+async def create_job(
+    body: PredictionRequest, key: ApiKey, services: Services, base_url: str | None = None
+) -> Job:
+    """An Eachlabs create: the model must be this server's."""
+    if body.model != MODEL_NAME:
+        raise UnknownModel(f"unknown model '{body.model}'; this server runs '{MODEL_NAME}'", model=body.model)
+    order = PredictionOrder(
+        input=body.input,
+        version=body.version,
+        webhook_url=body.webhook_url,
+        webhook_secret=body.webhook_secret,
+        base_url=base_url,
+    )
+    return await queue_job(order, key, services)
+
+
+async def create_idempotent(
+    route: str,
+    body: PredictionRequest,
+    key: ApiKey,
+    services: Services,
+    base: str,
+    idempotency_key: str | None,
+) -> Job:
+    return await create_once(
+        services,
+        key,
+        idempotency_key,
+        fingerprint(route, body.model_dump(mode="json")),
+        lambda: create_job(body, key, services, base),
+    )
+
+
+@router.post(
+    "/", response_model=PredictionCreated, summary="Create a prediction", responses=error_responses(409)
+)
+async def create_prediction(
+    body: PredictionRequest,
+    key: ApiKeyDep,
+    services: ServicesDep,
+    base: BaseUrlDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> PredictionCreated:
+    job = await create_idempotent("/v1/prediction/", body, key, services, base, idempotency_key)
+    return PredictionCreated(predictionID=job.id)
+
+
+@router.post(
+    "/run",
+    response_model=Prediction,
+    summary="Create a prediction and wait for its result",
+    responses=error_responses(409),
+)
+async def run_prediction(
+    body: PredictionRequest,
+    key: ApiKeyDep,
+    services: ServicesDep,
+    base: BaseUrlDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> Prediction:
+    job = await create_idempotent("/v1/prediction/run", body, key, services, base, idempotency_key)
+    finished = await wait_after_create(services, job, services.settings.sync_wait_seconds)
+    return render(finished, base)  # no queue position: it may be gone by now
+
+
+@router.get("/", response_model=PredictionList, summary="Your predictions, newest first")
+async def list_predictions(
+    key: ReaderKeyDep,
+    services: ServicesDep,
+    base: BaseUrlDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[
+        str | None, Query(max_length=64, description="The 'next' value of the previous page.")
+    ] = None,
+) -> PredictionList:
+    page, next_cursor = await page_of_jobs(services, key, limit, cursor)
+    return PredictionList(items=[render(job, base) for job in page], next=next_cursor)
+
+
+@router.get("/{prediction_id}", response_model=Prediction, summary="Get a prediction (long-poll with ?wait=)")
+async def get_prediction(
+    prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep, wait: WaitQuery = 0
+) -> Prediction:
+    job = await asyncio.to_thread(owned_job, services, prediction_id, key)
+    if wait > 0 and not job.is_terminal:
+        job = (
+            await wait_until_done(services, prediction_id, min(wait, services.settings.sync_wait_seconds))
+            or job
+        )
+    return await render_live(services, job, base)
+
+
+async def render_live(services: Services, job: Job, base: str) -> Prediction:
+    """The prediction with what only the store knows now: its place in the queue."""
+    position = None
+    if job.status == Status.STARTING:
+        position = await asyncio.to_thread(services.lifecycle.queue_position, job.id)
+    return render(job, base, queue_position=position)
+
+
+@router.post("/{prediction_id}/cancel", response_model=Prediction, summary="Cancel a prediction")
+async def cancel_prediction(
+    prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep
+) -> Prediction:
+    return render(await cancel_owned(services, prediction_id, key), base)

@@ -1,0 +1,100 @@
+"""The hosted (Eachlabs) contract's request and answer shapes.
+
+The input itself is ``fluxredux.schema.PredictionInput``, the one input model of every
+surface; these wrap it and describe what the API answers. pydantic and the standard
+library only: the client parses answers with the same models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fluxredux.schema import MAX_NAME_CHARS, MODEL_NAME, MODEL_VERSION, PredictionInput
+
+# --- the HTTP contract (Eachlabs-compatible) ----------------------------------------
+
+PublicStatus = Literal["starting", "processing", "success", "error", "cancelled"]
+
+
+class PredictionRequest(BaseModel):
+    """Body of ``POST /v1/prediction/`` (and ``/v1/prediction/run``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(MODEL_NAME, max_length=MAX_NAME_CHARS, description=f"Must be '{MODEL_NAME}'.")
+    version: str = Field(MODEL_VERSION, max_length=MAX_NAME_CHARS, description="Accepted and recorded.")
+    input: PredictionInput
+    webhook_url: str | None = Field(
+        None, max_length=2048, description="Receives the prediction (POST) when it reaches a terminal state."
+    )
+    webhook_secret: str | None = Field(
+        None, max_length=256, description="Signs this prediction's webhook (HMAC-SHA256); see the docs."
+    )
+
+
+class PredictionCreated(BaseModel):
+    status: Literal["success"] = "success"
+    message: str = "Prediction created successfully"
+    predictionID: str
+
+
+class PredictionMetrics(BaseModel):
+    model_config = ConfigDict(extra="allow")  # plus per-stage timings: prior, denoise, ...
+
+    predict_time: float | None = None
+    queue_time: float | None = None
+    total_time: float | None = None
+
+
+class PredictionUrls(BaseModel):
+    get: str
+    cancel: str
+
+
+class PredictionProgress(BaseModel):
+    step: int
+    total: int
+
+
+class Prediction(BaseModel):
+    """A prediction as ``GET /v1/prediction/{id}`` returns it."""
+
+    id: str
+    model: str
+    version: str
+    status: PublicStatus
+    input: dict[str, Any]
+    output: str | list[str] | None = Field(
+        None, description="One URL when one image was asked for, a list of URLs otherwise."
+    )
+    error: str | None = None
+    error_code: str | None = None
+    logs: str = ""
+    seed: int | None = None
+    metrics: PredictionMetrics
+    progress: PredictionProgress
+    queue_position: int | None = Field(
+        None, description="While it waits: how many accepted predictions will run before it (0: next)."
+    )
+    safety: list[dict[str, Any]] = Field(default_factory=list, description="Per generated image.")
+    demo: bool = Field(False, description="True when the demo model made it: the images are noise.")
+    created_at: str
+    started_at: str | None = None
+    completed_at: str | None = None
+    urls: PredictionUrls
+
+
+class PredictionList(BaseModel):
+    items: list[Prediction]
+    next: str | None = Field(None, description="Pass as ?cursor= for the next (older) page.")
+
+
+class UploadedFile(BaseModel):
+    id: str = Field(description="Usable as redux_image.")
+    url: str
+    content_type: str
+    size: int
+    width: int
+    height: int

@@ -1,0 +1,1 @@
+"""The Replicate-compatible surface: its routes, response shapes and renderer."""

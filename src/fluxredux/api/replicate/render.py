@@ -1,0 +1,58 @@
+"""One job, as the Replicate-compatible API shows it: the same state machine, Replicate's
+names (its statuses are the lifecycle's own), output always a list of URLs."""
+
+from __future__ import annotations
+
+from fluxredux.api.eachlabs.render import iso_time, job_metrics, output_urls, shown_input
+from fluxredux.api.replicate.shapes import REPLICATE_MODEL, ReplicatePrediction
+from fluxredux.jobs.job import Job, Status
+
+
+def prediction_url(base_url: str, job_id: str) -> str:
+    return f"{base_url}/v1/predictions/{job_id}"
+
+
+def progress_line(step: int, total: int) -> str:
+    """A tqdm-style line, as Replicate's models log progress: the official client reads it
+    back as ``prediction.progress``."""
+    done = round(10 * step / total)
+    return f"{round(100 * step / total):3d}%|{'█' * done}{' ' * (10 - done)}| {step}/{total}"
+
+
+def shown_logs(job: Job) -> str:
+    """The job's logs; while it runs, its progress as the last line."""
+    if job.status != Status.PROCESSING or not job.progress_total or not job.progress_step:
+        return job.logs
+    line = progress_line(job.progress_step, job.progress_total)
+    return f"{job.logs}\n{line}" if job.logs else line
+
+
+def render_replicate(job: Job, base_url: str, *, waited_out: bool = False) -> ReplicatePrediction:
+    """``waited_out``: the answer to a create whose ``Prefer: wait`` ran out before the end.
+    Such a prediction is shown as ``starting`` whatever it is doing, as Replicate does:
+    the official client polls only a ``starting`` answer, and takes any other status of a
+    waited create as final (it would return no output)."""
+    base_url = base_url.rstrip("/")
+    status = "starting" if waited_out and not job.is_terminal else job.status.value
+    return ReplicatePrediction.model_validate(
+        {
+            "id": job.id,
+            "model": REPLICATE_MODEL,
+            "version": job.version,
+            "status": status,
+            "input": shown_input(job, base_url),
+            "output": output_urls(job, base_url),
+            "error": job.error,
+            "logs": shown_logs(job),
+            "metrics": job_metrics(job),
+            "created_at": iso_time(job.created_at),
+            "started_at": iso_time(job.started_at),
+            "completed_at": iso_time(job.completed_at),
+            "urls": {
+                "get": prediction_url(base_url, job.id),
+                "cancel": f"{prediction_url(base_url, job.id)}/cancel",
+                # No page per prediction: the playground, where predictions are made.
+                "web": f"{base_url}/",
+            },
+        }
+    )

@@ -1,0 +1,129 @@
+"""Idempotency keys in Redis: a key claimed through one API node is found by every other.
+
+One hash per record, ``{prefix}idempotency:{scope}:{key}`` (the scope is an API key id,
+hex without colons, so no key can make two records collide), with the fields of
+``IdempotencyRecord`` ('' for None). Claim, complete and release are Lua scripts: each is
+one atomic step, the claim's check and write stamped with Redis TIME inside the script
+(or an injected clock's time passed in). Expiry is decided from the stored times; Redis
+also expires each hash a minute after its 24 h, so nothing needs sweeping.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fluxredux.access.idempotency import (
+    CLAIM_SECONDS,
+    IDEMPOTENCY_TTL_SECONDS,
+    Claim,
+    IdempotencyRecord,
+    is_live,
+    new_token,
+)
+from fluxredux.backends.redis.client import redis_errors
+from fluxredux.backends.redis.common import LUA_PREAMBLE, ClientOrUrl, Clock, RedisSeam, fmt_time
+
+_FIELDS = ("fingerprint", "token", "prediction_id", "created_at", "expires_at", "claim_expires_at")
+
+# KEYS: the record. ARGV: now or '', fingerprint, token, ttl, claim seconds.
+# Returns {won (1 or 0), the record's fields in _FIELDS order}.
+_CLAIM = (
+    LUA_PREAMBLE
+    + """
+local now = clock_now(ARGV[1])
+local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'token', 'prediction_id', 'created_at',
+  'expires_at', 'claim_expires_at')
+if r[1] and tonumber(r[5]) > now and (r[3] ~= '' or (r[6] ~= '' and tonumber(r[6]) > now)) then
+  return {0, r[1], r[2], r[3], r[4], r[5], r[6]}
+end
+local expires = fmt(now + tonumber(ARGV[4]))
+local claim = fmt(now + tonumber(ARGV[5]))
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[2], 'token', ARGV[3], 'prediction_id', '',
+  'created_at', fmt(now), 'expires_at', expires, 'claim_expires_at', claim)
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])) + 60)
+return {1, ARGV[2], ARGV[3], '', fmt(now), expires, claim}
+"""
+)
+
+# KEYS: the record. ARGV: token, prediction id. 1 when completed, 0 when not held.
+_COMPLETE = """
+local r = redis.call('HMGET', KEYS[1], 'token', 'prediction_id')
+if r[1] ~= ARGV[1] or r[2] ~= '' then return 0 end
+redis.call('HSET', KEYS[1], 'prediction_id', ARGV[2], 'claim_expires_at', '')
+return 1
+"""
+
+# KEYS: the record. ARGV: token. 1 when released, 0 when not held.
+_RELEASE = """
+local r = redis.call('HMGET', KEYS[1], 'token', 'prediction_id')
+if r[1] ~= ARGV[1] or r[2] ~= '' then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+def _optional_float(value: str) -> float | None:
+    return float(value) if value else None
+
+
+def _record(scope: str, key: str, fields: list[Any]) -> IdempotencyRecord:
+    fingerprint, token, prediction_id, created_at, expires_at, claim_expires_at = (str(f) for f in fields)
+    return IdempotencyRecord(
+        scope,
+        key,
+        fingerprint,
+        token,
+        prediction_id or None,
+        float(created_at),
+        float(expires_at),
+        _optional_float(claim_expires_at),
+    )
+
+
+class RedisIdempotencyStore(RedisSeam):
+    def __init__(
+        self, url_or_client: ClientOrUrl, *, prefix: str = "fluxredux:", clock: Clock | None = None
+    ) -> None:
+        super().__init__(url_or_client, clock)
+        self._prefix = f"{prefix}idempotency:"
+        self._claim = self._script(_CLAIM)
+        self._complete = self._script(_COMPLETE)
+        self._release = self._script(_RELEASE)
+
+    def _key(self, scope: str, key: str) -> str:
+        return f"{self._prefix}{scope}:{key}"
+
+    def claim(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: str,
+        *,
+        ttl: float = IDEMPOTENCY_TTL_SECONDS,
+        claim_seconds: float = CLAIM_SECONDS,
+    ) -> Claim:
+        args = [self._clock.now_arg(), fingerprint, new_token(), fmt_time(ttl), fmt_time(claim_seconds)]
+        with redis_errors("written"):
+            won, *fields = self._claim(keys=[self._key(scope, key)], args=args)
+        return Claim(won=int(won) == 1, record=_record(scope, key, fields))
+
+    def complete(self, claimed: IdempotencyRecord, prediction_id: str) -> bool:
+        with redis_errors("written"):
+            done = self._complete(
+                keys=[self._key(claimed.scope, claimed.key)], args=[claimed.token, prediction_id]
+            )
+        return int(done) == 1
+
+    def release(self, claimed: IdempotencyRecord) -> bool:
+        with redis_errors("written"):
+            done = self._release(keys=[self._key(claimed.scope, claimed.key)], args=[claimed.token])
+        return int(done) == 1
+
+    def get(self, scope: str, key: str) -> IdempotencyRecord | None:
+        with redis_errors("read"):
+            fields = self._redis.hmget(self._key(scope, key), *_FIELDS)
+        if fields[0] is None:
+            return None
+        record = _record(scope, key, fields)
+        return record if is_live(record, self.now()) else None

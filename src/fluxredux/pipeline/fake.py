@@ -1,0 +1,83 @@
+"""A model with the real model's interface that takes no time: API, queue and
+benchmark runs use it to measure and test everything but the model.
+
+Each image is one flat colour derived from the seed (and the prompt, if any) and its
+index, so tests can tell outputs apart and check that the same seed gives the same files.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fluxredux.errors import PredictionCancelled
+from fluxredux.pipeline.protocol import CancelCheck, ProgressCallback, Reference
+
+
+@dataclass(frozen=True)
+class FakeModelInfo:
+    is_demo: bool = True
+    notice: str | None = "fake model: flat colours, no model ran"
+
+    def describe(self) -> str:
+        return "FAKE model (flat colours, no model ran)"
+
+
+@dataclass
+class FakeGeneration:
+    images: list[np.ndarray]
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+    sequence: str | None = None  # no transformer
+
+
+class FakeModel:
+    def __init__(self, step_seconds: float = 0.0, cpu_seconds: float = 0.0) -> None:
+        self.info = FakeModelInfo()
+        self.step_seconds = step_seconds  # > 0 makes runs slow enough to cancel mid-way
+        # A fixed "CPU time" per job, spent in the post stage (after the model), so tests
+        # and benchmarks can give a job fixed model and CPU times (worker/loop.py overlaps them).
+        self.cpu_seconds = cpu_seconds
+
+    def post_stage_work(self) -> None:
+        """The post stage's share of a job. A sleep, not busy work: a real checker and
+        encoder (onnxruntime, Pillow) release the GIL while they work, as a sleep does, so the
+        model stage of the next job goes on meanwhile; a busy Python loop would hold the GIL
+        and measure GIL contention instead, and busy native work would measure how loaded
+        this machine's cores happen to be. (The fake's "GPU time" is a sleep for the same reason.)"""
+        if self.cpu_seconds:
+            time.sleep(self.cpu_seconds)
+
+    def generate(
+        self,
+        references: Sequence[Reference],
+        *,
+        width: int,
+        height: int,
+        num_outputs: int,
+        num_inference_steps: int,
+        seed: int,
+        strength: float = 1.0,  # no model: nothing to steer
+        prompt: str | None = None,
+        on_step: ProgressCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> FakeGeneration:
+        for step in range(1, num_inference_steps + 1):
+            if is_cancelled is not None and is_cancelled():
+                raise PredictionCancelled("the prediction was cancelled")
+            if self.step_seconds:
+                time.sleep(self.step_seconds)
+            if on_step is not None:
+                on_step(step, num_inference_steps)
+        # A prompt changes the colours, as it changes a real model's images; without one
+        # they are what they always were.
+        rng = random.Random(seed if prompt is None else f"{seed}:{prompt}")
+        images = []
+        for _ in range(num_outputs):
+            colour = np.array([rng.randrange(256) for _ in range(3)], dtype=np.uint8)
+            images.append(np.broadcast_to(colour, (height, width, 3)).copy())
+        return FakeGeneration(images=images, seed=seed, timings={"prior": 0.0, "denoise": 0.0, "decode": 0.0})

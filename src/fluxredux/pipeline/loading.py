@@ -1,0 +1,88 @@
+"""Loading the model the settings ask for: the one entry to the real model.
+
+Torch-free to import: ``load_model`` first binds transformers' image processor names to
+their PIL classes (see ``use_pil_image_processors``), then imports the modules that import
+diffusers. Doing it here, when a model is loaded, keeps the fix-up out of import side effects.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from typing import TYPE_CHECKING, Literal
+
+from fluxredux.config import Settings
+from fluxredux.errors import ModelUnavailable
+
+if TYPE_CHECKING:
+    from fluxredux.pipeline.redux_model import ReduxModel
+
+log = logging.getLogger(__name__)
+
+ModelKind = Literal["flux", "demo"]
+
+
+def use_pil_image_processors() -> None:
+    """Bind transformers' CLIP and SigLIP image processor names to their PIL classes.
+
+    Since transformers 5 those names mean the torchvision backend; without torchvision
+    (fluxredux does not need it), looking either name up falls back to the ``...Pil``
+    class with a warning. diffusers' Flux pipelines look both up when they are imported,
+    so every model load printed two warnings about a package nobody has to install. The
+    loader uses ``SiglipImageProcessorPil`` itself; binding the names to the PIL classes
+    beforehand is exactly transformers' fallback, without the noise.
+    """
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return  # the default backend is there: nothing falls back, nothing warns
+    names = ("CLIPImageProcessor", "SiglipImageProcessor")
+    pil_classes = {name: getattr(transformers, f"{name}Pil") for name in names}
+    # Resolving a lazy name may replace the module object in sys.modules: bind the names on
+    # the one that later imports will find.
+    module = sys.modules["transformers"]
+    for name, cls in pil_classes.items():
+        setattr(module, name, cls)
+
+
+def choose_model_kind(choice: str, cuda_available: bool) -> ModelKind:
+    if choice == "auto":
+        return "flux" if cuda_available else "demo"
+    if choice in ("flux", "demo"):
+        return choice  # type: ignore[return-value]
+    raise ModelUnavailable(f"unknown model choice {choice!r}; use auto, flux or demo")
+
+
+def load_model(settings: Settings) -> ReduxModel:
+    """Load the model the settings ask for, saying loudly which one it is."""
+    use_pil_image_processors()  # before anything below imports diffusers
+    import torch
+
+    from fluxredux.pipeline.conditioning_cache import ConditioningCache
+    from fluxredux.pipeline.demo import ensure_demo_model
+    from fluxredux.pipeline.redux_model import ReduxModel
+    from fluxredux.pipeline.speed import Tuning
+
+    cuda = torch.cuda.is_available()
+    kind = choose_model_kind(settings.model, cuda)
+    device = torch.device(settings.device or ("cuda" if cuda else "cpu"))
+    if kind == "demo":
+        paths = ensure_demo_model(settings.cache_dir)
+        schnell_ref, redux_ref = str(paths.schnell), str(paths.redux)
+        why = "no CUDA GPU found" if settings.model == "auto" else "--model demo"
+        log.warning("Using the DEMO model (%s): random weights, outputs are noise.", why)
+    else:
+        schnell_ref, redux_ref = settings.schnell_model, settings.redux_model
+    model = ReduxModel.load(
+        schnell_ref,
+        redux_ref,
+        kind=kind,
+        device=device,
+        offload=settings.offload,
+        conditioning_cache=ConditioningCache.from_megabytes(settings.conditioning_cache_mb),
+        keep_text_encoders=settings.text_encoders == "keep",
+        tuning=Tuning.from_settings(settings),
+    )
+    log.info("model ready: %s", model.info.describe())
+    return model

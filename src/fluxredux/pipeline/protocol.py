@@ -1,0 +1,65 @@
+"""The model contract: what the worker asks of a model, torch-free.
+
+Every model (the real FLUX one, the demo model, the fake one in tests) has ``info`` and
+``generate``; the worker and the CLI program against this protocol only, so importing it
+never pulls in torch or diffusers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+# The one definition of each, for every model (real, demo, fake) and every caller.
+ProgressCallback = Callable[[int, int], None]  # (steps done, total steps), after each step
+CancelCheck = Callable[[], bool]  # asked at every step: True stops the run there
+# A reference image, made square for the image encoder, and its share of the mix (the
+# shares of one prediction sum to 1).
+Reference = tuple[Image.Image, float]
+
+
+class ModelInfoLike(Protocol):
+    @property
+    def is_demo(self) -> bool: ...
+    @property
+    def notice(self) -> str | None: ...
+    def describe(self) -> str: ...
+
+
+class GenerationLike(Protocol):
+    images: list[np.ndarray]
+    seed: int
+    timings: dict[str, float]
+    sequence: str | None  # the transformer's, e.g. "730 text + 4096 image tokens" (None: no transformer)
+
+
+class ImageModel(Protocol):
+    @property
+    def info(self) -> ModelInfoLike: ...
+
+    def generate(
+        self,
+        references: Sequence[Reference],
+        *,
+        width: int,
+        height: int,
+        num_outputs: int,
+        num_inference_steps: int,
+        seed: int,
+        strength: float = 1.0,
+        prompt: str | None = None,
+        on_step: ProgressCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> GenerationLike: ...
+
+
+@runtime_checkable
+class HasPostStageWork(Protocol):
+    """A model that asks for CPU work of its own in the post stage: the fake model, given a
+    fixed CPU time per job (``fake_cpu_seconds``) to stand in for a real checker and
+    encoder in tests and benchmarks of the worker's overlap."""
+
+    def post_stage_work(self) -> None: ...

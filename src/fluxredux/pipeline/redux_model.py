@@ -1,0 +1,419 @@
+"""Loading FLUX.1 [schnell] + the Redux prior, and generating images with them.
+
+The only module (with its siblings in this package) that imports torch and diffusers.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+from PIL import Image
+from transformers import SiglipImageProcessorPil, SiglipVisionModel
+
+from fluxredux.config import Offload
+from fluxredux.errors import InvalidInput, ModelUnavailable, PredictionCancelled, TextEncodersMissing
+from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
+from fluxredux.pipeline.attention import AttentionChoice
+from fluxredux.pipeline.conditioning import (
+    Conditioning,
+    collapse_zero_text,
+    mix_conditionings,
+    token_layout,
+    with_text,
+)
+from fluxredux.pipeline.conditioning_cache import ConditioningCache, cached_redux_conditioning
+from fluxredux.pipeline.demo import DEMO_NOTICE
+from fluxredux.pipeline.denoising import denoise_and_decode, elapsed, image_tokens
+from fluxredux.pipeline.loading import ModelKind
+from fluxredux.pipeline.protocol import CancelCheck, ProgressCallback, Reference
+from fluxredux.pipeline.speed import Components, Tuning, check_tuning, ready_for_speed
+from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
+from fluxredux.pipeline.weights import REDUX, SCHNELL, resolve_text_encoders, resolve_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    kind: ModelKind
+    device: str
+    dtype: str
+    schnell: str
+    redux: str
+    offload: str = "none"
+    speed: str = ""  # what the Tuning made of it: collapse, attention, compile, quantize
+
+    @property
+    def is_demo(self) -> bool:
+        return self.kind == "demo"
+
+    @property
+    def notice(self) -> str | None:
+        """What every output display must say about this model, if anything."""
+        return DEMO_NOTICE if self.is_demo else None
+
+    def describe(self) -> str:
+        name = "DEMO model (random weights, outputs are noise)" if self.is_demo else "FLUX.1 Redux [schnell]"
+        speed = f"; {self.speed}" if self.speed else ""
+        return f"{name} on {self.device} ({self.dtype}, offload {self.offload}{speed})"
+
+
+@dataclass
+class Generation:
+    images: list[np.ndarray]  # (H, W, 3) uint8 each
+    seed: int
+    # seconds: prior, denoise, decode (and prompt, when there was one)
+    timings: dict[str, float] = field(default_factory=dict)
+    # The transformer's joint sequence, e.g. "730 text + 4096 image tokens" (the text
+    # counts the Redux tokens: one collapsed zero token + 729).
+    sequence: str | None = None
+
+
+class ReduxModel:
+    """FLUX.1 [schnell] conditioned on reference images through the Redux prior, and on
+    an optional prompt through its text encoders (loaded when a prompt first needs them)."""
+
+    def __init__(
+        self,
+        pipe: FluxPipeline,
+        image_encoder: SiglipVisionModel,
+        feature_extractor: SiglipImageProcessorPil,
+        image_embedder: ReduxImageEncoder,
+        info: ModelInfo,
+        *,
+        conditioning_cache: ConditioningCache | None = None,
+        text_encoders: LazyTextEncoders | None = None,
+        tuning: Tuning | None = None,
+        attention: AttentionChoice | None = None,
+    ) -> None:
+        """Takes components readied for speed already (see ``_assemble``): ``tuning`` is
+        what was asked, ``attention`` what it became."""
+        self.pipe = pipe
+        self.image_encoder = image_encoder
+        self.feature_extractor = feature_extractor
+        self.image_embedder = image_embedder
+        self.info = info
+        # Redux tokens of recent references (None: every reference is encoded anew).
+        self.conditioning_cache = conditioning_cache
+        # T5 + CLIP for prompts, not loaded yet (None: this model cannot take a prompt).
+        self.text_encoders = text_encoders
+        self.tuning = tuning or Tuning()
+        self.attention = attention or AttentionChoice("auto", takes_bias=True)
+        self.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
+
+    @classmethod
+    def _assemble(
+        cls,
+        pipe: FluxPipeline,
+        image_encoder: SiglipVisionModel,
+        feature_extractor: SiglipImageProcessorPil,
+        image_embedder: ReduxImageEncoder,
+        info: ModelInfo,
+        *,
+        device: torch.device,
+        tuning: Tuning,
+        conditioning_cache: ConditioningCache | None,
+        text_encoders: LazyTextEncoders | None,
+    ) -> ReduxModel:
+        """Ready the loaded components for speed as ``tuning`` says (fp8, the attention
+        backend, compile and its warm-up: the worker takes no job before this is done),
+        then the model, whose description says what came of it."""
+        speed = ready_for_speed(
+            Components(
+                pipe=pipe,
+                image_encoder=image_encoder,
+                feature_extractor=feature_extractor,
+                image_embedder=image_embedder,
+                device=device,
+                takes_prompts=text_encoders is not None,
+            ),
+            tuning,
+        )
+        return cls(
+            pipe,
+            image_encoder,
+            feature_extractor,
+            image_embedder,
+            replace(info, speed=speed.describe()),
+            conditioning_cache=conditioning_cache,
+            text_encoders=text_encoders,
+            tuning=tuning,
+            attention=speed.attention,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        schnell_ref: str,
+        redux_ref: str,
+        *,
+        kind: ModelKind,
+        device: torch.device,
+        offload: Offload = "none",
+        conditioning_cache: ConditioningCache | None = None,
+        keep_text_encoders: bool = True,
+        tuning: Tuning | None = None,
+    ) -> ReduxModel:
+        """Load from local folders or the Hugging Face cache; never downloads.
+
+        Both locations are checked before any weight is read, so missing weights are
+        reported within a second, not after minutes of loading the other half. The text
+        encoders are not loaded here: the first prompt loads them (from the schnell
+        folder, looked up again then, so a later ``download --with-text-encoders`` counts).
+        """
+        if offload != "none" and device.type != "cuda":
+            raise ModelUnavailable(f"offload '{offload}' needs a CUDA device; this one is {device}")
+        tuning = tuning or Tuning()
+        check_tuning(tuning, device, offload)  # before minutes of loading, not after
+        schnell_dir = resolve_weights(schnell_ref, SCHNELL)
+        redux_dir = resolve_weights(redux_ref, REDUX)
+        # bf16 on GPUs (the weights' own precision); fp32 on CPUs, where bf16 is ~15x slower.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+        log.info("loading %s from %s and %s", kind, schnell_dir, redux_dir)
+        with quiet_library_progress():
+            pipe, image_encoder, feature_extractor, image_embedder = cls._load_components(
+                schnell_dir, redux_dir, dtype
+            )
+        # The Redux prior is small (0.9 GiB) and runs once per prediction: it stays on the device.
+        image_encoder.to(device).eval()
+        image_embedder.to(device).eval()
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        info = ModelInfo(
+            kind=kind,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            schnell=schnell_ref,
+            redux=redux_ref,
+            offload=offload,
+        )
+        load_encoders = functools.partial(
+            _load_text_encoders, schnell_ref, dtype=dtype, device=device, offload=offload
+        )
+        return cls._assemble(
+            pipe,
+            image_encoder,
+            feature_extractor,
+            image_embedder,
+            info,
+            device=device,
+            tuning=tuning,
+            conditioning_cache=conditioning_cache,
+            text_encoders=LazyTextEncoders(load_encoders, keep=keep_text_encoders),
+        )
+
+    @classmethod
+    def from_random(
+        cls,
+        spec: ArchitectureSpec,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int = 0,
+        conditioning_cache: ConditioningCache | None = None,
+        tuning: Tuning | None = None,
+    ) -> ReduxModel:
+        """Random weights in memory, nothing on disk: with the FULL spec on a GPU this
+        times exactly like the real model (the benchmark's --full-size-random). No text
+        encoders: it takes no prompt."""
+        tuning = tuning or Tuning()
+        check_tuning(tuning, device, "none")
+        parts = build_random_components(spec, seed=seed, device=device, dtype=dtype)
+        pipe = FluxPipeline(
+            scheduler=parts.scheduler,
+            vae=parts.vae,
+            text_encoder=None,
+            tokenizer=None,
+            text_encoder_2=None,
+            tokenizer_2=None,
+            transformer=parts.transformer,
+        )
+        info = ModelInfo(
+            kind="demo",
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            schnell=f"random:{spec.name}",
+            redux=f"random:{spec.name}",
+        )
+        return cls._assemble(
+            pipe,
+            parts.image_encoder,
+            parts.feature_extractor,
+            parts.image_embedder,
+            info,
+            device=device,
+            tuning=tuning,
+            conditioning_cache=conditioning_cache,
+            text_encoders=None,
+        )
+
+    @staticmethod
+    def _load_components(
+        schnell_dir: Path, redux_dir: Path, dtype: torch.dtype
+    ) -> tuple[FluxPipeline, SiglipVisionModel, SiglipImageProcessorPil, ReduxImageEncoder]:
+        # Text encoders and tokenizers are passed as None: Redux conditions on the image
+        # alone, and not loading T5-XXL saves 9 GiB and ~20 s.
+        pipe = FluxPipeline.from_pretrained(
+            schnell_dir,
+            text_encoder=None,
+            text_encoder_2=None,
+            tokenizer=None,
+            tokenizer_2=None,
+            dtype=dtype,
+            local_files_only=True,
+        )
+        image_encoder = SiglipVisionModel.from_pretrained(
+            redux_dir, subfolder="image_encoder", dtype=dtype, local_files_only=True
+        )
+        feature_extractor = SiglipImageProcessorPil.from_pretrained(
+            redux_dir, subfolder="feature_extractor", local_files_only=True
+        )
+        image_embedder = ReduxImageEncoder.from_pretrained(
+            redux_dir, subfolder="image_embedder", dtype=dtype, local_files_only=True
+        )
+        return pipe, image_encoder, feature_extractor, image_embedder
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.pipe._execution_device)
+
+    @property
+    def text_encoders_loaded(self) -> bool:
+        """Whether T5 and CLIP are in memory now (only ever after a prompt)."""
+        return self.text_encoders is not None and self.text_encoders.loaded
+
+    def encode_prompt(self, prompt: str) -> Conditioning:
+        """The prompt's text conditioning (T5 tokens, CLIP pooled), loading the text
+        encoders first if no prompt has loaded them yet."""
+        if self.text_encoders is None:
+            raise TextEncodersMissing(
+                f"{self.info.describe()} was built without text encoders: it cannot take a prompt",
+                model=self.info.schnell,
+            )
+        return self.text_encoders.encode(prompt)
+
+    def conditioning(
+        self,
+        references: Sequence[Reference],
+        prompt: str | None = None,
+        *,
+        timings: dict[str, float] | None = None,
+    ) -> Conditioning:
+        """The references mixed by their shares (see ``mix_conditionings``), with the
+        prompt's encoding in place of the zero text if there is a prompt (``with_text``).
+        Without a prompt the text encoders are never touched. ``timings`` gets the seconds
+        of the prior and, with a prompt, of the text encoders."""
+        timings = {} if timings is None else timings
+        started = time.perf_counter()
+        conditioning = mix_conditionings([(self.condition(image), share) for image, share in references])
+        timings["prior"] = elapsed(started, self.device)
+        if prompt is not None:
+            started = time.perf_counter()
+            conditioning = with_text(conditioning, self.encode_prompt(prompt))
+            timings["prompt"] = elapsed(started, self.device)
+        return conditioning
+
+    def condition(self, image: Image.Image) -> Conditioning:
+        config = self.pipe.transformer.config
+        # The same conditioning, bit for bit, with or without a cache; with one, a reference
+        # seen lately skips the encoder.
+        return cached_redux_conditioning(
+            image,
+            cache=self.conditioning_cache,
+            image_encoder=self.image_encoder,
+            feature_extractor=self.feature_extractor,
+            image_embedder=self.image_embedder,
+            joint_attention_dim=config.joint_attention_dim,
+            pooled_projection_dim=config.pooled_projection_dim,
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        references: Sequence[Reference],
+        *,
+        width: int,
+        height: int,
+        num_outputs: int,
+        num_inference_steps: int,
+        seed: int,
+        strength: float = 1.0,
+        prompt: str | None = None,
+        on_step: ProgressCallback | None = None,
+        is_cancelled: CancelCheck | None = None,
+    ) -> Generation:
+        """Generate ``num_outputs`` images as one batch from the references mixed by their
+        shares (see ``mix_conditionings``) and the optional ``prompt`` (see ``with_text``);
+        ``strength`` < 1 weakens the references' pull (see ``attention_bias``).
+
+        ``is_cancelled`` is checked before the work starts and after every denoising
+        step; a cancel raises PredictionCancelled within one step.
+        """
+        tokens = image_tokens(self.pipe, width, height)
+        if strength < 1 and not self.attention.takes_bias:
+            raise InvalidInput(
+                f"redux_strength below 1 needs an attention bias, which this worker's attention "
+                f"backend ({self.attention.name}) does not take; use redux_strength 1",
+                field="redux_strength",
+            )
+        cancelled = is_cancelled or (lambda: False)
+        timings: dict[str, float] = {}
+
+        def raise_if_cancelled() -> None:
+            if cancelled():
+                raise PredictionCancelled("the prediction was cancelled")
+
+        raise_if_cancelled()
+        conditioning = self.conditioning(references, prompt, timings=timings)
+        if prompt is None and self.tuning.collapse_zero_tokens:
+            conditioning = collapse_zero_text(conditioning)
+        layout = token_layout(conditioning, image_tokens=tokens)
+
+        def step_end(step: int) -> None:
+            if on_step is not None:
+                on_step(step + 1, num_inference_steps)
+            raise_if_cancelled()
+
+        raise_if_cancelled()
+        images = denoise_and_decode(
+            self.pipe,
+            conditioning,
+            layout,
+            strength,
+            width=width,
+            height=height,
+            num_outputs=num_outputs,
+            num_inference_steps=num_inference_steps,
+            seed=seed,
+            device=self.device,
+            on_step_end=step_end,
+            before_decode=raise_if_cancelled,
+            timings=timings,
+        )
+        return Generation(images=images, seed=seed, timings=timings, sequence=layout.describe())
+
+
+def _load_text_encoders(
+    schnell_ref: str, *, dtype: torch.dtype, device: torch.device, offload: Offload
+) -> TextEncoders:
+    """FLUX.1 [schnell]'s text encoders for ``schnell_ref`` (a folder or a repo id), or
+    TextEncodersMissing naming where they were looked for and how to get them."""
+    folder = resolve_text_encoders(schnell_ref)
+    log.info("loading the text encoders from %s", folder)
+    with quiet_library_progress():
+        return load_text_encoders(folder, dtype=dtype, device=device, offload=offload)

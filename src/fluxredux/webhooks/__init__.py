@@ -1,0 +1,1 @@
+"""Webhooks: the sender (outbox sweeping, retries, throttled events) and the signing of both surfaces."""

@@ -4,7 +4,7 @@ stored, checked images at request time.
 Whatever the source (upload id, data: URI, http(s) URL), the image is decoded once here
 so a bad image is a 400 now rather than a failed prediction later, then stored as an
 input blob the worker reads. A URL or data: URI is stored as a copy of this prediction's
-own; an upload is used in place (and kept by its own retention, see fluxredux.uploads).
+own; an upload is used in place (and kept by its own retention, see fluxredux.access.uploads).
 """
 
 from __future__ import annotations

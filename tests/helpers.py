@@ -71,3 +71,26 @@ def run_threads(targets: Iterable[Callable[[], object]], timeout: float = 60) ->
         thread.join(max(0.0, deadline - time.monotonic()))
     assert not any(thread.is_alive() for thread in threads), f"threads still running after {timeout:g} s"
     assert errors == []
+
+
+async def wait_until_async(
+    condition: Callable[[], object], timeout: float, what: str | Callable[[], str]
+) -> None:
+    """Look at ``condition`` every 10 ms on the running event loop (its other tasks run
+    meanwhile) until it holds; an AssertionError naming ``what`` if it still does not
+    after ``timeout`` seconds. For waiting on something recorded, never on a clock."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what() if callable(what) else what}")
+        await asyncio.sleep(0.01)
+
+
+def webhooks_idle(*senders: Any) -> bool:
+    """Nothing more can go out from these webhook senders (fluxredux.webhooks.sender, all on
+    one outbox) until something new is enqueued: no delivery is pending in the outbox (a
+    claimed one stays pending until its outcome is recorded, which is after the receiver
+    answered), and none of them has a send in flight."""
+    return senders[0].outbox.next_due() is None and not any(sender._sending for sender in senders)

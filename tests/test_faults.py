@@ -166,6 +166,11 @@ def test_a_held_write_lock_while_the_worker_is_killed_loses_nothing(tmp_path: Pa
 def test_a_locked_database_gives_503_quickly_and_stalls_nothing(tmp_path: Path) -> None:
     """Defect 4: with the write lock held elsewhere, creates answer 503 within a couple of
     seconds while other requests keep being served at once (the event loop never blocks)."""
+    files = tmp_path / "data" / "files"
+
+    def references() -> set[str]:  # the blobs stored (a temp file's name starts with ".")
+        return {path.name for path in files.iterdir() if not path.name.startswith(".")}
+
     with serve(tmp_path) as server:
         done = server.create().json()["predictionID"]
         assert server.get(done, wait=20)["status"] == "success"
@@ -176,10 +181,22 @@ def test_a_locked_database_gives_503_quickly_and_stalls_nothing(tmp_path: Path) 
                 response, took = timed(lambda: server.create())
                 results.append((response.status_code, took))
 
+            before = references()
+            seen: set[str] = set()
+
+            def waiting() -> bool:
+                # A create stores its reference image, then inserts its job (the write that
+                # waits for the lock), and deletes the image when refused: a new file is a
+                # create waiting for the lock.
+                now = references() - before
+                seen.update(now)
+                return len(seen) == 4 and bool(now)
+
             creators = [threading.Thread(target=create) for _ in range(4)]
             for thread in creators:
                 thread.start()
-            time.sleep(0.3)  # the creates are now waiting for the lock, in threads
+            # Every create has reached the lock, and some still wait for it, in threads.
+            server.wait_for(waiting, 10, "the four creates never all reached the locked write")
             for _ in range(5):
                 response, took = timed(lambda: httpx.get(server.url + "/health", timeout=10))
                 assert response.status_code == 200 and took < 1.5, took

@@ -23,6 +23,7 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from fluxredux.pipeline.fake import FakeModel
 from tests.cluster import wait_for
 from tests.harness import Harness, png_data_uri, running_server
+from tests.helpers import webhooks_idle
 
 MODEL = "black-forest-labs/flux-redux-schnell"
 
@@ -102,9 +103,17 @@ def create(api: Harness, receiver: Receiver, events: list[str] | None, **inputs:
 
 
 def finished(api: Harness, prediction_id: str, receiver: Receiver, deliveries: int) -> None:
+    """The prediction ended, its end was delivered, and nothing more can arrive: every
+    delivery enqueued by then (its events came before its end) is final, none in flight."""
     assert api.wait_status(prediction_id, {"success", "error", "cancelled"})["status"] != "processing"
     wait_for(lambda: len(receiver.deliveries) >= deliveries, 10, lambda: f"got {receiver.statuses()}")
-    time.sleep(0.3)  # anything more would have arrived by now
+
+    def end_recorded() -> bool:
+        job = api.services.store.get(prediction_id)
+        return job is not None and job.webhook_state in {"delivered", "failed"}
+
+    wait_for(end_recorded, 10, lambda: f"its end was never delivered; got {receiver.statuses()}")
+    wait_for(lambda: webhooks_idle(api.services.webhooks), 10, "the webhook sender never went idle")
 
 
 def test_the_official_client_with_completed_only_gets_one_verified_delivery(
@@ -185,8 +194,12 @@ def test_output_only_is_sent_when_it_succeeds_and_not_when_cancelled(
         f"{api.url}/v1/predictions/{cancelled['id']}/cancel", headers={"Authorization": f"Bearer {api.key}"}
     )
     assert api.wait_status(cancelled["id"], {"cancelled"})["status"] == "cancelled"
-    time.sleep(0.5)
-    assert receiver.statuses() == ["succeeded"]  # nothing for the cancelled one
+    # Anything wrongly sent for the cancelled one was enqueued before a later prediction's
+    # end: it has arrived once that end is delivered and nothing is pending or in flight.
+    later = create(api, receiver, ["output"])
+    finished(api, later["id"], receiver, 2)
+    assert receiver.statuses() == ["succeeded", "succeeded"]  # nothing for the cancelled one
+    assert [d.prediction["id"] for d in receiver.deliveries] == [succeeded["id"], later["id"]]
     assert api.services.store.get(cancelled["id"]).webhook_state is None  # type: ignore[union-attr]
 
 

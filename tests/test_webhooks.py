@@ -22,6 +22,7 @@ from fluxredux.net import FetchPolicy, SafeFetcher
 from fluxredux.webhooks.sender import WebhookPolicy, WebhookSender
 from fluxredux.webhooks.signing import DELIVERY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, verify
 from tests.harness import Harness, running_server
+from tests.helpers import wait_until_async, webhooks_idle
 from tests.test_jobs import FakeClock
 
 
@@ -31,6 +32,8 @@ class Receiver:
     answers: list[int]  # status per delivery, in order; then 200
     delay: float = 0.0
     delays: list[float] = field(default_factory=list)  # per delivery, in order; then ``delay``
+    # Per delivery, in order: its answer waits until the test sets the event (30 s at most).
+    holds: list[threading.Event] = field(default_factory=list)
     deliveries: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)  # when each delivery arrived (time.time())
     answered: list[tuple[str, int]] = field(default_factory=list)  # (delivery id, status), as answered
@@ -49,7 +52,10 @@ def receiver() -> Iterator[Receiver]:
             # Both chosen on arrival: a slow answer must not take a later delivery's status.
             delay = record.delays.pop(0) if record.delays else record.delay
             status = record.answers.pop(0) if record.answers else 200
+            hold = record.holds.pop(0) if record.holds else None
             time.sleep(delay)
+            if hold is not None:
+                hold.wait(30)
             record.answered.append((self.headers[DELIVERY_HEADER], status))
             self.send_response(status)
             self.send_header("Content-Length", "0")
@@ -200,6 +206,12 @@ class CountingSender(WebhookSender):
             lambda job: {"id": job.id, "status": job.status.value},
         )
         self.tries = 0
+        self.looks: list[float] = []  # each sweep's answer: how long until its next look
+
+    async def sweep(self) -> float:
+        wait = await super().sweep()
+        self.looks.append(wait)
+        return wait
 
     async def _post(self, *args: object, **kwargs: object) -> bool:
         self.tries += 1
@@ -240,7 +252,8 @@ def test_two_sweepers_deliver_each_webhook_exactly_once(tmp_path: Path, receiver
                 await one.enqueue(job)
                 await two.enqueue(job)
             await wait_for_state(db, [job.id for job in jobs], "delivered")
-            await asyncio.sleep(0.3)  # nothing more arrives
+            # Every record final and no try in flight: nothing more can arrive from either.
+            await wait_until_async(lambda: webhooks_idle(one, two), 15, "the sweepers never went idle")
             return one.tries, two.tries
         finally:
             await one.close()
@@ -260,8 +273,9 @@ def test_a_sweeper_whose_claim_ran_out_cannot_record_over_the_new_owner(
     """A try slower than its claim's lease: another sweeper takes the delivery over and
     delivers it; the slow try's late failure is not recorded over that."""
     db = tmp_path / "jobs.db"
-    receiver.delays = [1.0]  # the first try hangs past the lease, then fails
-    receiver.answers = [500]
+    slow_answer = threading.Event()
+    receiver.holds = [slow_answer]  # the first try hangs past the lease (until the other delivered)...
+    receiver.answers = [500]  # ...then fails
     job = ended_job(db, receiver.url)
 
     async def main() -> None:
@@ -270,16 +284,18 @@ def test_a_sweeper_whose_claim_ran_out_cannot_record_over_the_new_owner(
         try:
             await slow.enqueue(job)
             await slow.sweep()  # one claim, its try under way; this sweeper never sweeps again
-            await asyncio.sleep(0.1)
+            await wait_until_async(lambda: receiver.deliveries, 15, "the slow try never reached the receiver")
             assert len(receiver.deliveries) == 1
             other.start()
             await wait_for_state(db, [job.id], "delivered")
-            while slow._sending:  # the slow try's 500 comes back; its retry is refused
-                await asyncio.sleep(0.02)
-            await asyncio.sleep(0.3)
+            slow_answer.set()  # the slow try's 500 comes back; its retry is refused
+            await wait_until_async(lambda: not slow._sending, 15, "the slow try never ended")
+            # Its record final, no try in flight: nothing more can arrive.
+            await wait_until_async(lambda: webhooks_idle(slow, other), 15, "the sweepers never went idle")
             record = other.outbox.get(job.id)
             assert record is not None and (record.state, record.attempts) == ("delivered", 2)
         finally:
+            slow_answer.set()
             await slow.close()
             await other.close()
 
@@ -296,7 +312,9 @@ def test_the_first_try_goes_out_as_soon_as_the_job_ends(tmp_path: Path, receiver
         sender = CountingSender(db, poll_seconds=30)
         try:
             sender.start()
-            await asyncio.sleep(0.2)  # asleep until its next look, 30 s away
+            # Its first look found nothing due: asleep until its next look, 30 s away.
+            await wait_until_async(lambda: sender.looks, 15, "the sweeper never looked at the outbox")
+            assert sender.looks == [30]
             job = ended_job(db, receiver.url)
             ended = time.monotonic()
             await sender.enqueue(job)

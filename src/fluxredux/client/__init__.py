@@ -10,11 +10,22 @@ header is sent again after that many seconds: at most ``retries`` times (default
 at most ``max_retry_wait`` seconds waited in all (default 60) per call; ``retries=0``
 turns this off. Then the last answer raises ApiError as any other error does.
 
+A read (``get``, each long-poll of ``wait`` and ``run``, ``list``, ``download``) whose
+connection is lost (refused or timed out: the server down or restarting; dropped before
+the answer: its node killed mid long-poll) is sent again, at once and then after 0.5 s,
+1 s, 2 s, 4 s, 5 s, 5 s...: a read does no work, so the resend, to the restarted server
+or to any node behind the balancer, is safe. It gives up ``max_retry_wait`` seconds after
+the first loss (and ``wait`` at its ``timeout``), raising ConnectionLost (an
+httpx.TransportError too) with the last loss as its cause; ``retries=0`` turns this off
+too. An upload, a cancel or a create is not sent again after a lost connection (the
+create may have queued the prediction: its loss is raised at once), except a create with
+an idempotency key:
+
 ``create(..., idempotency_key="order-42")`` (and ``run``) sends an ``Idempotency-Key``: the
 server answers a repeated create with that key with the prediction the first one made
-(for 24 h). So such a create is also sent again when its answer was lost (the connection
-dropped or timed out after the request went out), within the same ``retries``: the
-retry can only find the prediction the lost answer named, never make a second one.
+(for 24 h). So such a create is re-sent as a read is when its connection was lost (the
+request refused, or its answer lost after it went out): the retry can only find the
+prediction the lost answer named, never make a second one.
 
 Imports only httpx, pydantic and fluxredux.schema/errors: no torch, no server code.
 core.py builds the requests and reads the answers (no I/O); sync.py (FluxRedux) and
@@ -24,7 +35,7 @@ aio.py (AsyncFluxRedux) only send them and wait, each its own way.
 from __future__ import annotations
 
 from fluxredux.client.aio import AsyncFluxRedux
-from fluxredux.client.core import ApiError
+from fluxredux.client.core import ApiError, ConnectionLost
 from fluxredux.client.sync import FluxRedux
 
-__all__ = ["ApiError", "AsyncFluxRedux", "FluxRedux"]
+__all__ = ["ApiError", "AsyncFluxRedux", "ConnectionLost", "FluxRedux"]

@@ -39,8 +39,8 @@ class AsyncFluxRedux(ClientBase[httpx.AsyncClient]):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: Call[T]) -> T:
-        exchange = self._exchange(call)
+    async def _send(self, call: Call[T], max_retry_wait: float | None = None) -> T:
+        exchange = self._exchange(call, max_retry_wait)
         while (delay := exchange.after(await self._try(call))) is not None:
             await _sleep(delay)
         return exchange.result()
@@ -48,7 +48,7 @@ class AsyncFluxRedux(ClientBase[httpx.AsyncClient]):
     async def _try(self, call: Call[Any]) -> httpx.Response | httpx.TransportError:
         try:
             return await self._http.request(call.method, call.url, **call.options)
-        except httpx.TransportError as exc:  # the exchange decides: resend, or raise it
+        except httpx.TransportError as exc:  # the exchange decides: resend (when, how often), or raise
             return exc
 
     async def upload(self, source: Path | bytes) -> UploadedFile:
@@ -63,9 +63,11 @@ class AsyncFluxRedux(ClientBase[httpx.AsyncClient]):
         return await self._send(core.get_call(prediction_id, wait))
 
     async def wait(self, prediction_id: str, *, timeout: float | None = None) -> Prediction:
+        """As FluxRedux.wait (a long-poll whose node dies is re-sent the same way)."""
         waiting = Waiting(timeout)
         while True:
-            prediction = await self.get(prediction_id, wait=waiting.hold())
+            call = core.get_call(prediction_id, waiting.hold())
+            prediction = await self._send(call, waiting.retry_wait(self.max_retry_wait))
             if waiting.over(prediction):
                 return prediction
 

@@ -4,8 +4,9 @@ Each public method of the two clients is one thin shell: it asks this module for
 request to send (a ``Call``: method, URL, httpx options, how its answer is read), sends
 it with its own httpx client, feeds each try's outcome to an ``Exchange`` (the retry
 policy: send again, after how long, or stop), sleeps its own way, and returns what the
-call reads from the answer. So URLs, bodies, headers, retries, errors and parsing are
-written once, here, and only the sending and the sleeping are written twice.
+call reads from the answer. So URLs, bodies, headers, retries (after a 429/503, and after
+a lost connection), errors and parsing are written once, here, and only the sending and
+the sleeping are written twice.
 
 The inputs are not checked against fluxredux.schema.PredictionInput here: the server
 checks them, and answers a bad one with a 400 that becomes an ApiError (the CLI's
@@ -44,6 +45,24 @@ LONG_POLL = 55.0  # seconds per ?wait= request; the server allows up to 60
 # the capacity check), so a refused create created nothing and cannot run twice. Reads,
 # uploads and cancels are idempotent anyway.
 RETRY_STATUSES = frozenset({429, 503})
+# Losses a call that may be re-sent (``Call.resend_if_lost``) is re-sent after: the request
+# never reached a server (connect refused or timed out: the node is down, or restarting),
+# or its answer never came back (the node died mid-request, a long-poll included, or went
+# silent past the read timeout). Not the losses a resend would only meet again: a
+# malformed URL or request (UnsupportedProtocol, LocalProtocolError), a proxy's refusal
+# (ProxyError), or this client's own connection pool staying full (PoolTimeout).
+RESENDABLE_LOSSES: tuple[type[httpx.TransportError], ...] = (
+    httpx.NetworkError,  # ConnectError, ReadError, WriteError, CloseError
+    httpx.RemoteProtocolError,  # "Server disconnected without sending a response"
+    httpx.ConnectTimeout,
+    httpx.ReadTimeout,
+    httpx.WriteTimeout,
+)
+# The pauses between those resends: the first at once (another node, or a fresh
+# connection, may answer right away), then 0.5 s, doubling up to 5 s a pause, for as long
+# as the call's retry time allows (``max_retry_wait``, counted from its first loss).
+RECONNECT_FIRST = 0.5
+RECONNECT_MAX = 5.0
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -57,6 +76,30 @@ class ApiError(FluxReduxError):
         )
         self.status = status
         self.code = str(body.get("code", "http_error"))
+
+
+class ConnectionLost(FluxReduxError, httpx.TransportError):
+    """A call that may be re-sent (a read, or a create with an idempotency key) lost its
+    connection on every try until its retry time (``max_retry_wait``) ran out: the server
+    stayed unreachable. ``__cause__`` is the last loss (an httpx.TransportError); this is
+    one too, so code that catches httpx's errors still catches it."""
+
+    code = "connection_lost"
+
+    def __init__(self, call: Call[Any], last: httpx.TransportError, tries: int, seconds: float) -> None:
+        try:
+            request: httpx.Request | None = last.request
+        except RuntimeError:  # the loss came without its request
+            request = None
+        url = call.url if request is None else str(request.url)
+        super().__init__(
+            f"{call.method} {url}: no answer in {tries} tries over {seconds:.1f} s (the connection "
+            f"was lost each time); giving up. Last: {type(last).__name__}: {str(last) or 'no message'}",
+            tries=tries,
+            seconds=round(seconds, 1),
+        )
+        if request is not None:
+            self.request = request
 
 
 class CreateOptions(TypedDict, total=False):
@@ -75,8 +118,10 @@ class Call(Generic[T]):
     url: str
     read: Callable[[httpx.Response], T]
     options: Mapping[str, Any] = field(default_factory=dict)  # for httpx's request(): json, params...
-    # Whether a try whose answer was lost (the connection dropped after the request went
-    # out) may be sent again: only when a resend cannot do the work twice.
+    # Whether a try whose connection was lost (refused, or dropped after the request went
+    # out and before its answer came back) may be sent again: only when a resend cannot do
+    # the work twice: a read (it does no work), a create with an idempotency key (a resend
+    # finds the first one's prediction).
     resend_if_lost: bool = False
 
 
@@ -142,9 +187,10 @@ def create_plan(inputs: Mapping[str, Any], **options: Unpack[CreateOptions]) -> 
 
 def get_call(prediction_id: str, wait: float) -> Call[Prediction]:
     # The server holds a ?wait= request up to that long: the timeout leaves room for it.
+    # A read, the long-poll included: re-sent, to whichever node answers, if its node dies.
     params = {"wait": wait} if wait else None
     options = {"params": params, "timeout": wait + 30}
-    return Call("GET", f"/v1/prediction/{prediction_id}", _as(Prediction), options)
+    return Call("GET", f"/v1/prediction/{prediction_id}", _as(Prediction), options, resend_if_lost=True)
 
 
 def cancel_call(prediction_id: str) -> Call[Prediction]:
@@ -153,11 +199,11 @@ def cancel_call(prediction_id: str) -> Call[Prediction]:
 
 def list_call(limit: int, cursor: str | None) -> Call[PredictionList]:
     params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
-    return Call("GET", "/v1/prediction/", _as(PredictionList), {"params": params})
+    return Call("GET", "/v1/prediction/", _as(PredictionList), {"params": params}, resend_if_lost=True)
 
 
 def download_call(url: str) -> Call[bytes]:
-    return Call("GET", url, _content)
+    return Call("GET", url, _content, resend_if_lost=True)
 
 
 # --- local files among the references: uploaded first, then named by id
@@ -231,22 +277,37 @@ class Exchange(Generic[T]):
     many seconds to wait before sending the call again, or None when there is no next
     try; then ``result`` is what the call reads from the answer.
 
-    ``retries`` bounds the resends, ``max_wait`` the seconds waited for them in all."""
+    Two kinds of resend, both off with ``retries=0``:
 
-    def __init__(self, call: Call[T], retries: int, max_wait: float) -> None:
+    * after a 429/503 with Retry-After, any call: at most ``retries`` of them, and at
+      most ``max_wait`` seconds waited for them in all;
+    * after a lost connection (RESENDABLE_LOSSES), only a call with ``resend_if_lost``:
+      the first at once, then after 0.5 s, 1 s, 2 s, 4 s, 5 s, 5 s... until ``max_wait``
+      seconds have passed since the first loss (``clock``), so however slowly each try
+      fails; then ConnectionLost. Not counted against ``retries``: a node restarting
+      takes seconds, not tries."""
+
+    def __init__(
+        self, call: Call[T], retries: int, max_wait: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.call = call
         self.retries = retries
         self.wait_left = max_wait
+        self.clock = clock
+        self.resend_losses = call.resend_if_lost and retries > 0
+        self.tries = 0
+        self._losses = 0  # resends after a loss so far
+        self._first_loss: float | None = None
+        self._give_up_at = 0.0  # set at the first loss
         self._answer: httpx.Response | None = None
 
     def after(self, outcome: httpx.Response | httpx.TransportError) -> float | None:
         """The delay before the next try, or None: the answer is in (else this raises:
-        an ApiError for an error answer, the transport error for a loss not resent)."""
+        an ApiError for an error answer, the transport error for a loss not resent, or
+        ConnectionLost for losses resent until the retry time ran out)."""
+        self.tries += 1
         if isinstance(outcome, httpx.TransportError):
-            if self.call.resend_if_lost and self.retries > 0:
-                self.retries -= 1
-                return 0.0  # at once: the server did not ask for a pause
-            raise outcome
+            return self._after_loss(outcome)
         delay = self._delay(outcome)
         if delay is None:
             raise_for(outcome)
@@ -263,6 +324,22 @@ class Exchange(Generic[T]):
         if delay is None or delay > self.wait_left:
             return None
         self.retries -= 1
+        self.wait_left -= delay
+        return delay
+
+    def _after_loss(self, loss: httpx.TransportError) -> float:
+        if not (self.resend_losses and isinstance(loss, RESENDABLE_LOSSES)):
+            raise loss
+        now = self.clock()
+        if self._first_loss is None:
+            self._first_loss = now
+            self._give_up_at = now + max(0.0, self.wait_left)
+        delay = 0.0
+        if self._losses:
+            delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** (self._losses - 1), self._give_up_at - now)
+            if delay <= 0:
+                raise ConnectionLost(self.call, loss, self.tries, now - self._first_loss) from loss
+        self._losses += 1
         self.wait_left -= delay
         return delay
 
@@ -286,6 +363,14 @@ class Waiting:
         return (
             LONG_POLL if self.deadline is None else max(0.0, min(LONG_POLL, self.deadline - time.monotonic()))
         )
+
+    def retry_wait(self, max_retry_wait: float) -> float:
+        """How long a get of this wait may spend retrying: the client's bound, but not past
+        the wait's own deadline (``wait(timeout=...)`` gives up at about that time even
+        when the server is down)."""
+        if self.deadline is None:
+            return max_retry_wait
+        return max(0.0, min(max_retry_wait, self.deadline - time.monotonic()))
 
     def over(self, prediction: Prediction) -> bool:
         timed_out = self.deadline is not None and time.monotonic() >= self.deadline
@@ -319,5 +404,6 @@ class ClientBase(Generic[Http]):
     def _open(self, **options: Any) -> Http:
         raise NotImplementedError
 
-    def _exchange(self, call: Call[T]) -> Exchange[T]:
-        return Exchange(call, self.retries, self.max_retry_wait)
+    def _exchange(self, call: Call[T], max_retry_wait: float | None = None) -> Exchange[T]:
+        wait = self.max_retry_wait if max_retry_wait is None else max_retry_wait
+        return Exchange(call, self.retries, wait)

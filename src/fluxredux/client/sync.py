@@ -27,7 +27,11 @@ class FluxRedux(ClientBase[httpx.Client]):
     """Synchronous client.
 
     ``retries``: how many times one call is re-sent after a 429/503 with Retry-After
-    (0: never); ``max_retry_wait``: the most seconds one call spends waiting for them."""
+    (0: never, nor after a lost connection); ``max_retry_wait``: the most seconds one call
+    spends waiting for them, and how long a read (``get``, each long-poll of ``wait``,
+    ``list``, ``download``) or a keyed create that loses its connection (server down or
+    restarting, its node killed mid long-poll) keeps being re-sent, with backoff (at once,
+    then 0.5 s doubling up to 5 s a pause), before it raises ConnectionLost."""
 
     def _open(self, **options: Any) -> httpx.Client:
         return httpx.Client(**options)
@@ -41,8 +45,8 @@ class FluxRedux(ClientBase[httpx.Client]):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, call: Call[T]) -> T:
-        exchange = self._exchange(call)
+    def _send(self, call: Call[T], max_retry_wait: float | None = None) -> T:
+        exchange = self._exchange(call, max_retry_wait)
         while (delay := exchange.after(self._try(call))) is not None:
             _sleep(delay)
         return exchange.result()
@@ -50,7 +54,7 @@ class FluxRedux(ClientBase[httpx.Client]):
     def _try(self, call: Call[Any]) -> httpx.Response | httpx.TransportError:
         try:
             return self._http.request(call.method, call.url, **call.options)
-        except httpx.TransportError as exc:  # the exchange decides: resend, or raise it
+        except httpx.TransportError as exc:  # the exchange decides: resend (when, how often), or raise
             return exc
 
     def upload(self, source: Path | bytes) -> UploadedFile:
@@ -75,10 +79,15 @@ class FluxRedux(ClientBase[httpx.Client]):
         poll: float | None = None,
         on_update: Callable[[Prediction], None] | None = None,
     ) -> Prediction:
-        """Until the prediction ends: long-polls, or polls every ``poll`` s to report progress."""
+        """Until the prediction ends: long-polls, or polls every ``poll`` s to report progress.
+
+        A long-poll whose node dies (or a poll that finds the server down) is re-sent as
+        any read is, within ``max_retry_wait`` and never past ``timeout``; so a server
+        restart, or another node behind a balancer, takes the wait over."""
         waiting = Waiting(timeout, poll)
         while True:
-            prediction = self.get(prediction_id, wait=waiting.hold())
+            call = core.get_call(prediction_id, waiting.hold())
+            prediction = self._send(call, waiting.retry_wait(self.max_retry_wait))
             if on_update is not None:
                 on_update(prediction)
             if waiting.over(prediction):

@@ -28,11 +28,11 @@ router = APIRouter(tags=["system"])
 
 @router.get("/health", summary="Liveness: the process answers (and what the worker says about the model)")
 async def health(services: ServicesDep) -> dict[str, Any]:
+    queue_depth: int | None
     try:  # liveness never waits on the store (/ready is about the store)
-        queue_depth: int | None = await asyncio.wait_for(
-            asyncio.to_thread(services.lifecycle.queue_depth), timeout=0.5
-        )
-    except (StoreUnavailable, asyncio.TimeoutError):
+        async with asyncio.timeout(0.5):
+            queue_depth = await asyncio.to_thread(services.lifecycle.queue_depth)
+    except (StoreUnavailable, TimeoutError):
         queue_depth = None
     return {
         "status": "ok",

@@ -97,7 +97,13 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> 
     await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
     own_files = f"{order.base_url.rstrip('/')}/files/" if order.base_url else None
     stored = await resolve_references(
-        order.input, services.blobs, services.uploads, services.fetcher, services.decode_limits, own_files
+        order.input,
+        key.id,
+        services.blobs,
+        services.uploads,
+        services.fetcher,
+        services.decode_limits,
+        own_files,
     )
     job = Job(
         id=new_id(),

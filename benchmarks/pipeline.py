@@ -202,7 +202,7 @@ def prior_cache_case(
         reference = new_reference(image, fresh)
         samples["miss"].append(predictor.predict(inputs, [reference]).timings["prior"])
         samples["hit"].append(predictor.predict(inputs, [reference]).timings["prior"])
-        pixels = model.feature_extractor.preprocess(images=reference, return_tensors="pt").pixel_values
+        pixels = model.parts.feature_extractor.preprocess(images=reference, return_tensors="pt").pixel_values
         started = time.perf_counter()
         pixels_key(pixels)
         samples["key_hash"].append(time.perf_counter() - started)

@@ -1,22 +1,18 @@
 """The BlobStore contract, run against every implementation, and /files/{name} serving
 from it.
 
-Adding a backend is one line in IMPLEMENTATIONS: a context manager that yields an empty
-store, given the test's request (for fixtures such as a running service) and tmp_path.
-The S3 one uses a moto server (one per session, see conftest.s3_endpoint) and a fresh
-bucket per test."""
+The contract runs on each engine of the "blobs" seam in tests/backends.py (adding a
+backend is one line there): a local directory, and S3 on a moto server (one per session,
+see conftest.s3_endpoint) with a fresh bucket per test."""
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
 
 import boto3
 import httpx
@@ -45,52 +41,15 @@ from fluxredux.storage import (
     parse_storage_url,
 )
 from fluxredux.storage.s3 import CLIENT_CONFIG, S3BlobStore
+from tests.backends import Engine, fresh_bucket, s3_client
 from tests.harness import running_server
 
-
-@functools.cache
-def s3_client(endpoint: str) -> Any:  # an untyped botocore client; made once (~0.2 s each)
-    """A client of the test S3 server, built with the store's own timeouts and retries."""
-    return boto3.session.Session().client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        config=CLIENT_CONFIG,
-    )
+SEAM = "blobs"
 
 
-def fresh_bucket(endpoint: str) -> str:
-    """A new empty bucket on the test S3 server."""
-    name = f"test-{secrets.token_hex(6)}"
-    s3_client(endpoint).create_bucket(Bucket=name)
-    return name
-
-
-@contextmanager
-def local_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
-    yield LocalBlobStore(tmp_path / "blobs")
-
-
-@contextmanager
-def s3_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
-    endpoint: str = request.getfixturevalue("s3_endpoint")
-    # Under a prefix, so keys must come back without it. The client is passed in (one for
-    # the session); the tests of the storage setting build theirs from the AWS variables.
-    yield S3BlobStore(fresh_bucket(endpoint), "blobs/", client=s3_client(endpoint))
-
-
-IMPLEMENTATIONS: dict[str, Callable[[pytest.FixtureRequest, Path], AbstractContextManager[BlobStore]]] = {
-    "local": local_store,
-    "s3": s3_store,
-}
-
-
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BlobStore]:
-    with IMPLEMENTATIONS[request.param](request, tmp_path) as made:
-        yield made
+@pytest.fixture
+def store(engine: Engine) -> BlobStore:
+    return engine.open()
 
 
 def key(prefix: str = "", extension: str = "png") -> str:

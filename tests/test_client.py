@@ -12,7 +12,8 @@ import httpx
 import pytest
 from PIL import Image
 
-import fluxredux.client
+import fluxredux.client.aio
+import fluxredux.client.sync
 from fluxredux.client import ApiError, AsyncFluxRedux, FluxRedux
 from fluxredux.pipeline.fake import FakeModel
 from tests.conftest import SAMPLE_IMAGE
@@ -159,7 +160,7 @@ def test_retries_are_bounded_in_number_and_in_time_waited(
 ) -> None:
     one_in_flight.create_id()
     waits: list[float] = []
-    monkeypatch.setattr(fluxredux.client, "_sleep", waits.append)  # count the waits, spend none
+    monkeypatch.setattr(fluxredux.client.sync, "_sleep", waits.append)  # count the waits, spend none
     responses: list[int] = []
     with (
         FluxRedux(one_in_flight.url, one_in_flight.key, retries=2, **statuses_of(responses)) as client,
@@ -190,7 +191,7 @@ def test_async_client_retries_too(one_in_flight: Harness, monkeypatch: pytest.Mo
         waits.append(seconds)
         one_in_flight.http.post(f"/v1/prediction/{first}/cancel").raise_for_status()
 
-    monkeypatch.setattr(fluxredux.client, "_async_sleep", cancel_the_first_instead_of_waiting)
+    monkeypatch.setattr(fluxredux.client.aio, "_sleep", cancel_the_first_instead_of_waiting)
 
     async def go() -> str:
         async with AsyncFluxRedux(one_in_flight.url, one_in_flight.key) as client:

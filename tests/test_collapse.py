@@ -20,6 +20,7 @@ import torch
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxPosEmbed
 from PIL import Image
 
+from fluxredux.pipeline.protocol import GenerationRequest
 from fluxredux.pipeline.redux_model import ReduxModel
 from fluxredux.pipeline.speed import Tuning
 from fluxredux.schema import PredictionInput
@@ -89,7 +90,7 @@ def transformer_sequences(model: ReduxModel) -> Iterator[list[tuple[int, int]]]:
     def record(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
         seen.append((kwargs["encoder_hidden_states"].shape[1], kwargs["hidden_states"].shape[1]))
 
-    handle = model.pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    handle = model.parts.pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
     try:
         yield seen
     finally:
@@ -166,13 +167,15 @@ def test_a_prompt_keeps_the_full_sequence(demo_model: ReduxModel, reference_imag
     """The prompt's T5 tokens are not identical: nothing to collapse."""
     with transformer_sequences(demo_model) as calls:
         generation = demo_model.generate(
-            [(reference_image, 1.0)],
-            width=512,
-            height=512,
-            num_outputs=1,
-            num_inference_steps=1,
-            seed=0,
-            prompt="a red fox",
+            GenerationRequest(
+                [(reference_image, 1.0)],
+                width=512,
+                height=512,
+                num_outputs=1,
+                num_inference_steps=1,
+                seed=0,
+                prompt="a red fox",
+            )
         )
     redux = calls[0][0] - 512
     assert calls == [(512 + redux, 1024)]

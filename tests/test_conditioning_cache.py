@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,9 @@ def sharing(
 ) -> ReduxModel:
     """The demo model's components (weights shared), with a cache, text encoders or an
     image encoder of the test's own."""
+    parts = demo_model.parts if encoder is None else replace(demo_model.parts, image_encoder=encoder)
     return ReduxModel(
-        demo_model.pipe,
-        encoder if encoder is not None else demo_model.image_encoder,
-        demo_model.feature_extractor,
-        demo_model.image_embedder,
+        parts,
         demo_model.info,
         conditioning_cache=cache,
         text_encoders=text_encoders,
@@ -121,31 +120,28 @@ def test_a_bound_of_zero_turns_the_cache_off(
 def test_the_cached_conditioning_equals_redux_conditioning_bit_for_bit(
     demo_model: ReduxModel, reference_image: Image.Image
 ) -> None:
-    config = demo_model.pipe.transformer.config
-    parts: dict[str, Any] = {
-        "image_encoder": demo_model.image_encoder,
-        "feature_extractor": demo_model.feature_extractor,
-        "image_embedder": demo_model.image_embedder,
-        "joint_attention_dim": config.joint_attention_dim,
-        "pooled_projection_dim": config.pooled_projection_dim,
-        "device": demo_model.device,
-    }
-    expected = redux_conditioning(reference_image, **parts)
+    parts, device = demo_model.parts, demo_model.device
+    config = parts.pipe.transformer.config
+    expected = redux_conditioning(
+        reference_image, image_encoder=parts.image_encoder, feature_extractor=parts.feature_extractor,
+        image_embedder=parts.image_embedder, joint_attention_dim=config.joint_attention_dim,
+        pooled_projection_dim=config.pooled_projection_dim, device=device,
+    )  # fmt: skip
     cache = ConditioningCache(MIB)
-    miss = cached_redux_conditioning(reference_image, cache=cache, **parts)
-    hit = cached_redux_conditioning(reference_image, cache=cache, **parts)
+    miss = cached_redux_conditioning(reference_image, parts, cache=cache, device=device)
+    hit = cached_redux_conditioning(reference_image, parts, cache=cache, device=device)
     assert cache.counters() == {"hits": 1, "misses": 1}
     for got in (miss, hit):
         assert torch.equal(got.prompt_embeds, expected.prompt_embeds)
         assert torch.equal(got.pooled_prompt_embeds, expected.pooled_prompt_embeds)
     # What downstream does to a conditioning never reaches the cached tokens.
     hit.prompt_embeds.mul_(0)
-    again = cached_redux_conditioning(reference_image, cache=cache, **parts)
+    again = cached_redux_conditioning(reference_image, parts, cache=cache, device=device)
     assert torch.equal(again.prompt_embeds, expected.prompt_embeds)
 
 
 def test_a_hit_gives_the_same_bytes_as_a_miss(demo_model: ReduxModel, reference_image: Image.Image) -> None:
-    encoder = CountingEncoder(demo_model.image_encoder)
+    encoder = CountingEncoder(demo_model.parts.image_encoder)
     cache = ConditioningCache(MIB)
     model = sharing(demo_model, cache=cache, encoder=encoder)
     miss = predict(model, reference_image, num_outputs=2)
@@ -158,7 +154,7 @@ def test_a_hit_gives_the_same_bytes_as_a_miss(demo_model: ReduxModel, reference_
 
 
 def test_a_repeated_reference_skips_the_image_encoder(demo_model: ReduxModel) -> None:
-    encoder = CountingEncoder(demo_model.image_encoder)
+    encoder = CountingEncoder(demo_model.parts.image_encoder)
     entry = 16 * 32 * 4  # the demo's Redux tokens: 16 of width 32, fp32
     model = sharing(demo_model, cache=ConditioningCache(2 * entry), encoder=encoder)
     portrait = Image.new("RGB", (48, 96), (200, 30, 30))
@@ -184,7 +180,7 @@ def test_a_repeated_reference_skips_the_image_encoder(demo_model: ReduxModel) ->
 
 def test_the_key_is_the_pixels_the_encoder_gets(demo_model: ReduxModel) -> None:
     def key(image: Image.Image) -> bytes:
-        pixels = demo_model.feature_extractor.preprocess(images=image, return_tensors="pt").pixel_values
+        pixels = demo_model.parts.feature_extractor.preprocess(images=image, return_tensors="pt").pixel_values
         return pixels_key(pixels)
 
     image = Image.new("RGB", (64, 64), (1, 2, 3))

@@ -412,7 +412,8 @@ def test_a_new_worker_starts_without_its_predecessors_storage_error(tmp_path: Pa
     marker = tmp_path / "second-run"
     script = (
         "import os, pathlib, time\n"
-        "from fluxredux.jobs.registry import SQLiteWorkerRegistry, WorkerInfo\n"
+        "from fluxredux.backends.sqlite.registry import SQLiteWorkerRegistry\n"
+        "from fluxredux.jobs.registry import WorkerInfo\n"
         f"marker = pathlib.Path({str(marker)!r})\n"
         "if marker.exists():\n"
         "    time.sleep(60)\n"

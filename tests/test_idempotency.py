@@ -14,50 +14,25 @@ import httpx
 import pytest
 
 from fluxredux.access.idempotency import IdempotencyStore
-from fluxredux.backends.redis.idempotency import RedisIdempotencyStore
-from fluxredux.backends.sqlite.idempotency import SQLiteIdempotencyStore
 from fluxredux.pipeline.fake import FakeModel
+from tests.backends import Engine
 from tests.harness import Harness, png_data_uri, running_server
-from tests.test_jobs import FakeClock
+from tests.helpers import FakeClock
 
 MODEL = "black-forest-labs/flux-redux-schnell"
 DAY = 24 * 3600.0
 
-# --- the IdempotencyStore contract, run against every implementation ------------------------
+# --- the IdempotencyStore contract, run against every engine (tests/backends.py) ------------
 
+SEAM = "idempotency"
 Opener = Callable[[], IdempotencyStore]
 
 
-def _redis(request: pytest.FixtureRequest, clock: FakeClock) -> Opener:
-    """Every handle a client of its own (as another API node has) on one deployment's keys."""
-    # Asked for only here, so that the SQLite tests never start redis-server.
-    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-    return lambda: RedisIdempotencyStore(url, prefix=prefix, clock=clock)
-
-
-BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path, FakeClock], Opener]] = {
-    "sqlite": lambda _, tmp, clock: lambda: SQLiteIdempotencyStore(tmp / "jobs.db", clock=clock),
-    "redis": lambda request, _, clock: _redis(request, clock),
-}
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture(params=sorted(BACKENDS))
-def open_store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[Opener]:
-    opener = BACKENDS[request.param](request, tmp_path, clock)
-    opened: list[IdempotencyStore] = []
-
-    def open_one() -> IdempotencyStore:
-        opened.append(opener())
-        return opened[-1]
-
-    yield open_one
-    for store in opened:
-        store.close()
+def open_store(engine: Engine) -> Opener:
+    """Every handle a connection or client of its own (as another API node has), on one
+    deployment's keys."""
+    return engine.open
 
 
 @pytest.fixture
@@ -137,27 +112,15 @@ def test_concurrent_claims_from_many_handles_have_one_winner(open_store: Opener)
     assert results.count(True) == 1
 
 
-def test_redis_records_leave_nothing_behind_but_their_hashes(redis_url: str, redis_prefix: str) -> None:
-    import redis
-
-    store = RedisIdempotencyStore(redis_url, prefix=redis_prefix)
-    try:
-        claimed = store.claim("key-a", "weird:key with spaces", "fp")
-        assert claimed.won and store.get("key-a", "weird:key with spaces") is not None
-        client = redis.Redis.from_url(redis_url)
-        [name] = list(client.scan_iter(match=f"{redis_prefix}*"))
-        assert 0 < client.ttl(name) <= DAY + 60  # Redis expires it too: nothing to sweep
-        store.release(claimed.record)
-        assert list(client.scan_iter(match=f"{redis_prefix}*")) == []
-    finally:
-        store.close()
-
-
-def test_redis_idempotency_unreachable_is_store_unavailable_quickly() -> None:
-    from tests.services import assert_each_unavailable_quickly, unreachable_redis_url
-
-    store = RedisIdempotencyStore(unreachable_redis_url())
-    assert_each_unavailable_quickly([lambda: store.claim("a", "k", "fp"), lambda: store.get("a", "k")])
+@pytest.mark.engines("redis")
+def test_redis_records_leave_nothing_behind_but_their_hashes(engine: Engine) -> None:
+    store = engine.open(clock=None)
+    claimed = store.claim("key-a", "weird:key with spaces", "fp")
+    assert claimed.won and store.get("key-a", "weird:key with spaces") is not None
+    [name] = engine.redis_keys()
+    assert 0 < engine.redis_client().ttl(name) <= DAY + 60  # Redis expires it too: nothing to sweep
+    store.release(claimed.record)
+    assert engine.redis_keys() == []
 
 
 # --- over HTTP, on both surfaces -------------------------------------------------------------

@@ -1,57 +1,28 @@
-"""The job store contract and the state machine, run against every backend.
-
-Add a backend to BACKENDS and the whole suite runs against it too (huey-style).
+"""The job store contract and the state machine, run against every engine (tests/backends.py:
+add an implementation to SEAMS["jobs"] and the whole suite runs against it too, huey-style).
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from fluxredux.backends.memory.jobs import MemoryJobStore
-from fluxredux.backends.redis.jobs import RedisJobStore
 from fluxredux.backends.sqlite.jobs import SQLiteJobStore
+from fluxredux.errors import StoreUnavailable
 from fluxredux.jobs import JobStore, Lifecycle
 from fluxredux.jobs.job import Job, Status, new_id
 from fluxredux.jobs.lifecycle import WORKER_LOST, InvalidTransition, transition
+from tests.backends import Engine
+from tests.helpers import FakeClock, run_threads
 
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _redis_store(request: pytest.FixtureRequest, clock: Callable[[], float]) -> JobStore:
-    # Asked for only when the redis backend is built: the other backends never start a server.
-    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-    return RedisJobStore(url, prefix=prefix, clock=clock)
-
-
-# Each backend built on a directory and the clock its leases are stamped with (and the
-# test's request, for backends that need a service fixture such as a Redis server).
-BACKENDS: dict[str, Callable[[Path, Callable[[], float], pytest.FixtureRequest], JobStore]] = {
-    "sqlite": lambda tmp, clock, request: SQLiteJobStore(tmp / "jobs.db", clock=clock),
-    "memory": lambda tmp, clock, request: MemoryJobStore(clock=clock),
-    "redis": lambda tmp, clock, request: _redis_store(request, clock),
-}
-
-
-@pytest.fixture(params=sorted(BACKENDS))
-def store(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[JobStore]:
-    backend = BACKENDS[request.param](tmp_path, clock, request)
-    yield backend
-    backend.close()
+SEAM = "jobs"
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def store(engine: Engine) -> JobStore:
+    return engine.open()
 
 
 @pytest.fixture
@@ -87,13 +58,7 @@ def bump(current: Job) -> Job:
 def test_update_is_atomic_under_concurrency(store: JobStore, clock: FakeClock) -> None:
     job = make_job(clock)
     store.insert(job)
-    threads = [
-        threading.Thread(target=lambda: [store.update(job.id, bump) for _ in range(50)]) for _ in range(4)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads([lambda: [store.update(job.id, bump) for _ in range(50)]] * 4)
     stored = store.get(job.id)
     assert stored is not None and stored.progress_step == 200
 
@@ -161,16 +126,12 @@ def test_create_if_under_capacity_is_atomic_under_concurrency(store: JobStore, c
     """Twenty threads race for ten places: exactly ten win, whatever the interleaving."""
     jobs = [make_job(clock, owner="a") for _ in range(20)]
     outcomes: list[bool] = []
-    threads = [
-        threading.Thread(
-            target=lambda job=job: outcomes.append(store.create_if_under_capacity(job, 10, 100).accepted)
-        )
-        for job in jobs
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads(
+        [
+            lambda job=job: outcomes.append(store.create_if_under_capacity(job, 10, 100).accepted)
+            for job in jobs
+        ]
+    )
     assert sorted(outcomes) == [False] * 10 + [True] * 10
     assert store.count([Status.STARTING], owner="a") == 10
 
@@ -185,7 +146,31 @@ def test_queue_position_counts_the_waiting_jobs_ahead(store: JobStore, clock: Fa
     assert store.queue_position("missing") is None
 
 
-def test_check_writable_passes_on_a_healthy_store(store: JobStore) -> None:
+def test_check_writable_passes_on_a_healthy_store(store: JobStore, clock: FakeClock) -> None:
+    store.check_writable()
+    assert store.find() == []  # it made no job
+    job = make_job(clock)
+    store.insert(job)  # and the store takes writes as before
+    store.check_writable()
+    assert store.get(job.id) == job
+
+
+@pytest.mark.engines("sqlite", "redis")  # memory cannot fail
+def test_check_writable_reports_a_store_that_cannot_write(engine: Engine, clock: FakeClock) -> None:
+    """The pair of the test above: under a real fault (SQLite's write lock held by another
+    process, Redis refusing writes) it raises StoreUnavailable, quickly, and passes again
+    once the fault is gone. A check that never fails would fail here."""
+    import time
+
+    store: JobStore = engine.open(**({"busy_timeout": 0.3} if engine.name == "sqlite" else {}))
+    job = make_job(clock)
+    store.insert(job)
+    with engine.writes_refused():
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.check_writable()
+        assert time.monotonic() - started < 3
+        assert store.get(job.id) == job  # reads go on
     store.check_writable()
 
 
@@ -194,8 +179,6 @@ def test_sqlite_reports_a_write_lock_held_elsewhere_within_its_busy_timeout(
 ) -> None:
     import sqlite3
     import time
-
-    from fluxredux.errors import StoreUnavailable
 
     store = SQLiteJobStore(tmp_path / "locked.db", busy_timeout=0.3)
     job = make_job(clock)
@@ -379,13 +362,6 @@ def test_sqlite_updates_from_two_connections_serialise(tmp_path: Path, clock: Fa
     first, second = SQLiteJobStore(tmp_path / "shared.db"), SQLiteJobStore(tmp_path / "shared.db")
     job = make_job(clock)
     first.insert(job)
-    threads = [
-        threading.Thread(target=lambda s=s: [s.update(job.id, bump) for _ in range(100)])
-        for s in (first, second)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads([lambda s=s: [s.update(job.id, bump) for _ in range(100)] for s in (first, second)])
     stored = second.get(job.id)
     assert stored is not None and stored.progress_step == 200

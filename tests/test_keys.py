@@ -4,49 +4,31 @@ constant time, revocable, and one deployment's keys open nothing in another."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from fluxredux.access.keys import UNAUTHORIZED, KeyStore, digest, parse_key
-from fluxredux.backends.redis.keys import RedisKeyStore
-from fluxredux.backends.sqlite.keys import SQLiteKeyStore
 from fluxredux.errors import Unauthorized
+from tests.backends import Engine
+from tests.helpers import run_threads
+
+SEAM = "keys"
 
 
-@dataclass
-class Deployment:
-    """A key store under test, and what the contract needs to look behind it."""
-
-    store: KeyStore
-    make_other: Callable[[], KeyStore]  # another deployment's store (own file, or own prefix)
-    stored: Callable[[], str]  # everything the backend has written, as text
-    others: list[KeyStore] = field(default_factory=list)
-
-    def other(self) -> KeyStore:
-        self.others.append(self.make_other())
-        return self.others[-1]
-
-    def close(self) -> None:
-        for store in [self.store, *self.others]:
-            store.close()
+@pytest.fixture
+def keys(engine: Engine) -> KeyStore:
+    return engine.open()
 
 
-def _sqlite(tmp_path: Path) -> Deployment:
-    def stored() -> str:
+def stored(engine: Engine) -> str:
+    """Everything the engine has written for the key store, as text."""
+    if engine.name == "sqlite":
         # The WAL file too: recent writes stay there until a checkpoint.
-        files = sorted(tmp_path.glob("keys.db*"))
+        files = sorted(engine.tmp_path.glob(f"{engine.database().name}*"))
         return "".join(path.read_bytes().decode("latin-1") for path in files)
-
-    return Deployment(
-        SQLiteKeyStore(tmp_path / "keys.db"), lambda: SQLiteKeyStore(tmp_path / "other.db"), stored
-    )
+    return redis_contents(engine.redis_client(), engine.prefix())
 
 
 def redis_contents(client: Any, prefix: str) -> str:
@@ -66,36 +48,6 @@ def redis_contents(client: Any, prefix: str) -> str:
         else:
             parts.append(str(client.get(name)))
     return "\n".join(parts)
-
-
-def _redis(request: pytest.FixtureRequest) -> Deployment:
-    # Asked for only here, so that the SQLite tests never start redis-server.
-    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-    client = redis.Redis.from_url(url, decode_responses=True)
-    request.addfinalizer(client.close)
-    return Deployment(
-        RedisKeyStore(url, prefix=prefix),
-        lambda: RedisKeyStore(url, prefix=f"{prefix}other:"),
-        lambda: redis_contents(client, prefix),
-    )
-
-
-BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Deployment]] = {
-    "sqlite": lambda _, tmp: _sqlite(tmp),
-    "redis": lambda request, _: _redis(request),
-}
-
-
-@pytest.fixture(params=sorted(BACKENDS))
-def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment]:
-    built = BACKENDS[request.param](request, tmp_path)
-    yield built
-    built.close()
-
-
-@pytest.fixture
-def keys(deployment: Deployment) -> KeyStore:
-    return deployment.store
 
 
 def refused(keys: KeyStore, presented: str | None) -> None:
@@ -158,47 +110,27 @@ def test_malformed_or_unknown_keys_are_refused(keys: KeyStore, presented: str | 
     refused(keys, presented)
 
 
-def test_a_key_of_another_deployment_opens_nothing_here(deployment: Deployment) -> None:
-    key, secret = deployment.store.create("alice")
-    other = deployment.other()
+def test_a_key_of_another_deployment_opens_nothing_here(engine: Engine, keys: KeyStore) -> None:
+    key, secret = keys.create("alice")
+    other = engine.open("other")  # its own file, or its own prefix
     refused(other, secret)
     assert other.list() == [] and other.revoke(key.id) is False
-    assert deployment.store.verify(secret) == key  # and the other one revoked nothing here
+    assert keys.verify(secret) == key  # and the other one revoked nothing here
 
 
-def test_only_hashes_are_stored(deployment: Deployment) -> None:
-    key, secret = deployment.store.create("alice")
+def test_only_hashes_are_stored(engine: Engine, keys: KeyStore) -> None:
+    key, secret = keys.create("alice")
     parsed = parse_key(secret)
     assert parsed is not None
-    contents = deployment.stored()
+    contents = stored(engine)
     assert digest(parsed[1]) in contents  # this reads what the store wrote...
     assert parsed[1] not in contents and secret not in contents  # ...and no secret is in it
-    deployment.store.revoke(key.id)
-    assert parsed[1] not in deployment.stored()
+    keys.revoke(key.id)
+    assert parsed[1] not in stored(engine)
 
 
 def test_a_key_is_revoked_once_under_concurrent_revokes(keys: KeyStore) -> None:
     key, _secret = keys.create("alice")
     results: list[bool] = []
-    threads = [threading.Thread(target=lambda: results.append(keys.revoke(key.id))) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads([lambda: results.append(keys.revoke(key.id))] * 8)
     assert sorted(results) == [False] * 7 + [True]
-
-
-def test_redis_key_store_unreachable_is_store_unavailable_quickly() -> None:
-    """A Redis that is down costs a caller a quick StoreUnavailable (a 503), never a hang,
-    and never a raw redis error (a 500)."""
-    from tests.services import assert_each_unavailable_quickly, unreachable_redis_url
-
-    keys = RedisKeyStore(unreachable_redis_url())  # nothing listens
-    calls: list[Callable[[], object]] = [
-        lambda: keys.create("alice"),
-        keys.list,
-        lambda: keys.revoke("abc"),
-        lambda: keys.verify("fr_abc_def"),
-    ]
-    assert_each_unavailable_quickly(calls)
-    keys.close()

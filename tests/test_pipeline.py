@@ -17,6 +17,7 @@ from PIL import Image
 
 from fluxredux.errors import ModelUnavailable, PredictionCancelled
 from fluxredux.pipeline.loading import choose_model_kind
+from fluxredux.pipeline.protocol import GenerationRequest
 from fluxredux.pipeline.redux_model import ReduxModel
 from fluxredux.schema import MEGAPIXELS, TABLE_ASPECT_RATIOS, PredictionInput, output_size
 from fluxredux.worker.predictor import PredictionResult, Predictor
@@ -82,15 +83,21 @@ def test_the_reference_image_conditions_the_output(demo_model: ReduxModel) -> No
     assert a.outputs[0].data != b.outputs[0].data
 
 
+def small_request(reference_image: Image.Image, **fields: Any) -> GenerationRequest:
+    """One 256x256 output of ``reference_image`` in 4 steps with seed 1, but for ``fields``."""
+    small = {"width": 256, "height": 256, "num_outputs": 1, "num_inference_steps": 4, "seed": 1}
+    return GenerationRequest([(reference_image, 1.0)], **{**small, **fields})
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3, 4])
 def test_each_step_count_is_honoured_with_progress(
     demo_model: ReduxModel, reference_image: Image.Image, steps: int
 ) -> None:
     progress: list[tuple[int, int]] = []
     generation = demo_model.generate(
-        [(reference_image, 1.0)], width=256, height=256, num_outputs=1, num_inference_steps=steps, seed=3,
+        small_request(reference_image, num_inference_steps=steps, seed=3),
         on_step=lambda done, total: progress.append((done, total)),
-    )  # fmt: skip
+    )
     assert progress == [(i, steps) for i in range(1, steps + 1)]
     assert set(generation.timings) == {"prior", "denoise", "decode"}
 
@@ -109,8 +116,7 @@ def test_cancel_stops_within_one_step(demo_model: ReduxModel, reference_image: I
     steps_done: list[int] = []
     with pytest.raises(PredictionCancelled):
         demo_model.generate(
-            [(reference_image, 1.0)], width=256, height=256, num_outputs=1, num_inference_steps=4, seed=1,
-            on_step=lambda done, total: steps_done.append(done),
+            small_request(reference_image), on_step=lambda done, total: steps_done.append(done),
             is_cancelled=lambda: len(steps_done) >= 2,
         )  # fmt: skip
     assert steps_done == [1, 2]
@@ -120,8 +126,8 @@ def test_cancel_before_start_runs_nothing(demo_model: ReduxModel, reference_imag
     steps_done: list[int] = []
     with pytest.raises(PredictionCancelled):
         demo_model.generate(
-            [(reference_image, 1.0)], width=256, height=256, num_outputs=1, num_inference_steps=4, seed=1,
-            on_step=lambda done, total: steps_done.append(done), is_cancelled=lambda: True,
+            small_request(reference_image), on_step=lambda done, total: steps_done.append(done),
+            is_cancelled=lambda: True,
         )  # fmt: skip
     assert steps_done == []
 
@@ -130,16 +136,14 @@ def test_sizes_off_the_latent_grid_are_refused_not_resized(
     demo_model: ReduxModel, reference_image: Image.Image
 ) -> None:
     with pytest.raises(ValueError, match="multiples of 16"):
-        demo_model.generate(
-            [(reference_image, 1.0)], width=500, height=512, num_outputs=1, num_inference_steps=1, seed=1
-        )
+        demo_model.generate(small_request(reference_image, width=500, height=512, num_inference_steps=1))
 
 
 def test_text_encoders_are_not_loaded_though_the_folder_has_them(demo_model: ReduxModel) -> None:
     schnell = Path(demo_model.info.schnell)
     assert (schnell / "text_encoder_2" / "model.safetensors").is_file()
     assert (schnell / "tokenizer" / "tokenizer.json").is_file()
-    pipe = demo_model.pipe
+    pipe = demo_model.parts.pipe
     assert (pipe.text_encoder, pipe.text_encoder_2, pipe.tokenizer, pipe.tokenizer_2) == (None,) * 4
     assert pipe.transformer.config.guidance_embeds is False
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fluxredux.pipeline.conditioning_cache import MIB, ConditioningCache
 from fluxredux.pipeline.demo import demo_model_paths
 from fluxredux.pipeline.fake import FakeModel
 from fluxredux.pipeline.loading import load_model
+from fluxredux.pipeline.protocol import GenerationRequest
 from fluxredux.pipeline.redux_model import ReduxModel
 from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
 from fluxredux.schema import PredictionInput
@@ -138,8 +140,11 @@ def test_the_setting_decides_whether_they_stay_loaded(
     def note(done: int, total: int) -> None:
         loaded_while_denoising.append(model.text_encoders_loaded)
 
-    size = {"width": 256, "height": 256, "num_outputs": 1, "num_inference_steps": 2, "seed": 3}
-    runs = [model.generate([(reference_image, 1.0)], prompt="a fox", on_step=note, **size) for _ in range(2)]
+    request = GenerationRequest(
+        [(reference_image, 1.0)], width=256, height=256, num_outputs=1, num_inference_steps=2, seed=3,
+        prompt="a fox",
+    )  # fmt: skip
+    runs = [model.generate(request, on_step=note) for _ in range(2)]
     # unload: freed as soon as the prompt is encoded, before the denoising that needs the memory.
     assert loaded_while_denoising == [kept] * 4
     assert model.text_encoders_loaded is kept
@@ -171,9 +176,9 @@ def test_the_prompt_conditioning_is_what_diffusers_redux_prior_makes_of_it(
     encoders = load_text_encoders(demo_model_paths(model_cache_dir).schnell, dtype=torch.float32, device=CPU)
     model = sharing(demo_model, LazyTextEncoders(lambda: encoders))
     prior = FluxPriorReduxPipeline(
-        image_encoder=demo_model.image_encoder,
-        feature_extractor=demo_model.feature_extractor,
-        image_embedder=demo_model.image_embedder,
+        image_encoder=demo_model.parts.image_encoder,
+        feature_extractor=demo_model.parts.feature_extractor,
+        image_embedder=demo_model.parts.image_embedder,
         text_encoder=encoders.clip,
         tokenizer=encoders.clip_tokenizer,
         text_encoder_2=encoders.t5,
@@ -205,7 +210,7 @@ def test_the_conditioning_cache_serves_prompted_predictions(
     demo_model: ReduxModel, reference_image: Image.Image, model_cache_dir: Path
 ) -> None:
     """The cache holds image tokens only: the prompt is put before them on a hit as on a miss."""
-    encoder = CountingEncoder(demo_model.image_encoder)
+    encoder = CountingEncoder(demo_model.parts.image_encoder)
     cache = ConditioningCache(MIB)
     encoders = LazyTextEncoders(CountingLoader(model_cache_dir))
     model = sharing(demo_model, encoders, cache=cache, encoder=encoder)
@@ -283,10 +288,10 @@ def test_a_model_built_without_text_encoders_says_it_takes_no_prompt(
 
 def test_the_fake_model_takes_the_prompt_too(tmp_path: Path) -> None:
     fake = FakeModel()
-    args: dict[str, Any] = {"width": 16, "height": 16, "num_outputs": 1, "num_inference_steps": 1, "seed": 5}
-    plain = fake.generate([], **args).images[0]
-    assert np.array_equal(fake.generate([], prompt=None, **args).images[0], plain)
-    assert not np.array_equal(fake.generate([], prompt="a red fox", **args).images[0], plain)
+    request = GenerationRequest([], width=16, height=16, num_outputs=1, num_inference_steps=1, seed=5)
+    plain = fake.generate(request).images[0]
+    assert np.array_equal(fake.generate(replace(request, prompt=None)).images[0], plain)
+    assert not np.array_equal(fake.generate(replace(request, prompt="a red fox")).images[0], plain)
 
     with running_server(tmp_path) as api:
         with_prompt = api.get(api.create_id(prompt="a red fox", seed=5, output_format="png"), wait=10)

@@ -1,5 +1,5 @@
-"""The RateLimiter contract, run against every implementation (one node's memory today;
-a backend shared by several nodes adds one line to LIMITERS)."""
+"""The RateLimiter contract, run against every engine (tests/backends.py): the one-machine
+limiter counted in its one HTTP process, and Redis, shared by every API node."""
 
 from __future__ import annotations
 
@@ -9,56 +9,19 @@ from collections.abc import Callable
 import pytest
 
 from fluxredux.backends.redis.limits import RedisRateLimiter
-from fluxredux.backends.sqlite.limits import InProcessRateLimiter
 from fluxredux.errors import RateLimited
 from fluxredux.jobs.limits import RateLimiter
+from tests.backends import Engine
+from tests.helpers import FakeClock, run_threads
 
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
+SEAM = "limiter"
 # (limit, window seconds, clock) -> a limiter with no hits recorded yet.
 LimiterFactory = Callable[[int, float, FakeClock], RateLimiter]
 
 
-def _redis_limiters(request: pytest.FixtureRequest) -> LimiterFactory:
-    # Asked for only here, so that the other backends' tests never start redis-server.
-    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-    opened: list[RedisRateLimiter] = []
-
-    def close_all() -> None:
-        for limiter in opened:
-            limiter.close()
-
-    request.addfinalizer(close_all)
-
-    def make(limit: int, window: float, clock: FakeClock) -> RateLimiter:
-        opened.append(RedisRateLimiter(url, limit, window, prefix=prefix, clock=clock))
-        return opened[-1]
-
-    return make
-
-
-# Each implementation: the test's request -> its factory.
-LIMITERS: dict[str, Callable[[pytest.FixtureRequest], LimiterFactory]] = {
-    "memory": lambda _: lambda limit, window, clock: InProcessRateLimiter(limit, window, clock=clock),
-    "redis": _redis_limiters,
-}
-
-
-@pytest.fixture(params=sorted(LIMITERS))
-def make(request: pytest.FixtureRequest) -> LimiterFactory:
-    return LIMITERS[request.param](request)
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def make(engine: Engine) -> LimiterFactory:
+    return lambda limit, window, clock: engine.open(clock=clock, limit=limit, window=window)
 
 
 def allowed(limiter: RateLimiter, key: str = "k") -> bool:
@@ -75,25 +38,26 @@ def refusal(limiter: RateLimiter, key: str = "k") -> RateLimited:
     return info.value
 
 
-def test_exactly_the_limit_gets_through_eight_threads_on_one_key(
-    make: LimiterFactory, clock: FakeClock
-) -> None:
-    limiter = make(50, 60, clock)
-    start = threading.Barrier(8)
+def hammer_at_once(limiters: list[RateLimiter], hits: int = 40) -> list[bool]:
+    """Each limiter (one per thread) hit ``hits`` times on one key, all threads at once."""
+    start = threading.Barrier(len(limiters))
     results: list[bool] = []
     lock = threading.Lock()
 
-    def hammer() -> None:
+    def hammer(limiter: RateLimiter) -> None:
         start.wait()
-        mine = [allowed(limiter) for _ in range(40)]
+        mine = [allowed(limiter) for _ in range(hits)]
         with lock:
             results.extend(mine)
 
-    threads = [threading.Thread(target=hammer) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads([lambda limiter=limiter: hammer(limiter) for limiter in limiters])
+    return results
+
+
+def test_exactly_the_limit_gets_through_eight_threads_on_one_key(
+    make: LimiterFactory, clock: FakeClock
+) -> None:
+    results = hammer_at_once([make(50, 60, clock)] * 8)
     assert (results.count(True), results.count(False)) == (50, 270)
 
 
@@ -159,35 +123,10 @@ def test_retry_after_is_when_the_oldest_hit_expires(make: LimiterFactory, clock:
     assert refusal(limiter).retry_after == 15  # next: the hit at 15 s, expiring at 75 s
 
 
-def test_redis_nodes_with_their_own_clients_share_the_limit_exactly(
-    redis_url: str, redis_prefix: str
-) -> None:
+@pytest.mark.engines("redis")
+def test_redis_nodes_with_their_own_clients_share_the_limit_exactly(engine: Engine) -> None:
     """Eight API nodes (eight clients, Redis's own clock): 50 hits through, not one more."""
-    nodes = [RedisRateLimiter(redis_url, 50, 60, prefix=redis_prefix) for _ in range(8)]
-    start = threading.Barrier(len(nodes))
-    results: list[bool] = []
-    lock = threading.Lock()
-
-    def hammer(node: RateLimiter) -> None:
-        start.wait()
-        mine = [allowed(node) for _ in range(40)]
-        with lock:
-            results.extend(mine)
-
-    threads = [threading.Thread(target=hammer, args=(node,)) for node in nodes]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    nodes: list[RedisRateLimiter] = [engine.open(clock=None, limit=50, window=60) for _ in range(8)]
+    results = hammer_at_once(list(nodes))
     assert (results.count(True), results.count(False)) == (50, 270)
     assert 30 <= refusal(nodes[0]).retry_after <= 60  # the oldest hit expires within the window (Redis clock)
-    for node in nodes:
-        node.close()
-
-
-def test_redis_limiter_unreachable_is_store_unavailable_quickly() -> None:
-    from tests.services import assert_each_unavailable_quickly, unreachable_redis_url
-
-    limiter = RedisRateLimiter(unreachable_redis_url(), 5, 60)
-    assert_each_unavailable_quickly([lambda: limiter.hit("k", "hits")])
-    limiter.close()

@@ -1,13 +1,12 @@
 """What only the Redis job store has to show beyond the shared contract (tests/test_jobs.py):
 atomicity across separate clients (API nodes, GPU workers), indexes that stay exactly in
-step with the documents, queries that page past one round trip, and a quick
-``StoreUnavailable`` when Redis is down."""
+step with the documents, queries that page past one round trip, and Redis refusing writes
+as an outage (a Redis that is down: tests/test_redis_down.py, with every Redis seam)."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,45 +17,18 @@ from fluxredux.backends.redis.jobs import RedisJobStore
 from fluxredux.errors import StoreUnavailable
 from fluxredux.jobs.job import Job, Status, new_id
 from fluxredux.jobs.transitions import start_attempt, transition
-from tests.services import assert_each_unavailable_quickly, unreachable_redis_url
-from tests.test_jobs import FakeClock, make_job
+from tests.backends import Engine
+from tests.helpers import FakeClock, run_threads
+from tests.test_jobs import make_job
+
+SEAM = "jobs"
+pytestmark = pytest.mark.engines("redis")
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def open_store(redis_url: str, redis_prefix: str, clock: FakeClock) -> Iterator[Callable[[], RedisJobStore]]:
+def open_store(engine: Engine) -> Callable[[], RedisJobStore]:
     """Opens stores on one prefix, each with a client of its own (one per node or worker)."""
-    opened: list[RedisJobStore] = []
-
-    def open_one() -> RedisJobStore:
-        opened.append(RedisJobStore(redis_url, prefix=redis_prefix, clock=clock))
-        return opened[-1]
-
-    yield open_one
-    for store in opened:
-        store.close()
-
-
-def run_threads(targets: list[Callable[[], None]]) -> None:
-    """Run ``targets`` at once; an exception in any of them fails the test."""
-    errors: list[BaseException] = []
-
-    def guarded(target: Callable[[], None]) -> None:
-        try:
-            target()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=guarded, args=(target,)) for target in targets]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    return engine.open
 
 
 def test_two_api_nodes_racing_for_an_owners_places_accept_exactly_the_limit(
@@ -100,7 +72,7 @@ def test_four_workers_with_their_own_clients_claim_each_job_exactly_once(
 
 
 def test_the_indexes_follow_every_write_and_retention_leaves_no_key_behind(
-    open_store: Callable[[], RedisJobStore], redis_url: str, redis_prefix: str, clock: FakeClock
+    open_store: Callable[[], RedisJobStore], engine: Engine, clock: FakeClock
 ) -> None:
     store = open_store()
     jobs = [make_job(clock, owner=f"o:{i % 2}", webhook_url="https://hooks.example/x") for i in range(6)]
@@ -113,13 +85,9 @@ def test_the_indexes_follow_every_write_and_retention_leaves_no_key_behind(
     assert [j.id for j in store.find(webhook_state="pending")] == [jobs[0].id, jobs[1].id]
     assert store.find([Status.PROCESSING], lease_expired_at=clock.now + 60) == []
     store.delete([job.id for job in jobs] + ["missing"])
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    try:
-        assert sorted(client.scan_iter(f"{redis_prefix}*")) == []
-        store.check_writable()
-        assert list(client.scan_iter(f"{redis_prefix}*")) == [f"{redis_prefix}jobs:write-probe"]
-    finally:
-        client.close()
+    assert engine.redis_keys() == []
+    store.check_writable()
+    assert engine.redis_keys() == [f"{engine.prefix()}jobs:write-probe"]
 
 
 def test_an_id_that_exists_is_refused_and_changes_nothing(
@@ -185,35 +153,12 @@ def test_queries_agree_with_the_reference_store_past_one_page(
     assert [store.queue_position(j.id) for j in waiting] == list(range(len(waiting)))
 
 
-def test_without_a_clock_the_store_uses_redis_time(redis_url: str, redis_prefix: str) -> None:
-    store = RedisJobStore(redis_url, prefix=redis_prefix)
-    try:
-        store.insert(Job(id=new_id(), owner="k", input={}, created_at=time.time()))
-        claimed = store.claim("w1", 30)
-        assert claimed is not None and claimed.lease_expires_at is not None
-        assert abs(claimed.lease_expires_at - 30 - time.time()) < 5  # the same host: close clocks
-    finally:
-        store.close()
-
-
-def test_a_redis_that_is_down_is_reported_unavailable_quickly(clock: FakeClock) -> None:
-    store = RedisJobStore(unreachable_redis_url(), prefix="down:")  # nothing listens
-    job = make_job(clock)
-    calls: list[Callable[[], object]] = [
-        lambda: store.insert(job),
-        lambda: store.create_if_under_capacity(job, 1, 1),
-        lambda: store.get(job.id),
-        lambda: store.update(job.id, lambda j: j),
-        lambda: store.claim("w1", 30),
-        store.now,
-        lambda: store.find([Status.PROCESSING]),
-        lambda: store.count([Status.STARTING]),
-        store.counts_by_status,
-        lambda: store.delete([job.id]),
-        store.check_writable,
-    ]
-    assert_each_unavailable_quickly(calls)
-    store.close()
+def test_without_a_clock_the_store_uses_redis_time(engine: Engine) -> None:
+    store = engine.open(clock=None)
+    store.insert(Job(id=new_id(), owner="k", input={}, created_at=time.time()))
+    claimed = store.claim("w1", 30)
+    assert claimed is not None and claimed.lease_expires_at is not None
+    assert abs(claimed.lease_expires_at - 30 - time.time()) < 5  # the same host: close clocks
 
 
 def test_a_redis_out_of_memory_or_refusing_writes_is_unavailable_not_a_crash(tmp_path: Path) -> None:

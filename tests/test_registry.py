@@ -6,13 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from fluxredux.backends.memory.registry import MemoryWorkerRegistry
-from fluxredux.backends.redis.registry import RedisWorkerRegistry
 from fluxredux.backends.sqlite.jobs import SQLiteJobStore
 from fluxredux.backends.sqlite.registry import SQLiteWorkerRegistry
 from fluxredux.config import Settings
@@ -26,34 +23,16 @@ from fluxredux.jobs.registry import (
     recover_orphans,
     this_host,
 )
-from tests.test_jobs import FakeClock
+from tests.backends import Engine
+from tests.helpers import FakeClock
 
-
-def _redis_registry(request: pytest.FixtureRequest, clock: Callable[[], float]) -> WorkerRegistry:
-    # Asked for only here, so that the other backends' tests never start redis-server.
-    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-    return RedisWorkerRegistry(url, prefix=prefix, clock=clock)
-
-
-# (the test's request, its tmp dir, the clock) -> an empty registry.
-REGISTRIES: dict[str, Callable[[pytest.FixtureRequest, Path, Callable[[], float]], WorkerRegistry]] = {
-    "sqlite": lambda _, tmp, clock: SQLiteWorkerRegistry(tmp / "jobs.db", clock=clock),
-    "memory": lambda _, tmp, clock: MemoryWorkerRegistry(clock=clock),
-    "redis": lambda request, _, clock: _redis_registry(request, clock),
-}
+SEAM = "registry"
 TTL = 15.0
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture(params=sorted(REGISTRIES))
-def registry(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[WorkerRegistry]:
-    backend = REGISTRIES[request.param](request, tmp_path, clock)
-    yield backend
-    backend.close()
+def registry(engine: Engine) -> WorkerRegistry:
+    return engine.open()
 
 
 def ended_pid() -> int:
@@ -227,26 +206,15 @@ def test_heartbeats_must_fit_well_inside_the_lease_and_the_ttl() -> None:
     assert Settings(heartbeat_seconds=5).heartbeat_seconds == 5
 
 
-def test_redis_registry_unreachable_is_store_unavailable_quickly() -> None:
-    """A Redis that is down costs a caller a quick StoreUnavailable, never a hang."""
-    from tests.services import assert_each_unavailable_quickly, unreachable_redis_url
-
-    registry = RedisWorkerRegistry(unreachable_redis_url())
-    assert_each_unavailable_quickly([lambda: registry.register(worker("w1")), registry.workers, registry.now])
-    registry.close()
-
-
-def test_redis_registry_on_redis_time_keeps_deployments_apart(redis_url: str, redis_prefix: str) -> None:
+@pytest.mark.engines("redis")
+def test_redis_registry_on_redis_time_keeps_deployments_apart(engine: Engine) -> None:
     """Without an injected clock, last_seen is Redis TIME; another prefix is another deployment."""
     from dataclasses import replace
 
-    registry = RedisWorkerRegistry(redis_url, prefix=redis_prefix)
-    other = RedisWorkerRegistry(redis_url, prefix=redis_prefix + "other:")
+    registry, other = engine.open(clock=None), engine.open("other", clock=None)
     before = registry.now()
     registry.register(replace(worker("w1"), details={"demo": True, "error": {"code": "oom", "at": 1.25}}))
     [seen] = registry.workers()
     assert before <= seen.last_seen <= registry.now()
     assert seen.details == {"demo": True, "error": {"code": "oom", "at": 1.25}}
     assert other.workers() == [] and other.heartbeat("w1") is False
-    registry.close()
-    other.close()

@@ -61,7 +61,7 @@ import sys
 import time
 
 from fluxredux.config import Settings
-from fluxredux.worker.fake import FakeModel
+from fluxredux.pipeline.fake import FakeModel
 from fluxredux.worker.process import WorkerProcess, configure_logging
 
 POISON = int(os.environ.get("TEST_POISON_SEED", "-1"))
@@ -74,14 +74,14 @@ class FaultyModel:
         self.inner = FakeModel(step_seconds=settings.fake_step_seconds)
         self.info = self.inner.info
 
-    def generate(self, references, *, seed, **kwargs):
-        if seed == POISON:
-            log.warning("seed %d: poisoned, exiting", seed)
+    def generate(self, request, **kwargs):
+        if request.seed == POISON:
+            log.warning("seed %d: poisoned, exiting", request.seed)
             logging.shutdown()
             os._exit(137)
-        result = self.inner.generate(references, seed=seed, **kwargs)
+        result = self.inner.generate(request, **kwargs)
         if HOLD:
-            log.warning("seed %d: every step done, holding", seed)
+            log.warning("seed %d: every step done, holding", request.seed)
             time.sleep(HOLD)
         return result
 

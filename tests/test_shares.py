@@ -6,22 +6,22 @@ nothing by itself; on a real server with the fake model (flat colours, no torch)
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from fluxredux.access.shares import MAX_SHARES_PER_PREDICTION, ShareStore
 from fluxredux.api.maintenance import delete_expired
-from fluxredux.backends.redis.shares import RedisShareStore
-from fluxredux.backends.sqlite.shares import SQLiteShareStore
 from fluxredux.errors import TooManyShares
+from tests.backends import Engine
 from tests.harness import Harness, running_server
+from tests.helpers import run_threads
+
+SEAM = "shares"  # the ShareStore contract below runs on each engine of it
 
 
 @pytest.fixture
@@ -195,26 +195,12 @@ def test_retention_deletes_the_shares_with_their_predictions(api: Harness) -> No
     assert httpx.get(made["url"]).status_code == 404
 
 
-# --- the ShareStore contract, run against every implementation ------------------------------
+# --- the ShareStore contract, run against every engine (tests/backends.py) ------------------
 
 
-def _redis_shares(request: pytest.FixtureRequest) -> ShareStore:
-    # Asked for only here, so that the SQLite tests never start redis-server.
-    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-    return RedisShareStore(url, prefix=prefix)
-
-
-SHARE_STORES: dict[str, Callable[[pytest.FixtureRequest, Path], ShareStore]] = {
-    "sqlite": lambda _, tmp: SQLiteShareStore(tmp / "shares.db"),
-    "redis": lambda request, _: _redis_shares(request),
-}
-
-
-@pytest.fixture(params=sorted(SHARE_STORES))
-def share_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ShareStore]:
-    store = SHARE_STORES[request.param](request, tmp_path)
-    yield store
-    store.close()
+@pytest.fixture
+def share_store(engine: Engine) -> ShareStore:
+    return engine.open()
 
 
 def test_share_store_contract_create_get_list(share_store: ShareStore) -> None:
@@ -222,7 +208,9 @@ def test_share_store_contract_create_get_list(share_store: ShareStore) -> None:
     a = share_store.create("p1", "key-a")
     b = share_store.create("p1", "key-a", include_reference=True)
     c = share_store.create("p2", "key-b")
-    assert len({a.token, b.token, c.token}) == 3 and "p1" not in a.token and len(a.token) > 22
+    assert len({a.token, b.token, c.token}) == 3 and len(a.token) > 22
+    prediction_id = "JQ8TSpuOoJ3sKBtv7iLb4g"  # one of real length: "p1" turns up in ~1% of tokens
+    assert prediction_id not in share_store.create(prediction_id, "key-a").token  # nothing derived from it
     assert (a.prediction_id, a.owner, a.include_reference) == ("p1", "key-a", False)
     assert b.include_reference and (c.prediction_id, c.owner) == ("p2", "key-b")
     assert before - 5 <= a.created_at <= b.created_at <= c.created_at <= time.time() + 5
@@ -251,14 +239,7 @@ def test_share_store_contract_a_share_is_revoked_once_under_concurrent_revokes(
 ) -> None:
     made = share_store.create("p1", "key-a")
     results: list[bool] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(share_store.revoke(made.token, "key-a")))
-        for _ in range(8)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads([lambda: results.append(share_store.revoke(made.token, "key-a"))] * 8)
     assert sorted(results) == [False] * 7 + [True]
 
 
@@ -282,20 +263,14 @@ def test_share_store_contract_live_shares_per_prediction_are_capped(share_store:
 def test_share_store_contract_concurrent_creates_never_pass_the_cap(share_store: ShareStore) -> None:
     made: list[object] = []
     refused: list[TooManyShares] = []
-    start = threading.Barrier(12)
 
     def create() -> None:
-        start.wait()
         try:
             made.append(share_store.create("p1", "key-a", limit=5))
         except TooManyShares as exc:
             refused.append(exc)
 
-    threads = [threading.Thread(target=create) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads([create] * 12)
     assert (len(made), len(refused)) == (5, 7)
     assert len(share_store.list_for_prediction("p1")) == 5
 
@@ -320,34 +295,12 @@ def test_share_store_contract_delete_for_many_predictions_at_once(share_store: S
     assert share_store.get(made[0].token) == made[0] and share_store.get(made[-1].token) is None
 
 
-def test_redis_share_store_leaves_nothing_behind(redis_url: str, redis_prefix: str) -> None:
+@pytest.mark.engines("redis")
+def test_redis_share_store_leaves_nothing_behind(engine: Engine, share_store: ShareStore) -> None:
     """Revoked and deleted shares take their index entries with them."""
-    store = RedisShareStore(redis_url, prefix=redis_prefix)
-    client = redis.Redis.from_url(redis_url)
-    try:
-        a = store.create("p1", "key-a")
-        store.create("p1", "key-a")
-        store.create("p2", "key-a")
-        assert store.revoke(a.token, "key-a")
-        store.delete_for_predictions(["p1", "p2"])
-        assert list(client.scan_iter(match=f"{redis_prefix}*")) == []
-    finally:
-        client.close()
-        store.close()
-
-
-def test_redis_share_store_unreachable_is_store_unavailable_quickly() -> None:
-    """A Redis that is down costs a caller a quick StoreUnavailable (a 503), never a hang,
-    and never a raw redis error (a 500)."""
-    from tests.services import assert_each_unavailable_quickly, unreachable_redis_url
-
-    store = RedisShareStore(unreachable_redis_url())  # nothing listens
-    calls: list[Callable[[], object]] = [
-        lambda: store.create("p1", "key-a"),
-        lambda: store.get("token"),
-        lambda: store.list_for_prediction("p1"),
-        lambda: store.revoke("token", "key-a"),
-        lambda: store.delete_for_predictions(["p1"]),
-    ]
-    assert_each_unavailable_quickly(calls)
-    store.close()
+    a = share_store.create("p1", "key-a")
+    share_store.create("p1", "key-a")
+    share_store.create("p2", "key-a")
+    assert share_store.revoke(a.token, "key-a")
+    share_store.delete_for_predictions(["p1", "p2"])
+    assert engine.redis_keys() == []

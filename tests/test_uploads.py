@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import base64
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from fluxredux.access.uploads import Upload, UploadStore
 from fluxredux.api.maintenance import delete_expired
-from fluxredux.backends.redis.uploads import RedisUploadStore
-from fluxredux.backends.sqlite.uploads import SQLiteUploadStore
+from tests.backends import Engine
 from tests.harness import Harness, png_data_uri, running_server
+from tests.helpers import run_threads
+
+SEAM = "uploads"  # the UploadStore contract below runs on each engine of it
 
 
 @pytest.fixture
@@ -169,26 +169,12 @@ def test_another_keys_upload_url_is_copied_not_linked(api: Harness) -> None:
     assert own_job is not None and own_job.input_files[0].startswith(uploaded["id"])
 
 
-# --- the UploadStore contract, run against every implementation -----------------------------
+# --- the UploadStore contract, run against every engine (tests/backends.py) -----------------
 
 
-def _redis_uploads(request: pytest.FixtureRequest) -> UploadStore:
-    # Asked for only here, so that the SQLite tests never start redis-server.
-    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-    return RedisUploadStore(url, prefix=prefix)
-
-
-UPLOAD_STORES: dict[str, Callable[[pytest.FixtureRequest, Path], UploadStore]] = {
-    "sqlite": lambda _, tmp: SQLiteUploadStore(tmp / "uploads.db"),
-    "redis": lambda request, _: _redis_uploads(request),
-}
-
-
-@pytest.fixture(params=sorted(UPLOAD_STORES))
-def upload_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UploadStore]:
-    store = UPLOAD_STORES[request.param](request, tmp_path)
-    yield store
-    store.close()
+@pytest.fixture
+def upload_store(engine: Engine) -> UploadStore:
+    return engine.open(clock=None)  # the contract's times are the store's own, or given
 
 
 def key_of(i: int, ext: str = "png") -> str:
@@ -301,63 +287,32 @@ def test_upload_store_contract_use_and_expire_never_interleave(upload_store: Upl
             if (found := upload_store.use(upload.id, now=300.0)) is not None:
                 used.append(found)
 
-    threads = [threading.Thread(target=use, args=(made[i::3],)) for i in range(3)]
-    threads.append(threading.Thread(target=lambda: expired.extend(upload_store.expire(unused_since=250.0))))
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    users = [lambda part=made[i::3]: use(part) for i in range(3)]
+    run_threads([*users, lambda: expired.extend(upload_store.expire(unused_since=250.0))])
     used_ids, expired_ids = {u.id for u in used}, {u.id for u in expired}
     assert not used_ids & expired_ids
     assert used_ids | expired_ids == {u.id for u in made}
     assert all(u.last_used_at == 300.0 and upload_store.get(u.id) == u for u in used)
 
 
-def test_redis_upload_store_uses_the_injected_clock(redis_url: str, redis_prefix: str) -> None:
+@pytest.mark.engines("redis")
+def test_redis_upload_store_uses_the_injected_clock(engine: Engine) -> None:
     now = [1234.5]
-    store = RedisUploadStore(redis_url, prefix=redis_prefix, clock=lambda: now[0])
-    try:
-        made = store.add(key_of(1), "key-a")
-        assert (made.created_at, made.last_used_at) == (1234.5, 1234.5)
-        now[0] = 2000.25
-        used = store.use(made.id)
-        assert used is not None and used.last_used_at == 2000.25
-        assert store.expire(unused_since=2000.25) == [] and store.expire(unused_since=2000.5) == [used]
-    finally:
-        store.close()
+    store = engine.open(clock=lambda: now[0])
+    made = store.add(key_of(1), "key-a")
+    assert (made.created_at, made.last_used_at) == (1234.5, 1234.5)
+    now[0] = 2000.25
+    used = store.use(made.id)
+    assert used is not None and used.last_used_at == 2000.25
+    assert store.expire(unused_since=2000.25) == [] and store.expire(unused_since=2000.5) == [used]
 
 
-def test_redis_upload_store_leaves_nothing_behind(redis_url: str, redis_prefix: str) -> None:
-    store = RedisUploadStore(redis_url, prefix=redis_prefix)
-    client = redis.Redis.from_url(redis_url)
-    try:
-        made = [store.add(key_of(i), "key-a", now=100.0) for i in range(3)]
-        store.use(made[0].id, now=200.0)
-        assert store.forget(u.id for u in store.expire(unused_since=1000.0)) == 3
-        assert list(client.scan_iter(match=f"{redis_prefix}*")) == []
-    finally:
-        client.close()
-        store.close()
-
-
-def test_redis_upload_store_unreachable_is_store_unavailable_quickly() -> None:
-    """A Redis that is down costs a caller a quick StoreUnavailable (a 503), never a hang,
-    and never a raw redis error (a 500)."""
-    from tests.services import assert_each_unavailable_quickly, unreachable_redis_url
-
-    store = RedisUploadStore(unreachable_redis_url())  # nothing listens
-    calls: list[Callable[[], object]] = [
-        lambda: store.add(key_of(1), "key-a"),
-        lambda: store.add(key_of(1), "key-a", now=100.0),
-        lambda: store.get("id"),
-        lambda: store.use("id"),
-        lambda: store.use("id", now=100.0),
-        lambda: store.uploaded([key_of(1)]),
-        lambda: store.expire(unused_since=100.0),
-        lambda: store.forget(["id"]),
-    ]
-    assert_each_unavailable_quickly(calls)
-    store.close()
+@pytest.mark.engines("redis")
+def test_redis_upload_store_leaves_nothing_behind(engine: Engine, upload_store: UploadStore) -> None:
+    made = [upload_store.add(key_of(i), "key-a", now=100.0) for i in range(3)]
+    upload_store.use(made[0].id, now=200.0)
+    assert upload_store.forget(u.id for u in upload_store.expire(unused_since=1000.0)) == 3
+    assert engine.redis_keys() == []
 
 
 def test_files_that_no_record_refers_to_are_deleted_in_the_end(api: Harness) -> None:

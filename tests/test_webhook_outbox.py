@@ -1,65 +1,32 @@
-"""The webhook outbox contract, run against every backend: idempotent enqueue, atomic
-leased claims (an expired one is claimable again), outcomes fenced by the claim.
+"""The webhook outbox contract, run against every engine (tests/backends.py): idempotent
+enqueue, atomic leased claims (an expired one is claimable again), outcomes fenced by the
+claim.
 
-Each backend is an opener of handles on one shared outbox: for SQLite every handle is a
-new connection to the same file (as separate processes have), for memory the one object.
+Each handle the engine opens is on one shared outbox: for SQLite a new connection to the
+same file (as separate processes have), for Redis a client of its own (as another node
+has), for memory the one object.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
-from fluxredux.backends.memory.outbox import MemoryWebhookOutbox
-from fluxredux.backends.redis.outbox import RedisWebhookOutbox
-from fluxredux.backends.sqlite.outbox import SQLiteWebhookOutbox
 from fluxredux.jobs.outbox import WebhookOutbox
-from tests.test_jobs import FakeClock
+from tests.backends import Engine
+from tests.helpers import FakeClock, run_threads
 
+SEAM = "outbox"
 Opener = Callable[[], WebhookOutbox]
-
-
-def _same(outbox: WebhookOutbox) -> Opener:
-    return lambda: outbox
-
-
-def _redis(request: pytest.FixtureRequest, clock: FakeClock) -> Opener:
-    """Every handle a client of its own (as another node has) on one deployment's keys."""
-    # Asked for only here, so that the other backends' tests never start redis-server.
-    url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-    return lambda: RedisWebhookOutbox(url, prefix=prefix, clock=clock)
-
-
-# (the test's request, its tmp dir, the clock) -> an opener of handles on one empty outbox.
-BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path, FakeClock], Opener]] = {
-    "sqlite": lambda _, tmp, clock: lambda: SQLiteWebhookOutbox(tmp / "jobs.db", clock=clock),
-    "memory": lambda _, tmp, clock: _same(MemoryWebhookOutbox(clock=clock)),
-    "redis": lambda request, _, clock: _redis(request, clock),
-}
 LEASE = 30.0
 URL = "https://hooks.example/x"
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture(params=sorted(BACKENDS))
-def open_outbox(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[Opener]:
-    opener = BACKENDS[request.param](request, tmp_path, clock)
-    opened: list[WebhookOutbox] = []
-
-    def open_one() -> WebhookOutbox:
-        opened.append(opener())
-        return opened[-1]
-
-    yield open_one
-    for outbox in opened:
-        outbox.close()
+def open_outbox(engine: Engine) -> Opener:
+    return engine.open
 
 
 @pytest.fixture
@@ -214,11 +181,7 @@ def test_concurrent_claimers_never_get_the_same_delivery(open_outbox: Opener, cl
         while batch := handles[index].claim_due(f"w{index}", LEASE, limit=7):
             claims[index].extend(d.prediction_id for d in batch)
 
-    threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(len(handles))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    run_threads([lambda i=i: claim_all(i) for i in range(len(handles))], timeout=30)
     every = [name for mine in claims for name in mine]
     assert sorted(every) == names  # each exactly once
     for index, mine in enumerate(claims):
@@ -226,9 +189,10 @@ def test_concurrent_claimers_never_get_the_same_delivery(open_outbox: Opener, cl
             assert setup.get(name).claim_owner == f"w{index}"  # type: ignore[union-attr]
 
 
-def test_redis_outbox_on_redis_time(redis_url: str, redis_prefix: str) -> None:
+@pytest.mark.engines("redis")
+def test_redis_outbox_on_redis_time(engine: Engine) -> None:
     """Without an injected clock every stamp is Redis TIME, read inside the scripts."""
-    outbox = RedisWebhookOutbox(redis_url, prefix=redis_prefix)
+    outbox = engine.open(clock=None)
     before = outbox.now()
     enqueued = outbox.enqueue("p1", URL)
     [claimed] = outbox.claim_due("w1", LEASE, 1)
@@ -239,14 +203,3 @@ def test_redis_outbox_on_redis_time(redis_url: str, redis_prefix: str) -> None:
     assert done is not None and done.finished_at is not None and done.finished_at >= claimed.next_at - LEASE
     assert outbox.next_due() is None
     assert outbox.forget(finished_before=outbox.now() + 1) == 1 and outbox.get("p1") is None
-    outbox.close()
-
-
-def test_redis_outbox_unreachable_is_store_unavailable_quickly() -> None:
-    from tests.services import assert_each_unavailable_quickly, unreachable_redis_url
-
-    outbox = RedisWebhookOutbox(unreachable_redis_url())
-    assert_each_unavailable_quickly(
-        [lambda: outbox.enqueue("p1", URL), lambda: outbox.claim_due("w1", LEASE, 5), outbox.next_due]
-    )
-    outbox.close()

@@ -13,9 +13,9 @@ stuck for 24 h. A create that fails (a 4xx, a full queue) ``release``s its claim
 retry is tried afresh. ``complete`` and ``release`` are fenced by the claim's random
 token: a claimer whose lease ran out and was taken over changes nothing.
 
-``IdempotencyStore`` is a small protocol: SQLite here (one machine), Redis in
-``fluxredux.redis_idempotency`` (many API nodes), one contract suite
-(tests/test_idempotency.py). Every time is the store's clock.
+``IdempotencyStore`` is a small protocol: SQLite in
+``backends/sqlite/idempotency.py`` (one machine), Redis in ``backends/redis/idempotency.py``
+(many API nodes), one contract suite (tests/test_idempotency.py). Every time is the store's clock.
 """
 
 from __future__ import annotations

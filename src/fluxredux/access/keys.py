@@ -4,10 +4,10 @@ A key looks like ``fr_<key id>_<secret>``. The id finds the record; the SHA-256 
 secret is compared with ``hmac.compare_digest``. Keys are 256-bit random strings, so a
 fast hash is enough (slow password hashes are for guessable secrets).
 
-``KeyStore`` is a small protocol: the SQLite table here (one machine), Redis in
-``fluxredux.redis_keys`` (many API nodes), one contract suite (tests/test_keys.py). What
-makes a key a key (its format, its digest, the constant-time check and the one message
-for every failure) is decided here, once, for both.
+``KeyStore`` is a small protocol: SQLite in ``backends/sqlite/keys.py``
+(one machine), Redis in ``backends/redis/keys.py`` (many API nodes), one contract suite
+(tests/test_keys.py). What makes a key a key (its format, its digest, the constant-time check
+and the one message for every failure) is decided here, once, for both.
 """
 
 from __future__ import annotations

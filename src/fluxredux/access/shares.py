@@ -6,8 +6,9 @@ is created on purpose by the prediction's owner and found by its own random toke
 at most ``MAX_SHARES_PER_PREDICTION`` live links, counted and created in one atomic step.
 
 ``ShareStore`` is a small protocol (create, get, list_for_prediction, revoke,
-delete_for_predictions): the SQLite table here (one machine), Redis in
-``fluxredux.redis_shares`` (many API nodes), one contract suite (tests/test_shares.py).
+delete_for_predictions): SQLite in ``backends/sqlite/shares.py``
+(one machine), Redis in ``backends/redis/shares.py`` (many API nodes), one contract suite
+(tests/test_shares.py).
 """
 
 from __future__ import annotations

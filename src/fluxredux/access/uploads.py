@@ -15,8 +15,8 @@ An owner deletes an upload the same two-step way: ``withdraw`` marks that one up
 expired at once, the caller deletes its blob, then ``forget``s it (if the deletion fails,
 the next retention round finds it marked and finishes the job).
 
-``UploadStore`` is a small protocol (add, get, use, uploaded, expire, withdraw, forget): the SQLite
-table here (one machine), Redis in ``fluxredux.redis_uploads`` (many API nodes), one
+``UploadStore`` is a small protocol (add, get, use, uploaded, expire, withdraw, forget): SQLite in
+``backends/sqlite/uploads.py`` (one machine), Redis in ``backends/redis/uploads.py`` (many API nodes), one
 contract suite (tests/test_uploads.py). Times are the caller's ``now`` when given, else
 the store's clock.
 """

@@ -107,7 +107,7 @@ def create_app(services: Services) -> FastAPI:
         # would then queue every read behind them.
         loop.set_default_executor(ThreadPoolExecutor(max_workers=64, thread_name_prefix="blocking"))
         services.notifier.bind(loop)
-        services.notifier.listen(on_event)
+        stop_listening = services.notifier.listen(on_event)
         services.webhooks.start()  # the sweeper of the webhook outbox (first: what ended while down)
         background = asyncio.create_task(run_maintenance(services))
         try:
@@ -118,6 +118,7 @@ def create_app(services: Services) -> FastAPI:
                 task.cancel()
             await services.webhooks.aclose()
             await services.fetcher.aclose()
+            stop_listening()
 
     app = errors.ErrorDocumentingFastAPI(
         title="fluxredux",

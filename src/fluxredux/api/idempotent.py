@@ -1,6 +1,6 @@
 """``Idempotency-Key`` on creates, on both surfaces: the same key and request within 24 h
 answer with the prediction the first create made; the same key with another request is
-a 409 (see fluxredux.idempotency for the store and its rules)."""
+a 409 (see fluxredux.access.idempotency for the store and its rules)."""
 
 from __future__ import annotations
 

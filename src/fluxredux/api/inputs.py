@@ -5,7 +5,7 @@ Whatever the source (upload id, data: URI, http(s) URL), the image is decoded on
 so a bad image is a 400 now rather than a failed prediction later, then stored as an
 input blob the worker reads. A URL or data: URI is stored as a copy of this prediction's
 own; an upload of the caller's own key is used in place (and kept by its own retention,
-see fluxredux.uploads); another key's upload id is refused as an unknown one.
+see fluxredux.access.uploads); another key's upload id is refused as an unknown one.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from fluxredux.jobs.events import JobEvent
+from fluxredux.jobs.events import JobEvent, Unsubscribe
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +28,16 @@ class Notifier:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def listen(self, listener: Listener) -> None:
+    def listen(self, listener: Listener) -> Unsubscribe:
+        """Call ``listener`` on the loop for every event until the returned function is
+        called (an app started twice on one notifier must not count each event twice)."""
         self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
 
     def publish(self, event: JobEvent) -> None:
         loop = self._loop
@@ -47,7 +55,7 @@ class Notifier:
     def _dispatch(self, event: JobEvent) -> None:
         for waiter in self._waiters.get(event.job_id, ()):
             waiter.set()
-        for listener in self._listeners:
+        for listener in list(self._listeners):
             try:
                 listener(event)
             except Exception:

@@ -19,7 +19,7 @@ from fluxredux.backends import Backends, backends_for
 from fluxredux.config import Settings
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Lifecycle
-from fluxredux.jobs.events import EventBus, JobEvent
+from fluxredux.jobs.events import EventBus, Unsubscribe, publish_changes
 from fluxredux.jobs.job import REPLICATE, Job
 from fluxredux.jobs.limits import RateLimiter
 from fluxredux.jobs.outbox import WebhookOutbox
@@ -53,6 +53,7 @@ class Services:
     # Whoever runs the models: the supervisor of a worker process, or a thread in tests.
     workers: WorkerMonitor
     backends: Backends  # what built the seams above; closes them
+    stop_notifying: Unsubscribe  # ends the bus -> notifier subscription
     # /ready's checks and their threads (a check that overran its budget is awaited again).
     readiness: Readiness = field(default_factory=Readiness)
 
@@ -62,6 +63,7 @@ class Services:
 
     def close(self) -> None:
         self.readiness.close()
+        self.stop_notifying()
         self.backends.close()
 
 
@@ -79,8 +81,8 @@ def build_services(
     backends = backends_for(settings, clock=clock)
     store, registry, bus = backends.jobs, backends.registry, backends.bus
     notifier = Notifier()
-    bus.add_listener(notifier.publish)
-    lifecycle = Lifecycle(store, publish=lambda job: bus.publish(JobEvent(job.id, job.status.value)))
+    stop_notifying = bus.add_listener(notifier.publish)
+    lifecycle = Lifecycle(store, publish=publish_changes(bus))
     fetcher = fetcher or SafeFetcher(
         FetchPolicy(
             max_bytes=settings.max_image_bytes,
@@ -129,4 +131,5 @@ def build_services(
         creations=backends.rate_limiter("creations", settings.rate_limit_per_minute),
         reads=backends.rate_limiter("reads", settings.read_limit_per_minute),
         backends=backends,
+        stop_notifying=stop_notifying,
     )

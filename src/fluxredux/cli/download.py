@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from fluxredux.cli.app import VerboseOption, app, err, fail, out, setup_logging
+from fluxredux.cli.app import app, err, fail, out, setup_logging
+from fluxredux.cli.options import VerboseOption
 from fluxredux.errors import FluxReduxError
 from fluxredux.pipeline.weights import (
     LICENSE_NOTE,

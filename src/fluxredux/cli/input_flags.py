@@ -7,16 +7,15 @@ validated by the model itself, so a bad flag gets the same message the API gives
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
-import typing
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
 
+from fluxredux.cli.options import Expansion, expand
 from fluxredux.errors import InvalidInput
 from fluxredux.schema import FieldError, PredictionInput, field_errors
 
@@ -73,28 +72,10 @@ def _flag_parameters() -> list[inspect.Parameter]:
 
 
 def with_input_flags(func: F) -> F:
-    """Add the input flags to a typer command; it receives them as ``inputs: dict``."""
-    flag_params = _flag_parameters()
-    flag_names = {p.name for p in flag_params}
-    signature = inspect.signature(func)
-    # Resolve the command's own (string, postponed) annotations where they were written,
-    # so typer sees real types and Annotated options on the wrapper.
-    hints = typing.get_type_hints(func, include_extras=True)
-    own = [
-        p.replace(annotation=hints.get(p.name, p.annotation))
-        for p in signature.parameters.values()
-        if p.name != "inputs"
-    ]
-
-    @functools.wraps(func)
-    def wrapper(**kwargs: Any) -> Any:
-        inputs = {k: kwargs.pop(k) for k in list(kwargs) if k in flag_names}
-        return func(inputs={k: v for k, v in inputs.items() if v is not None}, **kwargs)
-
-    new_params = own + flag_params
-    wrapper.__signature__ = signature.replace(parameters=new_params)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in new_params}
-    return wrapper  # type: ignore[return-value]
+    """Add the input flags to a typer command, in place of its ``inputs`` parameter; it
+    receives them as ``inputs: dict`` (only those given)."""
+    flags = Expansion(_flag_parameters(), lambda values: {k: v for k, v in values.items() if v is not None})
+    return expand(func, {"inputs": flags})
 
 
 # The image is given apart from the flags; this placeholder only lets the input model

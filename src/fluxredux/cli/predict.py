@@ -8,21 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fluxredux.cli.app import (
-    AttentionBackendOption,
-    CollapseOption,
-    CompileOption,
-    ModelOption,
-    QuantizeOption,
-    VerboseOption,
-    app,
-    err,
-    fail,
-    out,
-    setup_logging,
-)
+from fluxredux.cli.app import app, err, fail, out, setup_logging
 from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
-from fluxredux.cli.serve import settings_from
+from fluxredux.cli.options import ModelFlags, VerboseOption, settings_from, with_bundles
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ImageError
 from fluxredux.images import DecodeLimits, decode_image
@@ -32,6 +20,7 @@ from fluxredux.worker.predictor import PredictionResult
 
 @app.command()
 @with_input_flags
+@with_bundles
 def predict(
     image: Annotated[
         Path | None,
@@ -42,11 +31,7 @@ def predict(
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where to write the images.")] = Path(
         "."
     ),
-    model: ModelOption = None,
-    collapse_zero_tokens: CollapseOption = None,
-    attention_backend: AttentionBackendOption = None,
-    compile: CompileOption = None,
-    quantize: QuantizeOption = None,
+    model: ModelFlags = ModelFlags(),
     verbose: VerboseOption = False,
     *,
     inputs: dict[str, Any],
@@ -54,13 +39,7 @@ def predict(
     """Generate variations of IMAGE (or of --redux-images mixed) in this process and write
     them to --output-dir."""
     setup_logging(verbose)
-    settings = settings_from(
-        model=model,
-        collapse_zero_tokens=collapse_zero_tokens,
-        attention_backend=attention_backend,
-        compile=compile,
-        quantize=quantize,
-    )
+    settings = settings_from(model)
     try:
         parsed = parse_flags(inputs)
         check_reference_choice(image is not None, parsed)

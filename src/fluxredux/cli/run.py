@@ -10,8 +10,9 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fluxredux.api.eachlabs.shapes import Prediction
-from fluxredux.cli.app import VerboseOption, app, err, fail, out, setup_logging
+from fluxredux.cli.app import app, err, fail, out, setup_logging
 from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
+from fluxredux.cli.options import VerboseOption
 from fluxredux.client import FluxRedux
 from fluxredux.errors import FluxReduxError, InvalidInput
 

@@ -7,70 +7,24 @@ from typing import Annotated, Any
 
 import typer
 
-from fluxredux.cli.app import (
-    AttentionBackendOption,
-    CollapseOption,
-    CompileOption,
-    ModelOption,
-    QuantizeOption,
+from fluxredux.cli.app import app, err, out, plain_errors, setup_logging
+from fluxredux.cli.options import (
+    DataDirOption,
+    ModelFlags,
+    RedisOption,
+    StoreFlags,
     VerboseOption,
-    app,
-    err,
-    out,
-    plain_errors,
-    setup_logging,
+    settings_from,
+    with_bundles,
 )
-from fluxredux.config import Settings
-
-DataDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir", help="Jobs, inputs and outputs (default: FLUXREDUX_DATA_DIR or the user data dir)."
-    ),
-]
-
-
-RedisOption = Annotated[
-    str | None,
-    typer.Option(
-        "--redis",
-        help="Scale-out mode: redis://HOST:PORT/DB shared by every API node and worker "
-        "(default: FLUXREDUX_REDIS_URL, else none: SQLite in the data dir).",
-    ),
-]
-StorageOption = Annotated[
-    str | None,
-    typer.Option(
-        "--storage",
-        help="Inputs and outputs: file:///shared/dir or s3://bucket/prefix (AWS_* variables for S3). "
-        "Default: FLUXREDUX_STORAGE, else the data dir.",
-    ),
-]
-
-
-def settings_from(**overrides: Any) -> Settings:
-    """Settings from the environment, with the flags that were given on top. A bad value
-    (a malformed URL, a flag out of range) is a plain error naming it, not a trace."""
-    from pydantic import ValidationError
-    from rich.markup import escape
-
-    try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "settings"
-            message = str(error["msg"]).removeprefix("Value error, ")
-            err.print(f"[bold red]error[/]: {where}: {escape(message)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
 
 
 @app.command()
+@with_bundles
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000; 0 picks a free one).")] = None,
-    data_dir: DataDirOption = None,
-    model: ModelOption = None,
-    redis: RedisOption = None,
+    store: StoreFlags = StoreFlags(),
     workers: Annotated[
         int | None,
         typer.Option(
@@ -81,11 +35,7 @@ def serve(
             "workers run as `fluxredux worker` on any machine).",
         ),
     ] = None,
-    storage: StorageOption = None,
-    collapse_zero_tokens: CollapseOption = None,
-    attention_backend: AttentionBackendOption = None,
-    compile: CompileOption = None,
-    quantize: QuantizeOption = None,
+    model: ModelFlags = ModelFlags(),
     verbose: VerboseOption = False,
 ) -> None:
     """Run the prediction server: HTTP API + worker processes with the model.
@@ -95,20 +45,7 @@ def serve(
     setup_logging(verbose)
     from fluxredux.api.server import serve as run_server
 
-    settings = settings_from(
-        host=host,
-        port=port,
-        data_dir=data_dir,
-        model=model,
-        redis_url=redis,
-        workers=workers,
-        storage=storage,
-        collapse_zero_tokens=collapse_zero_tokens,
-        attention_backend=attention_backend,
-        compile=compile,
-        quantize=quantize,
-    )
-    run_server(settings)
+    run_server(settings_from(store, model, host=host, port=port, workers=workers))
 
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)

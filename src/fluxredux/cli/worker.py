@@ -7,50 +7,25 @@ from typing import Annotated
 
 import typer
 
-from fluxredux.cli.app import (
-    AttentionBackendOption,
-    CollapseOption,
-    CompileOption,
-    ModelOption,
-    QuantizeOption,
-    VerboseOption,
-    app,
-    err,
-    setup_logging,
-)
-from fluxredux.cli.serve import DataDirOption, RedisOption, StorageOption, settings_from
+from fluxredux.cli.app import app, err, setup_logging
+from fluxredux.cli.options import ModelFlags, StoreFlags, VerboseOption, settings_from, with_bundles
 
 
 @app.command()
+@with_bundles
 def worker(
-    redis: RedisOption = None,
-    storage: StorageOption = None,
-    model: ModelOption = None,
+    store: StoreFlags = StoreFlags(),
+    model: ModelFlags = ModelFlags(),
     device: Annotated[
         str | None, typer.Option("--device", help="torch device, e.g. cuda:1 (default: cuda when present).")
     ] = None,
-    data_dir: DataDirOption = None,
-    collapse_zero_tokens: CollapseOption = None,
-    attention_backend: AttentionBackendOption = None,
-    compile: CompileOption = None,
-    quantize: QuantizeOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Run one worker: load the model once, then take jobs from Redis one at a time.
 
     Start one per GPU, on any machine that reaches Redis and the storage. SIGTERM (or
     Ctrl+C) finishes the running job, then exits; its registry entry goes with it."""
-    settings = settings_from(
-        redis_url=redis,
-        storage=storage,
-        model=model,
-        device=device,
-        data_dir=data_dir,
-        collapse_zero_tokens=collapse_zero_tokens,
-        attention_backend=attention_backend,
-        compile=compile,
-        quantize=quantize,
-    )
+    settings = settings_from(store, model, device=device)
     if settings.redis_url is None:
         err.print(
             "[bold red]error[/]: a worker needs the deployment's Redis: --redis redis://HOST:PORT/DB "

@@ -7,7 +7,7 @@ from datetime import datetime
 from rich.table import Table
 
 from fluxredux.cli.app import app, out, plain_errors
-from fluxredux.cli.serve import DataDirOption, RedisOption, settings_from
+from fluxredux.cli.options import DataDirOption, RedisOption, settings_from
 
 
 @app.command()

@@ -5,19 +5,26 @@ is only a wake-up: listeners read the job from the store, so a lost message cost
 (long-polls also re-read on a slow timer), never correctness.
 
 Implementations:
-- ``LocalEventBus``: publisher and listeners in one process (tests, one-process runs).
-- ``PipeEventBus``: the embedded mode. The worker child writes one line per event to a
-  pipe (``PipePublisher``); the server reads every attached pipe and dispatches locally.
-- Redis pub/sub for many machines (the scale-out issue), behind the same protocol.
+- ``LocalEventBus`` (here): publisher and listeners in one process; the fan-out the
+  other two use for their own listeners.
+- ``PipeEventBus`` (backends/sqlite/events.py): the embedded mode. The worker child writes
+  one line per event to a pipe; the server reads every attached pipe and dispatches locally.
+- ``RedisEventBus`` (backends/redis/events.py): pub/sub for many machines.
+
+Listeners are scoped: ``add_listener`` returns the function that removes it, and
+``listening`` is the block form, so nothing that stops listening stays subscribed.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
+
+from fluxredux.jobs.job import Job
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +42,13 @@ class JobEvent:
         job_id, status = line.strip().split(" ", 1)
         return cls(job_id, status)
 
+    @classmethod
+    def of(cls, job: Job) -> JobEvent:
+        return cls(job.id, job.status.value)
+
 
 Listener = Callable[[JobEvent], None]
+Unsubscribe = Callable[[], None]
 
 
 class EventPublisher(Protocol):
@@ -44,12 +56,33 @@ class EventPublisher(Protocol):
         """Send ``event``; never raises (a lost wake-up only delays a listener)."""
 
 
+def publish_changes(events: EventPublisher) -> Callable[[Job], None]:
+    """What a ``Lifecycle`` publishes with: each job it changed, as a ``JobEvent`` on ``events``."""
+
+    def publish(job: Job) -> None:
+        events.publish(JobEvent.of(job))
+
+    return publish
+
+
 class EventBus(EventPublisher, Protocol):
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener) -> Unsubscribe:
         """Call ``listener`` for every event published anywhere on this bus (from any
-        thread: listeners must be quick and thread-safe, e.g. hand over to a loop)."""
+        thread: listeners must be quick and thread-safe, e.g. hand over to a loop), until
+        the returned function is called (idempotent)."""
 
     def close(self) -> None: ...
+
+
+@contextmanager
+def listening(bus: EventBus, listener: Listener) -> Iterator[None]:
+    """``listener`` hears the bus only inside the block: a listener that outlives what it
+    wakes would keep that object alive and be called for nothing, once per event."""
+    unsubscribe = bus.add_listener(listener)
+    try:
+        yield
+    finally:
+        unsubscribe()
 
 
 class LocalEventBus:
@@ -57,9 +90,26 @@ class LocalEventBus:
         self._listeners: list[Listener] = []
         self._lock = threading.Lock()
 
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener) -> Unsubscribe:
+        # Each subscription is its own entry (a wrapper), so one listener added twice is
+        # heard twice and removed once per unsubscribe, never both at once.
+        def entry(event: JobEvent) -> None:
+            listener(event)
+
         with self._lock:
-            self._listeners.append(listener)
+            self._listeners.append(entry)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if entry in self._listeners:
+                    self._listeners.remove(entry)
+
+        return unsubscribe
+
+    @property
+    def listener_count(self) -> int:
+        with self._lock:
+            return len(self._listeners)
 
     def publish(self, event: JobEvent) -> None:
         with self._lock:

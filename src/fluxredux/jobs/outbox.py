@@ -1,7 +1,7 @@
 """The webhook outbox: one stored delivery record per prediction, claimed with a lease.
 
 Every API process runs a sweeper that claims the deliveries that are due and sends them
-(``fluxredux.webhooks``). The record holds what a restart or another process needs to go
+(``fluxredux.webhooks.sender``). The record holds what a restart or another process needs to go
 on where the last one stopped: the target, how many tries were started, when the next one
 is due, who holds the claim (until when, and with which fencing token), and the final
 state. Sending needs the job too (its body and its secret are read from it at send time),

@@ -50,7 +50,11 @@ def redux_conditioning(
     device: torch.device,
     text_sequence_length: int = TEXT_SEQUENCE_LENGTH,
 ) -> Conditioning:
-    """SigLIP -> Redux embedder -> appended after zero "text" tokens; pooled is zeros."""
+    """SigLIP -> Redux embedder -> appended after zero "text" tokens; pooled is zeros.
+
+    The prior's parts and the widths one by one, not a ``ReduxComponents``: this is the
+    reference the model's own (cached) path and diffusers' prior are checked against, and
+    it needs no transformer, so it runs at any width (the real one in a test, on tiny parts)."""
     tokens = redux_tokens(
         encoder_pixels(image, feature_extractor),
         image_encoder=image_encoder,

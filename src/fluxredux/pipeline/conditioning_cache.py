@@ -31,10 +31,9 @@ import threading
 from collections import OrderedDict
 
 import torch
-from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from PIL import Image
-from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
+from fluxredux.pipeline.components import ReduxComponents
 from fluxredux.pipeline.conditioning import (
     TEXT_SEQUENCE_LENGTH,
     Conditioning,
@@ -128,32 +127,30 @@ def pixels_key(pixels: torch.Tensor) -> bytes:
 
 def cached_redux_conditioning(
     image: Image.Image,
+    parts: ReduxComponents,
     *,
     cache: ConditioningCache | None,
-    image_encoder: SiglipVisionModel,
-    feature_extractor: SiglipImageProcessorPil,
-    image_embedder: ReduxImageEncoder,
-    joint_attention_dim: int,
-    pooled_projection_dim: int,
     device: torch.device,
     text_sequence_length: int = TEXT_SEQUENCE_LENGTH,
 ) -> Conditioning:
-    """``redux_conditioning`` with the Redux image tokens looked up in ``cache`` first:
-    the same pieces in the same order, only the encoder and embedder skipped on a hit.
-    Without a cache (``None``: turned off), exactly ``redux_conditioning``."""
-    pixels = encoder_pixels(image, feature_extractor)
+    """``redux_conditioning`` of ``parts``' prior, sized for their transformer, with the Redux
+    image tokens looked up in ``cache`` first: the same pieces in the same order, only the
+    encoder and embedder skipped on a hit. Without a cache (``None``: turned off), exactly
+    ``redux_conditioning``."""
+    pixels = encoder_pixels(image, parts.feature_extractor)
     key = pixels_key(pixels) if cache is not None else b""  # on the CPU tensor, before the copy
     tokens = cache.get(key) if cache is not None else None
     if tokens is None:
         with torch.inference_mode():  # a cached tensor must never hold an autograd graph
             tokens = redux_tokens(
-                pixels, image_encoder=image_encoder, image_embedder=image_embedder, device=device
+                pixels, image_encoder=parts.image_encoder, image_embedder=parts.image_embedder, device=device
             )
         if cache is not None:
             cache.put(key, tokens)
+    config = parts.pipe.transformer.config
     return after_zero_text(
         tokens,
-        joint_attention_dim=joint_attention_dim,
-        pooled_projection_dim=pooled_projection_dim,
+        joint_attention_dim=config.joint_attention_dim,
+        pooled_projection_dim=config.pooled_projection_dim,
         text_sequence_length=text_sequence_length,
     )

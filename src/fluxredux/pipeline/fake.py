@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fluxredux.errors import PredictionCancelled
-from fluxredux.pipeline.protocol import CancelCheck, ProgressCallback, Reference
+from fluxredux.pipeline.protocol import CancelCheck, GenerationRequest, ProgressCallback
 
 
 @dataclass(frozen=True)
@@ -54,30 +53,25 @@ class FakeModel:
 
     def generate(
         self,
-        references: Sequence[Reference],
+        request: GenerationRequest,  # its strength is ignored: no model, nothing to steer
         *,
-        width: int,
-        height: int,
-        num_outputs: int,
-        num_inference_steps: int,
-        seed: int,
-        strength: float = 1.0,  # no model: nothing to steer
-        prompt: str | None = None,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> FakeGeneration:
-        for step in range(1, num_inference_steps + 1):
+        steps = request.num_inference_steps
+        for step in range(1, steps + 1):
             if is_cancelled is not None and is_cancelled():
                 raise PredictionCancelled("the prediction was cancelled")
             if self.step_seconds:
                 time.sleep(self.step_seconds)
             if on_step is not None:
-                on_step(step, num_inference_steps)
+                on_step(step, steps)
         # A prompt changes the colours, as it changes a real model's images; without one
         # they are what they always were.
+        seed, prompt = request.seed, request.prompt
         rng = random.Random(seed if prompt is None else f"{seed}:{prompt}")
         images = []
-        for _ in range(num_outputs):
+        for _ in range(request.num_outputs):
             colour = np.array([rng.randrange(256) for _ in range(3)], dtype=np.uint8)
-            images.append(np.broadcast_to(colour, (height, width, 3)).copy())
+            images.append(np.broadcast_to(colour, (request.height, request.width, 3)).copy())
         return FakeGeneration(images=images, seed=seed, timings={"prior": 0.0, "denoise": 0.0, "decode": 0.0})

@@ -8,6 +8,7 @@ never pulls in torch or diffusers.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -19,6 +20,25 @@ CancelCheck = Callable[[], bool]  # asked at every step: True stops the run ther
 # A reference image, made square for the image encoder, and its share of the mix (the
 # shares of one prediction sum to 1).
 Reference = tuple[Image.Image, float]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What one generation makes: the same request gives the same images, on any model.
+
+    The progress and cancel callbacks are not in it but keyword arguments of ``generate``:
+    they are the caller's hooks into one run (the worker's close over its job), not part of
+    what is asked for, so a request stays a plain value that compares, prints and can be
+    run again as it is."""
+
+    references: Sequence[Reference]  # made square already, their shares summing to 1
+    width: int
+    height: int
+    num_outputs: int  # generated as one batch
+    num_inference_steps: int
+    seed: int
+    strength: float = 1.0  # the references' pull; < 1 weakens it (see conditioning.attention_bias)
+    prompt: str | None = None
 
 
 class ModelInfoLike(Protocol):
@@ -42,15 +62,8 @@ class ImageModel(Protocol):
 
     def generate(
         self,
-        references: Sequence[Reference],
+        request: GenerationRequest,
         *,
-        width: int,
-        height: int,
-        num_outputs: int,
-        num_inference_steps: int,
-        seed: int,
-        strength: float = 1.0,
-        prompt: str | None = None,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> GenerationLike: ...

@@ -23,6 +23,7 @@ from fluxredux.config import Offload
 from fluxredux.errors import InvalidInput, ModelUnavailable, PredictionCancelled, TextEncodersMissing
 from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
 from fluxredux.pipeline.attention import AttentionChoice
+from fluxredux.pipeline.components import ReduxComponents
 from fluxredux.pipeline.conditioning import (
     Conditioning,
     collapse_zero_text,
@@ -34,8 +35,8 @@ from fluxredux.pipeline.conditioning_cache import ConditioningCache, cached_redu
 from fluxredux.pipeline.demo import DEMO_NOTICE
 from fluxredux.pipeline.denoising import denoise_and_decode, elapsed, image_tokens
 from fluxredux.pipeline.loading import ModelKind
-from fluxredux.pipeline.protocol import CancelCheck, ProgressCallback, Reference
-from fluxredux.pipeline.speed import Components, Tuning, check_tuning, ready_for_speed
+from fluxredux.pipeline.protocol import CancelCheck, GenerationRequest, ProgressCallback, Reference
+from fluxredux.pipeline.speed import Tuning, check_tuning, ready_for_speed
 from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
 from fluxredux.pipeline.weights import REDUX, SCHNELL, resolve_text_encoders, resolve_weights
 
@@ -84,10 +85,7 @@ class ReduxModel:
 
     def __init__(
         self,
-        pipe: FluxPipeline,
-        image_encoder: SiglipVisionModel,
-        feature_extractor: SiglipImageProcessorPil,
-        image_embedder: ReduxImageEncoder,
+        parts: ReduxComponents,
         info: ModelInfo,
         *,
         conditioning_cache: ConditioningCache | None = None,
@@ -97,10 +95,7 @@ class ReduxModel:
     ) -> None:
         """Takes components readied for speed already (see ``_assemble``): ``tuning`` is
         what was asked, ``attention`` what it became."""
-        self.pipe = pipe
-        self.image_encoder = image_encoder
-        self.feature_extractor = feature_extractor
-        self.image_embedder = image_embedder
+        self.parts = parts
         self.info = info
         # Redux tokens of recent references (None: every reference is encoded anew).
         self.conditioning_cache = conditioning_cache
@@ -108,41 +103,25 @@ class ReduxModel:
         self.text_encoders = text_encoders
         self.tuning = tuning or Tuning()
         self.attention = attention or AttentionChoice("auto", takes_bias=True)
-        self.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
+        parts.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
 
     @classmethod
     def _assemble(
         cls,
-        pipe: FluxPipeline,
-        image_encoder: SiglipVisionModel,
-        feature_extractor: SiglipImageProcessorPil,
-        image_embedder: ReduxImageEncoder,
+        parts: ReduxComponents,
         info: ModelInfo,
         *,
         device: torch.device,
         tuning: Tuning,
         conditioning_cache: ConditioningCache | None,
-        text_encoders: LazyTextEncoders | None,
+        text_encoders: LazyTextEncoders | None = None,  # None: the model takes no prompt
     ) -> ReduxModel:
         """Ready the loaded components for speed as ``tuning`` says (fp8, the attention
         backend, compile and its warm-up: the worker takes no job before this is done),
         then the model, whose description says what came of it."""
-        speed = ready_for_speed(
-            Components(
-                pipe=pipe,
-                image_encoder=image_encoder,
-                feature_extractor=feature_extractor,
-                image_embedder=image_embedder,
-                device=device,
-                takes_prompts=text_encoders is not None,
-            ),
-            tuning,
-        )
+        speed = ready_for_speed(parts, tuning, device=device, takes_prompts=text_encoders is not None)
         return cls(
-            pipe,
-            image_encoder,
-            feature_extractor,
-            image_embedder,
+            parts,
             replace(info, speed=speed.describe()),
             conditioning_cache=conditioning_cache,
             text_encoders=text_encoders,
@@ -181,18 +160,16 @@ class ReduxModel:
 
         log.info("loading %s from %s and %s", kind, schnell_dir, redux_dir)
         with quiet_library_progress():
-            pipe, image_encoder, feature_extractor, image_embedder = cls._load_components(
-                schnell_dir, redux_dir, dtype
-            )
+            parts = cls._load_components(schnell_dir, redux_dir, dtype)
         # The Redux prior is small (0.9 GiB) and runs once per prediction: it stays on the device.
-        image_encoder.to(device).eval()
-        image_embedder.to(device).eval()
+        parts.image_encoder.to(device).eval()
+        parts.image_embedder.to(device).eval()
         if offload == "model":
-            pipe.enable_model_cpu_offload(device=device)
+            parts.pipe.enable_model_cpu_offload(device=device)
         elif offload == "sequential":
-            pipe.enable_sequential_cpu_offload(device=device)
+            parts.pipe.enable_sequential_cpu_offload(device=device)
         else:
-            pipe.to(device)
+            parts.pipe.to(device)
         info = ModelInfo(
             kind=kind,
             device=str(device),
@@ -205,10 +182,7 @@ class ReduxModel:
             _load_text_encoders, schnell_ref, dtype=dtype, device=device, offload=offload
         )
         return cls._assemble(
-            pipe,
-            image_encoder,
-            feature_extractor,
-            image_embedder,
+            parts,
             info,
             device=device,
             tuning=tuning,
@@ -232,15 +206,15 @@ class ReduxModel:
         encoders: it takes no prompt."""
         tuning = tuning or Tuning()
         check_tuning(tuning, device, "none")
-        parts = build_random_components(spec, seed=seed, device=device, dtype=dtype)
+        random = build_random_components(spec, seed=seed, device=device, dtype=dtype)
         pipe = FluxPipeline(
-            scheduler=parts.scheduler,
-            vae=parts.vae,
+            scheduler=random.scheduler,
+            vae=random.vae,
             text_encoder=None,
             tokenizer=None,
             text_encoder_2=None,
             tokenizer_2=None,
-            transformer=parts.transformer,
+            transformer=random.transformer,
         )
         info = ModelInfo(
             kind="demo",
@@ -249,22 +223,16 @@ class ReduxModel:
             schnell=f"random:{spec.name}",
             redux=f"random:{spec.name}",
         )
-        return cls._assemble(
-            pipe,
-            parts.image_encoder,
-            parts.feature_extractor,
-            parts.image_embedder,
-            info,
-            device=device,
-            tuning=tuning,
-            conditioning_cache=conditioning_cache,
-            text_encoders=None,
+        parts = ReduxComponents(
+            pipe=pipe,
+            image_encoder=random.image_encoder,
+            feature_extractor=random.feature_extractor,
+            image_embedder=random.image_embedder,
         )
+        return cls._assemble(parts, info, device=device, tuning=tuning, conditioning_cache=conditioning_cache)
 
     @staticmethod
-    def _load_components(
-        schnell_dir: Path, redux_dir: Path, dtype: torch.dtype
-    ) -> tuple[FluxPipeline, SiglipVisionModel, SiglipImageProcessorPil, ReduxImageEncoder]:
+    def _load_components(schnell_dir: Path, redux_dir: Path, dtype: torch.dtype) -> ReduxComponents:
         # Text encoders and tokenizers are passed as None: Redux conditions on the image
         # alone, and not loading T5-XXL saves 9 GiB and ~20 s.
         pipe = FluxPipeline.from_pretrained(
@@ -285,11 +253,16 @@ class ReduxModel:
         image_embedder = ReduxImageEncoder.from_pretrained(
             redux_dir, subfolder="image_embedder", dtype=dtype, local_files_only=True
         )
-        return pipe, image_encoder, feature_extractor, image_embedder
+        return ReduxComponents(
+            pipe=pipe,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            image_embedder=image_embedder,
+        )
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.pipe._execution_device)
+        return torch.device(self.parts.pipe._execution_device)
 
     @property
     def text_encoders_loaded(self) -> bool:
@@ -328,44 +301,28 @@ class ReduxModel:
         return conditioning
 
     def condition(self, image: Image.Image) -> Conditioning:
-        config = self.pipe.transformer.config
         # The same conditioning, bit for bit, with or without a cache; with one, a reference
         # seen lately skips the encoder.
-        return cached_redux_conditioning(
-            image,
-            cache=self.conditioning_cache,
-            image_encoder=self.image_encoder,
-            feature_extractor=self.feature_extractor,
-            image_embedder=self.image_embedder,
-            joint_attention_dim=config.joint_attention_dim,
-            pooled_projection_dim=config.pooled_projection_dim,
-            device=self.device,
-        )
+        return cached_redux_conditioning(image, self.parts, cache=self.conditioning_cache, device=self.device)
 
     @torch.inference_mode()
     def generate(
         self,
-        references: Sequence[Reference],
+        request: GenerationRequest,
         *,
-        width: int,
-        height: int,
-        num_outputs: int,
-        num_inference_steps: int,
-        seed: int,
-        strength: float = 1.0,
-        prompt: str | None = None,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
     ) -> Generation:
-        """Generate ``num_outputs`` images as one batch from the references mixed by their
-        shares (see ``mix_conditionings``) and the optional ``prompt`` (see ``with_text``);
-        ``strength`` < 1 weakens the references' pull (see ``attention_bias``).
+        """Generate ``request.num_outputs`` images as one batch from the references mixed by
+        their shares (see ``mix_conditionings``) and the optional prompt (see ``with_text``);
+        a strength < 1 weakens the references' pull (see ``attention_bias``).
 
         ``is_cancelled`` is checked before the work starts and after every denoising
         step; a cancel raises PredictionCancelled within one step.
         """
-        tokens = image_tokens(self.pipe, width, height)
-        if strength < 1 and not self.attention.takes_bias:
+        pipe, steps = self.parts.pipe, request.num_inference_steps
+        tokens = image_tokens(pipe, request.width, request.height)
+        if request.strength < 1 and not self.attention.takes_bias:
             raise InvalidInput(
                 f"redux_strength below 1 needs an attention bias, which this worker's attention "
                 f"backend ({self.attention.name}) does not take; use redux_strength 1",
@@ -379,33 +336,33 @@ class ReduxModel:
                 raise PredictionCancelled("the prediction was cancelled")
 
         raise_if_cancelled()
-        conditioning = self.conditioning(references, prompt, timings=timings)
-        if prompt is None and self.tuning.collapse_zero_tokens:
+        conditioning = self.conditioning(request.references, request.prompt, timings=timings)
+        if request.prompt is None and self.tuning.collapse_zero_tokens:
             conditioning = collapse_zero_text(conditioning)
         layout = token_layout(conditioning, image_tokens=tokens)
 
         def step_end(step: int) -> None:
             if on_step is not None:
-                on_step(step + 1, num_inference_steps)
+                on_step(step + 1, steps)
             raise_if_cancelled()
 
         raise_if_cancelled()
         images = denoise_and_decode(
-            self.pipe,
+            pipe,
             conditioning,
             layout,
-            strength,
-            width=width,
-            height=height,
-            num_outputs=num_outputs,
-            num_inference_steps=num_inference_steps,
-            seed=seed,
+            request.strength,
+            width=request.width,
+            height=request.height,
+            num_outputs=request.num_outputs,
+            num_inference_steps=steps,
+            seed=request.seed,
             device=self.device,
             on_step_end=step_end,
             before_decode=raise_if_cancelled,
             timings=timings,
         )
-        return Generation(images=images, seed=seed, timings=timings, sequence=layout.describe())
+        return Generation(images=images, seed=request.seed, timings=timings, sequence=layout.describe())
 
 
 def _load_text_encoders(

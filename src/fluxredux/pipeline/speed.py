@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import FluxPipeline
-from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
-from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from fluxredux.config import CompileMode, Offload, Quantization, Settings
 from fluxredux.errors import ModelUnavailable
@@ -30,6 +27,7 @@ from fluxredux.pipeline.compilation import (
     graphs_from_disk,
     use_compile_cache,
 )
+from fluxredux.pipeline.components import ReduxComponents
 from fluxredux.pipeline.conditioning import (
     after_zero_text,
     collapse_zero_text,
@@ -102,25 +100,17 @@ def check_tuning(tuning: Tuning, device: torch.device, offload: Offload) -> None
         raise ModelUnavailable(f"compile={tuning.compile} cannot be combined with offload=sequential")
 
 
-@dataclass(frozen=True)
-class Components:
-    """What the speed settings act on and the warm-up runs."""
-
-    pipe: FluxPipeline
-    image_encoder: SiglipVisionModel
-    feature_extractor: SiglipImageProcessorPil
-    image_embedder: ReduxImageEncoder
-    device: torch.device
-    takes_prompts: bool  # whether a request may bring T5 tokens (the uncollapsed, unbiased path)
-
-
-def ready_for_speed(parts: Components, tuning: Tuning) -> SpeedSetup:
+def ready_for_speed(
+    parts: ReduxComponents, tuning: Tuning, *, device: torch.device, takes_prompts: bool
+) -> SpeedSetup:
     """fp8 first (the attention check and the compile must see the final weights), then the
-    attention backend, then compile and the warm-up that compiles every graph."""
+    attention backend, then compile and the warm-up that compiles every graph. ``device``:
+    where the parts run; ``takes_prompts``: whether a request may bring T5 tokens (the
+    uncollapsed, unbiased path)."""
     transformer = parts.pipe.transformer
     quantize_transformer(transformer, tuning.quantize)
     attention = choose_attention(
-        transformer, tuning.attention_backend, device=parts.device, dtype=transformer.dtype
+        transformer, tuning.attention_backend, device=device, dtype=transformer.dtype
     )
     if tuning.collapse_zero_tokens and not attention.takes_bias:
         raise ModelUnavailable(
@@ -135,7 +125,7 @@ def ready_for_speed(parts: Components, tuning: Tuning) -> SpeedSetup:
         compile_modules(transformer, parts.image_encoder, tuning.compile)
         started, graphs_before, disk_before = time.perf_counter(), compiled_graphs(), graphs_from_disk()
         with eager_on_failure() as failures:
-            warm_up(parts, tuning, attention)
+            warm_up(parts, tuning, attention, device=device, takes_prompts=takes_prompts)
         compiled = CompileReport(
             graphs=compiled_graphs() - graphs_before,
             seconds=time.perf_counter() - started,
@@ -146,14 +136,21 @@ def ready_for_speed(parts: Components, tuning: Tuning) -> SpeedSetup:
 
 
 @torch.inference_mode()
-def warm_up(parts: Components, tuning: Tuning, attention: AttentionChoice) -> None:
+def warm_up(
+    parts: ReduxComponents,
+    tuning: Tuning,
+    attention: AttentionChoice,
+    *,
+    device: torch.device,
+    takes_prompts: bool,
+) -> None:
     """Run every graph a request can take once, so that compiling happens now and not
     under a request. The transformer is compiled with dynamic shapes, so the output's
     size and the sequence's length do not matter; what does: one output or several (a
     batch of 1 is its own graph), and an attention bias or none (both, unless every
     request has one: the collapsed path always does, and only a prompt, or no collapse,
     at full strength goes without). With "all", the image encoder too (one fixed size)."""
-    pipe, device = parts.pipe, parts.device
+    pipe = parts.pipe
     config, dtype = pipe.transformer.config, pipe.transformer.dtype
     if tuning.compile == "all":
         started = time.perf_counter()
@@ -175,7 +172,7 @@ def warm_up(parts: Components, tuning: Tuning, attention: AttentionChoice) -> No
         cases.append((collapse_zero_text(zero), 1.0))
     elif attention.takes_bias:
         cases.append((zero, 0.5))  # the bias of redux_strength < 1
-    if not tuning.collapse_zero_tokens or parts.takes_prompts:
+    if not tuning.collapse_zero_tokens or takes_prompts:
         cases.append((zero, 1.0))  # no bias
     side = int(pipe.vae_scale_factor) * 2 * 16  # 256 image tokens: the smallest that is cheap
     graphs = [(case, outputs) for case in cases for outputs in (1, 2)]

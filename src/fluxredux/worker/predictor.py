@@ -23,7 +23,13 @@ from PIL import Image
 
 from fluxredux.errors import AllOutputsUnsafe
 from fluxredux.images import CONTENT_TYPES, EXTENSIONS, encode_image, square_reference
-from fluxredux.pipeline.protocol import CancelCheck, HasPostStageWork, ImageModel, ProgressCallback
+from fluxredux.pipeline.protocol import (
+    CancelCheck,
+    GenerationRequest,
+    HasPostStageWork,
+    ImageModel,
+    ProgressCallback,
+)
 from fluxredux.safety import SafetyChecker, SafetyVerdict
 from fluxredux.schema import PredictionInput
 
@@ -108,8 +114,8 @@ class Predictor:
         if len(images) != len(inputs.references):
             raise ValueError(f"{len(inputs.references)} references asked for, {len(images)} images given")
         width, height = inputs.size(images[0].size)  # match_input: the first reference's proportions
-        generation = self.model.generate(
-            [
+        request = GenerationRequest(
+            references=[
                 (square_reference(image, inputs.redux_image_crop), weight)
                 for image, (_, weight) in zip(images, inputs.references, strict=True)
             ],
@@ -120,9 +126,8 @@ class Predictor:
             seed=seed,
             strength=inputs.redux_strength,
             prompt=inputs.prompt,
-            on_step=on_step,
-            is_cancelled=is_cancelled,
         )
+        generation = self.model.generate(request, on_step=on_step, is_cancelled=is_cancelled)
         return Generated(
             inputs=inputs,
             images=list(generation.images),

@@ -31,7 +31,7 @@ from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Lifecycle
-from fluxredux.jobs.events import EventPublisher, JobEvent
+from fluxredux.jobs.events import EventPublisher, listening, publish_changes
 from fluxredux.jobs.job import Status
 from fluxredux.jobs.registry import new_worker_id
 from fluxredux.pipeline.protocol import ImageModel
@@ -160,9 +160,7 @@ class WorkerProcess:
             log.info("worker %s ready: %s", self.worker_id, info.describe())
             events = self._events
             self._worker = worker = Worker(
-                Lifecycle(
-                    self.backends.jobs, publish=lambda job: events.publish(JobEvent(job.id, job.status.value))
-                ),
+                Lifecycle(self.backends.jobs, publish=publish_changes(events)),
                 Predictor(model, checker),
                 blob_store(settings),
                 WorkerConfig(
@@ -178,12 +176,15 @@ class WorkerProcess:
                 report_storage=lambda problem: self.registration.update(storage_error=problem),
             )
             if self.backends.scale_out:
-                # A job queued (or put back after a lost worker) anywhere wakes us at once.
+                # A job queued (or put back after a lost worker) anywhere wakes us at once,
+                # for as long as this worker runs.
                 queued = Status.STARTING.value
-                self.backends.bus.add_listener(
-                    lambda event: worker.wakeup.set() if event.status == queued else None
-                )
-            worker.run_forever(self.stop)
+                with listening(
+                    self.backends.bus, lambda event: worker.wakeup.set() if event.status == queued else None
+                ):
+                    worker.run_forever(self.stop)
+            else:
+                worker.run_forever(self.stop)
             log.info("worker %s stopped", self.worker_id)
             return 0
         finally:

@@ -72,7 +72,7 @@ def replicate_file(
             "checksums": {"sha256": hashlib.sha256(data).hexdigest(), "md5": md5},
             "metadata": {},
             "created_at": iso_time(upload.created_at),
-            # Kept for the retention period after its last use (see fluxredux.uploads).
+            # Kept for the retention period after its last use (see fluxredux.access.uploads).
             "expires_at": iso_time(upload.last_used_at + retention_seconds),
             "urls": {"get": file_url(base, upload.key)},
             **shown,

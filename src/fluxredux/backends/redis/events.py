@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from fluxredux.backends.redis.common import ClientOrUrl, RedisSeam
-from fluxredux.jobs.events import JobEvent, Listener, LocalEventBus
+from fluxredux.jobs.events import JobEvent, Listener, LocalEventBus, Unsubscribe
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,12 @@ class RedisEventBus(RedisSeam):
         if not self._subscribed.wait(_SUBSCRIBE_WAIT_SECONDS):
             log.warning("Redis event bus not subscribed yet; wake-ups start once Redis answers")
 
-    def add_listener(self, listener: Listener) -> None:
-        self._local.add_listener(listener)
+    def add_listener(self, listener: Listener) -> Unsubscribe:
+        return self._local.add_listener(listener)
+
+    @property
+    def listener_count(self) -> int:
+        return self._local.listener_count
 
     def publish(self, event: JobEvent) -> None:
         self._publisher.publish(event)

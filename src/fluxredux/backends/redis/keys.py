@@ -6,7 +6,7 @@ Keys (under the deployment's prefix):
 - ``{prefix}keys:created``: the key ids scored by created_at, the order ``list`` returns.
 
 The key format, the digest, the constant-time check and the one Unauthorized message are
-``fluxredux.keys``'s, shared with the SQLite store. Creating and revoking are Lua scripts
+``fluxredux.access.keys``'s, shared with the SQLite store. Creating and revoking are Lua scripts
 stamped with Redis TIME (the clock every node shares), so a key and its index entry are
 written in one step, and two nodes revoking one key at once revoke it once. The listing
 script reaches key hashes by name from the prefix, which a single Redis server (or a

@@ -1,0 +1,101 @@
+"""The synchronous client: the shared core (core.py) sent over an httpx.Client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+
+from fluxredux.api.eachlabs.shapes import Prediction, PredictionList, UploadedFile
+from fluxredux.client import core
+from fluxredux.client.core import Call, ClientBase, CreateOptions, Waiting
+
+if TYPE_CHECKING:  # only in annotations, which are never evaluated
+    from typing_extensions import Unpack
+
+T = TypeVar("T")
+
+# Every wait of this client (retry pauses, polling) goes through this name, so a test can
+# count the waits without spending them.
+_sleep = time.sleep
+
+
+class FluxRedux(ClientBase[httpx.Client]):
+    """Synchronous client.
+
+    ``retries``: how many times one call is re-sent after a 429/503 with Retry-After
+    (0: never); ``max_retry_wait``: the most seconds one call spends waiting for them."""
+
+    def _open(self, **options: Any) -> httpx.Client:
+        return httpx.Client(**options)
+
+    def __enter__(self) -> FluxRedux:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: Call[T]) -> T:
+        exchange = self._exchange(call)
+        while (delay := exchange.after(self._try(call))) is not None:
+            _sleep(delay)
+        return exchange.result()
+
+    def _try(self, call: Call[Any]) -> httpx.Response | httpx.TransportError:
+        try:
+            return self._http.request(call.method, call.url, **call.options)
+        except httpx.TransportError as exc:  # the exchange decides: resend, or raise it
+            return exc
+
+    def upload(self, source: Path | bytes) -> UploadedFile:
+        return self._send(core.upload_call(source))
+
+    def create(self, inputs: Mapping[str, Any], **options: Unpack[CreateOptions]) -> str:
+        """Create a prediction (local files among the references uploaded first); its id.
+
+        ``webhook_url``/``webhook_secret``: where to post its end; ``idempotency_key``: a
+        repeat with the same key gets this prediction, so a lost answer is asked again."""
+        plan = core.create_plan(inputs, **options)
+        return self._send(plan.call([self.upload(source).id for source in plan.files]))
+
+    def get(self, prediction_id: str, *, wait: float = 0) -> Prediction:
+        return self._send(core.get_call(prediction_id, wait))
+
+    def wait(
+        self,
+        prediction_id: str,
+        *,
+        timeout: float | None = None,
+        poll: float | None = None,
+        on_update: Callable[[Prediction], None] | None = None,
+    ) -> Prediction:
+        """Until the prediction ends: long-polls, or polls every ``poll`` s to report progress."""
+        waiting = Waiting(timeout, poll)
+        while True:
+            prediction = self.get(prediction_id, wait=waiting.hold())
+            if on_update is not None:
+                on_update(prediction)
+            if waiting.over(prediction):
+                return prediction
+            if poll:
+                _sleep(poll)
+
+    def run(
+        self, inputs: Mapping[str, Any], *, timeout: float | None = None, idempotency_key: str | None = None
+    ) -> Prediction:
+        return self.wait(self.create(inputs, idempotency_key=idempotency_key), timeout=timeout)
+
+    def cancel(self, prediction_id: str) -> Prediction:
+        return self._send(core.cancel_call(prediction_id))
+
+    def list(self, *, limit: int = 20, cursor: str | None = None) -> PredictionList:
+        return self._send(core.list_call(limit, cursor))
+
+    def download(self, url: str) -> bytes:
+        return self._send(core.download_call(url))

@@ -5,11 +5,12 @@ S3-compatible server (moto's server mode, from PyPI). Nothing is downloaded at t
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -45,18 +46,26 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-@contextmanager
-def redis_server(data_dir: Path, *, appendonly: bool = False, port: int | None = None) -> Iterator[str]:
-    """A real redis-server on a free loopback port; yields its URL. With ``appendonly``,
-    every write is fsynced to an AOF file under ``data_dir`` (restart-safe)."""
+def _redis_command(data_dir: Path, port: int, appendonly: bool, extra_args: Sequence[str]) -> list[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: scripts/test installs it (apt-get install redis-server)")
-    port = port or free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", ""]
     args += ["--appendonly", "yes", "--appendfsync", "always"] if appendonly else ["--appendonly", "no"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return [*args, *extra_args]
+
+
+@contextmanager
+def redis_server(
+    data_dir: Path, *, appendonly: bool = False, port: int | None = None, extra_args: Sequence[str] = ()
+) -> Iterator[str]:
+    """A real redis-server on a free loopback port; yields its URL. With ``appendonly``,
+    every write is fsynced to an AOF file under ``data_dir`` (restart-safe); without it,
+    nothing is persisted at all (no AOF, no RDB snapshots). ``extra_args``: more flags."""
+    port = port or free_port()
+    command = _redis_command(data_dir, port, appendonly, extra_args)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_port(port, process, "redis-server")
         yield f"redis://127.0.0.1:{port}/0"
@@ -64,10 +73,47 @@ def redis_server(data_dir: Path, *, appendonly: bool = False, port: int | None =
         _stop(process)
 
 
+class RedisProcess:
+    """A redis-server a test kills (SIGKILL, as a crash or an OOM kill does) and starts
+    again on the same port with the same dir and flags; stop it in a ``finally``."""
+
+    def __init__(self, data_dir: Path, *, appendonly: bool, extra_args: Sequence[str] = ()) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._command = _redis_command(data_dir, self.port, appendonly, extra_args)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> str:
+        assert self._process is None, "already running"
+        self._process = subprocess.Popen(self._command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for_port(self.port, self._process, "redis-server")
+        return self.url
+
+    def kill(self) -> None:
+        """kill -9: whatever Redis holds only in memory is gone."""
+        assert self._process is not None, "not running"
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+
+    def stop(self) -> None:
+        if self._process is not None:
+            _stop(self._process)
+            self._process = None
+
+
 @contextmanager
 def s3_server(*, port: int | None = None) -> Iterator[str]:
     """moto's S3-compatible server (in-memory) on a free loopback port; yields its endpoint
     URL. Its buckets vanish with it; tests keep apart by bucket."""
+    with s3_server_process(port=port) as (url, _process):
+        yield url
+
+
+@contextmanager
+def s3_server_process(*, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``s3_server``, yielding its process too: for tests that freeze it (SIGSTOP: it still
+    accepts connections, the kernel completes them, and then answers nothing)."""
     binary = Path(sys.executable).with_name("moto_server")  # the console script beside this python
     command = [str(binary)] if binary.exists() else [sys.executable, "-m", "moto.server"]
     port = port or free_port()
@@ -76,8 +122,9 @@ def s3_server(*, port: int | None = None) -> Iterator[str]:
     )
     try:
         _wait_for_port(port, process, "moto_server")
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", process
     finally:
+        process.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
         _stop(process)
 
 

@@ -109,6 +109,45 @@ def test_client_mistakes_get_a_clear_400(
     assert sum(api.services.store.counts_by_status().values()) == 1  # and counting sees it
 
 
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        # A JSON bool is no number (lax parsing would read true as 1, false as 0)...
+        ({"num_outputs": True}, "input.num_outputs"),
+        ({"num_inference_steps": True}, "input.num_inference_steps"),
+        ({"seed": False}, "input.seed"),
+        ({"output_quality": True}, "input.output_quality"),
+        ({"megapixels": True}, "input.megapixels"),
+        ({"redux_strength": True}, "input.redux_strength"),
+        ({"redux_images": [{"image": png_data_uri(), "weight": True}]}, "input.redux_images.0.weight"),
+        # ...and a string or a number is no boolean ("yes", 1 and 0 were read as true/false).
+        ({"disable_safety_checker": "yes"}, "input.disable_safety_checker"),
+        ({"disable_safety_checker": "true"}, "input.disable_safety_checker"),
+        ({"disable_safety_checker": 1}, "input.disable_safety_checker"),
+        ({"disable_safety_checker": 0}, "input.disable_safety_checker"),
+    ],
+)
+def test_booleans_and_numbers_are_never_mixed_up(api: Harness, inputs: dict, field: str) -> None:
+    eachlabs = api.http.post("/v1/prediction/", json=api.body(**inputs))
+    assert eachlabs.status_code == 400, eachlabs.text
+    assert eachlabs.json()["code"] == "invalid_input"
+    assert [f["field"] for f in eachlabs.json()["fields"]] == [field]
+    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {api.key}"}) as replicate:
+        problem = replicate.post("/v1/predictions", json={"input": api.body(**inputs)["input"]})
+    assert problem.status_code == 422, problem.text
+    assert [f["field"] for f in problem.json()["fields"]] == [field]
+    assert sum(api.services.store.counts_by_status().values()) == 0  # nothing was queued
+
+
+def test_the_hosted_apis_string_numbers_and_json_booleans_are_accepted(api: Harness) -> None:
+    # The product page's own example sends numbers as strings: those stay accepted.
+    inputs = {"num_outputs": "2", "output_quality": "80", "num_inference_steps": "4", "megapixels": "1"}
+    prediction = api.get(api.create_id(**inputs, seed="5", disable_safety_checker=True), wait=10)
+    assert prediction["status"] == "success"
+    assert (prediction["input"]["num_outputs"], prediction["input"]["output_quality"]) == (2, 80)
+    assert prediction["input"]["disable_safety_checker"] is True and prediction["seed"] == 5
+
+
 def test_a_malformed_json_body_is_a_400(api: Harness) -> None:
     response = api.http.post(
         "/v1/prediction/", content=b"{not json", headers={"Content-Type": "application/json"}

@@ -322,6 +322,7 @@ def test_a_missing_bucket_is_a_storage_error(s3_env: str) -> None:
         with pytest.raises(BlobStoreError) as raised:
             attempt()
         assert raised.value.code == "storage_error" and "NoSuchBucket" in raised.value.reason
+        assert not raised.value.transient  # someone has to act: a worker does not wait for it
 
 
 def _closed_port() -> int:
@@ -348,6 +349,18 @@ def test_an_s3_endpoint_that_is_down_is_a_storage_error_within_seconds(
         assert time.monotonic() - started < 8
         assert isinstance(raised.value, StorageError) and raised.value.code == "storage_error"
         assert "object storage" in raised.value.message and raised.value.reason
+        assert raised.value.transient  # it may come back: a worker holding outputs retries
+
+
+def test_the_storage_settings_bound_every_s3_request(s3_env: str, tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path, storage="s3://fluxredux-outputs", storage_timeout_seconds=1.5, storage_attempts=1
+    )
+    store = blob_store(settings)
+    assert isinstance(store, S3BlobStore)
+    config = store._client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (1.5, 1.5)
+    assert config.retries["total_max_attempts"] == 1
 
 
 # --- choosing the storage by URL ----------------------------------------------------------
@@ -452,7 +465,7 @@ def test_when_s3_is_down_files_are_a_503_and_ready_says_why(
 
 def test_an_s3_endpoint_that_never_answers_is_a_storage_error_after_the_timeouts() -> None:
     """A stalled endpoint (it accepts connections, then says nothing) fails by read timeout:
-    here one try of 0.2 s instead of the real three of 5 s (their backoff is random)."""
+    here one try of 0.2 s instead of the default two of 3 s (their backoff is random)."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)  # the kernel completes connections; nobody ever reads or answers

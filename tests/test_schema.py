@@ -96,6 +96,12 @@ def test_unknown_fields_are_rejected_by_name() -> None:
         ("megapixels", "2", "megapixels: Input should be '1' or '0.25'"),
         ("output_format", "gif", "output_format: Input should be 'webp', 'jpg' or 'png'"),
         ("disable_safety_checker", "maybe", "disable_safety_checker: Input should be a valid boolean"),
+        # JSON true/false is no number, and a string or a number no boolean (no lax guessing).
+        ("num_outputs", True, "num_outputs: Input should be a valid integer"),
+        ("seed", False, "seed: Input should be a valid integer"),
+        ("redux_strength", True, "redux_strength: Input should be a valid number"),
+        ("disable_safety_checker", "yes", "disable_safety_checker: Input should be a valid boolean"),
+        ("disable_safety_checker", 0, "disable_safety_checker: Input should be a valid boolean"),
     ],
 )
 def test_each_bad_value_names_its_field(field: str, value: object, expected: str) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from fluxredux.access.shares import ShareStore
+from fluxredux.access.shares import MAX_SHARES_PER_PREDICTION, ShareStore
 from fluxredux.api.maintenance import delete_expired
+from fluxredux.errors import TooManyShares
 from tests.backends import Engine
 from tests.harness import Harness, running_server
 from tests.helpers import run_threads
@@ -118,6 +119,17 @@ def test_the_share_body_is_optional_and_strict(api: Harness) -> None:
     assert no_key.status_code == 401
 
 
+@pytest.mark.parametrize("value", ["yes", "true", 1, 0, None])
+def test_include_reference_is_a_json_boolean(api: Harness, value: object) -> None:
+    """A string or a number is no boolean: "yes" or 1 must not share the reference image."""
+    prediction_id = done(api)["id"]
+    refused = api.http.post(f"/v1/prediction/{prediction_id}/share", json={"include_reference": value})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["code"] == "invalid_input"
+    assert [f["field"] for f in refused.json()["fields"]] == ["include_reference"]
+    assert api.http.get(f"/v1/prediction/{prediction_id}/shares").json() == {"items": []}
+
+
 def test_the_owner_lists_active_shares(api: Harness) -> None:
     prediction_id = done(api)["id"]
     assert api.http.get(f"/v1/prediction/{prediction_id}/shares").json() == {"items": []}
@@ -156,6 +168,20 @@ def test_revoking_closes_the_link_and_the_page(api: Harness) -> None:
     assert public(api, kept["token"]).status_code == 200  # the other link is untouched
     listed = api.http.get(f"/v1/prediction/{prediction_id}/shares").json()["items"]
     assert [s["token"] for s in listed] == [kept["token"]]
+
+
+def test_a_prediction_has_at_most_ten_live_share_links(api: Harness) -> None:
+    prediction_id = done(api)["id"]
+    made = [share(api, prediction_id) for _ in range(10)]
+    refused = api.http.post(f"/v1/prediction/{prediction_id}/share", json={})
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["code"] == "too_many_shares" and refused.json()["limit"] == 10
+    assert "10" in refused.json()["error"] and "revoke" in refused.json()["error"]
+    assert len(api.http.get(f"/v1/prediction/{prediction_id}/shares").json()["items"]) == 10
+    assert share(api, done(api)["id"])["token"]  # the cap is per prediction
+    assert api.http.delete(f"/v1/share/{made[3]['token']}").status_code == 204  # revoking frees a slot
+    share(api, prediction_id)
+    assert api.http.post(f"/v1/prediction/{prediction_id}/share").status_code == 409
 
 
 def test_retention_deletes_the_shares_with_their_predictions(api: Harness) -> None:
@@ -215,6 +241,38 @@ def test_share_store_contract_a_share_is_revoked_once_under_concurrent_revokes(
     results: list[bool] = []
     run_threads([lambda: results.append(share_store.revoke(made.token, "key-a"))] * 8)
     assert sorted(results) == [False] * 7 + [True]
+
+
+def test_share_store_contract_live_shares_per_prediction_are_capped(share_store: ShareStore) -> None:
+    made = [share_store.create("p1", "key-a", limit=3) for _ in range(3)]
+    with pytest.raises(TooManyShares) as refused:
+        share_store.create("p1", "key-a", limit=3)
+    assert refused.value.detail["limit"] == 3 and refused.value.code == "too_many_shares"
+    assert share_store.list_for_prediction("p1") == made  # the refused one left nothing behind
+    assert share_store.create("p2", "key-a", limit=3).prediction_id == "p2"  # per prediction
+    assert share_store.revoke(made[0].token, "key-a")  # revoking frees a slot
+    again = share_store.create("p1", "key-a", limit=3)
+    assert share_store.list_for_prediction("p1") == [*made[1:], again]
+    with pytest.raises(TooManyShares):
+        share_store.create("p1", "key-a", limit=3)
+    assert len([share_store.create("p3", "key-a") for _ in range(MAX_SHARES_PER_PREDICTION)]) == 10
+    with pytest.raises(TooManyShares):  # the default cap
+        share_store.create("p3", "key-a")
+
+
+def test_share_store_contract_concurrent_creates_never_pass_the_cap(share_store: ShareStore) -> None:
+    made: list[object] = []
+    refused: list[TooManyShares] = []
+
+    def create() -> None:
+        try:
+            made.append(share_store.create("p1", "key-a", limit=5))
+        except TooManyShares as exc:
+            refused.append(exc)
+
+    run_threads([create] * 12)
+    assert (len(made), len(refused)) == (5, 7)
+    assert len(share_store.list_for_prediction("p1")) == 5
 
 
 def test_share_store_contract_delete_for_predictions(share_store: ShareStore) -> None:

@@ -118,6 +118,57 @@ def test_only_uploads_are_found_by_id(api: Harness) -> None:
         assert refused.status_code == 400 and refused.json()["code"] == "image_file_not_found", url
 
 
+def test_another_keys_upload_id_is_refused_at_create_as_an_unknown_one(api: Harness) -> None:
+    """GET and DELETE /v1/files/{id} hide another key's upload; so does a create naming
+    its id, on both surfaces, exactly as for an id never uploaded (and it is not kept
+    alive by the attempt)."""
+    uploaded = upload(api)
+    before = api.services.uploads.get(uploaded["id"])
+    _key, secret = api.services.keys.create("someone else")
+    unknown = "AAAAAAAAAAAAAAAAAAAAAA"
+    eachlabs = httpx.Client(base_url=api.url, headers={"X-API-Key": secret}, timeout=30)
+    replicate = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+    with eachlabs, replicate:
+        assert replicate.get(f"/v1/files/{uploaded['id']}").status_code == 404
+        for file_id in (uploaded["id"], unknown):
+            one = eachlabs.post("/v1/prediction/", json=api.body() | {"input": {"redux_image": file_id}})
+            assert one.status_code == 400, one.text
+            assert (one.json()["code"], one.json()["field"]) == ("image_file_not_found", "input.redux_image")
+            several = {"redux_images": [{"image": png_data_uri()}, {"image": file_id}]}
+            two = eachlabs.post("/v1/prediction/", json=api.body() | {"input": several})
+            assert two.status_code == 400, two.text
+            assert (two.json()["code"], two.json()["field"]) == (
+                "image_file_not_found",
+                "input.redux_images.1.image",
+            )
+            problem = replicate.post("/v1/predictions", json={"input": {"redux_image": file_id}})
+            assert problem.status_code == 422, problem.text
+            assert (problem.json()["code"], problem.json()["field"]) == (
+                "image_file_not_found",
+                "input.redux_image",
+            )
+            assert file_id in problem.json()["detail"]
+    assert sum(api.services.store.counts_by_status().values()) == 0  # nothing was queued
+    assert api.services.uploads.get(uploaded["id"]) == before  # nor the upload kept alive
+    run_from(api, uploaded["id"])  # its owner still uses it
+
+
+def test_another_keys_upload_url_is_copied_not_linked(api: Harness) -> None:
+    """The file's URL is a capability (it downloads without a key), so it may be used as
+    such, but as a copy of the prediction's own: never the upload itself, whose owner
+    alone decides when it goes."""
+    uploaded = upload(api)
+    _key, secret = api.services.keys.create("someone else")
+    with httpx.Client(base_url=api.url, headers={"X-API-Key": secret}, timeout=30) as other:
+        created = other.post("/v1/prediction/", json=api.body() | {"input": {"redux_image": uploaded["url"]}})
+    assert created.status_code == 200, created.text
+    job = api.services.store.get(created.json()["predictionID"])
+    assert job is not None and job.input_files and uploaded["id"] not in job.input_files[0]
+    mine = create_from(api, uploaded["url"])  # the owner's own link is its upload, used in place
+    own_job = api.services.store.get(mine.json()["predictionID"])
+    assert own_job is not None and own_job.input_files[0].startswith(uploaded["id"])
+
+
 # --- the UploadStore contract, run against every engine (tests/backends.py) -----------------
 
 

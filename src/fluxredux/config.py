@@ -25,6 +25,12 @@ Quantization = Literal["none", "fp8"]
 # How long a SQLite write waits for another process's write lock before giving up: long
 # enough for any of our own transactions (milliseconds), short enough to answer a 503 quickly.
 DEFAULT_BUSY_TIMEOUT = 2.0
+# An object store (S3) request: each try waits this long to connect and then for each read,
+# and a request makes this many tries. An endpoint that accepts connections and then says
+# nothing (wedged, partitioned) costs a caller about 2 x 3 s plus a short backoff, not the
+# minutes of botocore's defaults: a create answers 503 quickly, a worker retries itself.
+DEFAULT_STORAGE_TIMEOUT = 3.0
+DEFAULT_STORAGE_ATTEMPTS = 2
 
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"
@@ -137,6 +143,29 @@ class Settings(BaseSettings):
         description="Where uploaded inputs and outputs are kept: file:///shared/dir (a directory, "
         "e.g. a mount all machines share) or s3://bucket/prefix (an S3-compatible bucket; endpoint, "
         "region and credentials from the standard AWS variables). Default: the data dir's files folder.",
+    )
+    storage_timeout_seconds: float = Field(
+        DEFAULT_STORAGE_TIMEOUT,
+        gt=0,
+        le=300,
+        description="Object storage (S3): how long one try of a request waits to connect, and then for "
+        "each read of its answer, before it counts as failed (bytes that keep coming keep it going).",
+    )
+    storage_attempts: int = Field(
+        DEFAULT_STORAGE_ATTEMPTS,
+        ge=1,
+        le=10,
+        description="Object storage (S3): tries of each request (the first and its retries, with a "
+        "jittered backoff) before it fails: a 503 in a request, a retry by the worker.",
+    )
+    storage_outage_seconds: float = Field(
+        60.0,
+        ge=0,
+        le=3600,
+        description="How long a worker rides out a storage outage for a prediction it holds (reading its "
+        "reference image, writing the images it made), retrying with a growing pause while it keeps the "
+        "job's lease, before failing it as storage_error. A full or read-only disk, a missing bucket or "
+        "denied access fail at once (after one retry).",
     )
     redis_url: str | None = Field(
         None,

@@ -87,6 +87,20 @@ class IdempotencyConflict(ClientError):
     code = "idempotency_key_reused"
 
 
+class TooManyShares(ClientError):
+    """The prediction has as many live share links as it may (``limit``); revoke one first."""
+
+    code = "too_many_shares"
+
+    def __init__(self, limit: int, **detail: Any) -> None:
+        super().__init__(
+            f"this prediction has {limit} live share links, the most it may have; revoke one to make another",
+            limit=limit,
+            **detail,
+        )
+        self.limit = limit
+
+
 class Unauthorized(FluxReduxError):
     """Missing, unknown or revoked API key."""
 

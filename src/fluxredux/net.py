@@ -115,8 +115,9 @@ class SafeFetcher:
 
     async def fetch(self, url: str) -> bytes:
         try:
-            return await asyncio.wait_for(self._fetch(url), timeout=self.policy.timeout)
-        except asyncio.TimeoutError as exc:
+            async with asyncio.timeout(self.policy.timeout):
+                return await self._fetch(url)
+        except TimeoutError as exc:
             raise FetchRefused(
                 "url_timeout", f"fetching the URL took longer than {self.policy.timeout:g} s"
             ) from exc

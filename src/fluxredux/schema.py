@@ -12,8 +12,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 MODEL_NAME = "flux-redux-schnell"
 MODEL_VERSION = "0.0.1"
@@ -117,6 +125,16 @@ def check_image_reference(value: str) -> str:
 MAX_REFERENCES = 4
 
 
+def no_bool(value: Any, error_type: Literal["int_type", "float_type"]) -> Any:
+    """``value`` unless it is a JSON true/false given for a number (then pydantic's own
+    ``error_type`` error, as for any other non-number). Numbers may arrive as JSON
+    numbers or numeric strings (the hosted API's own example sends "num_outputs": "1"),
+    but lax parsing would also take ``"num_outputs": true`` for 1, ``"seed": false`` for 0."""
+    if isinstance(value, bool):
+        raise PydanticKnownError(error_type)
+    return value
+
+
 class WeightedImage(BaseModel):
     """One reference of several, and its share of the mix."""
 
@@ -134,12 +152,18 @@ class WeightedImage(BaseModel):
     def _reference(cls, value: str) -> str:
         return check_image_reference(value)
 
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight_not_bool(cls, value: Any) -> Any:
+        return no_bool(value, "float_type")
+
 
 class PredictionInput(BaseModel):
     """Inputs of one flux-redux-schnell prediction.
 
     Numbers may arrive as JSON numbers or numeric strings (the hosted API's own
-    example sends ``"num_outputs": "1"``); unknown fields are rejected by name.
+    example sends ``"num_outputs": "1"``), never as true/false; booleans are JSON
+    true/false only; unknown fields are rejected by name.
     """
 
     model_config = ConfigDict(extra="forbid", title="Input", frozen=True)
@@ -175,7 +199,11 @@ class PredictionInput(BaseModel):
     output_quality: int = Field(
         80, ge=0, le=100, description="Quality when saving webp or jpg (0-100). Ignored for png."
     )
-    disable_safety_checker: bool = Field(False, description="Skip the safety checker on generated images.")
+    # StrictBool: JSON true/false only. Lax parsing would read "yes", "off", 1 or 0 as a
+    # boolean, and a typo could turn the safety checker off.
+    disable_safety_checker: StrictBool = Field(
+        False, description="Skip the safety checker on generated images."
+    )
     # --- beyond the hosted API: optional, and when absent every output is as before ----
     prompt: str | None = Field(
         None,
@@ -214,6 +242,16 @@ class PredictionInput(BaseModel):
         examples=["pad"],
         json_schema_extra={"x-fluxredux-advanced": True},
     )
+
+    @field_validator("num_outputs", "num_inference_steps", "seed", "output_quality", mode="before")
+    @classmethod
+    def _integer_not_bool(cls, value: Any) -> Any:
+        return no_bool(value, "int_type")
+
+    @field_validator("redux_strength", mode="before")
+    @classmethod
+    def _number_not_bool(cls, value: Any) -> Any:
+        return no_bool(value, "float_type")
 
     @field_validator("megapixels", mode="before")
     @classmethod

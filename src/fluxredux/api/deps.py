@@ -8,6 +8,7 @@ from fastapi import Depends, Header, Request
 
 from fluxredux.access.keys import ApiKey
 from fluxredux.api.services import Services
+from fluxredux.errors import StoreUnavailable, Unauthorized
 
 
 def get_services(request: Request) -> Services:
@@ -32,7 +33,15 @@ PresentedKeyDep = Annotated[str | None, Depends(presented_key)]
 
 
 def get_api_key(services: ServicesDep, presented: PresentedKeyDep) -> ApiKey:
-    return services.keys.verify(presented)
+    try:
+        return services.keys.verify(presented)
+    except Unauthorized:
+        # The key may well have been valid, and Redis restarted empty: then say that (a 503
+        # the operator can act on), not "unknown key" to every caller. One read, on this
+        # path only (a thread: FastAPI runs plain dependencies off the event loop).
+        if (lost := services.backends.lost_data()) is not None:
+            raise StoreUnavailable(lost, retry_after=30) from None
+        raise
 
 
 ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]

@@ -59,6 +59,7 @@ def surface_of(path: str) -> Surface:
 STATUS_BY_ERROR: list[tuple[type[errors.FluxReduxError], int]] = [
     (errors.PayloadTooLarge, 413),
     (errors.IdempotencyConflict, 409),
+    (errors.TooManyShares, 409),
     (errors.ClientError, 400),
     (errors.Unauthorized, 401),
     (errors.NotFound, 404),
@@ -172,7 +173,8 @@ _ERROR_DESCRIPTIONS = {
     400: "Invalid input (each field named), an unusable image or URL (the specific reason in `code`)",
     401: "Missing, unknown or revoked API key",
     404: "No such prediction or file (or not yours)",
-    409: "The Idempotency-Key was used before with a different request",
+    409: "The Idempotency-Key was used before with a different request, or the prediction has as many "
+    "share links as it may (`too_many_shares`, its `limit` given)",
     413: "Request body over the server's limit",
     422: "Invalid input (each field named in `detail` and `fields`), an unusable image or URL",
     429: "Over a per-key limit; retry after `Retry-After` seconds",

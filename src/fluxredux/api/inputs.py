@@ -4,7 +4,8 @@ stored, checked images at request time.
 Whatever the source (upload id, data: URI, http(s) URL), the image is decoded once here
 so a bad image is a 400 now rather than a failed prediction later, then stored as an
 input blob the worker reads. A URL or data: URI is stored as a copy of this prediction's
-own; an upload is used in place (and kept by its own retention, see fluxredux.access.uploads).
+own; an upload of the caller's own key is used in place (and kept by its own retention,
+see fluxredux.access.uploads); another key's upload id is refused as an unknown one.
 """
 
 from __future__ import annotations
@@ -92,27 +93,34 @@ def own_file_key(ref: str, own_files: str | None) -> str | None:
 
 async def resolve_reference(
     ref: str,
+    owner: str,
     blobs: BlobStore,
     uploads: UploadStore,
     fetcher: SafeFetcher,
     limits: DecodeLimits,
     own_files: str | None = None,
 ) -> StoredImage:
+    """``ref`` checked and stored for a prediction of the API key ``owner``."""
     own_key = own_file_key(ref, own_files)
     if own_key is not None:
-        if await asyncio.to_thread(uploads.get, upload_id_of(own_key)) is not None:
-            ref = upload_id_of(own_key)  # one of this server's uploads: used as such, below
+        linked = await asyncio.to_thread(uploads.get, upload_id_of(own_key))
+        if linked is not None and linked.owner == owner:
+            ref = upload_id_of(own_key)  # one of the caller's uploads: used as such, below
         else:
-            # Another prediction's file: a copy of this prediction's own, as for a fetched
-            # URL (in place, it would go when that prediction does, or take it along).
+            # Another prediction's file, or another key's upload (its URL downloads without
+            # a key: a capability): a copy of this prediction's own, as for a fetched URL
+            # (in place, it would go when that prediction or upload does, or keep it).
             return await check_and_store(await _own_file(blobs, own_key, ref), blobs, limits)
     if ref[:5].lower() == "data:":
         return await check_and_store(parse_data_uri(ref, limits.max_bytes), blobs, limits)
     if ref[:7].lower() == "http://" or ref[:8].lower() == "https://":
         return await check_and_store(await fetcher.fetch(ref), blobs, limits)
-    # An upload id: found among uploads only, and marked as used now, which keeps it for
-    # another retention period (and keeps a retention round from deleting it meanwhile).
-    upload = await asyncio.to_thread(uploads.use, ref) if is_valid_id(ref) else None
+    # An upload id: found among the caller's uploads only (an id is no secret: another
+    # key's upload is as good as absent, as on GET /v1/files/{id}), and marked as used now,
+    # which keeps it for another retention period (and keeps a retention round from
+    # deleting it meanwhile). Ownership first: another key's attempt must not keep it.
+    found = await asyncio.to_thread(uploads.get, ref) if is_valid_id(ref) else None
+    upload = await asyncio.to_thread(uploads.use, ref) if found is not None and found.owner == owner else None
     data = None
     if upload is not None:
         try:
@@ -138,6 +146,7 @@ async def _own_file(blobs: BlobStore, key: str, ref: str) -> bytes:
 
 async def resolve_references(
     inputs: PredictionInput,
+    owner: str,
     blobs: BlobStore,
     uploads: UploadStore,
     fetcher: SafeFetcher,
@@ -146,12 +155,15 @@ async def resolve_references(
 ) -> list[StoredImage]:
     """Every reference of ``inputs``, in order, checked and stored; if one fails, the
     copies already made for this request are deleted before the error goes up.
+    ``owner``: the creating API key's id (only its own uploads are found by id).
     ``own_files``: this server's files' URL prefix (links to its uploads are uploads)."""
     stored: list[StoredImage] = []
     try:
         for index, (reference, _weight) in enumerate(inputs.references):
             try:
-                stored.append(await resolve_reference(reference, blobs, uploads, fetcher, limits, own_files))
+                stored.append(
+                    await resolve_reference(reference, owner, blobs, uploads, fetcher, limits, own_files)
+                )
             except ImageError as exc:  # say which reference it was, as a validation error does
                 field = (
                     "input.redux_image"

@@ -51,10 +51,11 @@ async def check_webhook_target(services: Services, url: str, field: str = "webho
     """Refuse a webhook URL now, naming the field, rather than drop its deliveries later."""
     timeout = services.settings.fetch_timeout_seconds
     try:
-        await asyncio.wait_for(services.fetcher.checked_address(check_url_shape(url)), timeout)
+        async with asyncio.timeout(timeout):
+            await services.fetcher.checked_address(check_url_shape(url))
     except FetchRefused as exc:
         raise FetchRefused(exc.code, f"{field}: {exc.message}", field=field) from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise FetchRefused(
             "url_dns", f"{field}: its host did not resolve within {timeout:g} s", field=field
         ) from None
@@ -96,7 +97,13 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> 
     await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
     own_files = f"{order.base_url.rstrip('/')}/files/" if order.base_url else None
     stored = await resolve_references(
-        order.input, services.blobs, services.uploads, services.fetcher, services.decode_limits, own_files
+        order.input,
+        key.id,
+        services.blobs,
+        services.uploads,
+        services.fetcher,
+        services.decode_limits,
+        own_files,
     )
     job = Job(
         id=new_id(),
@@ -144,10 +151,12 @@ async def wait_until_done(services: Services, job_id: str, timeout: float) -> Jo
             remaining = deadline - time.monotonic()
             if job is None or job.is_terminal or remaining <= 0:
                 return job
-            with contextlib.suppress(asyncio.TimeoutError):
-                # Re-read now and then even without a wake-up: a lost message (a bus
-                # reconnecting, a worker on another machine) costs latency, never the answer.
-                await asyncio.wait_for(event.wait(), min(remaining, LONG_POLL_RECHECK_SECONDS))
+            # Re-read now and then even without a wake-up: a lost message (a bus reconnecting,
+            # a worker on another machine) costs latency, never the answer. asyncio.timeout,
+            # not wait_for, so that a shutdown's cancel always ends the poll (gh-86296).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, LONG_POLL_RECHECK_SECONDS)):
+                    await event.wait()
     finally:
         services.notifier.unsubscribe(job_id, event)
 

@@ -104,6 +104,11 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
     assert isinstance(workers, (WorkerSupervisor, WorkerFleet))
     sock = bind(settings)
     url = settings.public_url or f"http://{settings.host}:{settings.port}"
+    # Before anything is written: a Redis that keeps nothing across a restart is said now,
+    # and the deployment's marker written (or adopted), so that /ready can tell later when
+    # Redis came back without the data it held.
+    for warning in services.backends.start():
+        log.warning("%s", warning)
     try:
         first_key = ensure_first_key(services)
         recovered = recover_after_restart(services)
@@ -116,7 +121,10 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         log.info("fluxredux serving on %s (API docs: %s/docs)", url, url)
         if settings.redis_url:
             log.info(
-                "state: Redis (%s), %d local worker(s)", redacted(settings.redis_url), settings.local_workers
+                "state: Redis (%s, persistence: %s), %d local worker(s)",
+                redacted(settings.redis_url),
+                services.backends.durability.persistence,
+                settings.local_workers,
             )
         else:
             log.info("data: %s", settings.data_dir)

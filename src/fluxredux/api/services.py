@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fluxredux.access.idempotency import IdempotencyStore
@@ -13,6 +13,7 @@ from fluxredux.access.uploads import UploadStore
 from fluxredux.api.eachlabs.render import render
 from fluxredux.api.metrics import Metrics
 from fluxredux.api.notifier import Notifier
+from fluxredux.api.readiness import Readiness
 from fluxredux.api.replicate.render import render_replicate
 from fluxredux.backends import Backends, backends_for
 from fluxredux.config import Settings
@@ -53,12 +54,15 @@ class Services:
     workers: WorkerMonitor
     backends: Backends  # what built the seams above; closes them
     stop_notifying: Unsubscribe  # ends the bus -> notifier subscription
+    # /ready's checks and their threads (a check that overran its budget is awaited again).
+    readiness: Readiness = field(default_factory=Readiness)
 
     @property
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(self.settings.max_image_bytes, self.settings.max_image_pixels)
 
     def close(self) -> None:
+        self.readiness.close()
         self.stop_notifying()
         self.backends.close()
 

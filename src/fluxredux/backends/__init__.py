@@ -9,6 +9,11 @@ One small class per engine, chosen once by ``backends_for(settings)``:
   and workers, through one client (one connection pool) per process, keys under
   ``redis_prefix``.
 
+Each also says whether its store still holds the deployment's data (``start`` at process
+start, ``lost_data`` in /ready and the worker's heartbeat): a SQLite file does; a Redis
+may restart empty, which its persistence settings and a marker key tell
+(backends/redis/deployment.py).
+
 The blob store is chosen separately (``storage``, see storage/). Everything is built on
 first use and cached, so a worker builds only what a worker needs (no key store, no
 limiter), and ``close`` closes what was built.
@@ -19,8 +24,9 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from fluxredux.access.idempotency import IdempotencyStore
 from fluxredux.access.keys import KeyStore
@@ -33,8 +39,25 @@ from fluxredux.jobs.outbox import WebhookOutbox
 from fluxredux.jobs.registry import WorkerRegistry
 from fluxredux.jobs.store import JobStore
 
+if TYPE_CHECKING:
+    from fluxredux.backends.redis.deployment import RedisDeployment
+
 Clock = Callable[[], float]
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Durability:
+    """What the state store keeps across a restart, as /health's ``store`` shows it."""
+
+    engine: str  # "redis" or "sqlite"
+    # aof, rdb, aof+rdb or none (Redis); unknown: CONFIG refused, or Redis not reached yet;
+    # file: SQLite, a file in the data dir
+    persistence: str
+    warning: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"engine": self.engine, "persistence": self.persistence, "warning": self.warning}
 
 
 class Backends(ABC):
@@ -90,6 +113,22 @@ class Backends(ABC):
     @abstractmethod
     def rate_limiter(self, name: str, per_minute: int) -> RateLimiter:
         """A limit of ``per_minute`` hits per API key, counted apart from other ``name``s."""
+
+    # --- whether the store still holds the deployment's data -------------------------------
+
+    @property
+    def durability(self) -> Durability:
+        """What the store keeps across a restart (as read by ``start``)."""
+        return Durability("sqlite", "file")
+
+    def start(self) -> list[str]:
+        """At process start (API node, worker): check the store; what to warn about."""
+        return []
+
+    def lost_data(self) -> str | None:
+        """Why the store lost the deployment's data since this process started, or None.
+        Blocking (it may ask the store): not on the event loop."""
+        return None
 
     @abstractmethod
     def _open_jobs(self) -> JobStore: ...
@@ -187,6 +226,25 @@ class RedisBackends(Backends):
 
         assert self.settings.redis_url is not None, "RedisBackends needs redis_url"
         return connect(self.settings.redis_url)
+
+    @cached_property
+    def deployment(self) -> RedisDeployment:
+        """Redis's persistence settings, and the marker that tells when it lost its data."""
+        from fluxredux.backends.redis.deployment import RedisDeployment
+
+        return RedisDeployment(self.redis, self.settings.redis_prefix)
+
+    @property
+    def durability(self) -> Durability:
+        return self.deployment.durability
+
+    def start(self) -> list[str]:
+        """Read Redis's persistence settings (a warning when it keeps nothing across a
+        restart) and write or adopt the deployment's marker."""
+        return self.deployment.start()
+
+    def lost_data(self) -> str | None:
+        return self.deployment.lost()
 
     def _seam(self, cls: Callable[..., T], *, clocked: bool = True) -> T:
         extra = {"clock": self._clock} if clocked else {}

@@ -44,9 +44,11 @@ def blob_store(settings: Settings) -> BlobStore:
     if kind == "file":
         return LocalBlobStore(where)
     # Imported here: boto3 takes a while to import, and most servers never need it.
-    from fluxredux.storage.s3 import S3BlobStore
+    from fluxredux.storage.s3 import S3BlobStore, client_config
 
-    return S3BlobStore(where, prefix)
+    return S3BlobStore(
+        where, prefix, config=client_config(settings.storage_timeout_seconds, settings.storage_attempts)
+    )
 
 
 def unshared_storage(settings: Settings) -> str | None:

@@ -74,11 +74,17 @@ class BlobNotFound(NotFound):
 
 class BlobStoreError(StorageError):
     """The storage failed (disk full, read-only, unreachable): a 503 in a request, the
-    job's ``storage_error`` in a worker. ``reason`` is the underlying cause, for messages."""
+    job's ``storage_error`` in a worker. ``reason`` is the underlying cause, for messages.
 
-    def __init__(self, message: str, reason: str) -> None:
+    ``transient``: an outage that may pass by itself within seconds (unreachable, timed
+    out, throttled, a 5xx): worth retrying while the caller can wait, as a worker holding
+    images it made can. Not a full or read-only disk, denied access or a missing bucket:
+    those need someone to act, and retrying them only delays the answer."""
+
+    def __init__(self, message: str, reason: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.reason = reason
+        self.transient = transient
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,40 @@ _TEMP_PREFIXES = (".incoming-", ".ready-")
 _STALE_TEMP_SECONDS = 3600.0
 
 
+# Errors of a network mount (NFS, SMB) that is briefly unreachable or failing over: they
+# may pass by themselves. A full disk (ENOSPC, EDQUOT), a read-only one or denied access
+# do not: someone has to act.
+_TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EAGAIN,
+        errno.EINTR,
+        errno.EBUSY,
+        errno.EIO,
+        errno.ETIMEDOUT,
+        errno.ESTALE,
+        errno.ENOTCONN,
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+    }
+)
+
+
+def _error(failed: str, exc: OSError) -> BlobStoreError:
+    reason = exc.strerror or str(exc)
+    return BlobStoreError(
+        f"the file storage {failed} ({reason})", reason, transient=exc.errno in _TRANSIENT_ERRNOS
+    )
+
+
 @contextmanager
 def _os_errors(failed: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise BlobStoreError(f"the file storage {failed} ({reason})", reason) from exc
+        raise _error(failed, exc) from exc
 
 
 class LocalBlobStore:
@@ -120,8 +147,7 @@ class LocalBlobStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise BlobStoreError(f"the file storage cannot be read ({reason})", reason) from exc
+            raise _error("cannot be read", exc) from exc
         return status if stat.S_ISREG(status.st_mode) else None
 
     def _open(self, key: str) -> tuple[BinaryIO, BlobInfo]:
@@ -138,8 +164,7 @@ class LocalBlobStore:
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ELOOP):  # none, or a link (not followed)
                 raise BlobNotFound(key) from None
-            reason = exc.strerror or str(exc)
-            raise BlobStoreError(f"the file storage cannot be read ({reason})", reason) from exc
+            raise _error("cannot be read", exc) from exc
         try:
             with _os_errors("cannot be read"):
                 status = os.fstat(fd)

@@ -9,8 +9,9 @@ fluxredux setting, so it is configured the way every other S3 tool is.
 S3 writes are atomic per object (a reader sees the old object or the new one, never half),
 which is what ``put`` promises. Every failure of the service or the way to it (unreachable,
 timed out, throttled, denied, 5xx, no such bucket) is a BlobStoreError: a 503 in a request,
-``storage_error`` in a worker. Timeouts and retries are bounded so that a dead endpoint is
-a quick 503 rather than a request hanging for minutes.
+``storage_error`` in a worker (which retries the transient ones first). Timeouts and
+retries are bounded (the storage_timeout_seconds and storage_attempts settings) so that a
+dead or hung endpoint is a quick 503 rather than a request hanging for minutes.
 
 boto3 and botocore ship no type information: the client is ``Any`` at this boundary, and
 what comes out of it is converted to our own types right here.
@@ -32,11 +33,15 @@ from botocore.exceptions import (
     ClientError,
     ConnectTimeoutError,
     EndpointConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
     NoCredentialsError,
     ReadTimeoutError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from fluxredux.config import DEFAULT_STORAGE_ATTEMPTS, DEFAULT_STORAGE_TIMEOUT
 from fluxredux.images.formats import content_type_for
 from fluxredux.storage.blobs import (
     CHUNK_SIZE,
@@ -48,22 +53,34 @@ from fluxredux.storage.blobs import (
     is_valid_key,
 )
 
-# A request to a dead or blackholed endpoint fails within connect_timeout per attempt; a
-# stalled one within read_timeout per socket read (not per object: a large body may take
-# longer as long as bytes keep coming). Three attempts in all with standard (jittered)
-# backoff: a brief blip is ridden out, an outage is a 503 within seconds.
-CLIENT_CONFIG = Config(
-    connect_timeout=5,
-    read_timeout=5,
-    retries={"total_max_attempts": 3, "mode": "standard"},  # the first try and two retries
-    # Each open stream holds a connection until it is closed; the HTTP process serves
-    # several downloads at once, and a full pool would open and discard connections.
-    max_pool_connections=32,
-    # botocore's newer default checksums (CRC32, aws-chunked bodies) are refused by some
-    # S3-compatible servers; send and check them only where the API requires it.
-    request_checksum_calculation="when_required",
-    response_checksum_validation="when_required",
-)
+
+def client_config(
+    timeout: float = DEFAULT_STORAGE_TIMEOUT, attempts: int = DEFAULT_STORAGE_ATTEMPTS
+) -> Config:
+    """The client's configuration: bounded timeouts and few tries.
+
+    A request to a dead endpoint fails within ``timeout`` per try; one to an endpoint that
+    accepts connections and then answers nothing (frozen, partitioned, overloaded) within
+    ``timeout`` per socket read, not per object: a large body may take longer as long as
+    bytes keep coming. ``attempts`` tries in all, with standard (jittered) backoff: a blip
+    of a request is ridden out, an outage is a 503 within seconds, not a create held for
+    18 s (three tries of 5 s, as before) or minutes (botocore's defaults). A worker holding
+    images it made retries on its own, for longer (worker/loop.py)."""
+    return Config(
+        connect_timeout=timeout,
+        read_timeout=timeout,
+        retries={"total_max_attempts": attempts, "mode": "standard"},
+        # Each open stream holds a connection until it is closed; the HTTP process serves
+        # several downloads at once, and a full pool would open and discard connections.
+        max_pool_connections=32,
+        # botocore's newer default checksums (CRC32, aws-chunked bodies) are refused by some
+        # S3-compatible servers; send and check them only where the API requires it.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+
+
+CLIENT_CONFIG = client_config()
 
 # What S3 (and its look-alikes) answer for an absent object or a HEAD of one.
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -88,6 +105,32 @@ _CONNECTION_FAILURES: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
+# Service answers that mean "not now" rather than "never": throttled, timed out, a
+# failing or overloaded server. Anything else the service refuses (AccessDenied,
+# NoSuchBucket, InvalidAccessKeyId...) needs someone to act.
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+}
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return code in _TRANSIENT_CODES or (
+            isinstance(status, int) and (status >= 500 or status in (408, 429))
+        )
+    if isinstance(exc, BotoCoreError):
+        # The way to the service: refused, reset, timed out, a body cut short.
+        return isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError))
+    return True  # urllib3 and socket errors: the connection, not the request
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
@@ -105,7 +148,9 @@ def _s3_errors(failed: str) -> Iterator[None]:
         yield
     except _FAILURES as exc:
         reason = _reason(exc)
-        raise BlobStoreError(f"the object storage {failed} ({reason})", reason) from exc
+        raise BlobStoreError(
+            f"the object storage {failed} ({reason})", reason, transient=_is_transient(exc)
+        ) from exc
 
 
 def _is_not_found(exc: ClientError) -> bool:
@@ -118,12 +163,12 @@ def _timestamp(when: datetime) -> float:
     return float(int(when.timestamp()))
 
 
-def make_client() -> Any:  # a botocore S3 client (untyped)
+def make_client(config: Config = CLIENT_CONFIG) -> Any:  # a botocore S3 client (untyped)
     """An S3 client configured from the standard AWS variables, with bounded timeouts.
 
     Its own session: boto3's default session is not thread-safe to create clients from,
     while a client itself may be shared by threads (the HTTP process's and a worker's)."""
-    return boto3.session.Session().client("s3", config=CLIENT_CONFIG)
+    return boto3.session.Session().client("s3", config=config)
 
 
 class S3BlobStore:
@@ -132,12 +177,14 @@ class S3BlobStore:
     delete_batch = 1000
     page_size = 1000
 
-    def __init__(self, bucket: str, prefix: str = "", *, client: Any = None) -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", *, client: Any = None, config: Config = CLIENT_CONFIG
+    ) -> None:
         self.bucket = bucket
         # "some/prefix", "/some/prefix/" and "some/prefix/" all mean the folder some/prefix.
         stripped = prefix.strip("/")
         self.prefix = f"{stripped}/" if stripped else ""
-        self._client: Any = client if client is not None else make_client()
+        self._client: Any = client if client is not None else make_client(config)
 
     def put(self, key: str, data: bytes, content_type: str) -> BlobInfo:
         check_put(key, content_type)

@@ -144,6 +144,7 @@ class WebhookSender:
         self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=policy.timeout)
         self._wake = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
+        self._closing = False  # set by aclose: the sweeper's loop ends even if a cancel is lost
         self._sending: set[asyncio.Task[None]] = set()
         self._last_forget = float("-inf")
         self._last_event: dict[str, float] = {}  # job id -> when its last non-final event went out
@@ -250,15 +251,18 @@ class WebhookSender:
             await self.enqueue_pending()  # what ended while no API process ran
         except Exception:  # maintenance enqueues them again every round
             log.exception("enqueueing pending webhooks failed")
-        while True:
+        while not self._closing:
             self._wake.clear()  # before looking: a wake-up during the sweep is kept
             try:
                 wait = await self.sweep()
             except Exception:
                 log.exception("webhook sweep failed")
                 wait = self.policy.poll_seconds
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for returns normally when a cancel
+            # lands in the turn the wake-up does (CPython gh-86296), and aclose never returned.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     async def sweep(self) -> float:
         """Claim what is due, as many as there are free sending slots, and start sending
@@ -335,13 +339,12 @@ class WebhookSender:
             return "failed"  # deleted (past retention): nothing left to send
         body = json.dumps(self.render(job), separators=(",", ":")).encode()
         try:
-            sent = await asyncio.wait_for(
-                self._post(claimed, body, self._signature(job, claimed, body)), 3 * self.policy.timeout
-            )
+            async with asyncio.timeout(3 * self.policy.timeout):
+                sent = await self._post(claimed, body, self._signature(job, claimed, body))
         except FetchRefused as exc:
             log.warning("webhook for %s refused: %s", job.id, exc.message)
             return "failed"  # the target itself is not allowed: retrying cannot help
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.info("webhook for %s: no answer within %g s", job.id, 3 * self.policy.timeout)
             return retry
         return "delivered" if sent else retry
@@ -400,6 +403,7 @@ class WebhookSender:
     async def aclose(self) -> None:
         """Stop sweeping and sending. A send cut off here keeps its claim until the lease
         ends; then any sweeper tries it again (at least once)."""
+        self._closing = True
         tasks = [t for t in (self._sweeper, *self._sending) if t is not None]
         for task in tasks:
             task.cancel()

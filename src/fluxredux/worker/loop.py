@@ -7,6 +7,11 @@ flag, so a cancel stops a running prediction within one denoising step.
 
 Faults of the store or the disk never end this process: a locked or unreachable store
 is retried, and outputs that cannot be written fail that one job as ``storage_error``.
+A storage outage that may pass by itself (an object store timing out or unreachable, a
+network mount failing over) does not fail a job at once: reading its reference image and
+writing the images it made (which the worker still holds) are retried with a growing pause
+for up to ``storage_outage_seconds``, while the heartbeat keeps the job's lease. A full or
+read-only disk fails the job after one retry: waiting would not make room.
 
 Overlap (``WorkerConfig.overlap``, on by default): a run has two stages, the model stage
 (the GPU's part) and the post stage (safety check, encode, store outputs, record the end:
@@ -34,7 +39,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -52,6 +57,8 @@ log = logging.getLogger(__name__)
 
 INTERNAL_ERROR = "the prediction failed because of an internal error; it was logged on the server"
 
+T = TypeVar("T")
+
 # Called with a description of a storage failure, or None once storage works again.
 StorageReport = Callable[[str | None], None]
 
@@ -63,7 +70,9 @@ class WorkerConfig:
     heartbeat_seconds: float = 5.0
     idle_poll_seconds: float = 1.0  # a safety net: new jobs normally wake the worker at once
     decode_limits: DecodeLimits = field(default_factory=DecodeLimits)
-    storage_retry_seconds: float = 1.0  # one retry of a failed output write, after this pause
+    storage_retry_seconds: float = 1.0  # one retry of a write to a full or read-only disk, after this pause
+    # How long a job rides out a storage outage (reading its reference, writing its outputs).
+    storage_outage_seconds: float = 60.0
     storage_probe_seconds: float = 5.0  # while writes fail: how often to try a write again
     finish_retry_seconds: float = 60.0  # how long to keep trying to record a finished run
     max_backoff_seconds: float = 10.0  # after an unexpected error in the loop itself
@@ -206,7 +215,7 @@ class Worker:
         """Reference images -> the model's images. None: the job has ended already."""
         try:
             inputs = PredictionInput.model_validate(job.input)
-            images = [self._reference(name) for name in job.input_files]
+            images = [self._reference(job, name) for name in job.input_files]
             if not images:
                 raise FluxReduxError("the prediction has no stored reference image")
             return self.predictor.generate(
@@ -226,7 +235,7 @@ class Worker:
             self._stop_if_cancelled(job)
             result = self.predictor.finish(generated)
             self._stop_if_cancelled(job)  # the last chance: once written, the job succeeds
-            names = self._store_outputs(result)
+            names = self._store_outputs(job, result)
         except Exception as exc:
             if self._end_with_error(job, exc) is None and isinstance(exc, PredictionCancelled):
                 self._log_taken_back(job)
@@ -250,9 +259,9 @@ class Worker:
     def _log_taken_back(self, job: Job) -> None:
         log.warning("prediction %s: no longer this worker's (taken back); its outputs were dropped", job.id)
 
-    def _reference(self, name: str) -> Image.Image:
+    def _reference(self, job: Job, name: str) -> Image.Image:
         try:
-            data = self.blobs.get(name)
+            data = self._riding_out(job, "reading its reference image", lambda: self.blobs.get(name))
         except BlobNotFound:
             raise FluxReduxError(
                 "the reference image is no longer stored; create the prediction again"
@@ -260,6 +269,27 @@ class Worker:
         except BlobStoreError as exc:
             raise StorageError(f"the reference image could not be read from storage: {exc.reason}") from exc
         return decode_image(data, self.config.decode_limits)
+
+    def _riding_out(self, job: Job, doing: str, call: Callable[[], T]) -> T:
+        """``call()``, retried through a storage outage (a transient BlobStoreError) with a
+        growing pause, for up to ``storage_outage_seconds``; any other error, or an outage
+        that outlasts that, is raised. The job stays this worker's meanwhile: its heartbeat
+        thread (``_keep_lease``) renews the lease until its end is recorded. A cancel, or
+        the job taken back, stops the retries (PredictionCancelled)."""
+        deadline = time.monotonic() + self.config.storage_outage_seconds
+        pause = 0.5
+        while True:
+            try:
+                return call()
+            except BlobStoreError as exc:
+                if not exc.transient or time.monotonic() + pause > deadline:
+                    raise
+                log.warning(
+                    "prediction %s: %s failed (%s); retrying in %.1f s", job.id, doing, exc.reason, pause
+                )
+            time.sleep(pause)
+            self._stop_if_cancelled(job)
+            pause = min(pause * 2, 5.0)
 
     def _progress(self, job: Job, step: int, total: int) -> None:
         try:
@@ -275,36 +305,58 @@ class Worker:
         except StoreUnavailable:
             return False  # cannot tell now; asked again at the next step
 
-    def _store_outputs(self, result: PredictionResult) -> list[str]:
-        """Write every output, or none: one retry after a pause, then StorageError."""
-        try:
-            names = self._save_all(result)
-        except BlobStoreError as first:
-            log.warning("writing outputs failed (%s); retrying once", first.reason)
-            time.sleep(self.config.storage_retry_seconds)
+    def _store_outputs(self, job: Job, result: PredictionResult) -> list[str]:
+        """Write every output, or none; StorageError when that cannot be done.
+
+        Through an outage, retried while it may pass (``_riding_out``); a full or read-only
+        disk gets one retry after a pause. The keys are chosen once: a retry rewrites the
+        same objects, so a try that timed out here but reached the store later (a request
+        held in a frozen server's queue) leaves no stray file behind."""
+        names = [new_key(output.extension) for output in result.outputs]
+
+        def save_all() -> None:
             try:
-                names = self._save_all(result)
+                for name, output in zip(names, result.outputs, strict=True):
+                    self.blobs.put(name, output.data, output.content_type)
             except BlobStoreError as exc:
-                self._failed_write_size = max(len(o.data) for o in result.outputs)
-                self._set_storage_problem(f"outputs could not be written: {exc.reason}")
-                raise StorageError(
-                    f"the images were generated but could not be stored ({exc.reason}); "
-                    "the server's storage is full or not writable"
-                ) from exc
+                if exc.transient:  # while the outage lasts, /ready says so
+                    self._set_storage_problem(f"outputs could not be written: {exc.reason} (retrying)")
+                raise
+
+        try:
+            try:
+                self._riding_out(job, "storing its outputs", save_all)
+            except BlobStoreError as first:
+                if first.transient:
+                    raise  # the outage outlasted storage_outage_seconds
+                log.warning("writing outputs failed (%s); retrying once", first.reason)
+                time.sleep(self.config.storage_retry_seconds)
+                save_all()
+        except BlobStoreError as exc:
+            self._discard(names)  # no half-stored results
+            self._failed_write_size = max(len(o.data) for o in result.outputs)
+            self._set_storage_problem(f"outputs could not be written: {exc.reason}")
+            why = (
+                f"the storage kept failing for {self.config.storage_outage_seconds:g} s"
+                if exc.transient
+                else "the server's storage is full or not writable"
+            )
+            raise StorageError(
+                f"the images were generated but could not be stored ({exc.reason}); {why}"
+            ) from exc
+        except BaseException:  # cancelled while retrying, or the job taken back
+            self._discard(names)
+            raise
         self._set_storage_problem(None)
         return names
 
-    def _save_all(self, result: PredictionResult) -> list[str]:
-        names: list[str] = []
+    def _discard(self, names: list[str]) -> None:
+        """Delete what a failed or abandoned write may have stored (absent keys are skipped).
+        Storage that fails now too leaves them to maintenance's sweep of unreferenced files."""
         try:
-            for output in result.outputs:
-                name = new_key(output.extension)
-                self.blobs.put(name, output.data, output.content_type)
-                names.append(name)
-        except BlobStoreError:
-            self.blobs.delete(names)  # no half-stored results
-            raise
-        return names
+            self.blobs.delete(names)
+        except BlobStoreError as exc:
+            log.warning("could not delete %d unrecorded output(s): %s", len(names), exc.reason)
 
     def _set_storage_problem(self, problem: str | None) -> None:
         if problem != self._storage_problem:
@@ -372,6 +424,6 @@ class Worker:
         )
         if finished is None:  # lost the job meanwhile (reaped, canceled): drop our files
             self._log_taken_back(job)
-            self.blobs.delete(names)
+            self._discard(names)
         else:
             log.info("prediction %s: succeeded in %.2f s", job.id, elapsed)

@@ -129,6 +129,8 @@ class WorkerProcess:
         settings = self.settings
         if (problem := unshared_storage(settings)) is not None:
             log.warning(problem)
+        for warning in self.backends.start():  # a Redis that keeps nothing; the deployment's marker
+            log.warning("%s", warning)
         self.registration.start()
         try:
             model = self._model_factory(settings)
@@ -151,7 +153,10 @@ class WorkerProcess:
                 "ready", model=info.describe(), demo=info.is_demo, notice=info.notice, **model_details(model)
             )
             # Counters change with each prediction: each heartbeat carries them when they did.
-            self.registration.report_on_beat(lambda: model_details(model))
+            # Each beat also looks for the deployment's marker: a Redis that came back without
+            # its data is logged (once, as an error) and said in the registry; the worker goes
+            # on, for whatever is queued from now on.
+            self.registration.report_on_beat(lambda: {**model_details(model), **self._store_details()})
             log.info("worker %s ready: %s", self.worker_id, info.describe())
             events = self._events
             self._worker = worker = Worker(
@@ -164,6 +169,7 @@ class WorkerProcess:
                     heartbeat_seconds=settings.heartbeat_seconds,
                     reap_seconds=min(10.0, settings.lease_seconds / 3),
                     max_attempts=settings.max_attempts,
+                    storage_outage_seconds=settings.storage_outage_seconds,
                     decode_limits=DecodeLimits(settings.max_image_bytes, settings.max_image_pixels),
                     overlap=settings.overlap,
                 ),
@@ -184,6 +190,10 @@ class WorkerProcess:
         finally:
             self.registration.stop()  # gone on purpose: nobody waits for our silence
             self.backends.close()
+
+    def _store_details(self) -> dict[str, object]:
+        lost = self.backends.lost_data()
+        return {"data_lost": lost} if lost is not None else {}
 
     def drain_on(self, *signals: signal.Signals) -> None:
         """On these signals, finish the job at hand, then exit (a drain, not an abort)."""

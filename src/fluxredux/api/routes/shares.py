@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from fluxredux.access.shares import Share
+from fluxredux.access.shares import MAX_SHARES_PER_PREDICTION, Share
 from fluxredux.api.deps import BaseUrlDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.eachlabs.render import render
 from fluxredux.api.eachlabs.shapes import PredictionMetrics, PublicStatus
@@ -31,7 +31,9 @@ class ShareRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    include_reference: bool = Field(
+    # JSON true/false only: lax parsing would read "yes", "no", 1 or 0 as a boolean, and
+    # whether the reference image is shown must never rest on a guess.
+    include_reference: StrictBool = Field(
         False, description="Show the reference image on the shared page too (off: only the outputs)."
     )
 
@@ -104,8 +106,9 @@ def public_view(share: Share, job: Job, base: str) -> SharedPrediction:
     )
 
 
-@router.post("/v1/prediction/{prediction_id}/share", response_model=ShareLink,
-             summary="Share one of your predictions: a new link that opens without a key")  # fmt: skip
+@router.post("/v1/prediction/{prediction_id}/share", response_model=ShareLink, responses=error_responses(409),
+             summary="Share one of your predictions: a new link that opens without a key (at most "
+             f"{MAX_SHARES_PER_PREDICTION} live links per prediction)")  # fmt: skip
 async def create_share(
     prediction_id: str,
     key: ReaderKeyDep,
@@ -115,6 +118,7 @@ async def create_share(
 ) -> ShareLink:
     body = body or ShareRequest()
     # SQLite calls block: off the event loop, so one slow disk never stalls every request.
+    # The store caps a prediction's live links (TooManyShares) in one step with the insert.
     await asyncio.to_thread(owned_job, services, prediction_id, key)
     share = await asyncio.to_thread(
         services.shares.create, prediction_id, key.id, include_reference=body.include_reference

@@ -28,17 +28,20 @@ router = APIRouter(tags=["system"])
 
 @router.get("/health", summary="Liveness: the process answers (and what the worker says about the model)")
 async def health(services: ServicesDep) -> dict[str, Any]:
+    queue_depth: int | None
     try:  # liveness never waits on the store (/ready is about the store)
-        queue_depth: int | None = await asyncio.wait_for(
-            asyncio.to_thread(services.lifecycle.queue_depth), timeout=0.5
-        )
-    except (StoreUnavailable, asyncio.TimeoutError):
+        async with asyncio.timeout(0.5):
+            queue_depth = await asyncio.to_thread(services.lifecycle.queue_depth)
+    except (StoreUnavailable, TimeoutError):
         queue_depth = None
     return {
         "status": "ok",
         "model": services.workers.status(),
         "queue_depth": queue_depth,
         "limits": {"max_image_bytes": services.settings.max_image_bytes},
+        # What the state store keeps across a restart, as read at start: a Redis with
+        # neither AOF nor snapshots is a warning here (and in the start-up log).
+        "store": services.backends.durability.as_dict(),
     }
 
 
@@ -49,20 +52,38 @@ def live_workers(services: Services) -> list[WorkerInfo]:
     return [w for w in registry.workers() if not is_gone(w, now, ttl) and w.state != "failed"]
 
 
-def readiness_problems(services: Services) -> list[str]:
-    """Why predictions accepted now would not run (blocking: it writes to the stores)."""
-    problems = list(services.workers.problems())
+def job_store_problems(services: Services) -> list[str]:
+    """The job store takes writes, still holds the deployment's data, and a worker is live."""
+    problems = []
     try:
         services.store.check_writable()
+        if (lost := services.backends.lost_data()) is not None:
+            problems.append(lost)
         if not live_workers(services):
             problems.append("no live worker is registered (`fluxredux workers` lists them)")
     except StoreUnavailable as exc:
         problems.append(exc.message)
-    try:  # a tiny real write: a read-only or full disk fails here
+    return problems
+
+
+def storage_problems(services: Services) -> list[str]:
+    try:  # a tiny real write: a read-only or full disk, or a bucket that cannot be written, fails here
         services.blobs.check_writable()
     except StorageError as exc:
-        problems.append(exc.message)
-    return problems
+        return [exc.message]
+    return []
+
+
+async def readiness_problems(services: Services) -> list[str]:
+    """Why predictions accepted now would not run. Each check on its own thread, all at
+    once, within /ready's budget (api/readiness.py): a store that hangs is named, not waited on."""
+    return await services.readiness.problems(
+        {
+            "workers": services.workers.problems,
+            "job store": lambda: job_store_problems(services),
+            "storage": lambda: storage_problems(services),
+        }
+    )
 
 
 @router.get(
@@ -71,7 +92,7 @@ def readiness_problems(services: Services) -> list[str]:
     responses={503: {"description": "Not ready; `reasons` says why", "model": NotReady}},
 )
 async def ready(services: ServicesDep) -> JSONResponse:
-    problems = await asyncio.to_thread(readiness_problems, services)
+    problems = await readiness_problems(services)
     if problems:
         body = NotReady(error="not ready: " + "; ".join(problems), reasons=problems)
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})

@@ -75,3 +75,19 @@ def server_time(client: redis.Redis) -> float:
     with redis_errors("read"):
         seconds, micros = client.time()
     return float(seconds) + float(micros) / 1e6
+
+
+def read_persistence(client: redis.Redis) -> str:
+    """What this Redis keeps across a restart, as configured now: ``aof``, ``rdb`` (save
+    points), ``aof+rdb`` or ``none``; ``unknown`` where CONFIG is refused (managed services
+    rename or disable it, an ACL may deny it). StoreUnavailable when Redis is down."""
+    with redis_errors("read"):
+        try:
+            appendonly = client.config_get("appendonly").get("appendonly", "")
+            save = client.config_get("save").get("save", "")
+        except redis.ResponseError as exc:
+            if _OUTAGE_REPLY.search(str(exc)):
+                raise  # "not now" (LOADING, BUSY...): redis_errors makes it StoreUnavailable
+            return "unknown"
+    kinds = [kind for kind, on in (("aof", appendonly == "yes"), ("rdb", bool(str(save).strip()))) if on]
+    return "+".join(kinds) or "none"

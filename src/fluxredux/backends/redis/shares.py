@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fluxredux.access.shares import Share, new_token
+from fluxredux.access.shares import MAX_SHARES_PER_PREDICTION, Share, new_token
 from fluxredux.backends.redis.client import redis_errors
 from fluxredux.backends.redis.common import (
     LUA_PREAMBLE,
@@ -26,17 +26,24 @@ from fluxredux.backends.redis.common import (
     batched,
     create_with_fresh_id,
 )
+from fluxredux.errors import TooManyShares
 
 # Predictions per ``delete_for_predictions`` script: retention may delete thousands at
 # once, in several short scripts rather than one that blocks Redis.
 _DELETE_BATCH = 500
 
 # KEYS: the share's hash, its prediction's index. ARGV: token, prediction id, owner,
-# include_reference ('1'/'0'). Returns created_at (%.17g), or false when the token is taken.
+# include_reference ('1'/'0'), the most live shares the prediction may have. Returns
+# created_at (%.17g), false when the token is taken, or the number of live shares (an
+# integer) when they are at the limit: counted and added in one script, so concurrent
+# creates on any API node never pass it. The index holds exactly the live shares (every
+# script adds or drops a share and its entry together), so its size is the count.
 _CREATE = (
     LUA_PREAMBLE
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local live = redis.call('ZCARD', KEYS[2])
+if live >= tonumber(ARGV[5]) then return live end
 local now = fmt(clock_now(''))
 redis.call('HSET', KEYS[1], 'prediction_id', ARGV[2], 'owner', ARGV[3],
   'include_reference', ARGV[4], 'created_at', now)
@@ -86,16 +93,25 @@ class RedisShareStore(RedisSeam):
         self._revoke = self._script(_REVOKE)
         self._delete = self._script(_DELETE)
 
-    def create(self, prediction_id: str, owner: str, *, include_reference: bool = False) -> Share:
+    def create(
+        self,
+        prediction_id: str,
+        owner: str,
+        *,
+        include_reference: bool = False,
+        limit: int = MAX_SHARES_PER_PREDICTION,
+    ) -> Share:
         flag = "1" if include_reference else "0"
         token, created_at = create_with_fresh_id(
             new_token,
             lambda token: self._create(
                 keys=[self._hash_prefix + token, self._index_prefix + prediction_id],
-                args=[token, prediction_id, owner, flag],
+                args=[token, prediction_id, owner, flag, limit],
             ),
             "share token",  # 192 random bits: never taken, really
         )
+        if isinstance(created_at, int):  # the live shares' count: at the limit, nothing written
+            raise TooManyShares(limit)
         return _share(token, prediction_id, owner, flag, created_at)
 
     def get(self, token: str) -> Share | None:

@@ -6,9 +6,10 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from fluxredux.access.shares import Share, new_token
+from fluxredux.access.shares import MAX_SHARES_PER_PREDICTION, Share, new_token
 from fluxredux.backends.sqlite.database import Database
 from fluxredux.config import DEFAULT_BUSY_TIMEOUT
+from fluxredux.errors import TooManyShares
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shares (
@@ -35,12 +36,27 @@ class SQLiteShareStore:
     def __init__(self, path: Path | str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         self._db = Database(path, _SCHEMA, busy_timeout=busy_timeout)
 
-    def create(self, prediction_id: str, owner: str, *, include_reference: bool = False) -> Share:
+    def create(
+        self,
+        prediction_id: str,
+        owner: str,
+        *,
+        include_reference: bool = False,
+        limit: int = MAX_SHARES_PER_PREDICTION,
+    ) -> Share:
         share = Share(new_token(), prediction_id, owner, include_reference, time.time())
-        self._db.write(
-            f"INSERT INTO shares ({_FIELDS}) VALUES (?, ?, ?, ?, ?)",
-            (share.token, prediction_id, owner, int(include_reference), share.created_at),
-        )
+        # Count and insert in one write transaction (BEGIN IMMEDIATE): two creates, of
+        # this process or another, cannot both see a free slot.
+        with self._db.transaction() as db:
+            (live,) = db.execute(
+                "SELECT COUNT(*) FROM shares WHERE prediction_id = ?", (prediction_id,)
+            ).fetchone()
+            if live >= limit:
+                raise TooManyShares(limit)
+            db.execute(
+                f"INSERT INTO shares ({_FIELDS}) VALUES (?, ?, ?, ?, ?)",
+                (share.token, prediction_id, owner, int(include_reference), share.created_at),
+            )
         return share
 
     def get(self, token: str) -> Share | None:

@@ -56,6 +56,8 @@ class Readiness:
         for name, future in futures.items():
             if not future.done():
                 found.append(f"{name}: no answer within {self.budget:g} s")
+            elif future.cancelled():  # the server is closing: close() cancelled it unstarted
+                found.append(f"{name}: not checked (the server is stopping)")
             elif (error := future.exception()) is not None:
                 log.error("the readiness check %r failed", name, exc_info=error)
                 found.append(f"{name}: the check failed ({type(error).__name__})")

@@ -84,7 +84,7 @@ def test_a_long_poll_ends_when_cancelled_as_its_job_changes(tmp_path: Path) -> N
             # Until it waits for the job's change (its read of the job done), not sooner: a
             # cancel during the read is no race.
             await _until(lambda poll=poll: _waiting_for_a_wake_up(poll), "the long-poll waits for its job")
-            services.notifier.publish(JobEvent(job.id, "processing"))  # its wake-up ...
+            services.notifier.publish(JobEvent(job.id, "succeeded"))  # its wake-up ...
             poll.cancel()  # ... and the shutdown's cancel, in one turn
             # Wait without cancelling it again (awaiting the task would): a swallowed cancel
             # shows as a poll still running, waiting out its 30 s.

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -72,12 +73,47 @@ class BodyLimit:
             await errors.error_response(too_large, errors.surface_of(scope["path"]))(scope, receive, send)
 
 
+class CountRequests:
+    """Counts each answered request by method, route and status (``/metrics``).
+
+    Plain ASGI, not ``@app.middleware("http")``: that one (Starlette's BaseHTTPMiddleware)
+    runs every request in a task of its own with memory streams in between, a cost paid on
+    every request, long-polls included."""
+
+    def __init__(self, app: ASGIApp, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: int | None = None
+
+        async def noting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        finally:
+            if status is not None:  # an answer started (a request cut off before one is not counted)
+                # The router put the matched route in this same scope dict.
+                route: Any = scope.get("route")
+                self.services.metrics.requests.labels(
+                    scope["method"], getattr(route, "path", "unmatched"), str(status)
+                ).inc()
+
+
 def create_app(services: Services) -> FastAPI:
     pending: set[asyncio.Task[None]] = set()  # strong references until each task is done
 
-    async def after_terminal(event: JobEvent) -> None:
+    async def after_terminal(event: JobEvent, heard: float) -> None:
         try:
-            job = await asyncio.to_thread(services.store.get, event.job_id)
+            # Shared with the long-polls its end woke (they read it now too).
+            job = await services.job_reads.get(event.job_id, after=heard)
         except StoreUnavailable as exc:  # still marked pending: enqueued by the next maintenance round
             log.warning("prediction %s ended, but could not be read: %s", event.job_id, exc.message)
             return
@@ -93,7 +129,7 @@ def create_app(services: Services) -> FastAPI:
             task = asyncio.get_running_loop().create_task(services.webhooks.progressed(event.job_id))
         elif event.status in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
             services.metrics.finished.labels(event.status).inc()
-            task = asyncio.get_running_loop().create_task(after_terminal(event))
+            task = asyncio.get_running_loop().create_task(after_terminal(event, time.monotonic()))
         else:
             return
         pending.add(task)
@@ -137,16 +173,6 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(web.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        route: Any = request.scope.get("route")
-        services.metrics.requests.labels(
-            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
-        ).inc()
-        return response
-
+    app.add_middleware(CountRequests, services=services)
     app.add_middleware(BodyLimit, max_bytes=services.settings.max_body_bytes)
     return app

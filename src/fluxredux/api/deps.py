@@ -1,7 +1,15 @@
-"""Request dependencies: the services, the caller's API key, the links' base URL."""
+"""Request dependencies: the services, the caller's API key, the links' base URL.
+
+Every dependency here is ``async def``. FastAPI runs a plain (``def``) one in a worker
+thread of its own (anyio's), a hand-over between threads that costs more than the work of
+most of them: those that only look at the request run on the event loop; those that may
+wait on the store (a key lookup, a read counted in Redis) send that part to a thread
+themselves, in one ``asyncio.to_thread`` (a read's key check and its count together).
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -11,7 +19,7 @@ from fluxredux.api.services import Services
 from fluxredux.errors import StoreUnavailable, Unauthorized
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -19,47 +27,61 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def presented_key(
-    x_api_key: Annotated[str | None, Header(description="Your API key.")] = None,
-    authorization: Annotated[str | None, Header(description="Or: Bearer <API key>.")] = None,
-) -> str | None:
+def presented_key(x_api_key: str | None = None, authorization: str | None = None) -> str | None:
     """The key as the caller sent it: X-API-Key (Eachlabs), or Authorization: Bearer (Replicate)."""
     if not x_api_key and authorization and authorization.lower().startswith("bearer "):
         return authorization[7:].strip()
     return x_api_key
 
 
-PresentedKeyDep = Annotated[str | None, Depends(presented_key)]
+async def _presented_key(
+    x_api_key: Annotated[str | None, Header(description="Your API key.")] = None,
+    authorization: Annotated[str | None, Header(description="Or: Bearer <API key>.")] = None,
+) -> str | None:
+    return presented_key(x_api_key, authorization)
 
 
-def get_api_key(services: ServicesDep, presented: PresentedKeyDep) -> ApiKey:
+PresentedKeyDep = Annotated[str | None, Depends(_presented_key)]
+
+
+def verified_key(services: Services, presented: str | None) -> ApiKey:
+    """The presented key's record, or Unauthorized. Blocking (the key store): in a thread."""
     try:
         return services.keys.verify(presented)
     except Unauthorized:
         # The key may well have been valid, and Redis restarted empty: then say that (a 503
         # the operator can act on), not "unknown key" to every caller. One read, on this
-        # path only (a thread: FastAPI runs plain dependencies off the event loop).
+        # path only.
         if (lost := services.backends.lost_data()) is not None:
             raise StoreUnavailable(lost, retry_after=30) from None
         raise
 
 
+async def get_api_key(services: ServicesDep, presented: PresentedKeyDep) -> ApiKey:
+    return await asyncio.to_thread(verified_key, services, presented)
+
+
 ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]
 
 
-def count_read(services: ServicesDep, key: ApiKeyDep) -> ApiKey:
-    """The caller's key, its read counted against the read limit (429 when over). A plain
-    function, so FastAPI runs it in a thread: with Redis, counting is a network call that
-    must never hold up the event loop."""
+def counted_read(services: Services, presented: str | None) -> ApiKey:
+    """The caller's key, its read counted against the read limit (429 when over). Blocking:
+    with Redis, checking the key and counting are network calls that must never hold up
+    the event loop."""
+    key = verified_key(services, presented)
     services.reads.hit(key.id, "reads")
     return key
+
+
+async def count_read(services: ServicesDep, presented: PresentedKeyDep) -> ApiKey:
+    return await asyncio.to_thread(counted_read, services, presented)
 
 
 # The caller's key, for routes whose requests count as reads (polls, lists, uploads, shares).
 ReaderKeyDep = Annotated[ApiKey, Depends(count_read)]
 
 
-def base_url(request: Request) -> str:
+async def base_url(request: Request) -> str:
     services: Services = request.app.state.services
     return (services.settings.public_url or str(request.base_url)).rstrip("/")
 

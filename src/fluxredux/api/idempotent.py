@@ -72,24 +72,27 @@ async def create_once(
     services: Services,
     key: ApiKey,
     idempotency_key: str | None,
-    request_fingerprint: str,
+    request_fingerprint: Callable[[], str],
     create: Callable[[], Awaitable[Job]],
 ) -> Job:
     """``create()``, unless this caller's ``idempotency_key`` already made a prediction for
-    the same request: then that prediction (as stored now)."""
+    the same request: then that prediction (as stored now). ``request_fingerprint`` is
+    called only with a key: it hashes the whole request (a reference image's data: URI
+    included), work a create without one does not need."""
     if idempotency_key is None:
         return await create()
     store = services.idempotency
     scope, idem = key.id, _checked(idempotency_key)
+    fingerprinted = request_fingerprint()
     deadline = time.monotonic() + WAIT_FOR_FIRST_SECONDS
     while True:
         claim = await asyncio.to_thread(
-            store.claim, scope, idem, request_fingerprint, claim_seconds=claim_seconds(services.settings)
+            store.claim, scope, idem, fingerprinted, claim_seconds=claim_seconds(services.settings)
         )
         record = claim.record
         if claim.won:
             break
-        if record.fingerprint != request_fingerprint:
+        if record.fingerprint != fingerprinted:
             raise IdempotencyConflict(
                 f"this {HEADER} was used with a different request in the last 24 h; "
                 "use a new key for a new request",

@@ -60,14 +60,18 @@ async def check_and_store(
     data: bytes, blobs: BlobStore, limits: DecodeLimits, name: str | None = None
 ) -> StoredImage:
     """Validate (in a thread: decoding is CPU work) and store the original bytes, unless
-    they are already stored as ``name``."""
-    fmt, width, height = await asyncio.to_thread(_probe, data, limits)
+    they are already stored as ``name``: both in one thread, one hop off the event loop."""
+    return await asyncio.to_thread(_check_and_store, data, blobs, limits, name)
+
+
+def _check_and_store(data: bytes, blobs: BlobStore, limits: DecodeLimits, name: str | None) -> StoredImage:
+    fmt, width, height = _probe(data, limits)
     image_format = INPUT_FORMATS[fmt]
     saved_now = name is None
     if name is None:
         name = new_key(image_format.extension)
         try:
-            await asyncio.to_thread(blobs.put, name, data, image_format.content_type)
+            blobs.put(name, data, image_format.content_type)
         except BlobStoreError as exc:  # a full or read-only disk is the server's problem: 503, not 500
             raise StorageError(f"the image could not be stored ({exc.reason}); retry later") from exc
     return StoredImage(

@@ -1,22 +1,28 @@
 """Job change notifications inside the HTTP process, on its event loop.
 
 It listens to the event bus (``jobs.events``) and hands each event over to the loop:
-long-poll requests wait here for their job to change instead of sleeping and re-reading;
-webhook delivery and metrics listen here too. ``publish`` may be called from any thread.
+long-poll requests wait here for their job to end instead of sleeping and re-reading (a
+waiter is woken by its job's terminal event only: a long-poll answers nothing before the
+end, and each step's wake-up would cost it a read of the job); webhook delivery and metrics
+listen here too, to every event. ``publish`` may be called from any thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from fluxredux.jobs.events import JobEvent, Unsubscribe
+from fluxredux.jobs.job import TERMINAL, Job
 
 log = logging.getLogger(__name__)
 
 
 Listener = Callable[[JobEvent], None]
+
+_ENDS = frozenset(status.value for status in TERMINAL)
 
 
 class Notifier:
@@ -53,8 +59,9 @@ class Notifier:
             loop.call_soon_threadsafe(self._dispatch, event)
 
     def _dispatch(self, event: JobEvent) -> None:
-        for waiter in self._waiters.get(event.job_id, ()):
-            waiter.set()
+        if event.status in _ENDS:
+            for waiter in self._waiters.get(event.job_id, ()):
+                waiter.set()
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -62,7 +69,8 @@ class Notifier:
                 log.exception("job event listener failed")
 
     def subscribe(self, job_id: str) -> asyncio.Event:
-        """Register interest before reading the job's state, so no change is missed."""
+        """Register interest before reading the job's state, so its end is not missed: the
+        event is set when the job ends (succeeded, failed, canceled)."""
         event = asyncio.Event()
         self._waiters.setdefault(job_id, set()).add(event)
         return event
@@ -73,3 +81,35 @@ class Notifier:
             waiters.discard(event)
             if not waiters:
                 del self._waiters[job_id]
+
+
+class SharedReads:
+    """Reads of a job from the event loop, shared by the tasks that want it at once.
+
+    A job's end wakes every long-poll waiting for it and the app's own listener (metrics,
+    webhooks), and each would read the job in a thread of its own at the same moment: a
+    thread hop each, on a busy loop. Here they share one read, provided it started after
+    the moment each of them needs a state from (``after``: a read that began earlier may
+    have missed the change that woke it)."""
+
+    def __init__(self, read: Callable[[str], Job | None]) -> None:
+        self._read = read
+        self._pending: dict[str, tuple[float, asyncio.Future[Job | None]]] = {}
+
+    async def get(self, job_id: str, after: float) -> Job | None:
+        """The job as read in a thread that started at ``after`` (time.monotonic()) or later."""
+        pending = self._pending.get(job_id)
+        if pending is None or pending[0] < after:
+            started = time.monotonic()
+            future = asyncio.ensure_future(asyncio.to_thread(self._read, job_id))
+            self._pending[job_id] = pending = (started, future)
+            future.add_done_callback(lambda done: self._forget(job_id, done))
+        # Shielded: one reader's cancel (its request cut) must not cancel the others' read.
+        return await asyncio.shield(pending[1])
+
+    def _forget(self, job_id: str, done: asyncio.Future[Job | None]) -> None:
+        pending = self._pending.get(job_id)
+        if pending is not None and pending[1] is done:
+            del self._pending[job_id]
+        if not done.cancelled():
+            done.exception()  # retrieved: a failed read nobody awaited any more is not logged as lost

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fluxredux.access.keys import ApiKey
@@ -84,17 +85,12 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> 
     if refusal is not None:  # accepting work that no worker can run would only hide the problem
         raise refusal
     # Refuse early, before fetching or decoding anything; the insert below checks again.
-    early = Capacity(
-        in_flight=await asyncio.to_thread(services.lifecycle.in_flight, key.id),
-        queued=await asyncio.to_thread(services.lifecycle.queue_depth),
-        accepted=False,
-    )
-    if (error := capacity_error(settings, early)) is not None:
-        raise error
-    if order.webhook_url:
+    # With Redis, counting is a network call: never on the event loop (and one thread hop
+    # for the checks together: each hop is a hand-over between threads).
+    await asyncio.to_thread(_admit, services, key, count=not order.webhook_url)
+    if order.webhook_url:  # checked before the create counts against the key's rate
         await check_webhook_target(services, order.webhook_url, order.webhook_field)
-    # With Redis, counting is a network call: never on the event loop.
-    await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
+        await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
     own_files = f"{order.base_url.rstrip('/')}/files/" if order.base_url else None
     stored = await resolve_references(
         order.input,
@@ -109,9 +105,7 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> 
         id=new_id(),
         owner=key.id,
         input=recorded_input(order.input, stored),
-        # The store's clock, not this node's: queue order and paging must not depend on
-        # which API node took the request.
-        created_at=await asyncio.to_thread(services.store.now),
+        created_at=0.0,  # stamped by the store's clock as it is queued (_insert)
         version=order.version,
         webhook_url=order.webhook_url,
         webhook_secret=order.webhook_secret,
@@ -120,34 +114,65 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> 
         input_files=[image.name for image in stored],
         progress_total=order.input.num_inference_steps,
     )
-    # Count and insert in one store operation: concurrent creations (of this process or
-    # another) cannot push a key over its in-flight limit or the queue over its cap.
     try:
-        capacity = await asyncio.to_thread(
-            services.lifecycle.create_if_under_capacity,
-            job,
-            settings.max_in_flight_per_key,
-            settings.max_queue,
-        )
+        capacity = await asyncio.to_thread(_insert, services, job)
         if not capacity.accepted:
             raise capacity_error(settings, capacity) or QueueFull("the server's queue is full; try again")
     except FluxReduxError:
         # Refused: the copies made for this request go (an upload stays).
         await asyncio.to_thread(services.blobs.delete, [image.name for image in stored if image.saved_now])
         raise
-    services.workers.wake()
-    await services.webhooks.enqueue_event(job, "start")  # when its receiver asked for it
+    await services.webhooks.queued(job)  # its start event, when its receiver asked for it
     return job
 
 
-async def wait_until_done(services: Services, job_id: str, timeout: float) -> Job | None:
-    """Long-poll: woken by the job's state change, not by re-reading on a timer."""
+def _admit(services: Services, key: ApiKey, *, count: bool) -> None:
+    """The early refusal (the key's predictions in flight, the queue's depth); then, with
+    ``count``, the create counted against the key's rate limit. Blocking: in a thread."""
+    early = Capacity(
+        in_flight=services.lifecycle.in_flight(key.id),
+        queued=services.lifecycle.queue_depth(),
+        accepted=False,
+    )
+    if (error := capacity_error(services.settings, early)) is not None:
+        raise error
+    if count:
+        services.creations.hit(key.id, "prediction creations")
+
+
+def _insert(services: Services, job: Job) -> Capacity:
+    """Stamp ``job`` with the store's clock, not this node's (queue order and paging must
+    not depend on which API node took the request), and queue it unless a limit is reached:
+    counted and inserted in one store operation, so concurrent creations (of this process
+    or another) cannot push a key over its in-flight limit or the queue over its cap.
+    Blocking: in a thread; it also wakes a worker (``wake`` is thread-safe)."""
+    settings = services.settings
+    job.created_at = services.store.now()
+    capacity = services.lifecycle.create_if_under_capacity(
+        job, settings.max_in_flight_per_key, settings.max_queue
+    )
+    if capacity.accepted:
+        services.workers.wake()  # from here: the worker need not wait for the event loop's turn
+    return capacity
+
+
+async def wait_until_done(
+    services: Services, job_id: str, timeout: float, check: Callable[[Job | None], Job | None] | None = None
+) -> Job | None:
+    """Long-poll: woken by the job's end, not by re-reading on a timer.
+
+    Only a terminal event wakes the poll (the steps in between would each cost a read for
+    nothing), and its read is shared with whoever else reads the job at that moment (the
+    other polls of the job, the app's listener). ``check`` (on the loop) sees each read:
+    ``owned`` makes a GET's first read its ownership check too, one read instead of two."""
     deadline = time.monotonic() + timeout
     event = services.notifier.subscribe(job_id)
     try:
         while True:
             event.clear()  # before reading: a change that lands after the read still wakes us
-            job = await asyncio.to_thread(services.store.get, job_id)
+            job = await services.job_reads.get(job_id, after=time.monotonic())
+            if check is not None:
+                job = check(job)
             remaining = deadline - time.monotonic()
             if job is None or job.is_terminal or remaining <= 0:
                 return job
@@ -161,12 +186,16 @@ async def wait_until_done(services: Services, job_id: str, timeout: float) -> Jo
         services.notifier.unsubscribe(job_id, event)
 
 
-def owned_job(services: Services, job_id: str, key: ApiKey) -> Job:
-    """The caller's job (blocking: call it through asyncio.to_thread)."""
-    job = services.store.get(job_id)
+def owned(job: Job | None, job_id: str, key: ApiKey) -> Job:
+    """``job`` if it is the caller's; NotFound otherwise (absent, or another key's)."""
     if job is None or job.owner != key.id:  # another key's prediction is as good as absent
         raise NotFound(f"no prediction with id '{job_id}'", id=job_id)
     return job
+
+
+def owned_job(services: Services, job_id: str, key: ApiKey) -> Job:
+    """The caller's job (blocking: call it through asyncio.to_thread)."""
+    return owned(services.store.get(job_id), job_id, key)
 
 
 async def wait_after_create(services: Services, job: Job, timeout: float) -> Job:

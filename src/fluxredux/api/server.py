@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -152,6 +153,11 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+    # Everything built so far lives as long as the process: out of the collector's sight, a
+    # full collection (every few thousand requests) scans only what was made since, instead
+    # of pausing every request in flight for tens of milliseconds (66 ms measured).
+    gc.collect()
+    gc.freeze()
     # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler
     # it found. The default one would end the process there, before the workers are told
     # to finish their jobs and the stores are closed: exit through ``finally`` instead.

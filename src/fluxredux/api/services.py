@@ -12,7 +12,7 @@ from fluxredux.access.shares import ShareStore
 from fluxredux.access.uploads import UploadStore
 from fluxredux.api.eachlabs.render import render
 from fluxredux.api.metrics import Metrics
-from fluxredux.api.notifier import Notifier
+from fluxredux.api.notifier import Notifier, SharedReads
 from fluxredux.api.readiness import Readiness
 from fluxredux.api.replicate.render import render_replicate
 from fluxredux.backends import Backends, backends_for
@@ -56,6 +56,11 @@ class Services:
     stop_notifying: Unsubscribe  # ends the bus -> notifier subscription
     # /ready's checks and their threads (a check that overran its budget is awaited again).
     readiness: Readiness = field(default_factory=Readiness)
+    # Reads of a job from the event loop, shared by the tasks its change wakes at once.
+    job_reads: SharedReads = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.job_reads = SharedReads(self.store.get)
 
     @property
     def decode_limits(self) -> DecodeLimits:

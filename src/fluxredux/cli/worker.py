@@ -36,6 +36,6 @@ def worker(
     setup_logging(verbose)
     from fluxredux.worker.process import WorkerProcess
 
-    process = WorkerProcess(settings)
+    process = WorkerProcess(settings, freeze_gc=True)
     process.drain_on(signal.SIGTERM, signal.SIGINT)
     raise typer.Exit(process.run())

@@ -149,6 +149,8 @@ class WebhookSender:
         self._last_forget = float("-inf")
         self._last_event: dict[str, float] = {}  # job id -> when its last non-final event went out
         self._no_logs: set[str] = set()  # running jobs read once and found to want no logs events
+        # Running jobs being read now for their logs event -> whether a change came meanwhile.
+        self._reading: dict[str, bool] = {}
 
     # -- enqueueing -------------------------------------------------------------------
 
@@ -165,6 +167,14 @@ class WebhookSender:
             log.warning("webhook for %s not enqueued now: %s", job.id, exc.message)
             return
         await self._after_enqueue([delivery])
+
+    async def queued(self, job: Job) -> None:
+        """A job this process just queued: its ``start`` event, if its receiver asked for
+        it. One that wants no ``logs`` events is noted as such, so that its claim and steps
+        are not even read for one (another process reads it once, at its first step)."""
+        if not job.webhook_url or "logs" not in job.webhook_events:
+            self._no_logs.add(job.id)
+        await self.enqueue_event(job, "start")
 
     async def enqueue_event(self, job: Job, event: str, step: int | None = None) -> None:
         """A non-final event of ``job`` (``start``, ``logs``) if its receiver asked for it and
@@ -189,12 +199,28 @@ class WebhookSender:
     async def progressed(self, job_id: str) -> None:
         """A running job changed (a worker claimed it, or finished a step): a ``logs`` event
         for receivers that want one. Throttled before the job is even read: this is called
-        for every step of every job."""
+        for every step of every job. One read at a time per job: the changes that arrive
+        during a read are coalesced into one more read after it (a fast model's steps come
+        faster than a read, and each read is a thread hop on this busy process)."""
         if self._throttled(job_id) or job_id in self._no_logs:
+            return
+        if job_id in self._reading:  # one read at a time per job; it reads once more after
+            self._reading[job_id] = True
             return
         if len(self._last_event) + len(self._no_logs) > _MAX_THROTTLED:  # jobs whose end was never seen
             self._last_event.clear()
             self._no_logs.clear()
+        self._reading[job_id] = False
+        try:
+            while not (self._throttled(job_id) or job_id in self._no_logs):
+                self._reading[job_id] = False
+                await self._logs_event(job_id)
+                if not self._reading[job_id]:  # no change arrived during that read
+                    return
+        finally:
+            del self._reading[job_id]
+
+    async def _logs_event(self, job_id: str) -> None:
         try:
             job = await asyncio.to_thread(self.store.get, job_id)
         except StoreUnavailable:

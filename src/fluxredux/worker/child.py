@@ -29,6 +29,7 @@ def main() -> None:
         Settings(),
         worker_id=worker_id_from_env(),
         events=PipePublisher.from_fd(int(event_fd)) if event_fd else None,
+        freeze_gc=True,
     )
     process.drain_on(signal.SIGTERM)
     threading.Thread(target=_watch_parent, args=(process,), daemon=True).start()

@@ -1,9 +1,11 @@
 """The worker loop: claim a job, run it, finish it. Leased, not popped.
 
-A claimed job carries this worker's id and a lease that a heartbeat thread extends; if
-this process dies, the lease runs out (or the supervisor sees the exit) and the job is
-re-run once or failed as "worker lost". Every step of a run re-checks the job's cancel
-flag, so a cancel stops a running prediction within one denoising step.
+A claimed job carries this worker's id and a lease that a heartbeat thread extends (one
+thread for every job this worker holds: worker/leases.py); if this process dies, the
+lease runs out (or the supervisor sees the exit) and the job is re-run once or failed as
+"worker lost". Every step of a run re-checks the job's cancel flag (as the step's progress
+write read it, when that write came just before; else with a read of its own), so a cancel
+stops a running prediction within one denoising step.
 
 Faults of the store or the disk never end this process: a locked or unreachable store
 is retried, and outputs that cannot be written fail that one job as ``storage_error``.
@@ -50,6 +52,7 @@ from fluxredux.jobs.job import Job, Status
 from fluxredux.jobs.lifecycle import Lifecycle
 from fluxredux.schema import PredictionInput
 from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, new_key
+from fluxredux.worker.leases import LeaseKeeper
 from fluxredux.worker.overlap import PostStageSlot
 from fluxredux.worker.predictor import Generated, PredictionResult, Predictor
 
@@ -58,6 +61,9 @@ log = logging.getLogger(__name__)
 INTERNAL_ERROR = "the prediction failed because of an internal error; it was logged on the server"
 
 T = TypeVar("T")
+
+# A cancel check this soon after a progress write uses what that write read of the job.
+SEEN_FRESH_SECONDS = 0.05
 
 # Called with a description of a storage failure, or None once storage works again.
 StorageReport = Callable[[str | None], None]
@@ -104,6 +110,11 @@ class Worker:
         self._last_probe = 0.0
         self._last_reap = 0.0
         self._post_stage = PostStageSlot()
+        # (job id, attempt) -> (when, the job as its last progress write saw it), taken by the
+        # cancel check that follows it (one dict: the model stage and the post stage run on
+        # two threads, each for its own job).
+        self._seen: dict[tuple[str, int], tuple[float, Job | None]] = {}
+        self._leases = LeaseKeeper(self._renew, config.heartbeat_seconds)
 
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and run jobs until ``stop``. Nothing that goes wrong here ends the loop: a
@@ -191,25 +202,21 @@ class Worker:
         return True
 
     def _keep_lease(self, job: Job) -> Callable[[], None]:
-        """Renew ``job``'s lease on a thread until the returned function is called."""
-        stop = threading.Event()
-        heartbeat = threading.Thread(target=self._heartbeat, args=(job, stop), daemon=True)
-        heartbeat.start()
+        """Renew ``job``'s lease (on the lease keeper's thread) until the returned function
+        is called."""
+        return self._leases.hold(job)
 
-        def release() -> None:
-            stop.set()
-            heartbeat.join()
-
-        return release
-
-    def _heartbeat(self, job: Job, stop: threading.Event) -> None:
-        while not stop.wait(self.config.heartbeat_seconds):
-            try:
-                if self.lifecycle.heartbeat(job, self.config.worker_id, self.config.lease_seconds) is None:
-                    return  # no longer ours (canceled, reaped): the run notices at its next step
-            except StoreUnavailable as exc:
-                # Keep beating: the lease is only lost if the store stays unwritable past it.
-                log.warning("prediction %s: lease not renewed: %s", job.id, exc.message)
+    def _renew(self, job: Job) -> bool:
+        """One renewal of ``job``'s lease; False: no longer ours (canceled, reaped), and the
+        run notices at its next step."""
+        try:
+            return self.lifecycle.heartbeat(job, self.config.worker_id, self.config.lease_seconds) is not None
+        except StoreUnavailable as exc:
+            # Keep beating: the lease is only lost if the store stays unwritable past it.
+            log.warning("prediction %s: lease not renewed: %s", job.id, exc.message)
+        except Exception:  # never the end of the renewals of every job held
+            log.exception("prediction %s: renewing its lease failed", job.id)
+        return True
 
     def _model_stage(self, job: Job) -> Generated | None:
         """Reference images -> the model's images. None: the job has ended already."""
@@ -293,13 +300,21 @@ class Worker:
 
     def _progress(self, job: Job, step: int, total: int) -> None:
         try:
-            self.lifecycle.heartbeat(
+            current = self.lifecycle.heartbeat(
                 job, self.config.worker_id, self.config.lease_seconds, step=step, total=total
             )
         except StoreUnavailable as exc:  # progress is nice to have; the run goes on
             log.warning("prediction %s: progress not recorded: %s", job.id, exc.message)
+            return
+        # The job as that write saw it (None: no longer ours): the cancel check that follows
+        # at once (the next step's, a model calls them back to back) needs no read of its own.
+        self._seen[(job.id, job.attempt)] = (time.monotonic(), current)
 
     def _cancel_requested(self, job: Job) -> bool:
+        seen = self._seen.pop((job.id, job.attempt), None)
+        if seen is not None and time.monotonic() - seen[0] < SEEN_FRESH_SECONDS:
+            current = seen[1]
+            return current is None or current.cancel_requested  # as Lifecycle.should_stop decides
         try:
             return self.lifecycle.should_stop(job, self.config.worker_id)
         except StoreUnavailable:
@@ -386,6 +401,7 @@ class Worker:
     def _finish(self, job: Job, to: Status, **fields: Any) -> Job | None:
         """Record the end of a run. A store that is briefly locked or down must not throw
         away a finished run: retry for a while; the lease keeps others off meanwhile."""
+        self._seen.pop((job.id, job.attempt), None)  # its ending: no cancel check follows
         deadline = time.monotonic() + self.config.finish_retry_seconds
         pause = 0.2
         while True:

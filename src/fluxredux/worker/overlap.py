@@ -18,29 +18,58 @@ log = logging.getLogger(__name__)
 
 
 class PostStageSlot:
-    def __init__(self, name: str = "post-stage") -> None:
+    """The slot, run by one long-lived thread (a thread started per job would be a hand-over
+    between threads on the path of every prediction); the thread ends by itself after
+    ``idle_seconds`` without work, and starts again with the next."""
+
+    def __init__(self, name: str = "post-stage", *, idle_seconds: float = 30.0) -> None:
         self._name = name
+        self._idle_seconds = idle_seconds
+        self._changed = threading.Condition()
+        self._work: Callable[[], None] | None = None  # handed over, not yet taken
+        self._busy = False  # work handed over and not yet ended
         self._thread: threading.Thread | None = None
 
     def start(self, work: Callable[[], None]) -> float:
-        """Wait for the previous work to end, then run ``work`` on a thread of its own.
+        """Wait for the previous work to end, then run ``work`` on the slot's thread.
         Returns the seconds spent waiting. ``work`` must end its job whatever happens;
         anything it still raises is logged (its lease then runs out, as for a lost worker)."""
         waited = self.wait()
-        # A daemon thread, as the heartbeats are: the loop waits for it on every way out
-        # (drain included); only an abrupt exit skips that, and the lease covers that case.
-        self._thread = threading.Thread(target=_logged, args=(work,), name=self._name, daemon=True)
-        self._thread.start()
+        with self._changed:
+            self._work, self._busy = work, True
+            # A daemon thread, as the lease keeper's is: the loop waits for the work on every
+            # way out (drain included); only an abrupt exit skips that, and the lease covers it.
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
         return waited
 
     def wait(self) -> float:
         """Block until the running work (if any) has ended; the seconds waited."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return 0.0
-        started = time.perf_counter()
-        thread.join()
-        return time.perf_counter() - started
+        with self._changed:
+            if not self._busy:
+                return 0.0
+            started = time.perf_counter()
+            while self._busy:
+                self._changed.wait()
+            return time.perf_counter() - started
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if self._work is None:
+                    self._changed.wait_for(lambda: self._work is not None, self._idle_seconds)
+                if self._work is None:  # idle for long enough: end (the next start makes another)
+                    self._thread = None
+                    return
+                work, self._work = self._work, None
+            try:
+                _logged(work)
+            finally:
+                with self._changed:
+                    self._busy = False
+                    self._changed.notify_all()
 
 
 def _logged(work: Callable[[], None]) -> None:

@@ -17,6 +17,7 @@ worker leaves the registry and exits; a job it never got to stays queued for the
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -93,12 +94,16 @@ class WorkerProcess:
         worker_id: str | None = None,
         events: EventPublisher | None = None,
         model_factory: ModelFactory = build_model,
+        freeze_gc: bool = False,
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id or new_worker_id()
         self.backends = backends_for(settings)
         self.stop = threading.Event()
         self._model_factory = model_factory
+        # A process of its own (not a test's): once the model is loaded, everything so far
+        # lives as long as the process, and is kept out of the garbage collector's full passes.
+        self._freeze_gc = freeze_gc
         # Embedded: the pipe to the server. Scale-out: the Redis bus, which also brings
         # wake-ups (see ``run``).
         self._events: EventPublisher = events if events is not None else self.backends.bus
@@ -147,6 +152,9 @@ class WorkerProcess:
             self.registration.stop()
             self.backends.close()
             raise
+        if self._freeze_gc:
+            gc.collect()
+            gc.freeze()
         try:
             info = model.info
             self.registration.update(

@@ -17,6 +17,7 @@ from fluxredux.api.idempotent import IdempotencyKeyHeader, create_once, fingerpr
 from fluxredux.api.prediction_actions import (
     PredictionOrder,
     cancel_owned,
+    owned,
     owned_job,
     page_of_jobs,
     queue_job,
@@ -66,7 +67,7 @@ async def create_idempotent(
         services,
         key,
         idempotency_key,
-        fingerprint(route, body.model_dump(mode="json")),
+        lambda: fingerprint(route, body.model_dump(mode="json")),
         lambda: create_job(body, key, services, base),
     )
 
@@ -121,12 +122,18 @@ async def list_predictions(
 async def get_prediction(
     prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep, wait: WaitQuery = 0
 ) -> Prediction:
-    job = await asyncio.to_thread(owned_job, services, prediction_id, key)
-    if wait > 0 and not job.is_terminal:
-        job = (
-            await wait_until_done(services, prediction_id, min(wait, services.settings.sync_wait_seconds))
-            or job
+    if wait > 0:
+        # Its first read checks the owner too: one read, and the wake-up subscribed before it.
+        found = await wait_until_done(
+            services,
+            prediction_id,
+            min(wait, services.settings.sync_wait_seconds),
+            check=lambda job: owned(job, prediction_id, key),
         )
+        assert found is not None  # owned() raises NotFound instead
+        job = found
+    else:
+        job = await asyncio.to_thread(owned_job, services, prediction_id, key)
     return await render_live(services, job, base)
 
 

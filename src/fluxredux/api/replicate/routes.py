@@ -140,7 +140,7 @@ async def create(
         services,
         key,
         idempotency_key,
-        fingerprint(route, body.model_dump(mode="json")),
+        lambda: fingerprint(route, body.model_dump(mode="json")),
         lambda: queue_job(order, key, services),
     )
     if wait is None:

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from fluxredux.api.deps import ServicesDep, get_api_key, presented_key
+from fluxredux.api.deps import ServicesDep, presented_key, verified_key
 from fluxredux.api.errors import error_responses
 from fluxredux.api.services import Services
 from fluxredux.errors import NotFound, StorageError, StoreUnavailable
@@ -115,6 +115,6 @@ async def metrics(
     if access == "off":
         raise NotFound("metrics are turned off on this server (FLUXREDUX_METRICS_ACCESS=off)")
     if access == "key":
-        await asyncio.to_thread(get_api_key, services, presented_key(x_api_key, authorization))
+        await asyncio.to_thread(verified_key, services, presented_key(x_api_key, authorization))
     body = await asyncio.to_thread(services.metrics.render)  # reads the job store: not on the loop
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -39,6 +39,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, created_at);
+-- A key's predictions in flight, counted on every create: from this index alone, however
+-- many finished predictions the key has (through jobs_by_owner it read every one of them).
+CREATE INDEX IF NOT EXISTS jobs_by_owner_status ON jobs (owner, status);
 CREATE INDEX IF NOT EXISTS jobs_by_webhook_state ON jobs (webhook_state) WHERE webhook_state IS NOT NULL;
 CREATE TABLE IF NOT EXISTS write_probe (id INTEGER PRIMARY KEY, at REAL);
 """
@@ -97,6 +100,11 @@ class SQLiteJobStore(ClockedTables):
             return self._apply(db, job_from_json(row[0]), change) if row else None
 
     def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
+        # Nothing queued: say so from a read, without taking the write lock (which creates
+        # and the end of the job in its post stage wait for). A job queued after this read
+        # wakes the worker, which then claims again.
+        if not self._db.rows("SELECT 1 FROM jobs WHERE status = ? LIMIT 1", (Status.STARTING.value,)):
+            return None
         now = self.now()
         with self._db.transaction() as db:
             row = db.execute(

@@ -86,9 +86,10 @@ def test_a_release_waits_for_a_renewal_under_way() -> None:
 
 def test_the_keeper_s_thread_ends_when_idle_and_comes_back() -> None:
     renewed: list[str] = []
-    keeper = LeaseKeeper(_recorder(renewed), every=0.02, idle_seconds=0.05)
+    # A name of its own: other tests in this process may have keepers ("leases") running.
+    keeper = LeaseKeeper(_recorder(renewed), every=0.02, idle_seconds=0.05, name="leases-idle-test")
     keeper.hold(_job("first"))()
-    _until(lambda: not any(t.name == "leases" and t.is_alive() for t in threading.enumerate()))
+    _until(lambda: not any(t.name == "leases-idle-test" and t.is_alive() for t in threading.enumerate()))
     release = keeper.hold(_job("second"))
     _until(lambda: "second" in renewed)
     release()

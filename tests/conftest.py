@@ -96,17 +96,7 @@ def s3_env(
     """The standard AWS variables pointed at the test S3 server (dummy credentials), for this
     test only; no profile or config file of the machine's can take part. Its endpoint URL."""
     nothing = tmp_path_factory.mktemp("no-aws-config") / "none"
-    for name, value in {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(nothing),
-        "AWS_SHARED_CREDENTIALS_FILE": str(nothing),
-    }.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-        monkeypatch.delenv(name, raising=False)
+    point_aws_at(monkeypatch, s3_endpoint, nothing)
     return s3_endpoint
 
 
@@ -269,3 +259,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         functions = [item.function, *fixtures]
         if any(_is_starter(_dotted(function)) or starts_something(function) for function in functions):
             item.add_marker(pytest.mark.integration)
+
+
+def point_aws_at(monkeypatch: pytest.MonkeyPatch, endpoint: str, nothing: Path) -> None:
+    """The standard AWS variables pointed at ``endpoint`` with dummy credentials; ``nothing``
+    (a path that does not exist) stands in for the machine's config and credentials files."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(nothing),
+        "AWS_SHARED_CREDENTIALS_FILE": str(nothing),
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        monkeypatch.delenv(name, raising=False)

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from tests.cluster import TERMINAL, Cluster, Node, cluster, wait_for
+from tests.conftest import point_aws_at
 from tests.services import s3_server_process
 
 STEPS = 4
@@ -71,17 +72,7 @@ def freezable_s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Fr
     with the standard AWS variables pointed at it for this test and its processes."""
     nothing = tmp_path / "no-aws-config"
     with s3_server_process() as (endpoint, process):
-        for name, value in {
-            "AWS_ENDPOINT_URL": endpoint,
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_CONFIG_FILE": str(nothing),
-            "AWS_SHARED_CREDENTIALS_FILE": str(nothing),
-        }.items():
-            monkeypatch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-            monkeypatch.delenv(name, raising=False)
+        point_aws_at(monkeypatch, endpoint, nothing)
         boto3.client("s3").create_bucket(Bucket="outage-test")
         yield FreezableS3(endpoint, process, "outage-test")
 

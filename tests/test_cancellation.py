@@ -19,7 +19,7 @@ from fluxredux.backends.memory.jobs import MemoryJobStore
 from fluxredux.backends.memory.outbox import MemoryWebhookOutbox
 from fluxredux.config import Settings
 from fluxredux.jobs.events import JobEvent
-from fluxredux.jobs.job import Job, new_id
+from fluxredux.jobs.job import Job, Status, new_id
 from fluxredux.net import FetchPolicy, SafeFetcher
 from fluxredux.webhooks.sender import WebhookPolicy, WebhookSender
 from tests.harness import ThreadWorkers
@@ -94,5 +94,31 @@ def test_a_long_poll_ends_when_cancelled_as_its_job_changes(tmp_path: Path) -> N
 
     try:
         asyncio.run(rounds())
+    finally:
+        services.close()
+
+
+def test_a_long_poll_answers_from_its_jobs_end_event_without_reading_the_store(tmp_path: Path) -> None:
+    """The end's event carries the job: the poll it wakes answers with that, no read (here
+    the store is closed by then, so a read would fail the poll)."""
+    services = build_services(Settings(data_dir=tmp_path), lambda *_: ThreadWorkers())
+    job = Job(id=new_id(), owner="k", input={}, created_at=services.store.now())
+    services.store.insert(job)
+    ended = Job(
+        id=job.id, owner="k", input={}, created_at=job.created_at, status=Status.SUCCEEDED, output=["x.webp"]
+    )
+
+    async def poll() -> Job | None:
+        services.notifier.bind(asyncio.get_running_loop())
+        task = asyncio.get_running_loop().create_task(wait_until_done(services, job.id, 30.0))
+        await _until(lambda: _waiting_for_a_wake_up(task), "the long-poll waits for its job")
+        services.store.close()  # from here, any read of the store fails
+        services.notifier.publish(JobEvent.of(ended))
+        async with asyncio.timeout(5):
+            return await task
+
+    try:
+        answered = asyncio.run(poll())
+        assert answered == ended
     finally:
         services.close()

@@ -18,6 +18,7 @@ import pytest
 from fluxredux.backends.redis.events import RedisEventBus, RedisEventPublisher
 from fluxredux.backends.sqlite.events import PipeEventBus, PipePublisher
 from fluxredux.jobs.events import EventBus, EventPublisher, JobEvent
+from fluxredux.jobs.job import Job, Status
 from tests.backends import Engine
 from tests.services import free_port, redis_server
 
@@ -76,6 +77,43 @@ def test_every_listener_hears_every_event_in_order(bus: tuple[EventBus, EventPub
         publisher.publish(event)
     assert first.all_until(SENTINEL, publisher) == sent  # each once, in order, nothing more
     assert second.wait_for(len(sent) + 1) == [*sent, SENTINEL]
+
+
+def test_an_end_carries_the_job_as_it_ended_and_other_events_carry_none(
+    bus: tuple[EventBus, EventPublisher],
+) -> None:
+    """What an end wakes (every long-poll of the job, its webhook) answers from the event,
+    without reading the store: the job must arrive whole through every bus."""
+    subscriber, publisher = bus
+    heard = Heard()
+    subscriber.add_listener(heard)
+    ended = Job(
+        id="j1",
+        owner="key1",
+        input={"redux_image": "file1", "num_outputs": 2},
+        created_at=1700000000.25,
+        status=Status.SUCCEEDED,
+        output=["a.webp", "b.webp"],
+        logs="seed: 7\nsafety checker removed 0 of 2 images",
+        metrics={"predict_time": 0.51},
+    )
+    running = Job(id="j2", owner="key1", input={}, created_at=1.0, status=Status.PROCESSING)
+    publisher.publish(JobEvent.of(ended))
+    publisher.publish(JobEvent.of(running))
+    end, step = heard.all_until(SENTINEL, publisher)
+    assert (end, step) == (JobEvent("j1", "succeeded"), JobEvent("j2", "processing"))
+    assert end.job == ended
+    assert step.job is None
+
+
+def test_a_line_whose_job_is_not_the_events_is_refused() -> None:
+    other = Job(id="j2", owner="k", input={}, created_at=1.0, status=Status.FAILED)
+    line = JobEvent("j1", "failed", other).encode()
+    with pytest.raises(ValueError):
+        JobEvent.decode(line)
+    with pytest.raises(ValueError):
+        JobEvent.decode('j1 failed {"id": "j1"}\n')  # JSON, but not a job's
+    assert JobEvent.decode(JobEvent("j1", "failed").encode()) == JobEvent("j1", "failed")
 
 
 def test_a_wake_up_arrives_within_100_ms(bus: tuple[EventBus, EventPublisher]) -> None:

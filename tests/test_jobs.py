@@ -200,6 +200,66 @@ def test_sqlite_reports_a_write_lock_held_elsewhere_within_its_busy_timeout(
     store.close()
 
 
+def test_a_read_that_must_not_wait_says_so_at_once_and_a_thread_read_waits(tmp_path: Path) -> None:
+    """The HTTP process reads SQLite on its event loop (``SQLiteBackends.read_without_waiting``),
+    where waiting for a lock would stall every request: a lock in the way of a read (another
+    process holding the file exclusively) gives WouldWait at once, so the read moves to a
+    thread; the same read in a thread waits out its busy timeout as before."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from fluxredux.backends.sqlite.database import Database, without_waiting
+    from fluxredux.errors import WouldWait
+
+    path = tmp_path / "held.db"
+    db = Database(path, "CREATE TABLE IF NOT EXISTS t (x INTEGER);", busy_timeout=1.0)
+    db.write("INSERT INTO t VALUES (1)")
+    with without_waiting():
+        assert db.rows("SELECT count(*) FROM t") == [(1,)]  # nothing in the way: answered
+    db.close()  # so that the holder can take the file for itself
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sqlite3, sys, time\n"
+         "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+         "db.execute('PRAGMA locking_mode=EXCLUSIVE')\n"
+         "db.execute('BEGIN EXCLUSIVE')\n"
+         "db.execute('INSERT INTO t VALUES (2)')\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(60)\n",
+         str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    outcomes: dict[str, tuple[str, float]] = {}
+
+    def read(name: str, inline: bool) -> None:
+        started = time.monotonic()
+        try:
+            if inline:
+                with without_waiting():
+                    db.rows("SELECT count(*) FROM t")
+            else:
+                db.rows("SELECT count(*) FROM t")
+            outcomes[name] = ("read", time.monotonic() - started)
+        except StoreUnavailable as exc:
+            outcomes[name] = (type(exc).__name__, time.monotonic() - started)
+
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        for name, inline in (("inline", True), ("thread", False)):
+            reader = threading.Thread(target=read, args=(name, inline))  # a thread of its own:
+            reader.start()  # new connections (this thread's were closed above)
+            reader.join(10)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert outcomes["inline"][0] == WouldWait.__name__ and outcomes["inline"][1] < 0.5, outcomes
+    assert outcomes["thread"][0] == StoreUnavailable.__name__ and outcomes["thread"][1] >= 0.9, outcomes
+    assert issubclass(WouldWait, StoreUnavailable)  # one that escaped would still be a 503
+
+
 # --- the state machine ---------------------------------------------------------------
 
 
@@ -365,3 +425,29 @@ def test_sqlite_updates_from_two_connections_serialise(tmp_path: Path, clock: Fa
     run_threads([lambda s=s: [s.update(job.id, bump) for _ in range(100)] for s in (first, second)])
     stored = second.get(job.id)
     assert stored is not None and stored.progress_step == 200
+
+
+def test_only_the_local_store_is_read_on_the_event_loop(tmp_path: Path) -> None:
+    """``Services.read``: SQLite on the loop (no hop), Redis always in a thread (a network
+    call on the loop would hold up every request while Redis is slow or stopped)."""
+    import asyncio
+    import threading
+
+    from fluxredux.api.services import build_services
+    from fluxredux.config import Settings
+    from tests.harness import ThreadWorkers
+
+    def where() -> threading.Thread:
+        return threading.current_thread()
+
+    async def read_from_the_loop(settings: Settings) -> bool:
+        services = build_services(settings, lambda *_: ThreadWorkers())
+        try:
+            return await services.read(where) is threading.current_thread()
+        finally:
+            services.close()
+
+    local = Settings(data_dir=tmp_path / "one")
+    remote = Settings(data_dir=tmp_path / "many", redis_url="redis://127.0.0.1:1/0")  # never reached
+    assert asyncio.run(read_from_the_loop(local)) is True
+    assert asyncio.run(read_from_the_loop(remote)) is False

@@ -149,6 +149,13 @@ class StoreUnavailable(Unavailable):
     code = "store_unavailable"
 
 
+class WouldWait(StoreUnavailable):
+    """A read asked to answer at once would have had to wait (a lock held elsewhere, a
+    network store): the caller reads in a thread instead. Should one escape, it is a 503."""
+
+    code = "store_unavailable"
+
+
 class NoWorker(Unavailable):
     """No worker is alive or starting, so an accepted prediction would never run."""
 

@@ -112,8 +112,8 @@ def create_app(services: Services) -> FastAPI:
 
     async def after_terminal(event: JobEvent, heard: float) -> None:
         try:
-            # Shared with the long-polls its end woke (they read it now too).
-            job = await services.job_reads.get(event.job_id, after=heard)
+            # As the event carried it; else a read shared with the long-polls its end woke.
+            job = event.job or await services.job_reads.get(event.job_id, after=heard)
         except StoreUnavailable as exc:  # still marked pending: enqueued by the next maintenance round
             log.warning("prediction %s ended, but could not be read: %s", event.job_id, exc.message)
             return

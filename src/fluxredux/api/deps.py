@@ -2,14 +2,14 @@
 
 Every dependency here is ``async def``. FastAPI runs a plain (``def``) one in a worker
 thread of its own (anyio's), a hand-over between threads that costs more than the work of
-most of them: those that only look at the request run on the event loop; those that may
-wait on the store (a key lookup, a read counted in Redis) send that part to a thread
-themselves, in one ``asyncio.to_thread`` (a read's key check and its count together).
+most of them: those that only look at the request run on the event loop; those that read
+the stores (a key lookup, a read counted in Redis) go through ``Services.read``: on the
+loop where the store answers at once (SQLite), else in one thread hop (a read's key check
+and its count together).
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -58,7 +58,8 @@ def verified_key(services: Services, presented: str | None) -> ApiKey:
 
 
 async def get_api_key(services: ServicesDep, presented: PresentedKeyDep) -> ApiKey:
-    return await asyncio.to_thread(verified_key, services, presented)
+
+    return await services.read(verified_key, services, presented)
 
 
 ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]
@@ -74,7 +75,8 @@ def counted_read(services: Services, presented: str | None) -> ApiKey:
 
 
 async def count_read(services: ServicesDep, presented: PresentedKeyDep) -> ApiKey:
-    return await asyncio.to_thread(counted_read, services, presented)
+
+    return await services.read(counted_read, services, presented)
 
 
 # The caller's key, for routes whose requests count as reads (polls, lists, uploads, shares).

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,92 +96,123 @@ def own_file_key(ref: str, own_files: str | None) -> str | None:
     return key if is_valid_key(key) else None
 
 
-async def resolve_reference(
+def _field(inputs: PredictionInput, index: int) -> str:
+    """How the request names reference ``index`` (in errors)."""
+    return "input.redux_image" if inputs.redux_images is None else f"input.redux_images.{index}.image"
+
+
+@contextmanager
+def _naming(inputs: PredictionInput, index: int) -> Iterator[None]:
+    """An ImageError of reference ``index`` says which reference it was, as a validation error does."""
+    try:
+        yield
+    except ImageError as exc:
+        field = _field(inputs, index)
+        raise type(exc)(exc.code, f"{field}: {exc.message}", **{**exc.detail, "field": field}) from None
+
+
+def _is_download(ref: str, own_files: str | None) -> bool:
+    return _is_url(ref) and own_file_key(ref, own_files) is None
+
+
+def needs_download(inputs: PredictionInput, own_files: str | None = None) -> bool:
+    """Whether a reference must be fetched from the network (an http(s) URL not to this
+    server's own files)."""
+    return any(_is_download(ref, own_files) for ref, _weight in inputs.references)
+
+
+async def download_references(
+    inputs: PredictionInput, fetcher: SafeFetcher, own_files: str | None = None
+) -> dict[int, bytes]:
+    """The bytes of each reference that must be fetched, by its index: the only part of
+    resolving references that waits on the network (on the event loop, through httpx)."""
+    fetched: dict[int, bytes] = {}
+    for index, (ref, _weight) in enumerate(inputs.references):
+        if _is_download(ref, own_files):
+            with _naming(inputs, index):
+                fetched[index] = await fetcher.fetch(ref)
+    return fetched
+
+
+def store_references(
+    inputs: PredictionInput,
+    owner: str,
+    blobs: BlobStore,
+    uploads: UploadStore,
+    limits: DecodeLimits,
+    own_files: str | None = None,
+    downloaded: dict[int, bytes] | None = None,
+) -> list[StoredImage]:
+    """Every reference of ``inputs``, in order, checked and stored; if one fails, the
+    copies already made for this request are deleted before the error goes up.
+
+    Blocking (decoding, the blob store, the upload records): the caller runs it in a
+    thread, in one hop with the rest of a create's store work (each hop off the event loop
+    costs as much as the work). ``owner``: the creating API key's id (only its own uploads
+    are found by id). ``own_files``: this server's files' URL prefix (links to its uploads
+    are uploads). ``downloaded``: the bytes ``download_references`` fetched, by index."""
+    stored: list[StoredImage] = []
+    try:
+        for index, (ref, _weight) in enumerate(inputs.references):
+            with _naming(inputs, index):
+                fetched = (downloaded or {}).get(index)
+                stored.append(_store_reference(ref, owner, blobs, uploads, limits, own_files, fetched))
+    except BaseException:
+        blobs.delete([image.name for image in stored if image.saved_now])
+        raise
+    return stored
+
+
+def _store_reference(
     ref: str,
     owner: str,
     blobs: BlobStore,
     uploads: UploadStore,
-    fetcher: SafeFetcher,
     limits: DecodeLimits,
-    own_files: str | None = None,
+    own_files: str | None,
+    downloaded: bytes | None,
 ) -> StoredImage:
-    """``ref`` checked and stored for a prediction of the API key ``owner``."""
+    """``ref`` checked and stored for a prediction of the API key ``owner`` (blocking)."""
+    if downloaded is not None:
+        return _check_and_store(downloaded, blobs, limits, None)
     own_key = own_file_key(ref, own_files)
     if own_key is not None:
-        linked = await asyncio.to_thread(uploads.get, upload_id_of(own_key))
+        linked = uploads.get(upload_id_of(own_key))
         if linked is not None and linked.owner == owner:
             ref = upload_id_of(own_key)  # one of the caller's uploads: used as such, below
         else:
             # Another prediction's file, or another key's upload (its URL downloads without
             # a key: a capability): a copy of this prediction's own, as for a fetched URL
             # (in place, it would go when that prediction or upload does, or keep it).
-            return await check_and_store(await _own_file(blobs, own_key, ref), blobs, limits)
+            return _check_and_store(_own_file(blobs, own_key, ref), blobs, limits, None)
     if ref[:5].lower() == "data:":
-        return await check_and_store(parse_data_uri(ref, limits.max_bytes), blobs, limits)
-    if ref[:7].lower() == "http://" or ref[:8].lower() == "https://":
-        return await check_and_store(await fetcher.fetch(ref), blobs, limits)
+        return _check_and_store(parse_data_uri(ref, limits.max_bytes), blobs, limits, None)
     # An upload id: found among the caller's uploads only (an id is no secret: another
     # key's upload is as good as absent, as on GET /v1/files/{id}), and marked as used now,
     # which keeps it for another retention period (and keeps a retention round from
     # deleting it meanwhile). Ownership first: another key's attempt must not keep it.
-    found = await asyncio.to_thread(uploads.get, ref) if is_valid_id(ref) else None
-    upload = await asyncio.to_thread(uploads.use, ref) if found is not None and found.owner == owner else None
+    found = uploads.get(ref) if is_valid_id(ref) else None
+    upload = uploads.use(ref) if found is not None and found.owner == owner else None
     data = None
     if upload is not None:
         try:
-            data = await asyncio.to_thread(blobs.get, upload.key)
+            data = blobs.get(upload.key)
         except BlobNotFound:
             data = None
     if upload is None or data is None:
         raise ImageError(
             "image_file_not_found", f"no uploaded file with id '{ref}' (expired or never uploaded)"
         )
-    return await check_and_store(data, blobs, limits, name=upload.key)
+    return _check_and_store(data, blobs, limits, upload.key)
 
 
-async def _own_file(blobs: BlobStore, key: str, ref: str) -> bytes:
+def _own_file(blobs: BlobStore, key: str, ref: str) -> bytes:
     try:
-        data: bytes = await asyncio.to_thread(blobs.get, key)
+        return blobs.get(key)
     except BlobNotFound:
         raise ImageError("image_file_not_found", f"{ref} is no longer stored (expired or deleted)") from None
     except BlobStoreError as exc:
         raise StorageError(f"the image could not be read from storage ({exc.reason}); retry later") from exc
-    return data
-
-
-async def resolve_references(
-    inputs: PredictionInput,
-    owner: str,
-    blobs: BlobStore,
-    uploads: UploadStore,
-    fetcher: SafeFetcher,
-    limits: DecodeLimits,
-    own_files: str | None = None,
-) -> list[StoredImage]:
-    """Every reference of ``inputs``, in order, checked and stored; if one fails, the
-    copies already made for this request are deleted before the error goes up.
-    ``owner``: the creating API key's id (only its own uploads are found by id).
-    ``own_files``: this server's files' URL prefix (links to its uploads are uploads)."""
-    stored: list[StoredImage] = []
-    try:
-        for index, (reference, _weight) in enumerate(inputs.references):
-            try:
-                stored.append(
-                    await resolve_reference(reference, owner, blobs, uploads, fetcher, limits, own_files)
-                )
-            except ImageError as exc:  # say which reference it was, as a validation error does
-                field = (
-                    "input.redux_image"
-                    if inputs.redux_images is None
-                    else f"input.redux_images.{index}.image"
-                )
-                raise type(exc)(
-                    exc.code, f"{field}: {exc.message}", **{**exc.detail, "field": field}
-                ) from None
-    except BaseException:
-        await asyncio.to_thread(blobs.delete, [image.name for image in stored if image.saved_now])
-        raise
-    return stored
 
 
 def _is_url(reference: str) -> bool:

@@ -10,10 +10,12 @@ listen here too, to every event. ``publish`` may be called from any thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 
+from fluxredux.errors import WouldWait
 from fluxredux.jobs.events import JobEvent, Unsubscribe
 from fluxredux.jobs.job import TERMINAL, Job
 
@@ -25,10 +27,33 @@ Listener = Callable[[JobEvent], None]
 _ENDS = frozenset(status.value for status in TERMINAL)
 
 
+class EndWaiter:
+    """One long-poll's wait for its job's end: woken by the end's event, it holds the job
+    as that event carried it (None: a bare wake-up; the poll reads the job instead)."""
+
+    def __init__(self) -> None:
+        self._woken = asyncio.Event()
+        self._ended: Job | None = None
+
+    def wake(self, ended: Job | None) -> None:
+        self._ended = ended or self._ended
+        self._woken.set()
+
+    async def wait(self) -> None:
+        await self._woken.wait()
+
+    def take(self) -> Job | None:
+        """The ended job a wake-up brought, if any; and the wake-up consumed (a poll calls
+        this before it reads, so an end that lands after the read still wakes it)."""
+        self._woken.clear()
+        ended, self._ended = self._ended, None
+        return ended
+
+
 class Notifier:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[EndWaiter]] = {}
         self._listeners: list[Listener] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -59,26 +84,27 @@ class Notifier:
             loop.call_soon_threadsafe(self._dispatch, event)
 
     def _dispatch(self, event: JobEvent) -> None:
+
         if event.status in _ENDS:
             for waiter in self._waiters.get(event.job_id, ()):
-                waiter.set()
+                waiter.wake(event.job)
         for listener in list(self._listeners):
             try:
                 listener(event)
             except Exception:
                 log.exception("job event listener failed")
 
-    def subscribe(self, job_id: str) -> asyncio.Event:
+    def subscribe(self, job_id: str) -> EndWaiter:
         """Register interest before reading the job's state, so its end is not missed: the
-        event is set when the job ends (succeeded, failed, canceled)."""
-        event = asyncio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
-        return event
+        waiter is woken when the job ends (succeeded, failed, canceled)."""
+        waiter = EndWaiter()
+        self._waiters.setdefault(job_id, set()).add(waiter)
+        return waiter
 
-    def unsubscribe(self, job_id: str, event: asyncio.Event) -> None:
+    def unsubscribe(self, job_id: str, waiter: EndWaiter) -> None:
         waiters = self._waiters.get(job_id)
         if waiters is not None:
-            waiters.discard(event)
+            waiters.discard(waiter)
             if not waiters:
                 del self._waiters[job_id]
 
@@ -92,12 +118,21 @@ class SharedReads:
     the moment each of them needs a state from (``after``: a read that began earlier may
     have missed the change that woke it)."""
 
-    def __init__(self, read: Callable[[str], Job | None]) -> None:
+    def __init__(
+        self, read: Callable[[str], Job | None], now: Callable[[str], Job | None] | None = None
+    ) -> None:
         self._read = read
+        # The same read where the store answers it at once (else WouldWait): on the loop,
+        # no hop, nothing to share.
+        self._now = now
         self._pending: dict[str, tuple[float, asyncio.Future[Job | None]]] = {}
 
     async def get(self, job_id: str, after: float) -> Job | None:
-        """The job as read in a thread that started at ``after`` (time.monotonic()) or later."""
+        """The job as read in a thread that started at ``after`` (time.monotonic()) or later
+        (or read now, on the loop, where the store answers without waiting)."""
+        if self._now is not None:
+            with contextlib.suppress(WouldWait):
+                return self._now(job_id)
         pending = self._pending.get(job_id)
         if pending is None or pending[0] < after:
             started = time.monotonic()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fluxredux.access.keys import ApiKey
-from fluxredux.api.inputs import recorded_input, resolve_references
+from fluxredux.api.inputs import download_references, needs_download, recorded_input, store_references
 from fluxredux.api.services import Services
 from fluxredux.config import Settings
 from fluxredux.errors import (
@@ -79,27 +79,51 @@ class PredictionOrder:
 
 
 async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> Job:
-    """Validate everything, check limits, store the reference image, queue the job."""
-    settings = services.settings
+    """Validate everything, check limits, store the reference images, queue the job.
+
+    The store's work is done in as few thread hops as the order allows (each hop off the
+    event loop costs as much as the work, on the path of every create): one for the usual
+    create (references inline or uploaded, no webhook); a webhook's check and a URL's
+    download wait on the network, on the loop, between the early refusal and the rest."""
+
     refusal = services.workers.refusal()
     if refusal is not None:  # accepting work that no worker can run would only hide the problem
         raise refusal
-    # Refuse early, before fetching or decoding anything; the insert below checks again.
-    # With Redis, counting is a network call: never on the event loop (and one thread hop
-    # for the checks together: each hop is a hand-over between threads).
+    own_files = f"{order.base_url.rstrip('/')}/files/" if order.base_url else None
+    if not order.webhook_url and not needs_download(order.input, own_files):
+        job = await asyncio.to_thread(_accept, services, key, order, own_files)
+        return await _after_queued(services, job)
+    # Refuse early, before fetching anything; the insert checks again. With Redis,
+    # counting is a network call: never on the event loop.
     await asyncio.to_thread(_admit, services, key, count=not order.webhook_url)
     if order.webhook_url:  # checked before the create counts against the key's rate
         await check_webhook_target(services, order.webhook_url, order.webhook_field)
         await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
-    own_files = f"{order.base_url.rstrip('/')}/files/" if order.base_url else None
-    stored = await resolve_references(
-        order.input,
-        key.id,
-        services.blobs,
-        services.uploads,
-        services.fetcher,
-        services.decode_limits,
-        own_files,
+    downloaded = await download_references(order.input, services.fetcher, own_files)
+    job = await asyncio.to_thread(_accept, services, key, order, own_files, downloaded)
+    return await _after_queued(services, job)
+
+
+async def _after_queued(services: Services, job: Job) -> Job:
+
+    await services.webhooks.queued(job)  # its start event, when its receiver asked for it
+    return job
+
+
+def _accept(
+    services: Services,
+    key: ApiKey,
+    order: PredictionOrder,
+    own_files: str | None,
+    downloaded: dict[int, bytes] | None = None,
+) -> Job:
+    """A create's store work, blocking (in one thread): without ``downloaded``, first the
+    early refusal and the create counted (``_admit``); then the references stored and the
+    job queued, unless a limit is reached (then the copies made for it are deleted)."""
+    if downloaded is None:
+        _admit(services, key, count=True)
+    stored = store_references(
+        order.input, key.id, services.blobs, services.uploads, services.decode_limits, own_files, downloaded
     )
     job = Job(
         id=new_id(),
@@ -115,14 +139,14 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> 
         progress_total=order.input.num_inference_steps,
     )
     try:
-        capacity = await asyncio.to_thread(_insert, services, job)
+        capacity = _insert(services, job)
         if not capacity.accepted:
-            raise capacity_error(settings, capacity) or QueueFull("the server's queue is full; try again")
+            full = QueueFull("the server's queue is full; try again")
+            raise capacity_error(services.settings, capacity) or full
     except FluxReduxError:
         # Refused: the copies made for this request go (an upload stays).
-        await asyncio.to_thread(services.blobs.delete, [image.name for image in stored if image.saved_now])
+        services.blobs.delete([image.name for image in stored if image.saved_now])
         raise
-    await services.webhooks.queued(job)  # its start event, when its receiver asked for it
     return job
 
 
@@ -162,15 +186,21 @@ async def wait_until_done(
     """Long-poll: woken by the job's end, not by re-reading on a timer.
 
     Only a terminal event wakes the poll (the steps in between would each cost a read for
-    nothing), and its read is shared with whoever else reads the job at that moment (the
-    other polls of the job, the app's listener). ``check`` (on the loop) sees each read:
-    ``owned`` makes a GET's first read its ownership check too, one read instead of two."""
+    nothing); it carries the ended job, so the poll answers without a read (a wake-up
+    without it, e.g. the timer's, reads the job: that read is shared with whoever else
+    reads the job at that moment, the other polls of the job, the app's listener).
+    ``check`` (on the loop) sees each job, read or carried: ``owned`` makes a GET's first
+    read its ownership check too, one read instead of two."""
     deadline = time.monotonic() + timeout
-    event = services.notifier.subscribe(job_id)
+    waiter = services.notifier.subscribe(job_id)
     try:
         while True:
-            event.clear()  # before reading: a change that lands after the read still wakes us
-            job = await services.job_reads.get(job_id, after=time.monotonic())
+            # Taken before reading: a change that lands after the read still wakes us. An
+            # end's event carries the job as it ended: then no read at all.
+            ended = waiter.take()
+
+            job = ended or await services.job_reads.get(job_id, after=time.monotonic())
+
             if check is not None:
                 job = check(job)
             remaining = deadline - time.monotonic()
@@ -181,9 +211,9 @@ async def wait_until_done(
             # not wait_for, so that a shutdown's cancel always ends the poll (gh-86296).
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, LONG_POLL_RECHECK_SECONDS)):
-                    await event.wait()
+                    await waiter.wait()
     finally:
-        services.notifier.unsubscribe(job_id, event)
+        services.notifier.unsubscribe(job_id, waiter)
 
 
 def owned(job: Job | None, job_id: str, key: ApiKey) -> Job:
@@ -194,7 +224,7 @@ def owned(job: Job | None, job_id: str, key: ApiKey) -> Job:
 
 
 def owned_job(services: Services, job_id: str, key: ApiKey) -> Job:
-    """The caller's job (blocking: call it through asyncio.to_thread)."""
+    """The caller's job (blocking: call it through ``Services.read``)."""
     return owned(services.store.get(job_id), job_id, key)
 
 
@@ -226,14 +256,14 @@ async def page_of_jobs(
 ) -> tuple[list[Job], str | None]:
     """The caller's jobs, newest first, from ``cursor`` on; and the next page's cursor."""
     before = parse_cursor(cursor)
-    jobs = await asyncio.to_thread(services.store.list_by_owner, key.id, limit + 1, before)
+    jobs = await services.read(services.store.list_by_owner, key.id, limit + 1, before)
     page = jobs[:limit]
     return page, repr(page[-1].created_at) if len(jobs) > limit else None
 
 
 async def cancel_owned(services: Services, prediction_id: str, key: ApiKey) -> Job:
     """Cancel the caller's prediction (idempotent); the job as it is after."""
-    await asyncio.to_thread(owned_job, services, prediction_id, key)
+    await services.read(owned_job, services, prediction_id, key)
     job = await asyncio.to_thread(services.lifecycle.cancel, prediction_id)
     if job is None:
         raise NotFound(f"no prediction with id '{prediction_id}'", id=prediction_id)

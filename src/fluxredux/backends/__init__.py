@@ -33,6 +33,7 @@ from fluxredux.access.keys import KeyStore
 from fluxredux.access.shares import ShareStore
 from fluxredux.access.uploads import UploadStore
 from fluxredux.config import Settings
+from fluxredux.errors import WouldWait
 from fluxredux.jobs.events import EventBus
 from fluxredux.jobs.limits import RateLimiter
 from fluxredux.jobs.outbox import WebhookOutbox
@@ -130,6 +131,12 @@ class Backends(ABC):
         Blocking (it may ask the store): not on the event loop."""
         return None
 
+    def read_without_waiting(self, read: Callable[[], T]) -> T:
+        """``read()`` (a read of these stores) if the store answers it without waiting,
+        else WouldWait: what may run on an event loop, where a quick read costs less than
+        the thread hop it saves. Here: a store across the network always waits."""
+        raise WouldWait("this store is read across the network")
+
     @abstractmethod
     def _open_jobs(self) -> JobStore: ...
     @abstractmethod
@@ -158,6 +165,13 @@ class SQLiteBackends(Backends):
     """One machine: the SQLite file in the data dir; limits and events in this process."""
 
     scale_out = False
+
+    def read_without_waiting(self, read: Callable[[], T]) -> T:
+        """A local file in WAL mode: reads wait for no writer (see ``without_waiting``)."""
+        from fluxredux.backends.sqlite.database import without_waiting
+
+        with without_waiting():
+            return read()
 
     def _table(self, cls: Callable[..., T], *, clocked: bool = True) -> T:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,11 @@
 """The event bus: "job X changed to status S", from whoever changed it to whoever waits.
 
 The lifecycle publishes every change; long-polls, webhooks and metrics listen. A message
-is only a wake-up: listeners read the job from the store, so a lost message costs latency
-(long-polls also re-read on a slow timer), never correctness.
+is a wake-up: a lost one costs latency (long-polls also re-read the store on a slow timer),
+never correctness. An end (succeeded, failed, canceled) carries the job as that end
+recorded it, so that what it wakes (every long-poll of the job, the webhook) answers
+without reading the store again: an ended job's outcome no longer changes. Any other event
+is a bare wake-up; its listeners read the job from the store.
 
 Implementations:
 - ``LocalEventBus`` (here): publisher and listeners in one process; the fan-out the
@@ -21,10 +24,10 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from fluxredux.jobs.job import Job
+from fluxredux.jobs.job import Job, job_from_json, job_to_json
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +36,32 @@ log = logging.getLogger(__name__)
 class JobEvent:
     job_id: str
     status: str
+    # An end's event: the job as its end recorded it (read-only). Not part of the event's
+    # identity: an event is the same with or without it.
+    job: Job | None = field(default=None, compare=False, repr=False)
 
     def encode(self) -> str:
-        return f"{self.job_id} {self.status}\n"
+        """One line: ``id status``, then the job's stored form (JSON, one line) if it carries it."""
+        tail = f" {job_to_json(self.job)}" if self.job is not None else ""
+        return f"{self.job_id} {self.status}{tail}\n"
 
     @classmethod
     def decode(cls, line: str) -> JobEvent:
-        job_id, status = line.strip().split(" ", 1)
-        return cls(job_id, status)
+        """The event ``encode`` wrote; ValueError if ``line`` is not one."""
+        job_id, status, *rest = line.strip().split(" ", 2)
+        if not rest:
+            return cls(job_id, status)
+        try:
+            job = job_from_json(rest[0])
+        except (TypeError, KeyError, AttributeError) as exc:  # JSON, but not a job's
+            raise ValueError(f"not a job: {exc}") from exc
+        if job.id != job_id or job.status.value != status:
+            raise ValueError("the job it carries is not the event's")
+        return cls(job_id, status, job)
 
     @classmethod
     def of(cls, job: Job) -> JobEvent:
-        return cls(job.id, job.status.value)
+        return cls(job.id, job.status.value, job if job.is_terminal else None)
 
 
 Listener = Callable[[JobEvent], None]

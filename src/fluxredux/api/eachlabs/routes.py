@@ -3,7 +3,6 @@ What it shares with the Replicate surface is in api/prediction_actions.py."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -133,7 +132,7 @@ async def get_prediction(
         assert found is not None  # owned() raises NotFound instead
         job = found
     else:
-        job = await asyncio.to_thread(owned_job, services, prediction_id, key)
+        job = await services.read(owned_job, services, prediction_id, key)
     return await render_live(services, job, base)
 
 
@@ -141,7 +140,7 @@ async def render_live(services: Services, job: Job, base: str) -> Prediction:
     """The prediction with what only the store knows now: its place in the queue."""
     position = None
     if job.status == Status.STARTING:
-        position = await asyncio.to_thread(services.lifecycle.queue_position, job.id)
+        position = await services.read(services.lifecycle.queue_position, job.id)
     return render(job, base, queue_position=position)
 
 

@@ -11,7 +11,6 @@ on both. Only the shapes differ: ``render_replicate`` answers, errors are proble
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 from urllib.parse import quote
@@ -216,7 +215,7 @@ async def list_predictions(
 async def get_prediction(
     prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep
 ) -> ReplicatePrediction:
-    job = await asyncio.to_thread(owned_job, services, prediction_id, key)
+    job = await services.read(owned_job, services, prediction_id, key)
     return render_replicate(job, base)
 
 

@@ -119,7 +119,7 @@ async def create_share(
     body = body or ShareRequest()
     # SQLite calls block: off the event loop, so one slow disk never stalls every request.
     # The store caps a prediction's live links (TooManyShares) in one step with the insert.
-    await asyncio.to_thread(owned_job, services, prediction_id, key)
+    await services.read(owned_job, services, prediction_id, key)
     share = await asyncio.to_thread(
         services.shares.create, prediction_id, key.id, include_reference=body.include_reference
     )
@@ -131,7 +131,7 @@ async def create_share(
 async def list_shares(
     prediction_id: str, key: ReaderKeyDep, services: ServicesDep, base: BaseUrlDep
 ) -> ShareList:
-    await asyncio.to_thread(owned_job, services, prediction_id, key)
+    await services.read(owned_job, services, prediction_id, key)
     shares = await asyncio.to_thread(services.shares.list_for_prediction, prediction_id)
     return ShareList(items=[_link(share, base) for share in shares if share.owner == key.id])
 

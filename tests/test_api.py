@@ -82,7 +82,7 @@ def test_the_input_is_echoed_without_the_data_uri(api: Harness) -> None:
         ({"input": {"redux_image": "data:,"}}, 400, "image_empty", "empty"),
         (
             {"input": {"redux_image": "AAAAAAAAAAAAAAAAAAAAAA"}},
-            400,
+            404,  # a file that is not there (or not the caller's), as GET /v1/files/{id} says
             "image_file_not_found",
             "no uploaded file",
         ),
@@ -90,7 +90,7 @@ def test_the_input_is_echoed_without_the_data_uri(api: Harness) -> None:
         ({"extra": 1}, 400, "invalid_input", "unknown field 'extra'"),
     ],
 )
-def test_client_mistakes_get_a_clear_400(
+def test_client_mistakes_get_a_clear_4xx_naming_the_field(
     api: Harness, change: dict, status: int, code: str, text: str
 ) -> None:
     body = api.body()

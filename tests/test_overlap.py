@@ -208,3 +208,32 @@ def test_a_job_that_lost_a_worker_before_runs_alone(tmp_path: Path) -> None:
     assert third.started_at is not None and third.started_at >= rerun.completed_at
     # First runs overlap as usual.
     assert started_before_the_last_one_ended([third, fourth]) == [True]
+
+
+class FullThenTimingOut(LocalBlobStore):
+    """Outputs: a full disk at the first write, then a timeout at its one retry."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.failures = iter(
+            [
+                BlobStoreError("the file cannot be written", "No space left on device"),
+                BlobStoreError("the file cannot be written", "timed out", transient=True),
+            ]
+        )
+
+    def put(self, key: str, data: bytes, content_type: str) -> BlobInfo:
+        if key.endswith(".webp") and (failure := next(self.failures, None)) is not None:
+            raise failure
+        return super().put(key, data, content_type)
+
+
+def test_a_full_disk_whose_retry_times_out_is_not_called_an_outage_ridden_out(tmp_path: Path) -> None:
+    """The job's error says what happened: a full disk, retried once; not that the storage
+    "kept failing for 60 s" (the outage retries never ran: a full disk is not waited out)."""
+    blobs = FullThenTimingOut(tmp_path / "data" / "files")
+    with running_server(tmp_path, worker_blobs=blobs, storage_retry_seconds=0.1) as api:
+        failed = api.get(api.create_id(output_format="webp"), wait=30)
+    assert failed["status"] == "error" and "could not be stored" in failed["error"], failed
+    assert "kept failing" not in failed["error"], failed["error"]
+    assert "full or not writable" in failed["error"], failed["error"]

@@ -142,3 +142,18 @@ def test_a_redis_whose_config_command_is_disabled_is_no_obstacle(deployment: Clu
     assert store["engine"] == "redis" and store["persistence"] == "unknown", store
     assert api.get(api.create_id(**JOB), wait=30)["status"] == "success"
     assert "Traceback" not in deployment.logs(), deployment.logs()
+
+
+@pytest.mark.parametrize(
+    "own_redis", [{"extra_args": ["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]}], indirect=True
+)
+def test_a_redis_that_may_evict_keys_is_warned_about(deployment: Cluster) -> None:
+    """Under memory pressure an evicting Redis deletes whatever it likes: a queued job, a
+    result, an API key, the deployment's marker. Each process says so at start, and
+    /health shows it (a Redis that never evicts, as in the AOF test above, gets no warning)."""
+    api, worker = start(deployment)
+    store = health_store(api)
+    assert "maxmemory-policy allkeys-lru" in str(store["warning"]), store
+    assert "noeviction" in str(store["warning"]), store
+    assert "maxmemory-policy allkeys-lru" in api.text() and "maxmemory-policy allkeys-lru" in worker.text()
+    assert api.get(api.create_id(**JOB), wait=30)["status"] == "success"  # a warning, no refusal

@@ -112,6 +112,7 @@ def test_an_output_fed_back_in_is_read_from_storage_not_fetched(client: Any, ser
     with pytest.raises(replicate.exceptions.ReplicateError) as refused:
         client.predictions.create(model=MODEL, input={"redux_image": missing, **small})
     assert "input.redux_image" in str(refused.value) and "no longer stored" in str(refused.value)
+    assert refused.value.status == 404
 
 
 def test_create_wait_reload_cancel_and_list(client: Any, server: Server) -> None:

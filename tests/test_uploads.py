@@ -79,7 +79,7 @@ def test_an_upload_unused_for_the_retention_period_is_deleted(api: Harness) -> N
     assert httpx.get(uploaded["url"]).status_code == 404
     assert api.services.uploads.get(uploaded["id"]) is None
     refused = create_from(api, uploaded["id"])
-    assert refused.status_code == 400 and refused.json()["code"] == "image_file_not_found"
+    assert refused.status_code == 404 and refused.json()["code"] == "image_file_not_found"
     assert httpx.get(str(prediction["output"])).status_code == 404
 
 
@@ -115,13 +115,13 @@ def test_only_uploads_are_found_by_id(api: Harness) -> None:
     for url in (str(prediction["output"]), str(prediction["input"]["redux_image"])):
         file_id = url.rsplit("/", 1)[1].split(".")[0]
         refused = create_from(api, file_id)
-        assert refused.status_code == 400 and refused.json()["code"] == "image_file_not_found", url
+        assert refused.status_code == 404 and refused.json()["code"] == "image_file_not_found", url
 
 
 def test_another_keys_upload_id_is_refused_at_create_as_an_unknown_one(api: Harness) -> None:
-    """GET and DELETE /v1/files/{id} hide another key's upload; so does a create naming
-    its id, on both surfaces, exactly as for an id never uploaded (and it is not kept
-    alive by the attempt)."""
+    """GET and DELETE /v1/files/{id} hide another key's upload (404); so does a create
+    naming its id, on both surfaces: a 404 naming the field, exactly as for an id never
+    uploaded (and the upload is not kept alive by the attempt)."""
     uploaded = upload(api)
     before = api.services.uploads.get(uploaded["id"])
     _key, secret = api.services.keys.create("someone else")
@@ -132,17 +132,17 @@ def test_another_keys_upload_id_is_refused_at_create_as_an_unknown_one(api: Harn
         assert replicate.get(f"/v1/files/{uploaded['id']}").status_code == 404
         for file_id in (uploaded["id"], unknown):
             one = eachlabs.post("/v1/prediction/", json=api.body() | {"input": {"redux_image": file_id}})
-            assert one.status_code == 400, one.text
+            assert one.status_code == 404, one.text
             assert (one.json()["code"], one.json()["field"]) == ("image_file_not_found", "input.redux_image")
             several = {"redux_images": [{"image": png_data_uri()}, {"image": file_id}]}
             two = eachlabs.post("/v1/prediction/", json=api.body() | {"input": several})
-            assert two.status_code == 400, two.text
+            assert two.status_code == 404, two.text
             assert (two.json()["code"], two.json()["field"]) == (
                 "image_file_not_found",
                 "input.redux_images.1.image",
             )
             problem = replicate.post("/v1/predictions", json={"input": {"redux_image": file_id}})
-            assert problem.status_code == 422, problem.text
+            assert problem.status_code == 404, problem.text
             assert (problem.json()["code"], problem.json()["field"]) == (
                 "image_file_not_found",
                 "input.redux_image",

@@ -45,6 +45,12 @@ class ImageError(ClientError):
         self.code = code
 
 
+class ImageFileNotFound(ImageError):
+    """A reference names a file this caller cannot use: an upload id that is unknown,
+    expired or another key's (answered alike, so ids tell nothing), or a link to a file no
+    longer stored. A 404, naming the field."""
+
+
 class WeightsNotFound(FluxReduxError):
     """Model weights are not on this machine; the message says how to get them."""
 

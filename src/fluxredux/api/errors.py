@@ -60,6 +60,7 @@ STATUS_BY_ERROR: list[tuple[type[errors.FluxReduxError], int]] = [
     (errors.PayloadTooLarge, 413),
     (errors.IdempotencyConflict, 409),
     (errors.TooManyShares, 409),
+    (errors.ImageFileNotFound, 404),
     (errors.ClientError, 400),
     (errors.Unauthorized, 401),
     (errors.NotFound, 404),

@@ -20,7 +20,7 @@ from typing import Any
 from PIL import Image
 
 from fluxredux.access.uploads import UploadStore, upload_id_of
-from fluxredux.errors import ImageError, StorageError
+from fluxredux.errors import ImageError, ImageFileNotFound, StorageError
 from fluxredux.images import DecodeLimits, decode_image, parse_data_uri
 from fluxredux.images.formats import INPUT_FORMATS
 from fluxredux.net import SafeFetcher
@@ -200,7 +200,7 @@ def _store_reference(
         except BlobNotFound:
             data = None
     if upload is None or data is None:
-        raise ImageError(
+        raise ImageFileNotFound(
             "image_file_not_found", f"no uploaded file with id '{ref}' (expired or never uploaded)"
         )
     return _check_and_store(data, blobs, limits, upload.key)
@@ -210,7 +210,9 @@ def _own_file(blobs: BlobStore, key: str, ref: str) -> bytes:
     try:
         return blobs.get(key)
     except BlobNotFound:
-        raise ImageError("image_file_not_found", f"{ref} is no longer stored (expired or deleted)") from None
+        raise ImageFileNotFound(
+            "image_file_not_found", f"{ref} is no longer stored (expired or deleted)"
+        ) from None
     except BlobStoreError as exc:
         raise StorageError(f"the image could not be read from storage ({exc.reason}); retry later") from exc
 

@@ -338,11 +338,13 @@ class Worker:
                     self._set_storage_problem(f"outputs could not be written: {exc.reason} (retrying)")
                 raise
 
+        rode_out = False  # whether an outage was ridden out for storage_outage_seconds
         try:
             try:
                 self._riding_out(job, "storing its outputs", save_all)
             except BlobStoreError as first:
                 if first.transient:
+                    rode_out = True
                     raise  # the outage outlasted storage_outage_seconds
                 log.warning("writing outputs failed (%s); retrying once", first.reason)
                 time.sleep(self.config.storage_retry_seconds)
@@ -351,9 +353,11 @@ class Worker:
             self._discard(names)  # no half-stored results
             self._failed_write_size = max(len(o.data) for o in result.outputs)
             self._set_storage_problem(f"outputs could not be written: {exc.reason}")
+            # What the first failure was decides (a full disk retried once whose retry
+            # timed out is still a full disk, not an outage waited out).
             why = (
                 f"the storage kept failing for {self.config.storage_outage_seconds:g} s"
-                if exc.transient
+                if rode_out
                 else "the server's storage is full or not writable"
             )
             raise StorageError(

@@ -91,3 +91,18 @@ def read_persistence(client: redis.Redis) -> str:
             return "unknown"
     kinds = [kind for kind, on in (("aof", appendonly == "yes"), ("rdb", bool(str(save).strip()))) if on]
     return "+".join(kinds) or "none"
+
+
+def read_eviction(client: redis.Redis) -> str | None:
+    """The eviction policy under which this Redis may delete keys to make room (a
+    ``maxmemory`` set and a policy other than ``noeviction``), or None: it never evicts,
+    or CONFIG is refused (then it cannot tell). StoreUnavailable when Redis is down."""
+    with redis_errors("read"):
+        try:
+            limit = client.config_get("maxmemory").get("maxmemory", "0")
+            policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "noeviction")
+        except redis.ResponseError as exc:
+            if _OUTAGE_REPLY.search(str(exc)):
+                raise
+            return None
+    return None if str(limit) == "0" or policy == "noeviction" else str(policy)

@@ -7,6 +7,9 @@ Redis answers like a healthy one; the API answers 401 to every key). So:
 
 - at start, each process reads Redis's persistence settings (CONFIG GET appendonly, save)
   and warns when there is none (CONFIG may be disabled: then it cannot tell, and says so);
+  and its eviction policy: a Redis with a memory limit that evicts keys to make room
+  (allkeys-lru, volatile-ttl...) may delete a queued prediction, a result or a key, the
+  marker included, at any time, so that is warned about too;
 - the first process of a deployment writes ``{prefix}deployment`` (when it was written,
   and a random id), once; every process remembers the marker it found at start. A later
   look that finds it gone, or another in its place, means Redis lost its data since: the
@@ -30,7 +33,7 @@ from typing import Any
 import redis
 
 from fluxredux.backends import Durability
-from fluxredux.backends.redis.client import read_persistence, redis_errors
+from fluxredux.backends.redis.client import read_eviction, read_persistence, redis_errors
 from fluxredux.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,14 @@ NO_PERSISTENCE_WARNING = (
     '(appendonly no, save ""), so a restart loses every queued prediction and every API key; '
     "run it with appendonly yes (see docs/deploy.md)"
 )
+
+
+def eviction_warning(policy: str) -> str:
+    return (
+        f"Redis may evict this deployment's keys to make room (maxmemory-policy {policy}, with a "
+        "maxmemory set): a queued prediction, a result or an API key could vanish; run it with "
+        "maxmemory-policy noeviction (see docs/deploy.md)"
+    )
 
 
 def _describe(marker: str) -> str:
@@ -72,8 +83,12 @@ class RedisDeployment:
     def _look(self) -> str | None:
         """Read the persistence settings and adopt the marker; the warning, if any."""
         persistence = read_persistence(self._redis)
+        eviction = read_eviction(self._redis)
         self._adopt()
-        warning = NO_PERSISTENCE_WARNING if persistence == "none" else None
+        warnings = [NO_PERSISTENCE_WARNING] if persistence == "none" else []
+        if eviction is not None:
+            warnings.append(eviction_warning(eviction))
+        warning = "; and ".join(warnings) or None
         self.durability = Durability("redis", persistence, warning)
         return warning
 

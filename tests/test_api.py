@@ -338,7 +338,7 @@ def test_progress_is_reported_while_running(tmp_path: Path) -> None:
                 break
             time.sleep(0.05)
         assert {1, 2, 3} & seen and 4 in seen
-        assert prediction["progress"] == {"step": 4, "total": 4}
+        assert prediction["progress"] == {"step": 4, "total": 4, "phase": None}  # ended: no phase
 
 
 def test_concurrent_long_polls_all_wake(api: Harness) -> None:

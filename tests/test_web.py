@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import re
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +300,121 @@ def test_a_run_with_a_prompt_and_two_references(browser: Browser, api: Harness, 
     stored = [Image.open(api.services.settings.files_dir / name).size for name in job.input_files]
     assert stored == [(768, 512), (40, 60)]  # the main reference first, then the added one
     assert watched.errors == []
+
+
+# --- what a running prediction does after its last step; its times; the share page ---------
+
+PHASE_TEXTS = [
+    "Decoding the images…",
+    "Running the safety check…",
+    "Encoding the images…",
+    "Storing the images…",
+]
+
+
+def record_statuses(page: Page) -> None:
+    """Keep every text the status line shows: a phase may last less than one of expect's
+    retries, though several of the page's own polls."""
+    page.evaluate(
+        """() => {
+            window.shownStatuses = [];
+            const node = document.getElementById('status-text');
+            new MutationObserver(() => window.shownStatuses.push(node.textContent))
+                .observe(node, {childList: true, characterData: true, subtree: true});
+        }"""
+    )
+
+
+def shown_statuses(page: Page) -> list[str]:
+    texts: list[str] = page.evaluate("window.shownStatuses")
+    return [text for text, _ in itertools.groupby(texts)]
+
+
+def format_seconds(page: Page, seconds: float) -> str:
+    """The page's own rendering of a duration (common.js), to compare texts exactly."""
+    return str(page.evaluate("async (s) => (await import('/static/common.js')).formatSeconds(s)", seconds))
+
+
+def test_after_the_last_step_the_page_says_what_the_prediction_does(browser: Browser, tmp_path: Path) -> None:
+    # The decode takes 0.48 s (a fifth of 4 x 0.6 s), the safety check 1.5 s (the fake's
+    # CPU time): each lasts more than two of the page's polls (0.2 s apart).
+    with running_server(tmp_path, model=FakeModel(step_seconds=0.6, cpu_seconds=1.5)) as api:
+        watched = open_page(browser, api)
+        page = watched.page
+        enter_key(page, api.key)
+        drop_file(page, SAMPLE_IMAGE.read_bytes(), "sample.jpg", "image/jpeg")
+        record_statuses(page)
+        page.get_by_role("button", name="Run", exact=True).click()
+        expect(page.locator("#status-text")).to_contain_text("Done", timeout=20_000)
+        shown = shown_statuses(page)
+    assert {"Decoding the images…", "Running the safety check…"} <= set(shown), shown
+    phases = [text for text in shown if text in PHASE_TEXTS]
+    assert phases == [text for text in PHASE_TEXTS if text in phases], shown  # in their order
+    first_phase = shown.index(phases[0])
+    assert any(text.startswith("Step") for text in shown[:first_phase]), shown  # after the steps...
+    assert not any(text.startswith("Step") for text in shown[first_phase:]), shown  # ...instead of it
+    assert shown[-1].startswith("Done"), shown
+    assert watched.errors == []
+
+
+def test_the_clock_counts_the_prediction_s_own_time_and_the_result_labels_its_times(
+    browser: Browser, tmp_path: Path
+) -> None:
+    with running_server(tmp_path, model=FakeModel(step_seconds=0.5)) as api:
+        watched = open_page(browser, api)
+        page = watched.page
+        enter_key(page, api.key)
+        # Made elsewhere (a script, another tab), then opened from the history while it runs.
+        prediction_id = api.create_id(num_inference_steps=4)
+        deadline = time.monotonic() + 20
+        while (running := api.get(prediction_id))["progress"]["step"] < 2:
+            assert time.monotonic() < deadline, running
+            time.sleep(0.02)
+        created = datetime.fromisoformat(running["created_at"].replace("Z", "+00:00")).timestamp()
+        page.get_by_role("button", name="Refresh").click()
+        age_when_opened = time.time() - created
+        page.get_by_role("button", name="Open prediction").click()
+        expect(page.locator("#elapsed")).to_have_text(re.compile(r"\d"))
+        # Its age, not the time since this page began to watch it.
+        first = float(str(page.locator("#elapsed").text_content()).split()[0])
+        assert first >= age_when_opened - 0.05, (first, age_when_opened)
+
+        expect(page.locator("#status-text")).to_contain_text("Done", timeout=20_000)
+        metrics = api.get(prediction_id)["metrics"]
+        total = format_seconds(page, metrics["total_time"])
+        model = format_seconds(page, metrics["predict_time"])
+        # Stopped at its end, on the server's count from created to completed.
+        expect(page.locator("#elapsed")).to_have_text(total)
+        expect(page.locator("#summary")).to_contain_text(f"total {total} · model {model}")
+    assert watched.errors == []
+
+
+def shown_settings(browser: Browser, api: Harness, prediction: dict[str, Any]) -> dict[str, str]:
+    """The settings rows of a new share link's page, and that page's status line."""
+    link = api.http.post(f"/v1/prediction/{prediction['id']}/share").json()["url"]
+    page = browser.new_context().new_page()
+    page.goto(link)
+    expect(page.locator("#status")).to_contain_text("Done")
+    rows = page.evaluate(
+        """() => [...document.querySelectorAll('#inputs dt')]
+              .map(dt => [dt.textContent, dt.nextElementSibling.textContent])"""
+    )
+    return {**dict(rows), "(status)": str(page.locator("#status").text_content())}
+
+
+def test_the_share_page_shows_only_the_settings_that_were_set(browser: Browser, api: Harness) -> None:
+    unset = api.get(api.create_id(output_format="png"), wait=20)  # no prompt, no seed
+    given = api.get(api.create_id(seed=42, prompt="a lighthouse at dusk", output_quality=55), wait=20)
+    assert unset["status"] == given["status"] == "success"
+
+    rows = shown_settings(browser, api, unset)
+    assert "prompt" not in rows and "seed" not in rows, rows  # none was given
+    assert "random" not in rows.values(), rows
+    assert rows["seed used (random)"] == str(unset["seed"]), rows
+    assert "output quality" not in rows, rows  # ignored for PNG
+    assert (rows["output format"], rows["num outputs"], rows["safety checker"]) == ("png", "1", "on")
+    assert "total " in rows["(status)"] and "model " in rows["(status)"], rows
+
+    rows = shown_settings(browser, api, given)
+    assert (rows["seed"], rows["prompt"], rows["output quality"]) == ("42", "a lighthouse at dusk", "55")
+    assert "seed used (random)" not in rows, rows

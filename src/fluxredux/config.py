@@ -21,6 +21,7 @@ Offload = Literal["none", "model", "sequential"]
 TextEncoderPolicy = Literal["keep", "unload"]
 CompileMode = Literal["none", "transformer", "all"]
 Quantization = Literal["none", "fp8"]
+LogFormat = Literal["text", "json"]
 
 # How long a SQLite write waits for another process's write lock before giving up: long
 # enough for any of our own transactions (milliseconds), short enough to answer a 503 quickly.
@@ -43,7 +44,8 @@ class Settings(BaseSettings):
         "auto",
         description="auto: the real model when a CUDA GPU is present, else the demo model. "
         "flux: the real FLUX.1 weights. demo: tiny random weights (outputs are noise). "
-        "fake: no model at all, flat colours (for testing and benchmarking the service).",
+        "fake: no model and no weights: flat colours at once, for trying the API and for tests "
+        "(and benchmarks of the service); needs neither torch nor a GPU.",
     )
     schnell_model: str = Field(
         SCHNELL_REPO, description="FLUX.1 [schnell]: a local diffusers folder or a Hugging Face repo id."
@@ -132,6 +134,12 @@ class Settings(BaseSettings):
     )
 
     # --- the server -------------------------------------------------------------------
+    log_format: LogFormat = Field(
+        "text",
+        description="The log of the server and its workers. text: rich's on a terminal, else one "
+        "line per record (time, level, server or worker, message), never wrapped. json: one JSON "
+        "object per line (time, level, logger, message, process, pid), for log shippers.",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     data_dir: Path = Field(

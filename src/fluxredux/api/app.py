@@ -19,7 +19,7 @@ from fluxredux.api import errors
 from fluxredux.api.eachlabs import routes as eachlabs_routes
 from fluxredux.api.maintenance import run_maintenance
 from fluxredux.api.replicate import routes as replicate_routes
-from fluxredux.api.routes import files, shares, system, web
+from fluxredux.api.routes import docs, files, shares, system, web
 from fluxredux.api.routes.web import STATIC_DIR
 from fluxredux.api.services import Services
 from fluxredux.errors import PayloadTooLarge, StoreUnavailable
@@ -162,6 +162,9 @@ def create_app(services: Services) -> FastAPI:
         description="Self-hosted FLUX.1 Redux [schnell] predictions, compatible with the hosted "
         "flux-redux-schnell API.",
         lifespan=lifespan,
+        # FastAPI's own /docs and /redoc load their assets from a CDN: routes/docs.py serves them itself.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.services = services
     errors.install(app)
@@ -171,7 +174,9 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(files.router)
     app.include_router(system.router)
     app.include_router(web.router)
+    app.include_router(docs.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount(docs.ASSETS_PATH, StaticFiles(directory=docs.ASSETS_DIR), name="docs-assets")
 
     app.add_middleware(CountRequests, services=services)
     app.add_middleware(BodyLimit, max_bytes=services.settings.max_body_bytes)

@@ -17,6 +17,7 @@ reveals nothing.
 
 from __future__ import annotations
 
+import email.message
 import json
 import logging
 from http import HTTPStatus
@@ -55,9 +56,43 @@ def surface_of(path: str) -> Surface:
     return "replicate" if path.startswith(_REPLICATE_PATHS) else "eachlabs"
 
 
+JSON = "application/json"
+
+
+class UnsupportedMediaType(errors.ClientError):
+    """A JSON route's body came without ``Content-Type: application/json``: curl's ``-d``
+    sends ``application/x-www-form-urlencoded``, and FastAPI then reads the body as bytes
+    and answers that it is not an object. Here the answer says what to send instead."""
+
+    code = "unsupported_media_type"
+
+    def __init__(self, received: str | None) -> None:
+        sent = f"this one came as {shorten(received, MAX_DETAIL_CHARS)}" if received else "this one had none"
+        super().__init__(
+            f"the request body must be JSON, sent with the header 'Content-Type: {JSON}' ({sent}); "
+            f"with curl, add -H 'Content-Type: {JSON}'",
+            header="Content-Type",
+            expected=JSON,
+        )
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type names JSON, as FastAPI decides it: application/json or
+    application/*+json, parameters (charset) aside."""
+    if not content_type:
+        return False
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
 # Most specific first: the first matching class decides.
 STATUS_BY_ERROR: list[tuple[type[errors.FluxReduxError], int]] = [
     (errors.PayloadTooLarge, 413),
+    (UnsupportedMediaType, 415),
     (errors.IdempotencyConflict, 409),
     (errors.TooManyShares, 409),
     (errors.ImageFileNotFound, 404),
@@ -127,13 +162,25 @@ def _validation_fields(exc: RequestValidationError) -> list[dict[str, Any]]:
         loc = [part for part in err.get("loc", ()) if part != "body"]
         if err.get("type") == "json_invalid":
             loc = ["body"]  # its location is a character position, not a field
-        field = shorten(error_field(loc, str(err.get("type"))), MAX_DETAIL_CHARS)
+        # No field at all: the body as a whole (missing, or not an object).
+        field = shorten(error_field(loc, str(err.get("type"))) or "body", MAX_DETAIL_CHARS)
         if err.get("type") == "extra_forbidden":
             message = f"unknown field '{field}'"
         else:
             message = shorten(str(err.get("msg", "invalid")).removeprefix("Value error, "), MAX_DETAIL_CHARS)
         fields.append({"field": field, "message": message, "type": err.get("type")})
     return fields
+
+
+def _body_not_sent_as_json(request: Request, exc: RequestValidationError) -> bool:
+    """A JSON route's body that was there but not declared JSON: FastAPI hands the route
+    the raw bytes then, and they fail as "not an object". A body that was declared JSON
+    (an array, say) or not sent at all is an invalid input as usual."""
+    if is_json(request.headers.get("content-type")):
+        return False
+    return any(
+        tuple(err.get("loc", ())) == ("body",) and err.get("type") != "missing" for err in exc.errors()
+    )
 
 
 class FieldProblem(BaseModel):
@@ -150,7 +197,7 @@ class ErrorBody(BaseModel):
     error: str = Field(description="What went wrong, in words a user can act on.")
     code: str = Field(
         description="invalid_input, unknown_model, image_* and url_* reasons, unauthorized, "
-        "not_found, payload_too_large, rate_limited, queue_full, ..."
+        "not_found, payload_too_large, unsupported_media_type, rate_limited, queue_full, ..."
     )
     fields: list[FieldProblem] | None = Field(None, description="invalid_input: one entry per invalid field.")
     retry_after: int | None = Field(None, description="429 and 503: seconds until a retry may succeed.")
@@ -177,6 +224,7 @@ _ERROR_DESCRIPTIONS = {
     409: "The Idempotency-Key was used before with a different request, or the prediction has as many "
     "share links as it may (`too_many_shares`, its `limit` given)",
     413: "Request body over the server's limit",
+    415: "The body was not sent as JSON: send it with `Content-Type: application/json`",
     422: "Invalid input (each field named in `detail` and `fields`), an unusable image or URL",
     429: "Over a per-key limit; retry after `Retry-After` seconds",
     503: "Queue full or the server cannot take work now; retry after `Retry-After` seconds",
@@ -215,11 +263,15 @@ def _ref(model: str) -> dict[str, Any]:
 def _validation_errors_as_answered(schema: dict[str, Any]) -> None:
     """FastAPI documents request validation as 422 with its own body; this app answers
     400 with ``ErrorBody`` on the Eachlabs surface and 422 with ``Problem`` on the
-    Replicate one (see ``_invalid``), so the schema says that instead."""
+    Replicate one (see ``_invalid``), so the schema says that instead; and an operation
+    that takes a JSON body can answer 415 (the body not sent as JSON)."""
     for path, operations in schema.get("paths", {}).items():
         replicate = surface_of(path) == "replicate"
         for operation in operations.values():
             responses = operation.get("responses", {})
+            if JSON in operation.get("requestBody", {}).get("content", {}) and "415" not in responses:
+                model = "Problem" if replicate else "ErrorBody"
+                responses["415"] = {"description": _ERROR_DESCRIPTIONS[415], "content": _ref(model)}
             if responses.pop("422", None) is None:
                 continue
             status, model = ("422", "Problem") if replicate else ("400", "ErrorBody")
@@ -256,6 +308,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if _body_not_sent_as_json(request, exc):
+            return error_response(
+                UnsupportedMediaType(request.headers.get("content-type")), surface_of(request.url.path)
+            )
         fields = _validation_fields(exc)
         summary = "; ".join(f"{f['field']}: {f['message']}" if f["field"] else f["message"] for f in fields)
         if len(exc.errors()) > len(fields):

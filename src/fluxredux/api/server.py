@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import logging
 import os
@@ -18,7 +19,7 @@ from fluxredux.api.timeouts import timeout_protocol
 from fluxredux.backends.redis.client import redacted
 from fluxredux.backends.sqlite.events import PipeEventBus
 from fluxredux.config import Settings
-from fluxredux.errors import StoreUnavailable
+from fluxredux.errors import ClientError, StoreUnavailable
 from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import EventBus
 from fluxredux.jobs.registry import WorkerRegistry, recover_orphans
@@ -27,6 +28,13 @@ from fluxredux.worker.monitor import WorkerFleet
 from fluxredux.worker.supervisor import WorkerSupervisor
 
 log = logging.getLogger("fluxredux.serve")
+
+
+class CannotListen(ClientError):
+    """The address cannot be listened on (a port in use, a host not of this machine):
+    said before anything starts (no store opened, no worker spawned)."""
+
+    code = "cannot_listen"
 
 
 def ensure_first_key(services: Services) -> str | None:
@@ -65,10 +73,33 @@ def bind(settings: Settings) -> socket.socket:
     """
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        sock.close()
+        raise cannot_listen(settings, exc) from None
     settings.port = sock.getsockname()[1]
     return sock
+
+
+def cannot_listen(settings: Settings, exc: OSError) -> CannotListen:
+    """What to do about a failed bind, in one line naming the flag that fixes it."""
+    if exc.errno == errno.EADDRINUSE:
+        return CannotListen(
+            f"port {settings.port} is in use (another server?); choose another with --port",
+            port=settings.port,
+        )
+    if exc.errno == errno.EACCES:
+        return CannotListen(
+            f"port {settings.port} needs privileges this user lacks (below 1024?); "
+            "choose another with --port",
+            port=settings.port,
+        )
+    return CannotListen(
+        f"cannot listen on {settings.host}:{settings.port} ({exc.strerror or exc}); check --host and --port",
+        port=settings.port,
+    )
 
 
 def local_workers(
@@ -95,15 +126,27 @@ def local_workers(
     return WorkerFleet(registry, settings.worker_ttl_seconds, supervisors)
 
 
+def announce_first_key(secret: str, settings: Settings) -> None:
+    """The first key, shown once: set apart on its own line, for a person to copy; a
+    record like any other where the log is JSON (a line that is not would break shippers)."""
+    if settings.log_format == "json":
+        log.warning("No API key existed, so one was created. It is shown only this once: %s", secret)
+        return
+    print(
+        f"\nNo API key existed, so one was created. It is shown only this once:\n\n    {secret}\n", flush=True
+    )
+
+
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
 def serve(settings: Settings, *, announce: bool = True) -> None:
+    # First: a port in use ends the start here, before a store is opened or a worker spawned.
+    sock = bind(settings)
     services = build_services(settings, local_workers)
     workers = services.workers
     assert isinstance(workers, (WorkerSupervisor, WorkerFleet))
-    sock = bind(settings)
     url = settings.public_url or f"http://{settings.host}:{settings.port}"
     # Before anything is written: a Redis that keeps nothing across a restart is said now,
     # and the deployment's marker written (or adopted), so that /ready can tell later when
@@ -119,7 +162,7 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         log.warning("the store cannot be used now (%s); serving anyway", exc.message)
         first_key, recovered = None, 0
     if announce:
-        log.info("fluxredux serving on %s (API docs: %s/docs)", url, url)
+        log.info("fluxredux serving on %s (playground: %s/, API docs: %s/docs)", url, url, url)
         if settings.redis_url:
             log.info(
                 "state: Redis (%s, persistence: %s), %d local worker(s)",
@@ -141,14 +184,14 @@ def serve(settings: Settings, *, announce: bool = True) -> None:
         if recovered:
             log.warning("recovered %d prediction(s) interrupted by the last shutdown", recovered)
         if first_key:
-            print(
-                f"\nNo API key existed, so one was created. It is shown only this once:\n\n    {first_key}\n",
-                flush=True,
-            )
+            announce_first_key(first_key, settings)
     workers.start()
     config = uvicorn.Config(
         create_app(services),
         http=timeout_protocol(settings),  # bounds slow headers and bodies (api/timeouts.py)
+        # None: uvicorn's records go to our handler (one line, or JSON, as ours do), not
+        # to handlers of its own in a style of its own.
+        log_config=None,
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 
-from fluxredux.config import quiet_libraries
+from fluxredux import __version__
+from fluxredux.config import LogFormat
 from fluxredux.errors import ClientError, FluxReduxError
+from fluxredux.worker.logs import ProcessName, configure_logging
 
 app = typer.Typer(
     help="fluxredux: self-hosted FLUX.1 Redux [schnell] image variations.",
@@ -25,14 +26,26 @@ out = Console()
 err = Console(stderr=True)
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
-        force=True,
-    )
-    quiet_libraries(verbose)
+def _print_version(asked: bool) -> None:
+    if asked:
+        out.print(f"fluxredux {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _common(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    pass
+
+
+def setup_logging(verbose: bool, log_format: LogFormat = "text", process: ProcessName = "cli") -> None:
+    """This command's log (worker/logs.py): rich's on a terminal, on the console its
+    progress bars use; one line (or JSON object) per record anywhere else."""
+    configure_logging(process, log_format, verbose=verbose, console=err)
 
 
 def fail(exc: FluxReduxError) -> typer.Exit:

@@ -1,8 +1,13 @@
-"""``fluxredux download``: fetch the real weights into the Hugging Face cache."""
+"""``fluxredux download``: fetch the real weights into the Hugging Face cache; and the
+names under which ``run`` downloads a prediction's images and ``predict`` writes its own
+(one naming for both)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path, PurePosixPath
 from typing import Annotated
+from urllib.parse import unquote, urlsplit
 
 import typer
 
@@ -53,3 +58,40 @@ def download(
             out.print(f"{spec.title}: {path}", highlight=False)
     except FluxReduxError as exc:
         raise fail(exc) from None
+
+
+# --- the names of the images `run` downloads and `predict` writes
+
+# What a name made from a URL keeps: letters, digits, "-", "_" and "."; anything else (a
+# "/" decoded from %2F, a control character) must not reach the file system.
+_UNSAFE = re.compile(r"[^\w.-]+")
+MAX_STEM_CHARS = 100
+
+
+def output_file_name(stem: str, seed: int | None, index: int, extension: str) -> str:
+    """``<stem>-<seed>-<i>.<ext>``: the reference's name, the seed, and the image's place
+    in the generated batch (images the safety checker removed leave gaps), so the same
+    seed again gives the same names, and other references' or seeds' images do not
+    overwrite these. ``seed`` None (a server that does not report it): "unseeded"."""
+    return f"{stem}-{'unseeded' if seed is None else seed}-{index}.{extension}"
+
+
+def reference_stem(reference: str | Path) -> str:
+    """The ``<stem>`` of the images made from ``reference``: a local file's name without its
+    extension (as ``predict`` has it), a URL's likewise, an upload id as it is, "image"
+    for a data: URI (or anything without a name)."""
+    if isinstance(reference, Path):
+        return reference.stem or "image"
+    if reference[:5].lower() == "data:":
+        return "image"
+    if reference[:8].lower().startswith(("http://", "https://")):
+        reference = unquote(PurePosixPath(urlsplit(reference).path).name)
+    stem = _UNSAFE.sub("_", PurePosixPath(reference).stem).strip("._")[:MAX_STEM_CHARS]
+    return stem or "image"
+
+
+def output_indices(safety: list[dict[str, object]], count: int) -> list[int]:
+    """The place in the generated batch of each of a prediction's ``count`` images: those
+    its per-image safety verdicts did not find unsafe (no verdicts: the checker was off)."""
+    kept = [i for i, verdict in enumerate(safety) if not verdict.get("unsafe")]
+    return kept if len(kept) == count else list(range(count))

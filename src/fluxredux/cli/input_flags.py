@@ -1,8 +1,8 @@
 """Command-line flags generated from the input model, so they can never drift from it.
 
 Every field of PredictionInput except the image becomes ``--field-name``; its help
-(choices, range, default) comes from the model's JSON schema, and its value is
-validated by the model itself, so a bad flag gets the same message the API gives.
+(value type, choices, range, default) comes from the model's JSON schema, and its value
+is validated by the model itself, so a bad flag gets the same message the API gives.
 """
 
 from __future__ import annotations
@@ -39,6 +39,25 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
+# The metavar of each JSON schema type, in the style typer gives its own typed options
+# (``--server <str>``, ``-o <path>``), so ``--help`` says a flag takes a number.
+_METAVARS = {"integer": "<int>", "number": "<float>", "string": "<str>", "array": "<json>"}
+# Choices longer than this (aspect_ratio's twelve) are left to the help text: in the
+# metavar they would push every flag's help onto a line of its own.
+_MAX_CHOICES_METAVAR = 12
+
+
+def _metavar(schema: dict[str, Any]) -> str:
+    """What ``--help`` shows a flag takes: its choices when they are short, else its type
+    (for ``int | None``, the non-null one)."""
+    choices = schema.get("enum")
+    if choices:
+        shown = "|".join(str(c) for c in choices)
+        return f"<{shown}>" if len(shown) <= _MAX_CHOICES_METAVAR else "<choice>"
+    types = [schema.get("type"), *(s.get("type") for s in schema.get("anyOf", []))]
+    return next((_METAVARS[t] for t in types if t in _METAVARS), "<str>")
+
+
 def _help(schema: dict[str, Any]) -> str:
     parts = [schema.get("description", "")]
     choices = schema.get("enum")
@@ -61,7 +80,13 @@ def _flag_parameters() -> list[inspect.Parameter]:
             continue
         schema = properties[name]
         is_bool = field.annotation is bool
-        option = typer.Option(flag_name(name), help=_help(schema), rich_help_panel="Model inputs")
+        # The value reaches the model as typed (a numeric string is a number to it), so
+        # a bad one gets the API's message, every bad flag at once; the metavar shows
+        # what it takes.
+        metavar = None if is_bool else _metavar(schema)
+        option = typer.Option(
+            flag_name(name), help=_help(schema), metavar=metavar, rich_help_panel="Model inputs"
+        )
         # Every flag defaults to None ("not given"), so the model's own defaults apply.
         value_type = bool | None if is_bool else str | None
         annotation = Annotated[value_type, option]  # type: ignore[valid-type]  # built at run time
@@ -110,8 +135,13 @@ def validate_flags(flags: dict[str, Any]) -> PredictionInput:
     if listed is not None:
         given = {}
         if isinstance(listed, list):
+            # Only a given image (a string) stands in: a missing or non-string one is left
+            # for the model to name (``--redux-images 0.image: Field required``).
             stand_in = [
-                {**item, "image": IMAGE_PLACEHOLDER} if isinstance(item, dict) else item for item in listed
+                {**item, "image": IMAGE_PLACEHOLDER}
+                if isinstance(item, dict) and isinstance(item.get("image"), str)
+                else item
+                for item in listed
             ]
             flags = {**flags, "redux_images": stand_in}
     try:

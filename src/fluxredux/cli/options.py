@@ -21,18 +21,29 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from fluxredux.cli.app import err
-from fluxredux.config import CompileMode, ModelChoice, Quantization, Settings
+from fluxredux.config import CompileMode, LogFormat, ModelChoice, Quantization, Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show debug logs.")]
+LogFormatOption = Annotated[
+    LogFormat | None,
+    typer.Option(
+        "--log-format",
+        help="text: rich's on a terminal, else one line per record (never wrapped). json: one JSON "
+        "object per line (time, level, logger, message, process), for log shippers; the workers' "
+        "too. Default: FLUXREDUX_LOG_FORMAT or text.",
+    ),
+]
 
 ModelOption = Annotated[
     ModelChoice | None,
     typer.Option(
         "--model",
         help="auto: the real model on a CUDA GPU, else the demo model. flux: real weights. "
-        "demo: random weights (outputs are noise). Default: FLUXREDUX_MODEL or auto.",
+        "demo: tiny random weights (outputs are noise). fake: no model and no weights, flat "
+        "colours at once, for trying the API and for tests (no torch, no GPU). "
+        "Default: FLUXREDUX_MODEL or auto.",
     ),
 ]
 
@@ -137,6 +148,18 @@ def settings_from(*bundles: Bundle, **overrides: Any) -> Settings:
             message = str(error["msg"]).removeprefix("Value error, ")
             err.print(f"[bold red]error[/]: {where}: {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+
+
+def require_model_packages(settings: Settings) -> None:
+    """Before anything starts: a model that needs torch and diffusers, on a Python that has
+    not got them, is one line saying what to install (exit 2), not a worker's trace."""
+    from rich.markup import escape
+
+    from fluxredux.pipeline.requirements import missing_packages_problem
+
+    if (problem := missing_packages_problem(settings.model)) is not None:
+        err.print(f"[bold red]error[/]: {escape(problem)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
 
 
 @dataclass(frozen=True)

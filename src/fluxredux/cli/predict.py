@@ -9,8 +9,15 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fluxredux.cli.app import app, err, fail, out, setup_logging
+from fluxredux.cli.download import output_file_name
 from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
-from fluxredux.cli.options import ModelFlags, VerboseOption, settings_from, with_bundles
+from fluxredux.cli.options import (
+    ModelFlags,
+    VerboseOption,
+    require_model_packages,
+    settings_from,
+    with_bundles,
+)
 from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ImageError
 from fluxredux.images import DecodeLimits, decode_image
@@ -38,8 +45,9 @@ def predict(
 ) -> None:
     """Generate variations of IMAGE (or of --redux-images mixed) in this process and write
     them to --output-dir."""
-    setup_logging(verbose)
     settings = settings_from(model)
+    require_model_packages(settings)
+    setup_logging(verbose)
     try:
         parsed = parse_flags(inputs)
         check_reference_choice(image is not None, parsed)
@@ -91,7 +99,7 @@ def _run(inputs: PredictionInput, references: list[Any], settings: Settings) -> 
 def _report(result: PredictionResult, image: Path, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     for output in result.outputs:
-        path = output_dir / f"{image.stem}-{result.seed}-{output.index}.{output.extension}"
+        path = output_dir / output_file_name(image.stem, result.seed, output.index, output.extension)
         path.write_bytes(output.data)
         out.print(f"{path}  {output.width}x{output.height}  {len(output.data):,} bytes", highlight=False)
     dropped = [i for i, verdict in enumerate(result.safety) if verdict.unsafe]

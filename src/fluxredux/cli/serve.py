@@ -10,10 +10,12 @@ import typer
 from fluxredux.cli.app import app, err, out, plain_errors, setup_logging
 from fluxredux.cli.options import (
     DataDirOption,
+    LogFormatOption,
     ModelFlags,
     RedisOption,
     StoreFlags,
     VerboseOption,
+    require_model_packages,
     settings_from,
     with_bundles,
 )
@@ -36,16 +38,21 @@ def serve(
         ),
     ] = None,
     model: ModelFlags = ModelFlags(),
+    log_format: LogFormatOption = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Run the prediction server: HTTP API + worker processes with the model.
 
     One machine by default (SQLite, files in the data dir, one worker). With --redis it is
     one API node of many: state in Redis, files in --storage, workers anywhere."""
-    setup_logging(verbose)
+    settings = settings_from(store, model, host=host, port=port, workers=workers, log_format=log_format)
+    if settings.local_workers:
+        require_model_packages(settings)
+    setup_logging(verbose, settings.log_format, process="server")
     from fluxredux.api.server import serve as run_server
 
-    run_server(settings_from(store, model, host=host, port=port, workers=workers))
+    with plain_errors():  # a port in use, a store that cannot be opened: one line, no trace
+        run_server(settings)
 
 
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)

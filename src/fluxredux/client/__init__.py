@@ -27,6 +27,11 @@ server answers a repeated create with that key with the prediction the first one
 request refused, or its answer lost after it went out): the retry can only find the
 prediction the lost answer named, never make a second one.
 
+The server's URL is its base ("http://127.0.0.1:8000"): one copied with an API path or a
+docs page at its end ("http://host:8000/v1", ".../v1/prediction/", ".../docs") is used
+without it, with a logged warning saying so (``client.base_url`` is what is used); one
+that cannot be a server's URL (no http(s)://, a query) raises ServerUrlError.
+
 Imports only httpx, pydantic and fluxredux.schema/errors: no torch, no server code.
 core.py builds the requests and reads the answers (no I/O); sync.py (FluxRedux) and
 aio.py (AsyncFluxRedux) only send them and wait, each its own way.
@@ -35,7 +40,7 @@ aio.py (AsyncFluxRedux) only send them and wait, each its own way.
 from __future__ import annotations
 
 from fluxredux.client.aio import AsyncFluxRedux
-from fluxredux.client.core import ApiError, ConnectionLost
+from fluxredux.client.core import ApiError, ConnectionLost, ServerUrlError
 from fluxredux.client.sync import FluxRedux
 
-__all__ = ["ApiError", "AsyncFluxRedux", "ConnectionLost", "FluxRedux"]
+__all__ = ["ApiError", "AsyncFluxRedux", "ConnectionLost", "FluxRedux", "ServerUrlError"]

@@ -15,6 +15,7 @@ checks them, and answers a bad one with a 400 that becomes an ApiError (the CLI'
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,12 +23,13 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeGuard, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel
 
 from fluxredux.api.eachlabs.shapes import Prediction, PredictionList, UploadedFile
-from fluxredux.errors import FluxReduxError
+from fluxredux.errors import ClientError, FluxReduxError
 from fluxredux.schema import MODEL_NAME, MODEL_VERSION
 
 if TYPE_CHECKING:  # only in annotations, which are never evaluated (typing has it from 3.11 on)
@@ -66,6 +68,8 @@ RECONNECT_MAX = 5.0
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
+log = logging.getLogger(__name__)
+
 
 class ApiError(FluxReduxError):
     """The server answered with an error: ``status`` (HTTP), ``code`` and its message."""
@@ -100,6 +104,79 @@ class ConnectionLost(FluxReduxError, httpx.TransportError):
         )
         if request is not None:
             self.request = request
+
+
+class ServerUrlError(ClientError, ValueError):
+    """What was given as the server's URL is not one (no http(s) scheme or no host, or a
+    query or fragment); the message says what to pass."""
+
+    code = "bad_server_url"
+
+
+# --- the server's URL: its base, to which every call's path is added
+
+# Where the API's own paths begin: a URL copied from the API docs or from a request
+# ("http://host:8000/v1", ".../v1/prediction/") ends in one, and the calls add it again
+# (".../v1/v1/prediction/": a 404 that says nothing of why). What comes before it is kept:
+# a server behind a proxy may live under a prefix ("https://example.com/fluxredux").
+API_ROOT = "v1"
+# The server's documentation pages, the other URL people copy from.
+DOC_PAGES = frozenset({"docs", "redoc", "openapi.json"})
+EXAMPLE_URL = "http://127.0.0.1:8000"
+
+
+@dataclass(frozen=True)
+class ServerUrl:
+    """The server's base URL (``base``), made from what was ``given``."""
+
+    base: str
+    given: str
+
+    @property
+    def note(self) -> str | None:
+        """One line saying what was corrected, when something was (a trailing slash is not)."""
+        if self.base == self.given.rstrip("/"):
+            return None
+        return f"using the server's base URL {self.base}, not {self.given} (the API paths are added to it)"
+
+
+def server_url(given: str) -> ServerUrl:
+    """``given`` as the server's base URL, an API path or a docs page at its end taken off;
+    a ServerUrlError when it cannot be a server's URL at all."""
+    given = given.strip()
+    parts = urlsplit(given)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ServerUrlError(
+            f"{given!r} is not a server URL: pass the server's base URL, e.g. {_example(given)}"
+        )
+    path = _base_path(parts.path)
+    # A query or a fragment goes with the API path or docs page it follows (the docs'
+    # "/docs#/prediction/..."); on a base URL it is a mistake of some other kind.
+    if (parts.query or parts.fragment) and path == parts.path.rstrip("/"):
+        raise ServerUrlError(
+            f"{given!r} has a query or a fragment: pass the server's base URL alone, e.g. {EXAMPLE_URL}"
+        )
+    return ServerUrl(urlunsplit((parts.scheme, parts.netloc, path, "", "")), given)
+
+
+def _base_path(path: str) -> str:
+    segments = [segment for segment in path.split("/") if segment]
+    if API_ROOT in segments:
+        # The last one: a proxy's own prefix may hold another.
+        segments = segments[: len(segments) - 1 - segments[::-1].index(API_ROOT)]
+    elif segments and segments[-1] in DOC_PAGES:
+        segments = segments[:-1]
+    return "".join("/" + segment for segment in segments)
+
+
+def _example(given: str) -> str:
+    """The URL to suggest: ``given`` with the scheme it lacks ("127.0.0.1:8000"), when that
+    makes one; else a typical one."""
+    if given and "://" not in given and not any(c.isspace() for c in given):
+        guess = urlsplit(f"http://{given}")
+        if guess.hostname and not guess.query and not guess.fragment:
+            return urlunsplit(("http", guess.netloc, _base_path(guess.path), "", ""))
+    return EXAMPLE_URL
 
 
 class CreateOptions(TypedDict, total=False):
@@ -383,7 +460,11 @@ def headers(api_key: str) -> dict[str, str]:
 
 class ClientBase(Generic[Http]):
     """What both clients take and keep (the options are told in FluxRedux's docstring);
-    each opens its own kind of httpx client (``_open``)."""
+    each opens its own kind of httpx client (``_open``).
+
+    ``base_url`` is the server's: one copied with an API path or a docs page at its end
+    ("http://host:8000/v1") is used without it (``self.base_url``, with a logged warning
+    saying so); one that cannot be a server's URL raises ServerUrlError."""
 
     def __init__(
         self,
@@ -395,8 +476,12 @@ class ClientBase(Generic[Http]):
         max_retry_wait: float = 60.0,
         **httpx_options: Any,
     ) -> None:
+        server = server_url(base_url)
+        if server.note:
+            log.warning(server.note)
+        self.base_url = server.base
         self._http = self._open(
-            base_url=base_url.rstrip("/"), headers=headers(api_key), timeout=timeout, **httpx_options
+            base_url=server.base, headers=headers(api_key), timeout=timeout, **httpx_options
         )
         self.retries = retries
         self.max_retry_wait = max_retry_wait

@@ -64,6 +64,9 @@ class Job:
     cancel_requested: bool = False
     progress_step: int = 0
     progress_total: int = 0
+    # What a running job does after its last step (decoding, safety check, encoding,
+    # storing): None while it denoises, or before it starts.
+    progress_phase: str | None = None
     output: list[str] = field(default_factory=list)  # output file names
     seed: int | None = None
     error: str | None = None

@@ -85,6 +85,23 @@ class Lifecycle:
             self._emit(updated)
         return updated
 
+    def record_phase(self, job: Job, worker_id: str, lease_seconds: float, phase: str) -> Job | None:
+        """What ``worker_id``'s run of ``job`` does now that its steps are done ("decoding",
+        "safety check", ...), fenced as a heartbeat is (a job no longer this attempt's is not
+        written), the lease extended by the same write. None: the job is no longer ours.
+
+        One write per phase, a few per job: the caller reports phases, never images."""
+        now = self.clock()
+
+        def enter(current: Job) -> Job | None:
+            if not _owned(current, worker_id, job.attempt):
+                return None
+            current.lease_expires_at = now + lease_seconds
+            current.progress_phase = phase
+            return current
+
+        return self._emit(self.store.update(job.id, enter))
+
     def finish(self, job: Job, worker_id: str, to: Status, **fields: Any) -> Job | None:
         """The worker's end of a run: succeeded, failed or canceled. None if not ours anymore."""
         now = self.clock()
@@ -92,6 +109,7 @@ class Lifecycle:
         def end(current: Job) -> Job | None:
             if not _owned(current, worker_id, job.attempt):
                 return None
+            current.progress_phase = None  # an ended job is doing nothing
             return transition(current, to, now, **fields)
 
         return self._emit(self.store.update(job.id, end))
@@ -155,6 +173,7 @@ class Lifecycle:
             expired = current.lease_expires_at is not None and current.lease_expires_at <= now
             if not expired and current.lease_owner not in dead:
                 return None
+            current.progress_phase = None  # whatever its lost run was doing, nothing is now
             if current.cancel_requested:
                 return transition(current, Status.CANCELED, now)
             if current.attempt < max_attempts:

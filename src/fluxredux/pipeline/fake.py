@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fluxredux.errors import PredictionCancelled
-from fluxredux.pipeline.protocol import CancelCheck, GenerationRequest, ProgressCallback
+from fluxredux.pipeline.protocol import (
+    DECODING,
+    CancelCheck,
+    GenerationRequest,
+    PhaseCallback,
+    ProgressCallback,
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,9 @@ class FakeGeneration:
 class FakeModel:
     def __init__(self, step_seconds: float = 0.0, cpu_seconds: float = 0.0) -> None:
         self.info = FakeModelInfo()
-        self.step_seconds = step_seconds  # > 0 makes runs slow enough to cancel mid-way
+        # > 0 makes runs slow enough to cancel mid-way: the run's "GPU time" is
+        # steps x step_seconds, shared out evenly between the steps and the decode after them.
+        self.step_seconds = step_seconds
         # A fixed "CPU time" per job, spent in the post stage (after the model), so tests
         # and benchmarks can give a job fixed model and CPU times (worker/loop.py overlaps them).
         self.cpu_seconds = cpu_seconds
@@ -57,15 +65,27 @@ class FakeModel:
         *,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        on_phase: PhaseCallback | None = None,
     ) -> FakeGeneration:
         steps = request.num_inference_steps
+        # One share per step and one for the decode, so that the decode can be seen (as the
+        # real VAE decode can) while the whole run still takes steps x step_seconds: the
+        # model time that the overlap benchmark and tests count on.
+        share = self.step_seconds * steps / (steps + 1)
+        cancelled = is_cancelled or (lambda: False)
         for step in range(1, steps + 1):
-            if is_cancelled is not None and is_cancelled():
+            if cancelled():
                 raise PredictionCancelled("the prediction was cancelled")
-            if self.step_seconds:
-                time.sleep(self.step_seconds)
+            if share:
+                time.sleep(share)
             if on_step is not None:
                 on_step(step, steps)
+        if cancelled():  # as the real model checks before its decode
+            raise PredictionCancelled("the prediction was cancelled")
+        if on_phase is not None:
+            on_phase(DECODING)
+        if share:
+            time.sleep(share)
         # A prompt changes the colours, as it changes a real model's images; without one
         # they are what they always were.
         seed, prompt = request.seed, request.prompt

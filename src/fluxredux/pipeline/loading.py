@@ -71,7 +71,10 @@ def load_model(settings: Settings) -> ReduxModel:
         paths = ensure_demo_model(settings.cache_dir)
         schnell_ref, redux_ref = str(paths.schnell), str(paths.redux)
         why = "no CUDA GPU found" if settings.model == "auto" else "--model demo"
-        log.warning("Using the DEMO model (%s): random weights, outputs are noise.", why)
+        # Info, not a warning: whoever runs the model (serve's supervisor, `fluxredux worker`,
+        # predict's output) says "demo model: random weights, outputs are noise" once per
+        # start; this line comes again at every load (a worker restart).
+        log.info("loading the DEMO model (%s): random weights, outputs are noise", why)
     else:
         schnell_ref, redux_ref = settings.schnell_model, settings.redux_model
     model = ReduxModel.load(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -17,6 +17,15 @@ from PIL import Image
 # The one definition of each, for every model (real, demo, fake) and every caller.
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps), after each step
 CancelCheck = Callable[[], bool]  # asked at every step: True stops the run there
+# What a run does after its last denoising step, in this order: the model reports the
+# first (the VAE decode, inside its generate), the worker's post stage the others.
+Phase = Literal["decoding", "safety check", "encoding", "storing"]
+DECODING: Phase = "decoding"
+SAFETY_CHECK: Phase = "safety check"
+ENCODING: Phase = "encoding"
+STORING: Phase = "storing"
+# Called once as a run enters each phase: a handful of calls per run, never one per image.
+PhaseCallback = Callable[[Phase], None]
 # A reference image, made square for the image encoder, and its share of the mix (the
 # shares of one prediction sum to 1).
 Reference = tuple[Image.Image, float]
@@ -26,7 +35,7 @@ Reference = tuple[Image.Image, float]
 class GenerationRequest:
     """What one generation makes: the same request gives the same images, on any model.
 
-    The progress and cancel callbacks are not in it but keyword arguments of ``generate``:
+    The progress, phase and cancel callbacks are not in it but keyword arguments of ``generate``:
     they are the caller's hooks into one run (the worker's close over its job), not part of
     what is asked for, so a request stays a plain value that compares, prints and can be
     run again as it is."""
@@ -66,6 +75,7 @@ class ImageModel(Protocol):
         *,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        on_phase: PhaseCallback | None = None,  # told DECODING once the last step is done
     ) -> GenerationLike: ...
 
 

@@ -35,7 +35,14 @@ from fluxredux.pipeline.conditioning_cache import ConditioningCache, cached_redu
 from fluxredux.pipeline.demo import DEMO_NOTICE
 from fluxredux.pipeline.denoising import denoise_and_decode, elapsed, image_tokens
 from fluxredux.pipeline.loading import ModelKind
-from fluxredux.pipeline.protocol import CancelCheck, GenerationRequest, ProgressCallback, Reference
+from fluxredux.pipeline.protocol import (
+    DECODING,
+    CancelCheck,
+    GenerationRequest,
+    PhaseCallback,
+    ProgressCallback,
+    Reference,
+)
 from fluxredux.pipeline.speed import Tuning, check_tuning, ready_for_speed
 from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
 from fluxredux.pipeline.weights import REDUX, SCHNELL, resolve_text_encoders, resolve_weights
@@ -312,13 +319,15 @@ class ReduxModel:
         *,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        on_phase: PhaseCallback | None = None,
     ) -> Generation:
         """Generate ``request.num_outputs`` images as one batch from the references mixed by
         their shares (see ``mix_conditionings``) and the optional prompt (see ``with_text``);
         a strength < 1 weakens the references' pull (see ``attention_bias``).
 
         ``is_cancelled`` is checked before the work starts and after every denoising
-        step; a cancel raises PredictionCancelled within one step.
+        step; a cancel raises PredictionCancelled within one step. ``on_phase`` hears
+        DECODING once the last step is done, as the VAE decode starts.
         """
         pipe, steps = self.parts.pipe, request.num_inference_steps
         tokens = image_tokens(pipe, request.width, request.height)
@@ -346,6 +355,11 @@ class ReduxModel:
                 on_step(step + 1, steps)
             raise_if_cancelled()
 
+        def before_decode() -> None:
+            raise_if_cancelled()
+            if on_phase is not None:
+                on_phase(DECODING)
+
         raise_if_cancelled()
         images = denoise_and_decode(
             pipe,
@@ -359,7 +373,7 @@ class ReduxModel:
             seed=request.seed,
             device=self.device,
             on_step_end=step_end,
-            before_decode=raise_if_cancelled,
+            before_decode=before_decode,
             timings=timings,
         )
         return Generation(images=images, seed=request.seed, timings=timings, sequence=layout.describe())

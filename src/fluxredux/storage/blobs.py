@@ -79,12 +79,19 @@ class BlobStoreError(StorageError):
     ``transient``: an outage that may pass by itself within seconds (unreachable, timed
     out, throttled, a 5xx): worth retrying while the caller can wait, as a worker holding
     images it made can. Not a full or read-only disk, denied access or a missing bucket:
-    those need someone to act, and retrying them only delays the answer."""
+    those need someone to act, and retrying them only delays the answer.
 
-    def __init__(self, message: str, reason: str, *, transient: bool = False) -> None:
+    ``for_operator``: the same failure for the server's log, where it may name what
+    ``message`` must not (``message`` reaches anonymous callers in a 503's body and
+    /ready's reasons): the bucket, the endpoint, and what to do about it."""
+
+    def __init__(
+        self, message: str, reason: str, *, transient: bool = False, for_operator: str | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.transient = transient
+        self.for_operator = for_operator or message
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -142,14 +143,33 @@ def _reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _is_aws(endpoint: str) -> bool:
+    host = urlsplit(endpoint).hostname or ""
+    return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
+
+
+def for_operator(failed: str, reason: str, bucket: str, endpoint: str) -> str:
+    """A failure as the server's log says it: which bucket where, and for a missing
+    bucket the command that creates it (the first thing a new deployment trips on)."""
+    if reason == "NoSuchBucket":
+        create = f"aws s3 mb s3://{bucket}"
+        if not _is_aws(endpoint):  # the AWS CLI knows AWS's endpoints by itself
+            create += f" --endpoint-url {endpoint}"
+        return f"storage: the S3 bucket '{bucket}' does not exist at {endpoint}; create it ({create})"
+    return f"storage: the S3 bucket '{bucket}' at {endpoint} {failed} ({reason})"
+
+
 @contextmanager
-def _s3_errors(failed: str) -> Iterator[None]:
+def _s3_errors(failed: str, store: S3BlobStore) -> Iterator[None]:
     try:
         yield
     except _FAILURES as exc:
         reason = _reason(exc)
         raise BlobStoreError(
-            f"the object storage {failed} ({reason})", reason, transient=_is_transient(exc)
+            f"the object storage {failed} ({reason})",
+            reason,
+            transient=_is_transient(exc),
+            for_operator=for_operator(failed, reason, store.bucket, store.endpoint),
         ) from exc
 
 
@@ -186,9 +206,17 @@ class S3BlobStore:
         self.prefix = f"{stripped}/" if stripped else ""
         self._client: Any = client if client is not None else make_client(config)
 
+    @property
+    def endpoint(self) -> str:
+        """Where the bucket is, for the log: the URL the client resolved from the AWS settings."""
+        return str(self._client.meta.endpoint_url)
+
+    def _errors(self, failed: str) -> AbstractContextManager[None]:
+        return _s3_errors(failed, self)
+
     def put(self, key: str, data: bytes, content_type: str) -> BlobInfo:
         check_put(key, content_type)
-        with _s3_errors("cannot be written"):
+        with self._errors("cannot be written"):
             self._client.put_object(
                 Bucket=self.bucket, Key=self.prefix + key, Body=data, ContentType=content_type
             )
@@ -211,7 +239,7 @@ class S3BlobStore:
         body: Any = response["Body"]  # a botocore StreamingBody
 
         def chunks() -> Iterator[bytes]:
-            with _s3_errors("cannot be read"):
+            with self._errors("cannot be read"):
                 # At most CHUNK_SIZE at a time off the socket: the blob is never whole in memory.
                 yield from body.iter_chunks(CHUNK_SIZE)
 
@@ -229,7 +257,7 @@ class S3BlobStore:
     def exists(self, key: str) -> bool:
         if not is_valid_key(key):
             return False
-        with _s3_errors("cannot be read"):
+        with self._errors("cannot be read"):
             try:
                 self._client.head_object(Bucket=self.bucket, Key=self.prefix + key)
             except ClientError as exc:
@@ -244,7 +272,7 @@ class S3BlobStore:
         wanted = sorted({self.prefix + key for key in keys if is_valid_key(key)})
         for start in range(0, len(wanted), self.delete_batch):
             batch = wanted[start : start + self.delete_batch]
-            with _s3_errors("cannot delete files"):
+            with self._errors("cannot delete files"):
                 response = self._client.delete_objects(
                     Bucket=self.bucket,
                     Delete={"Objects": [{"Key": name} for name in batch], "Quiet": True},
@@ -253,7 +281,11 @@ class S3BlobStore:
             errors = [e for e in response.get("Errors", []) if e.get("Code") not in _NOT_FOUND]
             if errors:
                 reason = str(errors[0].get("Code") or "error")  # the code alone, as in _reason
-                raise BlobStoreError(f"the object storage cannot delete files ({reason})", reason)
+                raise BlobStoreError(
+                    f"the object storage cannot delete files ({reason})",
+                    reason,
+                    for_operator=for_operator("cannot delete files", reason, self.bucket, self.endpoint),
+                )
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         # Lazy, page by page: a bucket may hold far more blobs than is wise to hold in memory.
@@ -265,7 +297,7 @@ class S3BlobStore:
             Delimiter="/",
             PaginationConfig={"PageSize": self.page_size},
         )
-        with _s3_errors("cannot be listed"):
+        with self._errors("cannot be listed"):
             for page in pages:
                 for item in page.get("Contents", []):
                     key = str(item["Key"])[len(self.prefix) :]
@@ -282,14 +314,14 @@ class S3BlobStore:
         # A few bytes really written and removed: a missing bucket, wrong credentials, a
         # read-only policy or an endpoint that is down all fail here.
         probe = f"{self.prefix}{_PROBE_PREFIX}{secrets.token_urlsafe(8)}"
-        with _s3_errors("cannot be written"):
+        with self._errors("cannot be written"):
             self._client.put_object(Bucket=self.bucket, Key=probe, Body=b"ready")
             self._client.delete_object(Bucket=self.bucket, Key=probe)
 
     def _get_object(self, key: str) -> dict[str, Any]:
         if not is_valid_key(key):
             raise BlobNotFound(key)
-        with _s3_errors("cannot be read"):
+        with self._errors("cannot be read"):
             try:
                 response: dict[str, Any] = self._client.get_object(Bucket=self.bucket, Key=self.prefix + key)
             except ClientError as exc:

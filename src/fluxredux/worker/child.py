@@ -23,13 +23,15 @@ def main() -> None:
     # Ctrl+C in a terminal reaches the whole process group; the server decides when the
     # worker stops (it sends SIGTERM on shutdown: finish the job, then exit).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_logging()
+    settings = Settings()
+    configure_logging(settings.log_format)  # the server's format: its log and ours are one
     event_fd = os.environ.get("FLUXREDUX_EVENT_FD")
     process = WorkerProcess(
-        Settings(),
+        settings,
         worker_id=worker_id_from_env(),
         events=PipePublisher.from_fd(int(event_fd)) if event_fd else None,
         freeze_gc=True,
+        announce_model=False,  # the server says which, once per start (supervisor.py)
     )
     process.drain_on(signal.SIGTERM)
     threading.Thread(target=_watch_parent, args=(process,), daemon=True).start()

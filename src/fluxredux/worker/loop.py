@@ -28,6 +28,13 @@ model starts), and a job's last attempt finishes its post stage before the next 
 a job kills the process, it takes no neighbour's result with it. A job in its post stage
 when the process dies is re-run like the one that killed it (its attempt had a re-run left).
 
+After its last step a run says what it does (``Job.progress_phase``): "decoding" (the
+model reports it, inside the model stage), then the post stage's "safety check", "encoding"
+and "storing"; its end clears it. Each is one write, fenced like a heartbeat (and renewing
+the lease with it), a few per job, never one per image; one that fails (the store briefly
+unavailable) costs the job nothing but that write. In overlap each job's phases are its
+own: job N's post stage and job N+1's model stage write to their own jobs.
+
 A cancel is honoured until the outputs are written: the post stage checks for one when it
 starts and again just before the writes (the job ends canceled, nothing stored); one that
 arrives after that loses the race, as one arriving after the end would, and the job
@@ -50,6 +57,7 @@ from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.images.formats import PNG
 from fluxredux.jobs.job import Job, Status
 from fluxredux.jobs.lifecycle import Lifecycle
+from fluxredux.pipeline.protocol import STORING, Phase
 from fluxredux.schema import PredictionInput
 from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, new_key
 from fluxredux.worker.leases import LeaseKeeper
@@ -230,6 +238,7 @@ class Worker:
                 images,
                 on_step=lambda step, total: self._progress(job, step, total),
                 is_cancelled=lambda: self._cancel_requested(job),
+                on_phase=lambda phase: self._enter_phase(job, phase),
             )
         except Exception as exc:
             self._end_with_error(job, exc)
@@ -240,7 +249,9 @@ class Worker:
         started = time.perf_counter()
         try:
             self._stop_if_cancelled(job)
-            result = self.predictor.finish(generated)
+            result = self.predictor.finish(generated, on_phase=lambda phase: self._enter_phase(job, phase))
+            # Written first, the phase's write also tells the cancel check that follows.
+            self._enter_phase(job, STORING)
             self._stop_if_cancelled(job)  # the last chance: once written, the job succeeds
             names = self._store_outputs(job, result)
         except Exception as exc:
@@ -308,6 +319,19 @@ class Worker:
             return
         # The job as that write saw it (None: no longer ours): the cancel check that follows
         # at once (the next step's, a model calls them back to back) needs no read of its own.
+        self._seen[(job.id, job.attempt)] = (time.monotonic(), current)
+
+    def _enter_phase(self, job: Job, phase: Phase) -> None:
+        """Record what ``job`` does now that its steps are done. Nice to have, as progress
+        is: a store that cannot be written now loses this write, not the job."""
+        try:
+            current = self.lifecycle.record_phase(
+                job, self.config.worker_id, self.config.lease_seconds, phase
+            )
+        except StoreUnavailable as exc:
+            log.warning("prediction %s: phase %r not recorded: %s", job.id, phase, exc.message)
+            return
+        # As after a progress write: the cancel check that may follow at once needs no read.
         self._seen[(job.id, job.attempt)] = (time.monotonic(), current)
 
     def _cancel_requested(self, job: Job) -> bool:

@@ -24,10 +24,14 @@ from PIL import Image
 from fluxredux.errors import AllOutputsUnsafe
 from fluxredux.images import CONTENT_TYPES, EXTENSIONS, encode_image, square_reference
 from fluxredux.pipeline.protocol import (
+    ENCODING,
+    SAFETY_CHECK,
     CancelCheck,
     GenerationRequest,
     HasPostStageWork,
     ImageModel,
+    Phase,
+    PhaseCallback,
     ProgressCallback,
 )
 from fluxredux.safety import SafetyChecker, SafetyVerdict
@@ -97,9 +101,13 @@ class Predictor:
         *,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        on_phase: PhaseCallback | None = None,
     ) -> PredictionResult:
         """Both stages, one after the other (the CLI, benchmarks, a worker without overlap)."""
-        return self.finish(self.generate(inputs, images, on_step=on_step, is_cancelled=is_cancelled))
+        generated = self.generate(
+            inputs, images, on_step=on_step, is_cancelled=is_cancelled, on_phase=on_phase
+        )
+        return self.finish(generated, on_phase=on_phase)
 
     def generate(
         self,
@@ -108,8 +116,10 @@ class Predictor:
         *,
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
+        on_phase: PhaseCallback | None = None,
     ) -> Generated:
-        """The model stage (the GPU's part): references -> decoded images, nothing checked yet."""
+        """The model stage (the GPU's part): references -> decoded images, nothing checked
+        yet. ``on_phase`` hears the model's own phase after its steps (decoding)."""
         seed = inputs.seed if inputs.seed is not None else random_seed()
         if len(images) != len(inputs.references):
             raise ValueError(f"{len(inputs.references)} references asked for, {len(images)} images given")
@@ -127,7 +137,9 @@ class Predictor:
             strength=inputs.redux_strength,
             prompt=inputs.prompt,
         )
-        generation = self.model.generate(request, on_step=on_step, is_cancelled=is_cancelled)
+        generation = self.model.generate(
+            request, on_step=on_step, is_cancelled=is_cancelled, on_phase=on_phase
+        )
         return Generated(
             inputs=inputs,
             images=list(generation.images),
@@ -136,19 +148,25 @@ class Predictor:
             sequence=generation.sequence,
         )
 
-    def finish(self, generated: Generated) -> PredictionResult:
+    def finish(self, generated: Generated, *, on_phase: PhaseCallback | None = None) -> PredictionResult:
         """The post stage (CPU threads): safety check and encode. Raises AllOutputsUnsafe
-        when nothing is left to return."""
+        when nothing is left to return. ``on_phase`` hears each phase as it starts (once
+        per job, whatever the number of images): SAFETY_CHECK (unless disabled), ENCODING."""
         inputs = generated.inputs
         timings = dict(generated.timings)
         pixels = list(enumerate(generated.images))
+        checking = not inputs.disable_safety_checker
+        report = on_phase or _unheard
+        # The fake model's stand-in for the checker's and the encoder's CPU time counts as
+        # the first phase: the one a real checker (or, unchecked, encoder) would be in.
+        report(SAFETY_CHECK if checking else ENCODING)
         if isinstance(self.model, HasPostStageWork):
             started = time.perf_counter()
             self.model.post_stage_work()
             timings["post_work"] = time.perf_counter() - started
 
         verdicts: list[SafetyVerdict] = []
-        if not inputs.disable_safety_checker:
+        if checking:
             if self.safety is None:
                 raise RuntimeError("the safety checker is enabled but none is configured")
             started = time.perf_counter()
@@ -166,6 +184,7 @@ class Predictor:
             if len(kept) < len(pixels):
                 log.info("safety checker dropped %d of %d images", len(pixels) - len(kept), len(pixels))
             pixels = kept
+            report(ENCODING)
 
         started = time.perf_counter()
         encoded = self._encoders.map(
@@ -190,3 +209,7 @@ class Predictor:
             notice=self.model.info.notice,
             sequence=generated.sequence,
         )
+
+
+def _unheard(phase: Phase) -> None:
+    """Where phases go when nobody listens (the CLI, benchmarks)."""

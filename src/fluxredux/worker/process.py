@@ -21,14 +21,13 @@ import gc
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Protocol, runtime_checkable
 
 from fluxredux.backends import backends_for
-from fluxredux.config import Settings
+from fluxredux.config import LogFormat, Settings
 from fluxredux.errors import FluxReduxError
 from fluxredux.images import DecodeLimits
 from fluxredux.jobs import Lifecycle
@@ -36,16 +35,20 @@ from fluxredux.jobs.events import EventPublisher, listening, publish_changes
 from fluxredux.jobs.job import Status
 from fluxredux.jobs.registry import new_worker_id
 from fluxredux.pipeline.protocol import ImageModel
+from fluxredux.pipeline.requirements import import_problem, import_torch
 from fluxredux.storage import blob_store, unshared_storage
 from fluxredux.worker.factories import build_checker, build_model
+from fluxredux.worker.logs import configure_logging as configure_process_logging
 from fluxredux.worker.loop import Worker, WorkerConfig
 from fluxredux.worker.predictor import Predictor
 from fluxredux.worker.registration import Registration
 
 log = logging.getLogger("fluxredux.worker")
 
-# Exit codes: a model that cannot load is not worth restarting at once (the supervisor and
-# systemd units back off on it); anything else is a normal end.
+# Exit codes: 3, the worker cannot start: its model (or a package it needs) cannot be
+# imported or loaded. That is permanent until someone acts (installs a package, downloads
+# the weights, fixes a setting): ``serve``'s supervisor does not start it again, and
+# systemd units wait before they do. Anything else is a normal end, or a crash.
 EXIT_MODEL_FAILED = 3
 
 ModelFactory = Callable[[Settings], ImageModel]
@@ -95,6 +98,7 @@ class WorkerProcess:
         events: EventPublisher | None = None,
         model_factory: ModelFactory = build_model,
         freeze_gc: bool = False,
+        announce_model: bool = True,
     ) -> None:
         self.settings = settings
         self.worker_id = worker_id or new_worker_id()
@@ -104,6 +108,10 @@ class WorkerProcess:
         # A process of its own (not a test's): once the model is loaded, everything so far
         # lives as long as the process, and is kept out of the garbage collector's full passes.
         self._freeze_gc = freeze_gc
+        # Which model is ready, and its notice ("demo model: ... noise"), in this process's
+        # log. Not in ``serve``'s children: their server says it once per start, where a
+        # child would say it again at each restart.
+        self._announce_model = announce_model
         # Embedded: the pipe to the server. Scale-out: the Redis bus, which also brings
         # wake-ups (see ``run``).
         self._events: EventPublisher = events if events is not None else self.backends.bus
@@ -138,10 +146,14 @@ class WorkerProcess:
             log.warning("%s", warning)
         self.registration.start()
         try:
-            model = self._model_factory(settings)
-            checker = build_checker(settings)
+            try:
+                import_torch(settings.model)
+                model = self._model_factory(settings)
+                checker = build_checker(settings)
+            except ImportError as exc:  # a package missing or broken: no restart will find it
+                raise import_problem(exc) from exc
         except FluxReduxError as exc:
-            log.error("%s", exc.message)
+            log.error("the worker cannot start: %s", exc.message)
             # Its last word stays in the registry (no unregister): the supervisor, /ready
             # and `fluxredux workers` show why, until the entry expires.
             self.registration.update("failed", error=exc.to_dict())
@@ -165,7 +177,12 @@ class WorkerProcess:
             # its data is logged (once, as an error) and said in the registry; the worker goes
             # on, for whatever is queued from now on.
             self.registration.report_on_beat(lambda: {**model_details(model), **self._store_details()})
-            log.info("worker %s ready: %s", self.worker_id, info.describe())
+            if self._announce_model:
+                log.info("worker %s ready: %s", self.worker_id, info.describe())
+                if info.notice:
+                    log.warning("%s", info.notice)
+            else:
+                log.info("worker %s ready", self.worker_id)
             events = self._events
             self._worker = worker = Worker(
                 Lifecycle(self.backends.jobs, publish=publish_changes(events)),
@@ -214,13 +231,9 @@ class WorkerProcess:
             signal.signal(signum, handle)
 
 
-def configure_logging(prefix: str = "worker") -> None:
-    from fluxredux.config import quiet_libraries
-
-    logging.basicConfig(
-        level=logging.INFO, format=f"{prefix}: %(levelname)s %(message)s", stream=sys.stderr, force=True
-    )
-    quiet_libraries(verbose=False)
+def configure_logging(log_format: LogFormat = "text") -> None:
+    """A worker process's log, in the style of its server's (worker/logs.py)."""
+    configure_process_logging("worker", log_format, prefix="worker: ")
 
 
 def worker_id_from_env() -> str | None:

@@ -27,6 +27,7 @@ from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable, NoWorker, StoreUnavailable
 from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.registry import WorkerRegistry, new_worker_id
+from fluxredux.worker.process import EXIT_MODEL_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,17 @@ class WorkerState:
     next_start_at: float | None = None  # monotonic; when the next start is due
     storage_error: str | None = None  # the worker could not write outputs
     supervisor_error: str | None = None  # the last thing that went wrong here
+    # Why the worker is not started again: it exited at start because its model (or a
+    # package it needs) cannot be imported or loaded, which no restart changes.
+    cannot_start: str | None = None
+    announced: bool = False  # the model's notice is in the log (once per server start)
 
 
 # Exits in a row, before the model is ready, after which creates are refused.
 CRASH_LOOP = 3
 # Slack on top of the restart backoff before "no worker started in time" is declared.
 START_GRACE_SECONDS = 5.0
+NOT_RESTARTED = "it is not restarted: fix that, then restart the server"
 
 
 class WorkerSupervisor:
@@ -103,11 +109,14 @@ class WorkerSupervisor:
             "restarts": state.restarts,
             "error": state.error,
             "storage_error": state.storage_error,
+            "cannot_start": state.cannot_start,
             **state.model,
         }
 
     def problems(self) -> list[str]:
         state, now = self.state, self.clock()
+        if state.cannot_start:
+            return [f"the worker cannot start: {state.cannot_start}; {NOT_RESTARTED}"]
         found = []
         if self._thread is None or not self._thread.is_alive():
             found.append("the worker supervisor is not running: no worker will be started")
@@ -123,6 +132,9 @@ class WorkerSupervisor:
 
     def refusal(self) -> FluxReduxError | None:
         state, now = self.state, self.clock()
+        if state.cannot_start:
+            # No Retry-After: a retry cannot succeed before someone fixes it and restarts.
+            return ModelUnavailable(f"the worker cannot start: {state.cannot_start}; {NOT_RESTARTED}")
         if state.error and not state.ready:
             # Queueing work that no worker can run would only hide the problem.
             return ModelUnavailable(
@@ -195,8 +207,9 @@ class WorkerSupervisor:
     def _supervise(self) -> None:
         while not self._stopping.is_set():
             started = self.clock()
+            code: int | None = None
             try:
-                self._run_child()
+                code = self._run_child()
             except Exception as exc:  # a failed spawn, a broken pipe: never the end of supervision
                 self.state.supervisor_error = f"{type(exc).__name__}: {exc}"
                 log.exception("could not run the worker process")
@@ -204,6 +217,13 @@ class WorkerSupervisor:
             if self._stopping.is_set():
                 return
             self._recover_jobs()
+            if code == EXIT_MODEL_FAILED:  # only ever before the model was ready (process.py)
+                # Restarting would fail the same way, every 30 s, for ever (and load the
+                # model's packages each time): say why once, and stop.
+                self.state.cannot_start = self._why_it_cannot_start()
+                self.state.next_start_at = None
+                log.error("the worker cannot start: %s; %s", self.state.cannot_start, NOT_RESTARTED)
+                return
             self.state.restarts += 1
             # Back off when it dies young (a model that cannot load), not after long runs.
             self._delay = 1.0 if self.clock() - started > 60 else min(self._delay * 2, 30.0)
@@ -224,8 +244,14 @@ class WorkerSupervisor:
             if state.worker_id:
                 self._dead_owners.add(state.worker_id)
 
-    def _run_child(self) -> None:
-        """Start the worker, watch it until it exits, and note what is needed to recover."""
+    def _why_it_cannot_start(self) -> str:
+        """The worker's last word (in the registry), else what its exit code means."""
+        error = self.state.error or {}
+        return str(error.get("error") or "its model cannot be loaded (exit code 3); see the log above")
+
+    def _run_child(self) -> int:
+        """Start the worker, watch it until it exits (its exit code), and note what is
+        needed to recover."""
         worker_id = new_worker_id()
         process, read_fd = self._spawn(worker_id)
         with self._lock:
@@ -256,6 +282,7 @@ class WorkerSupervisor:
         self._dead_owners.add(worker_id)
         if not self._stopping.is_set():
             log.error("the worker process exited (code %s)", code)
+        return code
 
     def _read_registry(self, worker_id: str) -> None:
         """What the worker says about itself, as every worker says it: in the registry."""
@@ -272,13 +299,16 @@ class WorkerSupervisor:
             state.model = {"description": worker.model, "demo": details.get("demo", False)}
             state.model["notice"] = details.get("notice")
             state.ready, state.error, state.exits_before_ready = True, None, 0
-            if state.model["demo"]:
-                log.warning("MODEL: %s", worker.model)
-            else:
-                log.info("model ready: %s", worker.model)
+            if state.announced:  # a restart: the same model, already announced
+                log.info("the worker process is ready again (pid %s)", state.pid)
+                return
+            state.announced = True
+            log.info("model ready: %s", worker.model)
+            if state.model["notice"]:  # "demo model: random weights, outputs are noise"
+                log.warning("%s", state.model["notice"])
         elif worker.state == "failed" and state.error is None:
+            # Said in the log as the supervisor gives up on it (``_supervise``), once.
             state.error = details.get("error") or {"error": "the model could not be loaded"}
-            log.error("the model could not be loaded: %s", state.error.get("error"))
 
     def _recover_jobs(self) -> None:
         """A dead worker's job is re-run once, then failed as "worker lost". If the store

@@ -50,6 +50,12 @@ def job_metrics(job: Job) -> dict[str, float]:
     return metrics
 
 
+def running_phase(job: Job) -> str | None:
+    """What a running job does after its last step; None while it denoises, and always for a
+    queued or ended one (whatever a lost worker's last write left)."""
+    return job.progress_phase if job.status == Status.PROCESSING else None
+
+
 def render(job: Job, base_url: str, queue_position: int | None = None) -> Prediction:
     base_url = base_url.rstrip("/")
     urls = output_urls(job, base_url)
@@ -70,7 +76,7 @@ def render(job: Job, base_url: str, queue_position: int | None = None) -> Predic
             "logs": job.logs,
             "seed": job.seed,
             "metrics": job_metrics(job),
-            "progress": {"step": job.progress_step, "total": total},
+            "progress": {"step": job.progress_step, "total": total, "phase": running_phase(job)},
             "queue_position": queue_position if job.status == Status.STARTING else None,
             "safety": job.extra.get("safety", []),
             "demo": bool(job.extra.get("demo", False)),

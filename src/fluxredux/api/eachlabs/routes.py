@@ -71,6 +71,9 @@ async def create_idempotent(
     )
 
 
+# The collection answers without its trailing slash too, rather than by a 307 to it: many
+# clients follow that redirect with a GET, or without the body. Documented once (with it).
+@router.post("", response_model=PredictionCreated, include_in_schema=False)
 @router.post(
     "/", response_model=PredictionCreated, summary="Create a prediction", responses=error_responses(409)
 )
@@ -103,6 +106,7 @@ async def run_prediction(
     return render(finished, base)  # no queue position: it may be gone by now
 
 
+@router.get("", response_model=PredictionList, include_in_schema=False)  # as the create: no redirect
 @router.get("/", response_model=PredictionList, summary="Your predictions, newest first")
 async def list_predictions(
     key: ReaderKeyDep,

@@ -56,6 +56,9 @@ class PredictionUrls(BaseModel):
 class PredictionProgress(BaseModel):
     step: int
     total: int
+    # After the last step: what the prediction is doing now ("decoding", "safety check",
+    # "encoding", "storing"); None while it denoises.
+    phase: str | None = None
 
 
 class Prediction(BaseModel):

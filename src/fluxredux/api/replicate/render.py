@@ -3,7 +3,7 @@ names (its statuses are the lifecycle's own), output always a list of URLs."""
 
 from __future__ import annotations
 
-from fluxredux.api.eachlabs.render import iso_time, job_metrics, output_urls, shown_input
+from fluxredux.api.eachlabs.render import iso_time, job_metrics, output_urls, running_phase, shown_input
 from fluxredux.api.replicate.shapes import REPLICATE_MODEL, ReplicatePrediction
 from fluxredux.jobs.job import Job, Status
 
@@ -20,11 +20,19 @@ def progress_line(step: int, total: int) -> str:
 
 
 def shown_logs(job: Job) -> str:
-    """The job's logs; while it runs, its progress as the last line."""
-    if job.status != Status.PROCESSING or not job.progress_total or not job.progress_step:
+    """The job's logs; while it runs, its progress as the last line, and after its last
+    step what it does now ("decoding…") on the line above it. The bar stays last: the
+    official clients read ``progress`` from the last line that looks like a tqdm bar, and
+    simpler readers (and the logs webhooks' receivers) look at the last line only."""
+    if job.status != Status.PROCESSING:
         return job.logs
-    line = progress_line(job.progress_step, job.progress_total)
-    return f"{job.logs}\n{line}" if job.logs else line
+    lines = [job.logs] if job.logs else []
+    phase = running_phase(job)
+    if phase is not None:
+        lines.append(f"{phase}…")
+    if job.progress_total and job.progress_step:
+        lines.append(progress_line(job.progress_step, job.progress_total))
+    return "\n".join(lines)
 
 
 def render_replicate(job: Job, base_url: str, *, waited_out: bool = False) -> ReplicatePrediction:

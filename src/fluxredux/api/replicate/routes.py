@@ -15,7 +15,7 @@ import time
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Header, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 
 from fluxredux.access.keys import ApiKey
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, PresentedKeyDep, ReaderKeyDep, ServicesDep
@@ -44,7 +44,7 @@ from fluxredux.api.services import Services
 from fluxredux.config import Settings
 from fluxredux.errors import InvalidInput, UnknownModel
 from fluxredux.jobs.job import REPLICATE, WEBHOOK_EVENTS
-from fluxredux.schema import MODEL_VERSION
+from fluxredux.schema import MAX_NAME_CHARS, MODEL_VERSION
 from fluxredux.webhooks.signing import signing_secret
 
 router = APIRouter(
@@ -94,6 +94,31 @@ def served_models(settings: Settings) -> set[str]:
 def check_model(model: str, settings: Settings) -> None:
     if model not in served_models(settings):
         raise UnknownModel(f"model '{model}' not found; this server runs '{REPLICATE_MODEL}'", model=model)
+
+
+async def known_model(owner: str, name: str, services: ServicesDep) -> str:
+    """The ``owner/name`` of the path, which must be this server's. A dependency, so that
+    it is checked before the body is: a model this server does not run is a 404 whatever
+    its input, not a 422 about an input it would never have run."""
+    model = f"{owner}/{name}"
+    check_model(model, services.settings)
+    return model
+
+
+KnownModelDep = Annotated[str, Depends(known_model)]
+
+
+async def known_version_model(request: Request, services: ServicesDep) -> None:
+    """``known_model`` for ``POST /v1/predictions``, whose model is named by the body's
+    ``version`` (``owner/name[:version]``): looked at in the JSON as sent, before the body
+    is validated. Anything that is no such string is left to the validation."""
+    try:
+        body = await request.json()  # FastAPI parsed it already: starlette keeps the result
+    except (ValueError, RecursionError):  # not JSON (or nested past parsing): for the validation to say
+        return
+    version = body.get("version") if isinstance(body, dict) else None
+    if isinstance(version, str) and len(version) <= MAX_NAME_CHARS:
+        version_of(version, services.settings)
 
 
 def version_of(requested: str | None, settings: Settings) -> str:
@@ -155,18 +180,16 @@ async def create(
     summary="Create a prediction of a model (Replicate-compatible)",
 )
 async def create_model_prediction(
-    owner: str,
-    name: str,
+    key: ApiKeyDep,  # first: an unknown key is a 401 before anything else
+    model: KnownModelDep,
     body: ReplicatePredictionRequest,
-    key: ApiKeyDep,
     presented: PresentedKeyDep,
     services: ServicesDep,
     base: BaseUrlDep,
     idempotency_key: IdempotencyKeyHeader = None,
     prefer: PreferHeader = None,
 ) -> ReplicatePrediction:
-    check_model(f"{owner}/{name}", services.settings)
-    route = f"/v1/models/{owner}/{name}/predictions"
+    route = f"/v1/models/{model}/predictions"
     return await create(route, body, key, presented, services, base, idempotency_key, prefer)
 
 
@@ -177,8 +200,9 @@ async def create_model_prediction(
     summary="Create a prediction (Replicate-compatible)",
 )
 async def create_prediction(
+    key: ApiKeyDep,  # first: an unknown key is a 401 before anything else
+    _model: Annotated[None, Depends(known_version_model)],
     body: ReplicatePredictionRequest,
-    key: ApiKeyDep,
     presented: PresentedKeyDep,
     services: ServicesDep,
     base: BaseUrlDep,

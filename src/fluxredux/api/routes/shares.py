@@ -55,7 +55,8 @@ class SharedPrediction(BaseModel):
 
     status: PublicStatus
     input: dict[str, Any] = Field(
-        description="The settings used; redux_image only when the sharer included the reference."
+        description="The settings used, those given as none left out (no prompt, a random seed: "
+        "the seed used is `seed`); redux_image only when the sharer included the reference."
     )
     output: str | list[str] | None = None
     error: str | None = None
@@ -89,7 +90,9 @@ def shared_job(services: Services, token: str) -> tuple[Share, Job]:
 
 def public_view(share: Share, job: Job, base: str) -> SharedPrediction:
     full = render(job, base)  # the same output and reference URLs as the owner sees
-    shown_input = dict(full.input)
+    # A field recorded as none was not given (no prompt; a seed left random, whose value
+    # used is ``seed``): there is no setting to show.
+    shown_input = {name: value for name, value in full.input.items() if value is not None}
     if not share.include_reference:
         shown_input.pop("redux_image", None)
         shown_input.pop("redux_images", None)

@@ -451,11 +451,43 @@ function setStatus(text, progress) {
   }
 }
 
+// What a running prediction does after its last step (progress.phase), in words.
+const PHASES = {
+  decoding: "Decoding the images…",
+  "safety check": "Running the safety check…",
+  encoding: "Encoding the images…",
+  storing: "Storing the images…",
+};
+
+function runningText(progress) {
+  if (progress.phase) return PHASES[progress.phase] || `${progress.phase}…`;
+  return `Step ${progress.step} of ${progress.total}`;
+}
+
+// The elapsed clock: the prediction's own time, from its created_at (not from when this
+// page began to watch it: a reload or a run opened from the history started earlier).
+function startClock(createdAt) {
+  clearInterval(state.clockTimer);
+  const created = Date.parse(createdAt);
+  const tick = () => ($("elapsed").textContent = formatSeconds(Math.max(0, Date.now() - created) / 1000));
+  tick();
+  state.clockTimer = setInterval(tick, 100);
+}
+
+// Stopped at its end, showing the server's own count from created to completed.
+function stopClock(prediction) {
+  clearInterval(state.clockTimer);
+  state.clockTimer = null;
+  const total = prediction.metrics?.total_time;
+  $("elapsed").textContent = total === null || total === undefined ? "" : formatSeconds(total);
+}
+
 function watch(id) {
   clearTimeout(state.pollTimer);
   clearInterval(state.clockTimer);
+  state.clockTimer = null;
   state.current = id;
-  const started = Date.now();
+  $("elapsed").textContent = "";
   $("cancel").hidden = false;
   $("gallery").replaceChildren();
   $("summary").textContent = "";
@@ -464,7 +496,6 @@ function watch(id) {
   // On a phone the output panel sits below the form: bring the progress into view.
   const panel = $("results-title").getBoundingClientRect();
   if (panel.top > window.innerHeight) $("results-title").scrollIntoView({ behavior: "smooth", block: "start" });
-  state.clockTimer = setInterval(() => ($("elapsed").textContent = formatSeconds((Date.now() - started) / 1000)), 100);
   const poll = async () => {
     if (state.current !== id) return;
     let prediction;
@@ -475,17 +506,17 @@ function watch(id) {
       state.pollTimer = setTimeout(poll, 1000);
       return;
     }
+    if (state.current !== id) return; // another prediction was opened during the request
+    if (!TERMINAL.has(prediction.status) && state.clockTimer === null) startClock(prediction.created_at);
     if (prediction.status === "starting") {
       const ahead = prediction.queue_position;
       const place = ahead === null || ahead === undefined ? "" : ahead === 0 ? " (next)" : ` (${ahead} ahead)`;
       setStatus(`Queued${place}…`, { step: 0, total: prediction.progress.total });
     }
     if (prediction.status === "processing") {
-      const { step, total } = prediction.progress;
-      setStatus(`Step ${step} of ${total}`, prediction.progress);
+      setStatus(runningText(prediction.progress), prediction.progress);
     }
     if (TERMINAL.has(prediction.status)) {
-      clearInterval(state.clockTimer);
       $("cancel").hidden = true;
       showPrediction(prediction);
       loadHistory();
@@ -509,8 +540,9 @@ $("cancel").addEventListener("click", async () => {
 
 function showPrediction(prediction) {
   const urls = outputUrls(prediction);
+  stopClock(prediction);
   if (prediction.status === "success") {
-    setStatus(`Done in ${formatSeconds(prediction.metrics.total_time ?? 0)}.`);
+    setStatus("Done.");
   } else if (prediction.status === "cancelled") {
     setStatus("Cancelled.");
   } else if (prediction.status === "error") {
@@ -519,7 +551,11 @@ function showPrediction(prediction) {
   if (prediction.seed !== null && prediction.seed !== undefined) state.lastSeed = prediction.seed;
   const parts = [];
   if (prediction.seed !== null && prediction.seed !== undefined) parts.push(`seed ${prediction.seed}`);
-  if (prediction.metrics.predict_time) parts.push(`model ${formatSeconds(prediction.metrics.predict_time)}`);
+  // Labelled, as they measure different things: total from created to completed (the
+  // wait in the queue included), model the worker's own time on it (metrics.predict_time).
+  const { total_time: total, predict_time: model } = prediction.metrics;
+  if (total !== null && total !== undefined) parts.push(`total ${formatSeconds(total)}`);
+  if (model) parts.push(`model ${formatSeconds(model)}`);
   if (prediction.status === "success") parts.push(safetySummary(prediction));
   $("summary").textContent = parts.join(" · ");
   const gallery = $("gallery");
@@ -668,6 +704,7 @@ async function loadHistory() {
 function loadPrediction(prediction) {
   clearTimeout(state.pollTimer);
   clearInterval(state.clockTimer);
+  state.clockTimer = null;
   state.current = prediction.id;
   $("cancel").hidden = TERMINAL.has(prediction.status);
   for (const [name, field] of state.fields) {

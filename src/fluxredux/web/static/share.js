@@ -25,15 +25,9 @@ async function show() {
   } else {
     $("reference-title").textContent = "Settings";
   }
-  const inputs = $("inputs");
-  for (const [name, value] of Object.entries(prediction.input)) {
-    if (name === "redux_image" || name === "redux_images") continue;
-    inputs.append(el("dt", {}, name.replace(/_/g, " ")), el("dd", {}, value === null ? "random" : String(value)));
-  }
-  inputs.append(el("dt", {}, "seed used"), el("dd", {}, String(prediction.seed ?? "—")));
+  $("inputs").append(...settingRows(prediction).flatMap(([label, value]) => [el("dt", {}, label), el("dd", {}, value)]));
   const labels = { success: "Done", error: `Failed: ${prediction.error}`, cancelled: "Cancelled", starting: "Queued", processing: "Running" };
-  const time = prediction.metrics.total_time ? ` in ${formatSeconds(prediction.metrics.total_time)}` : "";
-  $("status").textContent = `${labels[prediction.status] || prediction.status}${prediction.status === "success" ? time : ""}.`;
+  $("status").textContent = `${labels[prediction.status] || prediction.status}${prediction.status === "success" ? times(prediction.metrics) : ""}.`;
   const urls = outputUrls(prediction);
   urls.forEach((url, index) => {
     const alt = `Output ${index + 1} of ${urls.length}${prediction.demo ? " (demo model: noise)" : ""}`;
@@ -41,6 +35,35 @@ async function show() {
     $("gallery").append(el("figure", { class: "card" }, el("img", { src: url, alt }), el("figcaption", {}, download)));
   });
   if (!["success", "error", "cancelled"].includes(prediction.status)) setTimeout(() => location.reload(), 2000);
+}
+
+// Labelled as the playground labels them: total from created to completed, model the
+// worker's own time (metrics.predict_time).
+function times(metrics) {
+  const parts = [];
+  if (metrics.total_time !== null && metrics.total_time !== undefined) parts.push(`total ${formatSeconds(metrics.total_time)}`);
+  if (metrics.predict_time) parts.push(`model ${formatSeconds(metrics.predict_time)}`);
+  return parts.length ? ` (${parts.join(" · ")})` : "";
+}
+
+// The settings the prediction ran with, as [label, value] rows: only what was set. A field
+// given as none shows nothing ("prompt: random" would claim a prompt that never was), and a
+// seed left random shows the seed that was used, labelled so.
+function settingRows(prediction) {
+  const input = prediction.input;
+  const rows = [];
+  for (const [name, value] of Object.entries(input)) {
+    if (value === null || value === undefined || value === "") continue;
+    if (name === "redux_image" || name === "redux_images" || name === "seed") continue; // below
+    if (name === "output_quality" && input.output_format === "png") continue; // ignored for PNG
+    if (name === "disable_safety_checker") rows.push(["safety checker", value ? "off" : "on"]);
+    else rows.push([name.replace(/_/g, " "), String(value)]);
+  }
+  const mix = input.redux_images;
+  if (Array.isArray(mix) && mix.length > 1) rows.push(["reference weights", mix.map((item) => String(item.weight)).join(" · ")]);
+  if (input.seed !== null && input.seed !== undefined) rows.push(["seed", String(input.seed)]);
+  else if (prediction.seed !== null && prediction.seed !== undefined) rows.push(["seed used (random)", String(prediction.seed)]);
+  return rows;
 }
 
 show();

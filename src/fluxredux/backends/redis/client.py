@@ -77,32 +77,35 @@ def server_time(client: redis.Redis) -> float:
     return float(seconds) + float(micros) / 1e6
 
 
-def read_persistence(client: redis.Redis) -> str:
-    """What this Redis keeps across a restart, as configured now: ``aof``, ``rdb`` (save
-    points), ``aof+rdb`` or ``none``; ``unknown`` where CONFIG is refused (managed services
-    rename or disable it, an ACL may deny it). StoreUnavailable when Redis is down."""
+def _config(client: redis.Redis, *names: str) -> dict[str, str] | None:
+    """CONFIG GET of each of ``names`` (a missing one as ""), or None where CONFIG is
+    refused (managed services rename or disable it, an ACL may deny it). StoreUnavailable
+    when Redis is down or answers "not now" (LOADING, BUSY...)."""
     with redis_errors("read"):
         try:
-            appendonly = client.config_get("appendonly").get("appendonly", "")
-            save = client.config_get("save").get("save", "")
+            return {name: str(client.config_get(name).get(name, "")) for name in names}
         except redis.ResponseError as exc:
             if _OUTAGE_REPLY.search(str(exc)):
-                raise  # "not now" (LOADING, BUSY...): redis_errors makes it StoreUnavailable
-            return "unknown"
-    kinds = [kind for kind, on in (("aof", appendonly == "yes"), ("rdb", bool(str(save).strip()))) if on]
-    return "+".join(kinds) or "none"
+                raise  # redis_errors makes it StoreUnavailable
+            return None
+
+
+def read_persistence(client: redis.Redis) -> str:
+    """What this Redis keeps across a restart, as configured now: ``aof``, ``rdb`` (save
+    points), ``aof+rdb`` or ``none``; ``unknown`` where CONFIG is refused."""
+    config = _config(client, "appendonly", "save")
+    if config is None:
+        return "unknown"
+    on = (("aof", config["appendonly"] == "yes"), ("rdb", bool(config["save"].strip())))
+    return "+".join(kind for kind, yes in on if yes) or "none"
 
 
 def read_eviction(client: redis.Redis) -> str | None:
     """The eviction policy under which this Redis may delete keys to make room (a
     ``maxmemory`` set and a policy other than ``noeviction``), or None: it never evicts,
-    or CONFIG is refused (then it cannot tell). StoreUnavailable when Redis is down."""
-    with redis_errors("read"):
-        try:
-            limit = client.config_get("maxmemory").get("maxmemory", "0")
-            policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "noeviction")
-        except redis.ResponseError as exc:
-            if _OUTAGE_REPLY.search(str(exc)):
-                raise
-            return None
-    return None if str(limit) == "0" or policy == "noeviction" else str(policy)
+    or CONFIG is refused (then it cannot tell)."""
+    config = _config(client, "maxmemory", "maxmemory-policy")
+    if config is None or config["maxmemory"] in ("", "0"):
+        return None
+    policy = config["maxmemory-policy"] or "noeviction"
+    return None if policy == "noeviction" else policy

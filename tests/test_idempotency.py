@@ -41,86 +41,108 @@ def store(open_store: Opener) -> IdempotencyStore:
 
 
 def test_the_first_claim_wins_and_the_next_finds_it(store: IdempotencyStore, clock: FakeClock) -> None:
-    first = store.claim("key-a", "k1", "fp1")
-    assert first.won and first.record.prediction_id is None
+    first = store.claim("key-a", "k1", "fp1", "pred-1")
+    assert first.won and first.record.prediction_id == "pred-1" and not first.record.completed
+    assert first.abandoned is None
     assert (first.record.created_at, first.record.expires_at) == (clock.now, clock.now + DAY)
-    again = store.claim("key-a", "k1", "fp2")
-    assert not again.won and again.record.fingerprint == "fp1" and again.record.prediction_id is None
+    again = store.claim("key-a", "k1", "fp2", "pred-2")
+    assert not again.won and again.record.fingerprint == "fp1" and again.record.prediction_id == "pred-1"
+    assert not again.record.completed
 
-    assert store.complete(first.record, "pred-1")
-    found = store.claim("key-a", "k1", "fp1")
-    assert not found.won and found.record.prediction_id == "pred-1"
+    assert store.complete(first.record)
+    assert store.complete(first.record)  # a completion resent (its answer lost) is no harm
+    found = store.claim("key-a", "k1", "fp1", "pred-3")
+    assert not found.won and found.record.prediction_id == "pred-1" and found.record.completed
     got = store.get("key-a", "k1")
     assert got is not None and got.prediction_id == "pred-1"
 
 
 def test_keys_are_scoped_per_api_key(store: IdempotencyStore) -> None:
-    assert store.claim("key-a", "k1", "fp").won
-    assert store.claim("key-b", "k1", "fp").won
+    assert store.claim("key-a", "k1", "fp", "p1").won
+    assert store.claim("key-b", "k1", "fp", "p2").won
     assert store.get("key-c", "k1") is None
 
 
 def test_a_record_expires_after_its_ttl(store: IdempotencyStore, clock: FakeClock) -> None:
-    first = store.claim("key-a", "k1", "fp1")
-    store.complete(first.record, "pred-1")
+    first = store.claim("key-a", "k1", "fp1", "pred-1")
+    store.complete(first.record)
     clock.now += DAY - 1
     assert store.get("key-a", "k1") is not None
     clock.now += 1
     assert store.get("key-a", "k1") is None
-    fresh = store.claim("key-a", "k1", "fp2")  # a new request may use the key again
-    assert fresh.won and fresh.record.fingerprint == "fp2"
+    fresh = store.claim("key-a", "k1", "fp2", "pred-2")  # a new request may use the key again
+    assert fresh.won and fresh.record.fingerprint == "fp2" and fresh.abandoned is None
 
 
 def test_a_claim_that_runs_out_unfinished_can_be_taken_over(
     store: IdempotencyStore, clock: FakeClock
 ) -> None:
-    stale = store.claim("key-a", "k1", "fp1", claim_seconds=60)
+    stale = store.claim("key-a", "k1", "fp1", "pred-stale", claim_seconds=60)
     clock.now += 59
-    assert not store.claim("key-a", "k1", "fp1").won
+    assert not store.claim("key-a", "k1", "fp1", "pred-x").won
     clock.now += 1
-    taken = store.claim("key-a", "k1", "fp1")
+    taken = store.claim("key-a", "k1", "fp1", "pred-new")
     assert taken.won
+    # The claim it replaced may have made its prediction: the new claimer is told of it.
+    assert taken.abandoned is not None and taken.abandoned.prediction_id == "pred-stale"
     # The first claimer, back late, changes nothing: fenced by the claim's token.
-    assert not store.complete(stale.record, "pred-stale")
+    assert not store.complete(stale.record)
     assert not store.release(stale.record)
-    assert store.complete(taken.record, "pred-new")
+    assert store.complete(taken.record)
     found = store.get("key-a", "k1")
     assert found is not None and found.prediction_id == "pred-new"
 
 
 def test_release_frees_the_key_but_not_a_completed_one(store: IdempotencyStore) -> None:
-    first = store.claim("key-a", "k1", "fp1")
+    first = store.claim("key-a", "k1", "fp1", "pred-1")
     assert store.release(first.record)
     assert store.get("key-a", "k1") is None
-    second = store.claim("key-a", "k1", "fp2")
+    second = store.claim("key-a", "k1", "fp2", "pred-2")
     assert second.won
-    assert store.complete(second.record, "pred-2")
+    # The released claim's prediction might exist (an insert whose answer was lost fails
+    # too): the next claim is told of it.
+    assert second.abandoned is not None
+    assert (second.abandoned.prediction_id, second.abandoned.fingerprint) == ("pred-1", "fp1")
+    assert store.complete(second.record)
     assert not store.release(second.record)  # it made a prediction: the key keeps it
-    assert not store.complete(second.record, "pred-other")  # and only that one
+    third = store.claim("key-a", "k1", "fp2", "pred-3")
+    assert not third.won and third.record.prediction_id == "pred-2"
+
+
+def test_a_claim_can_adopt_the_prediction_an_abandoned_claim_made(store: IdempotencyStore) -> None:
+    lost = store.claim("key-a", "k1", "fp-first", "pred-first")
+    store.release(lost.record)
+    retry = store.claim("key-a", "k1", "fp-first", "pred-second")
+    assert retry.won and retry.abandoned is not None
+    assert store.complete(retry.record, retry.abandoned)
+    found = store.get("key-a", "k1")
+    assert found is not None and found.completed
+    assert (found.prediction_id, found.fingerprint) == ("pred-first", "fp-first")
 
 
 def test_concurrent_claims_from_many_handles_have_one_winner(open_store: Opener) -> None:
     handles = [open_store() for _ in range(8)]
     barrier = threading.Barrier(len(handles))
 
-    def claim(store: IdempotencyStore) -> bool:
+    def claim(pair: tuple[int, IdempotencyStore]) -> bool:
         barrier.wait()
-        return store.claim("key-a", "race", "fp").won
+        return pair[1].claim("key-a", "race", "fp", f"pred-{pair[0]}").won
 
     with ThreadPoolExecutor(len(handles)) as pool:
-        results = list(pool.map(claim, handles))
+        results = list(pool.map(claim, enumerate(handles)))
     assert results.count(True) == 1
 
 
 @pytest.mark.engines("redis")
 def test_redis_records_leave_nothing_behind_but_their_hashes(engine: Engine) -> None:
     store = engine.open(clock=None)
-    claimed = store.claim("key-a", "weird:key with spaces", "fp")
+    claimed = store.claim("key-a", "weird:key with spaces", "fp", "pred-1")
     assert claimed.won and store.get("key-a", "weird:key with spaces") is not None
     [name] = engine.redis_keys()
     assert 0 < engine.redis_client().ttl(name) <= DAY + 60  # Redis expires it too: nothing to sweep
-    store.release(claimed.record)
-    assert engine.redis_keys() == []
+    store.release(claimed.record)  # ended, kept for the next claim to learn of, still expiring
+    assert engine.redis_keys() == [name] and 0 < engine.redis_client().ttl(name) <= DAY + 60
+    assert store.get("key-a", "weird:key with spaces") is None
 
 
 # --- over HTTP, on both surfaces -------------------------------------------------------------
@@ -305,3 +327,66 @@ def test_the_python_client_resends_a_keyed_create_whose_answer_was_lost(api: Har
     ):
         client.create({"redux_image": png_data_uri()})
     assert created_count(api) == 2
+
+
+# --- a create whose store answer is lost (a real Redis behind a link that loses it) ----------
+
+
+def is_a_create(request: bytes) -> bool:
+    """The job store's insert: its script's call, carrying the job's document."""
+    return request.lstrip().startswith(b"*") and b"EVALSHA" in request and b'"progress_total"' in request
+
+
+@pytest.fixture
+def lossy_redis_api(tmp_path: Path, redis_url: str, redis_prefix: str) -> Iterator[tuple[Harness, Any]]:
+    from urllib.parse import urlsplit
+
+    from tests.lossy_link import lossy_link
+
+    parts = urlsplit(redis_url)
+    with lossy_link(parts.port or 6379) as link:
+        url = f"redis://127.0.0.1:{link.port}{parts.path}"
+        with running_server(tmp_path, run_worker=False, redis_url=url, redis_prefix=redis_prefix) as api:
+            assert api.http.post("/v1/prediction/", json=api.body()).status_code == 200  # scripts loaded
+            yield api, link
+
+
+def is_a_job_read(request: bytes) -> bool:
+    return b"GET" in request and b":job:" in request
+
+
+def test_a_create_whose_answer_redis_loses_is_queued_once(lossy_redis_api: tuple[Harness, Any]) -> None:
+    """The insert's answer is lost: the API node looks for the job before calling the
+    create a failure, and finds it. One prediction, a 200, not a 503 for a queued job."""
+    api, link = lossy_redis_api
+    before = created_count(api)
+    link.drop(lambda request: is_a_create(request) and not link.dropped)
+    answer = eachlabs_create(api, None)
+    assert link.dropped == 1
+    assert answer.status_code == 200, answer.text
+    assert created_count(api) == before + 1
+    assert api.get(answer.json()["predictionID"])["status"] == "starting"
+
+
+@pytest.mark.parametrize("then_lost", ["its check", "everything until healed"])
+def test_a_keyed_create_whose_answer_redis_loses_is_found_by_its_retry(
+    lossy_redis_api: tuple[Harness, Any], then_lost: str
+) -> None:
+    """The insert's answer lost, and the look for the job too (or every answer after it,
+    the claim's release included): the create fails (503), though its job is stored. The
+    client's retry with the same Idempotency-Key answers with that job: one prediction."""
+    api, link = lossy_redis_api
+    before = created_count(api)
+    if then_lost == "its check":
+        link.drop(lambda request: is_a_create(request) or is_a_job_read(request))
+    else:
+        link.drop(lambda request: is_a_create(request) or link.dropped > 0)
+    failed = eachlabs_create(api, "lost-in-redis")
+    assert failed.status_code == 503, failed.text
+    link.drop(None)
+    assert link.dropped >= 2 and created_count(api) == before + 1  # it was made, all the same
+    retried = eachlabs_create(api, "lost-in-redis")
+    assert retried.status_code == 200, retried.text
+    assert created_count(api) == before + 1
+    again = eachlabs_create(api, "lost-in-redis")
+    assert again.json()["predictionID"] == retried.json()["predictionID"]

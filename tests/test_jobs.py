@@ -122,6 +122,23 @@ def test_create_if_under_capacity_enforces_both_limits(store: JobStore, clock: F
     assert store.count([Status.STARTING]) == 3
 
 
+def test_a_create_resent_after_its_answer_was_lost_is_accepted_once(
+    store: JobStore, clock: FakeClock
+) -> None:
+    """The store made the job but its answer never came back, and the create is sent
+    again: the job it finds is its own. It is accepted, not counted against its own limit
+    and refused, and stored once."""
+    job = make_job(clock, owner="a")
+    assert store.create_if_under_capacity(job, 1, 1).accepted
+    again = store.create_if_under_capacity(job, 1, 1)  # at both limits now: with itself
+    assert again.accepted
+    assert store.count([Status.STARTING]) == 1 and store.get(job.id) == job
+    other = make_job(clock, owner="b")
+    other.id = job.id  # another job with a stored id is an error, not a resend
+    with pytest.raises(KeyError):
+        store.create_if_under_capacity(other, 10, 10)
+
+
 def test_create_if_under_capacity_is_atomic_under_concurrency(store: JobStore, clock: FakeClock) -> None:
     """Twenty threads race for ten places: exactly ten win, whatever the interleaving."""
     jobs = [make_job(clock, owner="a") for _ in range(20)]

@@ -59,7 +59,7 @@ CALLS: dict[str, Callable[[Any], list[Callable[[], object]]]] = {
         lambda: uploads.expire(unused_since=100.0),
         lambda: uploads.forget(["id"]),
     ],
-    "idempotency": lambda store: [lambda: store.claim("a", "k", "fp"), lambda: store.get("a", "k")],
+    "idempotency": lambda store: [lambda: store.claim("a", "k", "fp", "p1"), lambda: store.get("a", "k")],
     "registry": lambda registry: [lambda: registry.register(worker("w1")), registry.workers, registry.now],
     "limiter": lambda limiter: [lambda: limiter.hit("k", "hits")],
     "outbox": lambda outbox: [

@@ -15,12 +15,12 @@ from typing import Annotated, Any
 
 from fastapi import Header
 
-from fluxredux.access.idempotency import CLAIM_SECONDS
+from fluxredux.access.idempotency import CLAIM_SECONDS, IdempotencyRecord
 from fluxredux.access.keys import ApiKey
 from fluxredux.api.services import Services
 from fluxredux.config import Settings
 from fluxredux.errors import IdempotencyConflict, InvalidInput, NotFound, StoreUnavailable, Unavailable
-from fluxredux.jobs.job import Job
+from fluxredux.jobs.job import Job, new_id
 from fluxredux.schema import MAX_REFERENCES
 
 log = logging.getLogger(__name__)
@@ -73,54 +73,87 @@ async def create_once(
     key: ApiKey,
     idempotency_key: str | None,
     request_fingerprint: Callable[[], str],
-    create: Callable[[], Awaitable[Job]],
+    create: Callable[[str], Awaitable[Job]],
 ) -> Job:
-    """``create()``, unless this caller's ``idempotency_key`` already made a prediction for
-    the same request: then that prediction (as stored now). ``request_fingerprint`` is
-    called only with a key: it hashes the whole request (a reference image's data: URI
-    included), work a create without one does not need."""
+    """``create(prediction_id)``, unless this caller's ``idempotency_key`` already made a
+    prediction for the same request: then that prediction (as stored now).
+    ``request_fingerprint`` is called only with a key: it hashes the whole request (a
+    reference image's data: URI included), work a create without one does not need.
+
+    The prediction's id is chosen here, before the key is claimed, and the claim names it:
+    a create whose store answer was lost (the job stored, the reply not) fails, and a retry
+    must find that job rather than make another."""
+    prediction_id = new_id()
     if idempotency_key is None:
-        return await create()
+        return await create(prediction_id)
     store = services.idempotency
     scope, idem = key.id, _checked(idempotency_key)
     fingerprinted = request_fingerprint()
     deadline = time.monotonic() + WAIT_FOR_FIRST_SECONDS
     while True:
         claim = await asyncio.to_thread(
-            store.claim, scope, idem, fingerprinted, claim_seconds=claim_seconds(services.settings)
+            store.claim,
+            scope,
+            idem,
+            fingerprinted,
+            prediction_id,
+            claim_seconds=claim_seconds(services.settings),
         )
         record = claim.record
         if claim.won:
             break
         if record.fingerprint != fingerprinted:
-            raise IdempotencyConflict(
-                f"this {HEADER} was used with a different request in the last 24 h; "
-                "use a new key for a new request",
-                header=HEADER,
-            )
-        if record.prediction_id is not None:
-            job = await asyncio.to_thread(services.store.get, record.prediction_id)
+            raise _conflict()
+        if record.completed:
+            job = await asyncio.to_thread(services.store.get, record.prediction_id or "")
             if job is None or job.owner != key.id:
                 raise NotFound(
                     f"the prediction this {HEADER} made ('{record.prediction_id}') has been deleted",
                     id=record.prediction_id,
                 )
             return job
-        if time.monotonic() > deadline:  # the first create with this key is still running
+        # The first create with this key is still running; its prediction may be stored
+        # already (then it is the answer), else wait for it.
+        if (job := await _made(services, key, record)) is not None:
+            return job
+        if time.monotonic() > deadline:
             raise Unavailable(f"a create with this {HEADER} is still in progress; retry shortly")
         await asyncio.sleep(_POLL_SECONDS)
+    if claim.abandoned is not None and (job := await _made(services, key, claim.abandoned)) is not None:
+        # An earlier create with this key failed, but only its answer was lost: its
+        # prediction is the key's, for the request that made it.
+        await asyncio.to_thread(store.complete, record, claim.abandoned)
+        if claim.abandoned.fingerprint != fingerprinted:
+            raise _conflict()
+        return job
     try:
-        job = await create()
+        job = await create(prediction_id)
     except BaseException:
-        # Nothing was made: the key is free for the retry (a refusal is not remembered).
+        # Nothing that is known of was made: the key is free for the retry (a refusal is
+        # not remembered). The claim stays behind, ended, naming its prediction, in case
+        # the store made it and only its answer was lost.
         with contextlib.suppress(StoreUnavailable):
             await asyncio.to_thread(store.release, record)
         raise
     try:
-        if not await asyncio.to_thread(store.complete, record, job.id):
+        if not await asyncio.to_thread(store.complete, record):
             log.warning("%s %r: the claim ran out before prediction %s was made", HEADER, idem, job.id)
     except StoreUnavailable as exc:
-        # The prediction exists; the key's claim runs out unfinished, and only then may a
-        # retry make a second one.
-        log.warning("%s %r: prediction %s not recorded: %s", HEADER, idem, job.id, exc.message)
+        # The prediction exists, and the claim names it: a retry finds it either way.
+        log.warning("%s %r: prediction %s not recorded as made: %s", HEADER, idem, job.id, exc.message)
     return job
+
+
+async def _made(services: Services, key: ApiKey, claimed: IdempotencyRecord) -> Job | None:
+    """The prediction ``claimed`` names, when it is stored (and this caller's)."""
+    if claimed.prediction_id is None:
+        return None
+    job = await asyncio.to_thread(services.store.get, claimed.prediction_id)
+    return job if job is not None and job.owner == key.id else None
+
+
+def _conflict() -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"this {HEADER} was used with a different request in the last 24 h; use a new key for a new request",
+        header=HEADER,
+    )

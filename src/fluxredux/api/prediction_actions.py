@@ -26,7 +26,7 @@ from fluxredux.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from fluxredux.jobs.job import EACHLABS, Job, Surface, WebhookEvent, new_id
+from fluxredux.jobs.job import EACHLABS, Job, Surface, WebhookEvent
 from fluxredux.jobs.store import Capacity
 from fluxredux.net import check_url_shape
 from fluxredux.schema import MODEL_VERSION, PredictionInput
@@ -78,8 +78,9 @@ class PredictionOrder:
     base_url: str | None = None
 
 
-async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> Job:
-    """Validate everything, check limits, store the reference images, queue the job.
+async def queue_job(order: PredictionOrder, key: ApiKey, services: Services, prediction_id: str) -> Job:
+    """Validate everything, check limits, store the reference images, queue the job as
+    ``prediction_id`` (named by the caller: see fluxredux.api.idempotent.create_once).
 
     The store's work is done in as few thread hops as the order allows (each hop off the
     event loop costs as much as the work, on the path of every create): one for the usual
@@ -91,7 +92,7 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> 
         raise refusal
     own_files = f"{order.base_url.rstrip('/')}/files/" if order.base_url else None
     if not order.webhook_url and not needs_download(order.input, own_files):
-        job = await asyncio.to_thread(_accept, services, key, order, own_files)
+        job = await asyncio.to_thread(_accept, services, key, order, prediction_id, own_files)
         return await _after_queued(services, job)
     # Refuse early, before fetching anything; the insert checks again. With Redis,
     # counting is a network call: never on the event loop.
@@ -100,7 +101,7 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services) -> 
         await check_webhook_target(services, order.webhook_url, order.webhook_field)
         await asyncio.to_thread(services.creations.hit, key.id, "prediction creations")
     downloaded = await download_references(order.input, services.fetcher, own_files)
-    job = await asyncio.to_thread(_accept, services, key, order, own_files, downloaded)
+    job = await asyncio.to_thread(_accept, services, key, order, prediction_id, own_files, downloaded)
     return await _after_queued(services, job)
 
 
@@ -114,6 +115,7 @@ def _accept(
     services: Services,
     key: ApiKey,
     order: PredictionOrder,
+    prediction_id: str,
     own_files: str | None,
     downloaded: dict[int, bytes] | None = None,
 ) -> Job:
@@ -126,7 +128,7 @@ def _accept(
         order.input, key.id, services.blobs, services.uploads, services.decode_limits, own_files, downloaded
     )
     job = Job(
-        id=new_id(),
+        id=prediction_id,
         owner=key.id,
         input=recorded_input(order.input, stored),
         created_at=0.0,  # stamped by the store's clock as it is queued (_insert)

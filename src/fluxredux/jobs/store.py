@@ -28,13 +28,25 @@ class Capacity:
     accepted: bool  # inserted: both counts were under their limits
 
 
+def same_create(stored: Job, job: Job) -> bool:
+    """``stored`` is ``job`` put there by an earlier attempt of the same insert (see
+    ``create_if_under_capacity``): ids are random, and owner and creation time tell an
+    accident from a resend. (The Redis script compares the same two fields.)"""
+    return stored.owner == job.owner and stored.created_at == job.created_at
+
+
 class JobStore(Protocol):
     def insert(self, job: Job) -> None:
         """Add a new job (its id must be new)."""
 
     def create_if_under_capacity(self, job: Job, per_owner_limit: int, queue_limit: int) -> Capacity:
         """Insert ``job`` only if its owner has fewer than ``per_owner_limit`` jobs in flight
-        and fewer than ``queue_limit`` jobs wait in all; one atomic operation."""
+        and fewer than ``queue_limit`` jobs wait in all; one atomic operation.
+
+        The same job again (its id, owner and creation time already stored) is accepted
+        and written nothing: it is an earlier attempt of this insert whose answer was lost
+        on its way back, sent again, and it must neither count against its own limits nor
+        be refused after it was queued. Another job with a stored id raises KeyError."""
 
     def get(self, job_id: str) -> Job | None: ...
 

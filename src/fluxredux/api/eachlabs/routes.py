@@ -39,7 +39,7 @@ WaitQuery = Annotated[
 
 
 async def create_job(
-    body: PredictionRequest, key: ApiKey, services: Services, base_url: str | None = None
+    body: PredictionRequest, key: ApiKey, services: Services, base_url: str | None, prediction_id: str
 ) -> Job:
     """An Eachlabs create: the model must be this server's."""
     if body.model != MODEL_NAME:
@@ -51,7 +51,7 @@ async def create_job(
         webhook_secret=body.webhook_secret,
         base_url=base_url,
     )
-    return await queue_job(order, key, services)
+    return await queue_job(order, key, services, prediction_id)
 
 
 async def create_idempotent(
@@ -67,7 +67,7 @@ async def create_idempotent(
         key,
         idempotency_key,
         lambda: fingerprint(route, body.model_dump(mode="json")),
-        lambda: create_job(body, key, services, base),
+        lambda prediction_id: create_job(body, key, services, base, prediction_id),
     )
 
 

@@ -165,7 +165,7 @@ async def create(
         key,
         idempotency_key,
         lambda: fingerprint(route, body.model_dump(mode="json")),
-        lambda: queue_job(order, key, services),
+        lambda prediction_id: queue_job(order, key, services, prediction_id),
     )
     if wait is None:
         return render_replicate(job, base)

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from fluxredux.jobs.job import IN_FLIGHT, Job, Status
-from fluxredux.jobs.store import Capacity, Change
+from fluxredux.jobs.store import Capacity, Change, same_create
 from fluxredux.jobs.transitions import start_attempt
 
 
@@ -30,10 +30,12 @@ class MemoryJobStore:
             jobs = self._jobs.values()
             in_flight = sum(1 for j in jobs if j.owner == job.owner and j.status in IN_FLIGHT)
             queued = sum(1 for j in jobs if j.status == Status.STARTING)
+            if (stored := self._jobs.get(job.id)) is not None:
+                if not same_create(stored, job):
+                    raise KeyError(f"job {job.id} exists")
+                return Capacity(in_flight=in_flight, queued=queued, accepted=True)
             accepted = in_flight < per_owner_limit and queued < queue_limit
             if accepted:
-                if job.id in self._jobs:
-                    raise KeyError(f"job {job.id} exists")
                 self._jobs[job.id] = copy.deepcopy(job)
             return Capacity(in_flight=in_flight, queued=queued, accepted=accepted)
 

@@ -17,6 +17,7 @@ from fluxredux.access.idempotency import (
     IDEMPOTENCY_TTL_SECONDS,
     Claim,
     IdempotencyRecord,
+    abandoned,
     is_live,
     new_token,
 )
@@ -25,42 +26,53 @@ from fluxredux.backends.redis.common import LUA_PREAMBLE, ClientOrUrl, Clock, Re
 
 _FIELDS = ("fingerprint", "token", "prediction_id", "created_at", "expires_at", "claim_expires_at")
 
-# KEYS: the record. ARGV: now or '', fingerprint, token, ttl, claim seconds.
-# Returns {won (1 or 0), the record's fields in _FIELDS order}.
+# KEYS: the record. ARGV: now or '', fingerprint, token, ttl, claim seconds, prediction id.
+# Returns {won (1 or 0), the record's fields in _FIELDS order, then the fields of the record
+# it replaced (empty strings when none)}. A record holding this claim's token is this claim,
+# resent after its answer was lost: it wins again, changing nothing.
 _CLAIM = (
     LUA_PREAMBLE
     + """
 local now = clock_now(ARGV[1])
 local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'token', 'prediction_id', 'created_at',
   'expires_at', 'claim_expires_at')
-if r[1] and tonumber(r[5]) > now and (r[3] ~= '' or (r[6] ~= '' and tonumber(r[6]) > now)) then
+if r[1] and r[2] == ARGV[3] then
+  return {1, r[1], r[2], r[3], r[4], r[5], r[6], '', '', '', '', '', ''}
+end
+if r[1] and tonumber(r[5]) > now and (r[6] == '' or tonumber(r[6]) > now) then
   return {0, r[1], r[2], r[3], r[4], r[5], r[6]}
 end
 local expires = fmt(now + tonumber(ARGV[4]))
 local claim = fmt(now + tonumber(ARGV[5]))
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'fingerprint', ARGV[2], 'token', ARGV[3], 'prediction_id', '',
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[2], 'token', ARGV[3], 'prediction_id', ARGV[6],
   'created_at', fmt(now), 'expires_at', expires, 'claim_expires_at', claim)
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])) + 60)
-return {1, ARGV[2], ARGV[3], '', fmt(now), expires, claim}
+if not r[1] then r = {'', '', '', '', '', ''} end
+return {1, ARGV[2], ARGV[3], ARGV[6], fmt(now), expires, claim, r[1], r[2], r[3], r[4], r[5], r[6]}
 """
 )
 
-# KEYS: the record. ARGV: token, prediction id. 1 when completed, 0 when not held.
+# KEYS: the record. ARGV: token, prediction id, fingerprint. 1 when completed (or completed
+# already with that prediction: a resend), 0 when not held.
 _COMPLETE = """
-local r = redis.call('HMGET', KEYS[1], 'token', 'prediction_id')
-if r[1] ~= ARGV[1] or r[2] ~= '' then return 0 end
-redis.call('HSET', KEYS[1], 'prediction_id', ARGV[2], 'claim_expires_at', '')
+local r = redis.call('HMGET', KEYS[1], 'token', 'prediction_id', 'claim_expires_at')
+if r[1] ~= ARGV[1] or (r[3] == '' and r[2] ~= ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'prediction_id', ARGV[2], 'fingerprint', ARGV[3], 'claim_expires_at', '')
 return 1
 """
 
-# KEYS: the record. ARGV: token. 1 when released, 0 when not held.
-_RELEASE = """
-local r = redis.call('HMGET', KEYS[1], 'token', 'prediction_id')
-if r[1] ~= ARGV[1] or r[2] ~= '' then return 0 end
-redis.call('DEL', KEYS[1])
+# KEYS: the record. ARGV: now or '', token. 1 when released, 0 when not held. The record
+# stays, ended: the next claim learns of the prediction this one named.
+_RELEASE = (
+    LUA_PREAMBLE
+    + """
+local r = redis.call('HMGET', KEYS[1], 'token', 'claim_expires_at')
+if r[1] ~= ARGV[2] or r[2] == '' then return 0 end
+redis.call('HSET', KEYS[1], 'claim_expires_at', fmt(math.min(tonumber(r[2]), clock_now(ARGV[1]))))
 return 1
 """
+)
 
 
 def _optional_float(value: str) -> float | None:
@@ -99,25 +111,39 @@ class RedisIdempotencyStore(RedisSeam):
         scope: str,
         key: str,
         fingerprint: str,
+        prediction_id: str,
         *,
         ttl: float = IDEMPOTENCY_TTL_SECONDS,
         claim_seconds: float = CLAIM_SECONDS,
     ) -> Claim:
-        args = [self._clock.now_arg(), fingerprint, new_token(), fmt_time(ttl), fmt_time(claim_seconds)]
+        args = [
+            self._clock.now_arg(),
+            fingerprint,
+            new_token(),
+            fmt_time(ttl),
+            fmt_time(claim_seconds),
+            prediction_id,
+        ]
         with redis_errors("written"):
             won, *fields = self._claim(keys=[self._key(scope, key)], args=args)
-        return Claim(won=int(won) == 1, record=_record(scope, key, fields))
+        record = _record(scope, key, fields[:6])
+        replaced = _record(scope, key, fields[6:]) if len(fields) > 6 and fields[6] else None
+        return Claim(won=int(won) == 1, record=record, abandoned=abandoned(replaced, record.created_at))
 
-    def complete(self, claimed: IdempotencyRecord, prediction_id: str) -> bool:
+    def complete(self, claimed: IdempotencyRecord, adopt: IdempotencyRecord | None = None) -> bool:
+        made = adopt or claimed
         with redis_errors("written"):
             done = self._complete(
-                keys=[self._key(claimed.scope, claimed.key)], args=[claimed.token, prediction_id]
+                keys=[self._key(claimed.scope, claimed.key)],
+                args=[claimed.token, made.prediction_id or "", made.fingerprint],
             )
         return int(done) == 1
 
     def release(self, claimed: IdempotencyRecord) -> bool:
         with redis_errors("written"):
-            done = self._release(keys=[self._key(claimed.scope, claimed.key)], args=[claimed.token])
+            done = self._release(
+                keys=[self._key(claimed.scope, claimed.key)], args=[self._clock.now_arg(), claimed.token]
+            )
         return int(done) == 1
 
     def get(self, scope: str, key: str) -> IdempotencyRecord | None:

@@ -39,7 +39,7 @@ from fluxredux.backends.redis.client import redis_errors
 from fluxredux.backends.redis.common import ClientOrUrl, Clock, RedisSeam
 from fluxredux.errors import StoreUnavailable
 from fluxredux.jobs.job import IN_FLIGHT, Job, Status, job_from_json, job_to_json
-from fluxredux.jobs.store import Capacity, Change
+from fluxredux.jobs.store import Capacity, Change, same_create
 from fluxredux.jobs.transitions import start_attempt
 
 # A compare-and-set that keeps losing is retried this often before the store reports itself
@@ -56,15 +56,23 @@ _PAGE = 200
 
 # KEYS: the owner's two in-flight sets, the queue's set, the job's key, then its index keys.
 # ARGV: per-owner limit, queue limit, job id, document, then one score per index key.
-# Returns {in_flight, queued, outcome}: 1 inserted, 0 refused (a limit), -1 the id exists.
+# Returns {in_flight, queued, outcome}: 1 inserted, 0 refused (a limit), 2 this job was
+# stored by an earlier attempt (its id, owner and creation time), -1 another job has the id.
+# The id is looked at first: an attempt that is resent after its answer was lost must find
+# its own job, not count it against the limits and be refused.
 _CREATE_IF_UNDER_CAPACITY = """
 local in_flight = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 local queued = redis.call('ZCARD', KEYS[3])
+local stored = redis.call('GET', KEYS[4])
+if stored then
+    local was, now = cjson.decode(stored), cjson.decode(ARGV[4])
+    if was.owner == now.owner and was.created_at == now.created_at then
+        return {in_flight, queued, 2}
+    end
+    return {in_flight, queued, -1}
+end
 if in_flight >= tonumber(ARGV[1]) or queued >= tonumber(ARGV[2]) then
     return {in_flight, queued, 0}
-end
-if redis.call('EXISTS', KEYS[4]) == 1 then
-    return {in_flight, queued, -1}
 end
 redis.call('SET', KEYS[4], ARGV[4])
 for i = 5, #KEYS do
@@ -219,11 +227,20 @@ class RedisJobStore(RedisSeam):
         ]
         args: list[str | int] = [per_owner_limit, queue_limit, job.id, job_to_json(job)]
         args += [repr(score) for score in entries.values()]
-        with redis_errors("written"):
-            in_flight, queued, outcome = (int(n) for n in self._create_script(keys=keys, args=args))
+        try:
+            with redis_errors("written"):
+                in_flight, queued, outcome = (int(n) for n in self._create_script(keys=keys, args=args))
+        except StoreUnavailable:
+            # The script may have run and only its answer been lost (the connection cut or
+            # timed out once the call was sent): look, once, before calling it a failure. A
+            # job that is there was queued (the counts are not known: only a refusal uses them).
+            stored = self.get(job.id)
+            if stored is None or not same_create(stored, job):
+                raise
+            return Capacity(in_flight=0, queued=0, accepted=True)
         if outcome < 0:
             raise KeyError(f"job {job.id} exists")
-        return Capacity(in_flight=in_flight, queued=queued, accepted=outcome == 1)
+        return Capacity(in_flight=in_flight, queued=queued, accepted=outcome >= 1)
 
     def get(self, job_id: str) -> Job | None:
         with redis_errors("read"):

@@ -10,6 +10,7 @@ from fluxredux.access.idempotency import (
     IDEMPOTENCY_TTL_SECONDS,
     Claim,
     IdempotencyRecord,
+    abandoned,
     is_live,
     new_token,
 )
@@ -47,6 +48,7 @@ class SQLiteIdempotencyStore(ClockedTables):
         scope: str,
         key: str,
         fingerprint: str,
+        prediction_id: str,
         *,
         ttl: float = IDEMPOTENCY_TTL_SECONDS,
         claim_seconds: float = CLAIM_SECONDS,
@@ -62,10 +64,11 @@ class SQLiteIdempotencyStore(ClockedTables):
             row = db.execute(
                 f"SELECT {_FIELDS} FROM idempotency_keys WHERE scope = ? AND key = ?", (scope, key)
             ).fetchone()
-            if row is not None and is_live(found := _record(row), now):
+            found = _record(row) if row is not None else None
+            if found is not None and is_live(found, now):
                 return Claim(won=False, record=found)
             claimed = IdempotencyRecord(
-                scope, key, fingerprint, new_token(), None, now, now + ttl, now + claim_seconds
+                scope, key, fingerprint, new_token(), prediction_id, now, now + ttl, now + claim_seconds
             )
             db.execute(
                 f"INSERT OR REPLACE INTO idempotency_keys ({_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -80,21 +83,25 @@ class SQLiteIdempotencyStore(ClockedTables):
                     claimed.claim_expires_at,
                 ),
             )
-        return Claim(won=True, record=claimed)
+        return Claim(won=True, record=claimed, abandoned=abandoned(found, now))
 
-    def complete(self, claimed: IdempotencyRecord, prediction_id: str) -> bool:
+    def complete(self, claimed: IdempotencyRecord, adopt: IdempotencyRecord | None = None) -> bool:
+        made, scope, key = adopt or claimed, claimed.scope, claimed.key
+        # Held: this claim's token, not completed yet, or completed with this prediction.
         changed = self._db.write(
-            "UPDATE idempotency_keys SET prediction_id = ?, claim_expires_at = NULL "
-            "WHERE scope = ? AND key = ? AND token = ? AND prediction_id IS NULL",
-            (prediction_id, claimed.scope, claimed.key, claimed.token),
+            "UPDATE idempotency_keys SET prediction_id = ?, fingerprint = ?, claim_expires_at = NULL "
+            "WHERE scope = ? AND key = ? AND token = ? "
+            "AND (claim_expires_at IS NOT NULL OR prediction_id = ?)",
+            (made.prediction_id, made.fingerprint, scope, key, claimed.token, made.prediction_id),
         )
         return changed == 1
 
     def release(self, claimed: IdempotencyRecord) -> bool:
+        # Ended, not deleted: the next claim learns of the prediction this one named.
         changed = self._db.write(
-            "DELETE FROM idempotency_keys "
-            "WHERE scope = ? AND key = ? AND token = ? AND prediction_id IS NULL",
-            (claimed.scope, claimed.key, claimed.token),
+            "UPDATE idempotency_keys SET claim_expires_at = MIN(claim_expires_at, ?) "
+            "WHERE scope = ? AND key = ? AND token = ? AND claim_expires_at IS NOT NULL",
+            (self.now(), claimed.scope, claimed.key, claimed.token),
         )
         return changed == 1
 

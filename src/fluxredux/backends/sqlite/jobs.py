@@ -14,7 +14,7 @@ from typing import Any
 
 from fluxredux.backends.sqlite.database import ClockedTables
 from fluxredux.jobs.job import IN_FLIGHT, Job, Status, job_from_json, job_to_json
-from fluxredux.jobs.store import Capacity, Change
+from fluxredux.jobs.store import Capacity, Change, same_create
 from fluxredux.jobs.transitions import start_attempt
 
 _COLUMNS = (
@@ -76,6 +76,11 @@ class SQLiteJobStore(ClockedTables):
             queued = db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status = ?", (Status.STARTING.value,)
             ).fetchone()[0]
+            stored = db.execute("SELECT data FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            if stored is not None:
+                if not same_create(job_from_json(stored[0]), job):
+                    raise KeyError(f"job {job.id} exists")
+                return Capacity(in_flight=in_flight, queued=queued, accepted=True)
             accepted = in_flight < per_owner_limit and queued < queue_limit
             if accepted:
                 db.execute(_INSERT, _to_row(job))

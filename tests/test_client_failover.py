@@ -185,13 +185,18 @@ def test_a_read_gives_up_when_the_server_stays_down(nowhere: str) -> None:
         with pytest.raises(ConnectionLost) as info:
             c.get("some-id")
         took = time.monotonic() - started
-    # At once, then after 0.5 s and 1 s, then the 0.5 s left of the 2 s: five tries, then no more.
-    assert 1.9 <= took < 4.0
-    assert len(sent) == 5 and {r.url.path for r in sent} == {"/v1/prediction/some-id"}
+    # At once, then after 0.5 s and 1 s, then the 0.5 s left of the 2 s: five tries on a quiet
+    # machine (a slow try can use up the last wait: four), then no more. The schedule itself,
+    # on a clock of the test's own, below.
+    assert 1.9 <= took < 10
+    assert len(sent) in (4, 5) and {r.url.path for r in sent} == {"/v1/prediction/some-id"}
     error = info.value
     assert isinstance(error, httpx.TransportError) and isinstance(error.__cause__, httpx.ConnectError)
-    assert error.code == "connection_lost" and error.detail["tries"] == 5
-    assert str(error).startswith(f"GET {nowhere}/v1/prediction/some-id: no answer in 5 tries over 2.0 s")
+    assert error.code == "connection_lost" and error.detail["tries"] == len(sent)
+    said = re.match(
+        rf"GET {nowhere}/v1/prediction/some-id: no answer in (\d) tries over (\d+\.\d) s", str(error)
+    )
+    assert said is not None and int(said[1]) == len(sent) and float(said[2]) >= 1.9, str(error)
     assert error.request.url.path == "/v1/prediction/some-id"
 
     sent.clear()

@@ -51,6 +51,11 @@ def test_defaults_match_the_hosted_model() -> None:
         "redux_images": None,
         "redux_strength": 1.0,
         "redux_image_crop": "squash",
+        "width": None,
+        "height": None,
+        "upscale_from": None,
+        "scale": None,
+        "upscale_strength": 0.35,
     }
     assert inputs.size() == (1024, 1024)
 
@@ -124,7 +129,7 @@ def test_redux_image_accepts_each_kind_of_reference(ref: str) -> None:
 
 
 def test_redux_image_is_required() -> None:
-    assert errors_of() == ["redux_image: Field required (or give redux_images)"]
+    assert errors_of() == ["redux_image: Field required (or give redux_images, or a prompt alone)"]
 
 
 @pytest.mark.parametrize("aspect_ratio", TABLE_ASPECT_RATIOS)

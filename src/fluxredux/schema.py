@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -76,6 +77,12 @@ MAX_PROMPT_CHARS = 2000
 
 # FLUX's latent grid: both sides of an output are multiples of this.
 SIDE_MULTIPLE = 16
+# Custom sizes (width and height): each side in this range, a multiple of SIDE_MULTIPLE.
+MIN_SIDE, MAX_SIDE = 256, 2048
+# The largest image made, custom or upscaled: 4 MP in this API's megapixels (1 MP is the
+# table's 1024 x 1024), e.g. a 0.25 MP 16:9 draft upscaled 4x (2688 x 1536).
+MAX_AREA = 4 * 1024 * 1024
+UPSCALE_SCALES = (2, 4)
 # The widest and tallest proportions match_input gives: those of the table (21:9, 9:21).
 _MATCH_RATIOS = (640 / 1536, 1536 / 640)
 
@@ -98,6 +105,14 @@ def output_size(
     if megapixels == "0.25":
         return width // 2, height // 2
     return width, height
+
+
+def refine_steps(num_inference_steps: int, strength: float) -> int:
+    """The steps a refine (an upscale) at ``strength`` runs of ``num_inference_steps``: the
+    schedule's last ones, as diffusers' FluxImg2ImgPipeline.get_timesteps cuts it (at
+    least one). Here, torch-free: the API reports a final's step count too."""
+    start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+    return max(1, num_inference_steps - start)
 
 
 def _matching_size(reference: tuple[int, int], area: int) -> tuple[int, int]:
@@ -156,6 +171,22 @@ class WeightedImage(BaseModel):
     @classmethod
     def _weight_not_bool(cls, value: Any) -> Any:
         return no_bool(value, "float_type")
+
+
+class UpscaleSource(BaseModel):
+    """Which finished output of one of the caller's own predictions a final starts from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prediction: str = Field(
+        description="The draft's prediction id.", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$"
+    )
+    index: int = Field(0, ge=0, le=3, description="Which of its outputs (0: the first).")
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _index_not_bool(cls, value: Any) -> Any:
+        return no_bool(value, "int_type")
 
 
 class PredictionInput(BaseModel):
@@ -242,13 +273,66 @@ class PredictionInput(BaseModel):
         examples=["pad"],
         json_schema_extra={"x-fluxredux-advanced": True},
     )
+    width: int | None = Field(
+        None,
+        ge=MIN_SIDE,
+        le=MAX_SIDE,
+        multiple_of=SIDE_MULTIPLE,
+        description=f"A custom size instead of aspect_ratio and megapixels: the width in pixels "
+        f"({MIN_SIDE}-{MAX_SIDE}, a multiple of {SIDE_MULTIPLE}); give height too.",
+        examples=[1536],
+        json_schema_extra={"x-fluxredux-advanced": True},
+    )
+    height: int | None = Field(
+        None,
+        ge=MIN_SIDE,
+        le=MAX_SIDE,
+        multiple_of=SIDE_MULTIPLE,
+        description=f"The custom size's height in pixels ({MIN_SIDE}-{MAX_SIDE}, a multiple of "
+        f"{SIDE_MULTIPLE}); give width too.",
+        examples=[512],
+        json_schema_extra={"x-fluxredux-advanced": True},
+    )
+    upscale_from: UpscaleSource | None = Field(
+        None,
+        description="Make a final from a draft: one output of your own finished prediction, "
+        "resized to the target size (scale, or megapixels, or width and height) and refined at that "
+        "size under the draft's own conditioning (its references, prompt, strength and crop, which "
+        "fields given here override) and seed (unless one is given). No reference needed.",
+        examples=[{"prediction": "abc123", "index": 0}],
+        json_schema_extra={"x-fluxredux-advanced": True},
+    )
+    scale: Literal[2, 4] | None = Field(
+        None,
+        description="With upscale_from: the final's sides are this many times the draft's (default 2).",
+        examples=[2],
+        json_schema_extra={"x-fluxredux-advanced": True},
+    )
+    upscale_strength: float = Field(
+        0.35,
+        gt=0,
+        le=1,
+        description="With upscale_from: how far from the draft the final may go (1: a fresh image at "
+        "the target size; low values keep the draft's composition and add detail).",
+        examples=[0.35],
+        json_schema_extra={"x-fluxredux-advanced": True},
+    )
 
-    @field_validator("num_outputs", "num_inference_steps", "seed", "output_quality", mode="before")
+    @field_validator(
+        "num_outputs",
+        "num_inference_steps",
+        "seed",
+        "output_quality",
+        "width",
+        "height",
+        "scale",
+        mode="before",
+    )
     @classmethod
     def _integer_not_bool(cls, value: Any) -> Any:
         return no_bool(value, "int_type")
 
-    @field_validator("redux_strength", mode="before")
+    @field_validator("redux_strength", "upscale_strength", mode="before")
     @classmethod
     def _number_not_bool(cls, value: Any) -> Any:
         return no_bool(value, "float_type")
@@ -286,25 +370,99 @@ class PredictionInput(BaseModel):
     @model_validator(mode="after")
     def _one_way_to_give_the_reference(self) -> PredictionInput:
         # Custom error types: field_errors() names the field each one is about.
-        if self.redux_image is None and self.redux_images is None:
-            raise PydanticCustomError("reference_missing", "Field required (or give redux_images)")
         if self.redux_image is not None and self.redux_images is not None:
             raise PydanticCustomError("reference_twice", "give redux_image or redux_images, not both")
+        if self.redux_image is None and self.redux_images is None:
+            if self.upscale_from is None and self.prompt is None:
+                raise PydanticCustomError(
+                    "reference_missing", "Field required (or give redux_images, or a prompt alone)"
+                )
+            if self.aspect_ratio == MATCH_INPUT and self.upscale_from is None:
+                raise PydanticCustomError(
+                    "match_input_without_reference", "match_input needs a reference image to match"
+                )
         return self
+
+    @model_validator(mode="after")
+    def _one_way_to_give_the_size(self, info: ValidationInfo) -> PredictionInput:
+        # What a caller sent; a recorded input (``from_record``) holds every field.
+        given = set() if (info.context or {}).get("recorded") else self.model_fields_set
+        if (self.width is None) != (self.height is None):
+            missing = "height" if self.height is None else "width"
+            raise PydanticCustomError(f"size_needs_{missing}", "width and height go together: give both")
+        if self.width is not None and self.height is not None:
+            for earlier in ("aspect_ratio", "megapixels"):
+                if earlier in given:
+                    raise PydanticCustomError("size_twice", f"give width and height, or {earlier}, not both")
+            if self.width * self.height > MAX_AREA:
+                raise PydanticCustomError(
+                    "size_too_large",
+                    f"width x height is {self.width * self.height:,} pixels; at most {MAX_AREA:,} (4 MP)",
+                )
+        if self.upscale_from is None:
+            for field in ("scale", "upscale_strength"):
+                if field in given:
+                    raise PydanticCustomError(f"{field}_without_upscale", f"{field} needs upscale_from")
+        elif self.scale is not None and ("megapixels" in given or self.width is not None):
+            raise PydanticCustomError("scale_twice", "give scale, or megapixels, or width and height: one")
+        return self
+
+    @classmethod
+    def from_record(cls, recorded: dict[str, Any]) -> PredictionInput:
+        """An input as a prediction recorded it (``model_dump``: every field, defaults
+        included). The checks of what a caller may send together (a custom size with an
+        aspect ratio, ...) were made at create and are not repeated: a dump holds both."""
+        return cls.model_validate(recorded, context={"recorded": True})
 
     @property
     def references(self) -> list[tuple[str, float]]:
-        """Every reference with its share of the mix (normalised weights, summing to 1)."""
+        """Every reference with its share of the mix (normalised weights, summing to 1);
+        none for a prompt alone (or an upscale that takes its draft's)."""
         if self.redux_images is None:
-            assert self.redux_image is not None  # one of the two: checked above
-            return [(self.redux_image, 1.0)]
+            return [] if self.redux_image is None else [(self.redux_image, 1.0)]
         total = sum(item.weight for item in self.redux_images)
         return [(item.image, item.weight / total) for item in self.redux_images]
 
+    @property
+    def custom_size(self) -> tuple[int, int] | None:
+        """(width, height) when given as such."""
+        if self.width is None or self.height is None:
+            return None
+        return self.width, self.height
+
     def size(self, reference: tuple[int, int] | None = None) -> tuple[int, int]:
         """(width, height) of each generated image; ``reference`` is the reference image's
-        (width, height), which ``match_input`` needs."""
-        return output_size(self.aspect_ratio, self.megapixels, reference)
+        (width, height), which ``match_input`` needs. (An upscale's is ``upscaled_size``.)"""
+        return self.custom_size or output_size(self.aspect_ratio, self.megapixels, reference)
+
+    def upscaled_size(self, draft: tuple[int, int]) -> tuple[int, int]:
+        """The final's (width, height) from a ``draft`` of that size: width and height as
+        given, or its sides times scale, or (scale None) the draft's proportions at
+        megapixels. (A create makes the choice explicit: ``with_upscale_scale``.)
+        ValueError naming the field when it is past MAX_AREA."""
+        if self.custom_size is not None:
+            return self.custom_size
+        if self.scale is not None:
+            width, height = draft[0] * self.scale, draft[1] * self.scale
+            field = "scale"
+        else:
+            width, height = _matching_size(draft, 1024 * 1024 if self.megapixels == "1" else 512 * 512)
+            field = "megapixels"
+        if width * height > MAX_AREA:
+            raise ValueError(
+                f"{field}: the final would be {width}x{height} ({width * height:,} pixels); at most "
+                f"{MAX_AREA:,} (4 MP)"
+            )
+        return width, height
+
+    def with_upscale_scale(self) -> PredictionInput:
+        """This upscale with its size choice made explicit, as it is recorded: scale 2 when
+        the caller chose neither a scale, nor megapixels, nor width and height."""
+        if self.upscale_from is None or self.scale is not None or self.custom_size is not None:
+            return self
+        if "megapixels" in self.model_fields_set:
+            return self
+        return self.model_copy(update={"scale": 2})
 
 
 @dataclass(frozen=True)
@@ -331,7 +489,18 @@ def field_path(loc: Iterable[int | str]) -> str:
 
 
 # The field a whole-model check is about (pydantic places those errors on the model).
-_ABOUT = {"reference_missing": ("redux_image",), "reference_twice": ("redux_images",)}
+_ABOUT = {
+    "reference_missing": ("redux_image",),
+    "reference_twice": ("redux_images",),
+    "match_input_without_reference": ("aspect_ratio",),
+    "size_needs_width": ("width",),
+    "size_needs_height": ("height",),
+    "size_twice": ("width",),
+    "size_too_large": ("height",),
+    "scale_without_upscale": ("scale",),
+    "upscale_strength_without_upscale": ("upscale_strength",),
+    "scale_twice": ("scale",),
+}
 
 
 def error_field(loc: Iterable[int | str], error_type: str) -> str:

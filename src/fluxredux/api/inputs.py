@@ -206,6 +206,28 @@ def _store_reference(
     return _check_and_store(data, blobs, limits, upload.key)
 
 
+def copy_images(names: list[str], blobs: BlobStore, limits: DecodeLimits) -> list[StoredImage]:
+    """A checked copy of each stored image, in order (an upscale's draft and its references:
+    the final keeps its inputs whatever becomes of the draft). BlobNotFound when one is gone;
+    the copies already made are deleted then. Blocking."""
+    copies: list[StoredImage] = []
+    try:
+        for name in names:
+            try:
+                data = blobs.get(name)
+            except BlobStoreError as exc:
+                if isinstance(exc, BlobNotFound):
+                    raise
+                raise StorageError(
+                    f"the image could not be read from storage ({exc.reason}); retry later"
+                ) from exc
+            copies.append(_check_and_store(data, blobs, limits, None))
+    except BaseException:
+        blobs.delete([image.name for image in copies])
+        raise
+    return copies
+
+
 def _own_file(blobs: BlobStore, key: str, ref: str) -> bytes:
     try:
         return blobs.get(key)
@@ -225,6 +247,8 @@ def recorded_input(inputs: PredictionInput, stored: list[StoredImage]) -> dict[s
     """The input as the prediction keeps and echoes it: each reference that is not a URL
     by its stored file's id (not a 30 MB data: URI echoed on every poll)."""
     recorded = inputs.model_dump(mode="json")
+    if not stored:  # a prompt alone
+        return recorded
     if inputs.redux_images is None:
         if not _is_url(recorded["redux_image"]):
             recorded["redux_image"] = stored[0].file_id

@@ -14,7 +14,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fluxredux.access.keys import ApiKey
-from fluxredux.api.inputs import download_references, needs_download, recorded_input, store_references
+from fluxredux.api.drafts import checked_size, draft_of, files_gone, final_from
+from fluxredux.api.inputs import (
+    StoredImage,
+    copy_images,
+    download_references,
+    needs_download,
+    recorded_input,
+    store_references,
+)
 from fluxredux.api.services import Services
 from fluxredux.config import Settings
 from fluxredux.errors import (
@@ -29,7 +37,8 @@ from fluxredux.errors import (
 from fluxredux.jobs.job import EACHLABS, Job, Surface, WebhookEvent
 from fluxredux.jobs.store import Capacity
 from fluxredux.net import check_url_shape
-from fluxredux.schema import MODEL_VERSION, PredictionInput
+from fluxredux.schema import MODEL_VERSION, PredictionInput, refine_steps
+from fluxredux.storage import BlobNotFound
 
 # A long-poll re-reads its job this often even without a wake-up.
 LONG_POLL_RECHECK_SECONDS = 5.0
@@ -124,13 +133,11 @@ def _accept(
     job queued, unless a limit is reached (then the copies made for it are deleted)."""
     if downloaded is None:
         _admit(services, key, count=True)
-    stored = store_references(
-        order.input, key.id, services.blobs, services.uploads, services.decode_limits, own_files, downloaded
-    )
+    inputs, stored = _store_inputs(services, key, order, own_files, downloaded)
     job = Job(
         id=prediction_id,
         owner=key.id,
-        input=recorded_input(order.input, stored),
+        input=recorded_input(inputs, stored[: len(inputs.references)]),
         created_at=0.0,  # stamped by the store's clock as it is queued (_insert)
         version=order.version,
         webhook_url=order.webhook_url,
@@ -138,7 +145,7 @@ def _accept(
         webhook_events=list(order.webhook_events),
         surface=order.surface,
         input_files=[image.name for image in stored],
-        progress_total=order.input.num_inference_steps,
+        progress_total=_steps(inputs, stored),
     )
     try:
         capacity = _insert(services, job)
@@ -150,6 +157,51 @@ def _accept(
         services.blobs.delete([image.name for image in stored if image.saved_now])
         raise
     return job
+
+
+def _store_inputs(
+    services: Services,
+    key: ApiKey,
+    order: PredictionOrder,
+    own_files: str | None,
+    downloaded: dict[int, bytes] | None,
+) -> tuple[PredictionInput, list[StoredImage]]:
+    """The input to record and its stored images, in order: the references; for a final
+    (``upscale_from``), its draft's (copied) unless the request gives its own, then the
+    draft's chosen output (copied, always last). Blocking: in ``_accept``'s thread."""
+    limits = services.decode_limits
+
+    def references(inputs: PredictionInput) -> list[StoredImage]:
+        return store_references(
+            inputs, key.id, services.blobs, services.uploads, limits, own_files, downloaded
+        )
+
+    if order.input.upscale_from is None:
+        return order.input, references(order.input)
+    draft = draft_of(services.store, key.id, order.input)
+    final = final_from(draft, order.input)
+    own = references(final.input) if final.own_references else []
+    try:
+        copies = copy_images(final.files, services.blobs, limits)
+    except BaseException as exc:
+        services.blobs.delete([image.name for image in own if image.saved_now])
+        if isinstance(exc, BlobNotFound):
+            raise files_gone(draft) from None
+        raise
+    stored = own + copies
+    try:
+        checked_size(final.input, (copies[-1].width, copies[-1].height))
+    except InvalidInput:
+        services.blobs.delete([image.name for image in stored if image.saved_now])
+        raise
+    return final.input, stored
+
+
+def _steps(inputs: PredictionInput, stored: list[StoredImage]) -> int:
+    """The denoising steps the job will report: a final's refine runs only its share."""
+    if inputs.upscale_from is None or inputs.upscale_strength >= 1:
+        return inputs.num_inference_steps
+    return refine_steps(inputs.num_inference_steps, inputs.upscale_strength)
 
 
 def _admit(services: Services, key: ApiKey, *, count: bool) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxImg2ImgPipeline, FluxPipeline
+from PIL import Image
 
 from fluxredux.pipeline.conditioning import Conditioning, TokenLayout, attention_bias
 
@@ -40,9 +41,16 @@ def denoise_and_decode(
     on_step_end: Callable[[int], None] = lambda step: None,
     before_decode: Callable[[], None] = lambda: None,
     timings: dict[str, float] | None = None,
+    refine: tuple[FluxImg2ImgPipeline, Image.Image, float] | None = None,
 ) -> list[np.ndarray]:
     """``num_outputs`` images as uint8 (H, W, 3) arrays; ``timings`` gets the seconds of
-    "denoise" and "decode". ``on_step_end(step)`` runs after each step (it may raise to stop)."""
+    "denoise" and "decode". ``on_step_end(step)`` runs after each step (it may raise to stop).
+
+    ``refine``: (the img2img pipeline over ``pipe``'s components, a draft of ``width`` x
+    ``height``, its strength): start from the draft instead of pure noise. diffusers'
+    FluxImg2ImgPipeline does what is exact to do there: the VAE's encoding of the draft
+    (sampled with the seed's generator), noised to the timestep where the strength puts it
+    in the same schedule, then only the steps left after it (4 steps at 0.35: the last 2)."""
     timings = {} if timings is None else timings
     bias = attention_bias(
         layout, strength, dtype=pipe.transformer.dtype, device=device
@@ -55,19 +63,24 @@ def denoise_and_decode(
     started = time.perf_counter()
     # The generator lives on the CPU: the same seed gives the same noise on any device.
     generator = torch.Generator("cpu").manual_seed(seed)
-    latents = pipe(
-        prompt_embeds=conditioning.prompt_embeds,
-        pooled_prompt_embeds=conditioning.pooled_prompt_embeds,
-        width=width,
-        height=height,
-        num_inference_steps=num_inference_steps,
-        guidance_scale=0.0,  # schnell is guidance-distilled
-        num_images_per_prompt=num_outputs,
-        generator=generator,
-        output_type="latent",
-        callback_on_step_end=step_end,
-        joint_attention_kwargs={"attention_mask": bias} if bias is not None else None,
-    ).images
+    common: dict[str, Any] = {
+        "prompt_embeds": conditioning.prompt_embeds,
+        "pooled_prompt_embeds": conditioning.pooled_prompt_embeds,
+        "width": width,
+        "height": height,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": 0.0,  # schnell is guidance-distilled
+        "num_images_per_prompt": num_outputs,
+        "generator": generator,
+        "output_type": "latent",
+        "callback_on_step_end": step_end,
+        "joint_attention_kwargs": {"attention_mask": bias} if bias is not None else None,
+    }
+    if refine is None:
+        latents = pipe(**common).images
+    else:
+        refiner, draft, strength = refine
+        latents = refiner(image=draft, strength=strength, **common).images
     timings["denoise"] = elapsed(started, device)
 
     before_decode()

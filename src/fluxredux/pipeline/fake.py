@@ -93,5 +93,11 @@ class FakeModel:
         images = []
         for _ in range(request.num_outputs):
             colour = np.array([rng.randrange(256) for _ in range(3)], dtype=np.uint8)
-            images.append(np.broadcast_to(colour, (request.height, request.width, 3)).copy())
+            image = np.broadcast_to(colour, (request.height, request.width, 3)).copy()
+            if request.refines:  # a refined draft keeps its picture, as far as the strength says
+                assert request.init_image is not None
+                draft = np.asarray(request.init_image.convert("RGB"), dtype=np.float32)
+                mixed = (1 - request.init_strength) * draft + request.init_strength * image
+                image = mixed.round().clip(0, 255).astype(np.uint8)
+            images.append(image)
         return FakeGeneration(images=images, seed=seed, timings={"prior": 0.0, "denoise": 0.0, "decode": 0.0})

@@ -40,7 +40,9 @@ class GenerationRequest:
     what is asked for, so a request stays a plain value that compares, prints and can be
     run again as it is."""
 
-    references: Sequence[Reference]  # made square already, their shares summing to 1
+    # Made square already, their shares summing to 1. None: the prompt alone conditions
+    # (plain FLUX.1 [schnell] text-to-image, no Redux prior).
+    references: Sequence[Reference]
     width: int
     height: int
     num_outputs: int  # generated as one batch
@@ -48,6 +50,16 @@ class GenerationRequest:
     seed: int
     strength: float = 1.0  # the references' pull; < 1 weakens it (see conditioning.attention_bias)
     prompt: str | None = None
+    # A draft to refine into this (an upscale): resized to width x height already, encoded
+    # by the VAE, noised to ``init_strength`` and denoised by the share of the steps that
+    # strength leaves. None (or a strength of 1): generated from noise, as without one.
+    init_image: Image.Image | None = None
+    init_strength: float = 1.0
+
+    @property
+    def refines(self) -> bool:
+        """Starts from ``init_image`` rather than from pure noise."""
+        return self.init_image is not None and self.init_strength < 1
 
 
 class ModelInfoLike(Protocol):

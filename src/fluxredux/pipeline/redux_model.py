@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import FluxImg2ImgPipeline, FluxPipeline
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from PIL import Image
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
@@ -46,6 +46,7 @@ from fluxredux.pipeline.protocol import (
 from fluxredux.pipeline.speed import Tuning, check_tuning, ready_for_speed
 from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
 from fluxredux.pipeline.weights import REDUX, SCHNELL, resolve_text_encoders, resolve_weights
+from fluxredux.schema import refine_steps
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,10 @@ class ReduxModel:
         self.tuning = tuning or Tuning()
         self.attention = attention or AttentionChoice("auto", takes_bias=True)
         parts.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
+        # Drafts refined into finals (upscales): the same components (nothing loaded twice,
+        # the compiled transformer included), diffusers' img2img schedule over them.
+        self.refiner = FluxImg2ImgPipeline.from_pipe(parts.pipe)
+        self.refiner.set_progress_bar_config(disable=True)
 
     @classmethod
     def _assemble(
@@ -298,6 +303,13 @@ class ReduxModel:
         Without a prompt the text encoders are never touched. ``timings`` gets the seconds
         of the prior and, with a prompt, of the text encoders."""
         timings = {} if timings is None else timings
+        if not references:  # a prompt alone: plain text-to-image, the Redux prior unused
+            if prompt is None:
+                raise ValueError("a generation needs a reference or a prompt")
+            started = time.perf_counter()
+            conditioning = self.encode_prompt(prompt)
+            timings["prompt"] = elapsed(started, self.device)
+            return conditioning
         started = time.perf_counter()
         conditioning = mix_conditionings([(self.condition(image), share) for image, share in references])
         timings["prior"] = elapsed(started, self.device)
@@ -329,7 +341,13 @@ class ReduxModel:
         step; a cancel raises PredictionCancelled within one step. ``on_phase`` hears
         DECODING once the last step is done, as the VAE decode starts.
         """
-        pipe, steps = self.parts.pipe, request.num_inference_steps
+        pipe = self.parts.pipe
+        # A refine runs only the steps its strength leaves (see denoise_and_decode).
+        steps = (
+            refine_steps(request.num_inference_steps, request.init_strength)
+            if request.refines
+            else request.num_inference_steps
+        )
         tokens = image_tokens(pipe, request.width, request.height)
         if request.strength < 1 and not self.attention.takes_bias:
             raise InvalidInput(
@@ -348,6 +366,10 @@ class ReduxModel:
         conditioning = self.conditioning(request.references, request.prompt, timings=timings)
         if request.prompt is None and self.tuning.collapse_zero_tokens:
             conditioning = collapse_zero_text(conditioning)
+        refine = None
+        if request.refines:
+            assert request.init_image is not None
+            refine = (self.refiner, request.init_image, request.init_strength)
         layout = token_layout(conditioning, image_tokens=tokens)
 
         def step_end(step: int) -> None:
@@ -375,6 +397,7 @@ class ReduxModel:
             on_step_end=step_end,
             before_decode=before_decode,
             timings=timings,
+            refine=refine,
         )
         return Generation(images=images, seed=request.seed, timings=timings, sequence=layout.describe())
 

@@ -229,9 +229,9 @@ class Worker:
     def _model_stage(self, job: Job) -> Generated | None:
         """Reference images -> the model's images. None: the job has ended already."""
         try:
-            inputs = PredictionInput.model_validate(job.input)
+            inputs = PredictionInput.from_record(job.input)
             images = [self._reference(job, name) for name in job.input_files]
-            if not images:
+            if not images and inputs.prompt is None:
                 raise FluxReduxError("the prediction has no stored reference image")
             return self.predictor.generate(
                 inputs,

@@ -121,9 +121,19 @@ class Predictor:
         """The model stage (the GPU's part): references -> decoded images, nothing checked
         yet. ``on_phase`` hears the model's own phase after its steps (decoding)."""
         seed = inputs.seed if inputs.seed is not None else random_seed()
+        # An upscale's draft comes after its references (as the create stored them).
+        draft: Image.Image | None = None
+        if inputs.upscale_from is not None:
+            if not images:
+                raise ValueError("an upscale needs its draft image")
+            *images, draft = images
         if len(images) != len(inputs.references):
             raise ValueError(f"{len(inputs.references)} references asked for, {len(images)} images given")
-        width, height = inputs.size(images[0].size)  # match_input: the first reference's proportions
+        if draft is not None:
+            width, height = inputs.upscaled_size(draft.size)
+            draft = draft.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+        else:  # match_input: the first reference's proportions
+            width, height = inputs.size(images[0].size if images else None)
         request = GenerationRequest(
             references=[
                 (square_reference(image, inputs.redux_image_crop), weight)
@@ -136,6 +146,8 @@ class Predictor:
             seed=seed,
             strength=inputs.redux_strength,
             prompt=inputs.prompt,
+            init_image=draft,
+            init_strength=inputs.upscale_strength if draft is not None else 1.0,
         )
         generation = self.model.generate(
             request, on_step=on_step, is_cancelled=is_cancelled, on_phase=on_phase

@@ -80,6 +80,7 @@ def render(job: Job, base_url: str, queue_position: int | None = None) -> Predic
             "queue_position": queue_position if job.status == Status.STARTING else None,
             "safety": job.extra.get("safety", []),
             "demo": bool(job.extra.get("demo", False)),
+            "upscaled_from": job.input.get("upscale_from"),
             "created_at": iso_time(job.created_at),
             "started_at": iso_time(job.started_at),
             "completed_at": iso_time(job.completed_at),

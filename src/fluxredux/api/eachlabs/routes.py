@@ -6,11 +6,19 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from fluxredux.access.keys import ApiKey
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ReaderKeyDep, ServicesDep
 from fluxredux.api.eachlabs.render import render
-from fluxredux.api.eachlabs.shapes import Prediction, PredictionCreated, PredictionList, PredictionRequest
+from fluxredux.api.eachlabs.shapes import (
+    Prediction,
+    PredictionCreated,
+    PredictionList,
+    PredictionRequest,
+    UpscaleRequest,
+)
 from fluxredux.api.errors import error_responses
 from fluxredux.api.idempotent import IdempotencyKeyHeader, create_once, fingerprint
 from fluxredux.api.prediction_actions import (
@@ -104,6 +112,32 @@ async def run_prediction(
     job = await create_idempotent("/v1/prediction/run", body, key, services, base, idempotency_key)
     finished = await wait_after_create(services, job, services.settings.sync_wait_seconds)
     return render(finished, base)  # no queue position: it may be gone by now
+
+
+@router.post(
+    "/{prediction_id}/upscale",
+    response_model=PredictionCreated,
+    summary="Upscale one output of a finished prediction (a final from a draft)",
+    responses=error_responses(409),
+)
+async def upscale_prediction(
+    prediction_id: str,
+    key: ApiKeyDep,
+    services: ServicesDep,
+    base: BaseUrlDep,
+    body: UpscaleRequest | None = None,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> PredictionCreated:
+    """A create with ``upscale_from`` naming this prediction and ``index``: the final keeps
+    the draft's composition, references, prompt and seed, refined at ``scale`` times its size."""
+    asked = (body or UpscaleRequest()).create_input(prediction_id)
+    try:
+        request = PredictionRequest.model_validate({"input": asked})
+    except ValidationError as exc:  # named as a create's input fields are
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    route = "/v1/prediction/{id}/upscale"
+    job = await create_idempotent(route, request, key, services, base, idempotency_key)
+    return PredictionCreated(predictionID=job.id)
 
 
 @router.get("", response_model=PredictionList, include_in_schema=False)  # as the create: no redirect

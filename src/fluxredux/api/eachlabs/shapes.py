@@ -11,9 +11,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from fluxredux.schema import MAX_NAME_CHARS, MODEL_NAME, MODEL_VERSION, PredictionInput
+from fluxredux.schema import MAX_NAME_CHARS, MODEL_NAME, MODEL_VERSION, PredictionInput, UpscaleSource
 
 # --- the HTTP contract (Eachlabs-compatible) ----------------------------------------
+
+
+def _absent(value: object) -> bool:
+    return value is None
+
 
 PublicStatus = Literal["starting", "processing", "success", "error", "cancelled"]
 
@@ -32,6 +37,33 @@ class PredictionRequest(BaseModel):
     webhook_secret: str | None = Field(
         None, max_length=256, description="Signs this prediction's webhook (HMAC-SHA256); see the docs."
     )
+
+
+class UpscaleRequest(BaseModel):
+    """Body of ``POST /v1/prediction/{id}/upscale``: a final from one of that prediction's
+    outputs; a shortcut for a create with ``upscale_from``. The fields are checked as that
+    create's input is (the one input model), so each is only typed here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(0, description="Which output of the draft (0: the first).")
+    scale: int | None = Field(
+        None, description="2 or 4: the final's sides are this many times the draft's (2)."
+    )
+    upscale_strength: float | None = Field(
+        None, description="How far from the draft the final may go (0.35)."
+    )
+    seed: int | None = Field(None, description="The draft's unless given.")
+    num_outputs: int | None = None
+    num_inference_steps: int | None = None
+    output_format: str | None = None
+    output_quality: int | None = None
+    disable_safety_checker: bool | None = None
+
+    def create_input(self, prediction_id: str) -> dict[str, Any]:
+        """The create's ``input``: the fields given, and the draft named."""
+        fields = self.model_dump(exclude_none=True, exclude={"index"})
+        return {**fields, "upscale_from": {"prediction": prediction_id, "index": self.index}}
 
 
 class PredictionCreated(BaseModel):
@@ -83,6 +115,12 @@ class Prediction(BaseModel):
     )
     safety: list[dict[str, Any]] = Field(default_factory=list, description="Per generated image.")
     demo: bool = Field(False, description="True when the demo model made it: the images are noise.")
+    # Only on a final (made with upscale_from): absent otherwise, as from the hosted API.
+    upscaled_from: UpscaleSource | None = Field(
+        None,
+        description="A final's draft: the prediction and output it was upscaled from.",
+        exclude_if=_absent,
+    )
     created_at: str
     started_at: str | None = None
     completed_at: str | None = None

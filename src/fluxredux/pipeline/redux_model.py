@@ -342,8 +342,9 @@ class ReduxModel:
         DECODING once the last step is done, as the VAE decode starts.
         """
         pipe = self.parts.pipe
-        # A refine runs only the steps its strength leaves (see denoise_and_decode).
-        steps = (
+        # A refine runs only the steps its strength leaves of the schedule (see
+        # denoise_and_decode): those are the steps its progress counts.
+        steps_run = (
             refine_steps(request.num_inference_steps, request.init_strength)
             if request.refines
             else request.num_inference_steps
@@ -374,7 +375,7 @@ class ReduxModel:
 
         def step_end(step: int) -> None:
             if on_step is not None:
-                on_step(step + 1, steps)
+                on_step(step + 1, steps_run)
             raise_if_cancelled()
 
         def before_decode() -> None:
@@ -391,7 +392,7 @@ class ReduxModel:
             width=request.width,
             height=request.height,
             num_outputs=request.num_outputs,
-            num_inference_steps=steps,
+            num_inference_steps=request.num_inference_steps,
             seed=request.seed,
             device=self.device,
             on_step_end=step_end,

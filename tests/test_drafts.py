@@ -215,3 +215,27 @@ def test_a_final_keeps_its_inputs_when_its_draft_is_deleted(tmp_path: Path) -> N
         api.services.blobs.delete([*stored.input_files, *stored.output])  # the draft's files go
         final = api.wait_status(final_id, {"success", "error"})
         assert final["status"] == "success", final
+
+
+def test_the_replicate_surface_takes_all_three(api: Harness) -> None:
+    model = "/v1/models/black-forest-labs/flux-redux-schnell/predictions"
+    with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {api.key}"}, timeout=30) as http:
+
+        def run(**inputs: Any) -> dict[str, Any]:
+            created = http.post(model, json={"input": inputs}, headers={"Prefer": "wait=20"})
+            assert created.status_code == 201, created.text
+            answer = dict(created.json())
+            assert answer["status"] == "succeeded", answer
+            return answer
+
+        def size(answer: dict[str, Any]) -> tuple[int, int]:
+            url = answer["output"][0] if isinstance(answer["output"], list) else answer["output"]
+            return Image.open(io.BytesIO(http.get(url).content)).size
+
+        custom = run(redux_image=api.body()["input"]["redux_image"], width=768, height=256)
+        assert size(custom) == (768, 256)
+        assert size(run(prompt="a lighthouse", megapixels="0.25")) == (512, 512)
+        final = run(upscale_from={"prediction": custom["id"]}, scale=2)
+        assert size(final) == (1536, 512) and final["input"]["upscale_from"]["prediction"] == custom["id"]
+        refused = http.post(model, json={"input": {}})
+        assert refused.status_code in (400, 422) and "redux_image" in refused.text, refused.text

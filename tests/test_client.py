@@ -208,3 +208,71 @@ def test_async_client_retries_too(one_in_flight: Harness, monkeypatch: pytest.Mo
     with pytest.raises(ApiError) as info:  # the second is in flight now: refused, not retried
         asyncio.run(refused())
     assert info.value.status == 429 and waits == [2.0]
+
+
+# --- issue 22: a prompt alone, a custom size, and finals made from drafts
+
+
+def test_a_prompt_alone_at_a_custom_size(api: Harness) -> None:
+    """No reference at all: the prompt makes the image (text to image), at width x height."""
+    with FluxRedux(api.url, api.key) as client:
+        prediction = client.run({"prompt": "a lighthouse at dusk", "width": 512, "height": 256})
+        assert prediction.status == "success" and isinstance(prediction.output, str), prediction
+        assert Image.open(io.BytesIO(client.download(prediction.output))).size == (512, 256)
+        assert (
+            prediction.input["redux_image"] is None and prediction.input["prompt"] == "a lighthouse at dusk"
+        )
+    assert api.services.uploads.uploaded(_stored(api)) == set()  # nothing to upload
+
+
+def test_upscale_makes_a_final_of_one_output_of_a_draft(api: Harness) -> None:
+    with FluxRedux(api.url, api.key) as client:
+        draft = client.run({"redux_image": SAMPLE_IMAGE, "megapixels": "0.25", "num_outputs": 2})
+        assert draft.status == "success"
+        final = client.wait(client.upscale(draft.id, index=1, scale=2, upscale_strength=0.5, seed=None))
+        assert final.status == "success" and isinstance(final.output, str), final
+        assert Image.open(io.BytesIO(client.download(final.output))).size == (1024, 1024)  # 2x its sides
+        assert final.upscaled_from is not None
+        assert (final.upscaled_from.prediction, final.upscaled_from.index) == (draft.id, 1)
+        assert final.seed == draft.seed  # seed=None is not sent: the draft's is kept
+        assert (final.input["scale"], final.input["upscale_strength"]) == (2, 0.5)
+        assert client.get(draft.id).upscaled_from is None  # a draft is no final
+
+
+def test_a_keyed_upscale_asked_twice_makes_one_final(api: Harness) -> None:
+    with FluxRedux(api.url, api.key) as client:
+        draft = client.run({"redux_image": png_data_uri(), "megapixels": "0.25"})
+        first = client.upscale(draft.id, idempotency_key="final-of-the-draft")
+        assert client.upscale(draft.id, idempotency_key="final-of-the-draft") == first
+        assert client.upscale(draft.id) != first  # without the key, another final
+
+
+def test_upscale_errors_name_the_draft(api: Harness) -> None:
+    with FluxRedux(api.url, api.key) as client:
+        draft = client.run({"redux_image": png_data_uri(), "megapixels": "0.25"})
+        with pytest.raises(ApiError) as info:
+            client.upscale("no-such-draft")
+        assert info.value.status == 404 and "upscale_from" in info.value.message
+        with pytest.raises(ApiError) as info:
+            client.upscale(draft.id, index=3)  # it has one output
+        assert (info.value.status, info.value.code) == (400, "invalid_input")
+        assert "upscale_from" in info.value.message
+        with pytest.raises(TypeError, match="unexpected keyword argument 'strength'"):
+            client.upscale(draft.id, strength=0.5)  # type: ignore[call-arg]  # misspelt: nothing sent
+    with FluxRedux(api.url, "fr_000000000000_wrong") as client, pytest.raises(ApiError) as info:
+        client.upscale(draft.id)
+    assert info.value.status == 401
+
+
+def test_async_client_upscales_too(api: Harness) -> None:
+    async def go() -> None:
+        async with AsyncFluxRedux(api.url, api.key) as client:
+            draft = await client.run({"prompt": "a red kite", "megapixels": "0.25", "aspect_ratio": "16:9"})
+            final = await client.wait(await client.upscale(draft.id, scale=4, output_format="png"))
+            assert final.status == "success" and isinstance(final.output, str), final
+            data = await client.download(final.output)
+            assert data[:8] == b"\x89PNG\r\n\x1a\n"
+            assert Image.open(io.BytesIO(data)).size == (672 * 4, 384 * 4)
+            assert final.upscaled_from is not None and final.upscaled_from.prediction == draft.id
+
+    asyncio.run(go())

@@ -401,3 +401,137 @@ def test_the_share_page_shows_only_the_settings_that_were_set(browser: Browser, 
     rows = shown_settings(browser, api, given)
     assert (rows["seed"], rows["prompt"], rows["output quality"]) == ("42", "a lighthouse at dusk", "55")
     assert "seed used (random)" not in rows, rows
+
+
+# --- issue 22: a custom size, a prompt alone, and finals from drafts -------------------------
+
+
+def created_input(page: Page, click: Any) -> dict[str, Any]:
+    """The ``input`` the page sends when ``click`` runs a create."""
+    with page.expect_request(lambda r: r.url.endswith("/v1/prediction/") and r.method == "POST") as sent:
+        click()
+    body: dict[str, Any] = sent.value.post_data_json
+    return dict(body["input"])
+
+
+def natural_size(page: Page, nth: int = 0) -> list[int]:
+    image = page.get_by_role("img", name="Output").nth(nth)
+    image.evaluate("img => img.decode()")
+    return list(image.evaluate("img => [img.naturalWidth, img.naturalHeight]"))
+
+
+def test_a_custom_size_sends_width_and_height(browser: Browser, api: Harness) -> None:
+    watched = open_page(browser, api)
+    page = watched.page
+    enter_key(page, api.key)
+    drop_file(page, SAMPLE_IMAGE.read_bytes(), "sample.jpg", "image/jpeg")
+    width, height = page.get_by_label("Width"), page.get_by_label("Height")
+    expect(width).to_be_hidden()  # until "custom" is chosen
+    megapixels = page.get_by_role("radio", name="0.25")
+    expect(megapixels).to_be_visible()
+    page.get_by_role("radio", name="custom").check()
+    expect(width).to_be_visible()
+    expect(megapixels).to_be_hidden()  # the sides alone give the size
+    assert (width.get_attribute("min"), width.get_attribute("max"), width.get_attribute("step")) == (
+        "256",
+        "2048",
+        "16",
+    )
+    width.fill("2048")
+    height.fill("1024")
+    sent = created_input(page, lambda: page.get_by_role("button", name="Run", exact=True).click())
+    assert (sent["width"], sent["height"]) == (2048, 1024)
+    assert "aspect_ratio" not in sent and "megapixels" not in sent, sent
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+    assert natural_size(page) == [2048, 1024]
+
+    # Twice its sides would be 8 MP, past the 4 MP a final may have: the server's reason,
+    # shown in the output panel, where the button is.
+    page.get_by_role("button", name="Upscale 2\u00d7").click()
+    expect(page.locator("#error-upscale_from")).to_contain_text("4 MP")
+    expect(page.locator("#status-text")).to_have_text("Not started.")
+
+    # Back to an aspect ratio: no width or height is sent.
+    page.get_by_role("radio", name="3:2").check()
+    expect(width).to_be_hidden()
+    sent = created_input(page, lambda: page.get_by_role("button", name="Run", exact=True).click())
+    assert "width" not in sent and sent["aspect_ratio"] == "3:2", sent
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+
+    # From the history, the custom one brings its size back.
+    page.get_by_role("button", name="Open prediction: success · 2048\u00d71024").click()
+    expect(page.get_by_role("radio", name="custom")).to_be_checked()
+    expect(width).to_have_value("2048")
+    expect(height).to_have_value("1024")
+    # The refused upscale's 400 is the one error the browser logs.
+    assert [error for error in watched.errors if "status of 400" not in error] == [], watched.errors
+
+
+def test_a_prompt_alone_needs_no_reference(browser: Browser, api: Harness) -> None:
+    watched = open_page(browser, api)
+    page = watched.page
+    enter_key(page, api.key)
+    run = page.get_by_role("button", name="Run", exact=True)
+    run.click()  # neither an image nor a prompt
+    expect(page.locator("#error-redux_image")).to_contain_text("Choose a reference image first")
+    expect(page.locator("#error-redux_image")).to_contain_text("type a prompt")
+    page.get_by_text("Advanced", exact=True).click()
+    page.get_by_label("Prompt").fill("a lighthouse at dusk")
+    expect(page.locator("#reference-label")).to_have_text("Reference image (optional with a prompt)")
+    page.get_by_role("radio", name="0.25").check()
+    sent = created_input(page, run.click)
+    assert "redux_image" not in sent and "redux_images" not in sent, sent
+    assert sent["prompt"] == "a lighthouse at dusk"
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+    assert natural_size(page) == [512, 512]
+    job = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0]
+    assert (job.input["redux_image"], job.input["prompt"], job.input_files) == (
+        None,
+        "a lighthouse at dusk",
+        [],
+    )
+    assert watched.errors == []
+
+
+def test_upscale_an_output_and_find_the_final_under_its_draft(browser: Browser, api: Harness) -> None:
+    watched = open_page(browser, api)
+    page = watched.page
+    enter_key(page, api.key)
+    drop_file(page, SAMPLE_IMAGE.read_bytes(), "sample.jpg", "image/jpeg")
+    page.get_by_role("radio", name="0.25").check()
+    page.get_by_label("Num Outputs").fill("2")
+    page.get_by_role("button", name="Run", exact=True).click()
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+    draft = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0]
+    expect(page.get_by_role("button", name="Upscale 2\u00d7")).to_have_count(2)  # one per output
+
+    with page.expect_request(lambda r: r.url.endswith(f"/v1/prediction/{draft.id}/upscale")) as sent:
+        page.get_by_role("button", name="Upscale 2\u00d7: output 2").click()
+    assert sent.value.method == "POST" and sent.value.post_data_json == {"index": 1, "scale": 2}
+    # Followed as a new run is: progress, then its one output at twice the draft's sides.
+    expect(page.locator("#status-text")).to_contain_text("Step", timeout=10_000)
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+    expect(page.get_by_role("img", name="Output")).to_have_count(1)
+    assert natural_size(page) == [1024, 1024]
+    expect(page.locator("#summary")).to_contain_text(f"final 2\u00d7 of output 2 of {draft.id}")
+    final = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0]
+    assert final.input["upscale_from"] == {"prediction": draft.id, "index": 1}
+
+    # In the history, the final is listed under its draft, not beside it.
+    entries = page.locator("#history-list > li")
+    expect(entries).to_have_count(1)
+    nested = entries.first.locator(".finals").get_by_role("button", name="Open prediction")
+    expect(nested).to_have_count(1)
+    expect(nested).to_have_accessible_name(re.compile(f"final 2\u00d7 of output 2 of {draft.id}"))
+    box, under = entries.first.get_by_role("button").first.bounding_box(), nested.bounding_box()
+    assert box is not None and under is not None
+    assert under["y"] > box["y"] and under["x"] > box["x"], (box, under)  # below it, indented
+    # Opening the draft from there brings its two outputs back; the final, its one.
+    entries.first.get_by_role("button").first.click()
+    expect(page.get_by_role("img", name="Output")).to_have_count(2)
+    nested.click()
+    expect(page.get_by_role("img", name="Output")).to_have_count(1)
+    page.reload()  # a fresh page lists them the same way
+    expect(page.locator("#history-list > li")).to_have_count(1)
+    expect(page.locator("#history-list .finals li")).to_have_count(1)
+    assert watched.errors == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -19,6 +19,7 @@ from pydantic import (
     StrictBool,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -302,7 +303,9 @@ class PredictionInput(BaseModel):
         examples=[{"prediction": "abc123", "index": 0}],
         json_schema_extra={"x-fluxredux-advanced": True},
     )
-    scale: Literal[2, 4] | None = Field(
+    # An int checked against the choices, not a Literal: numbers may come as numeric
+    # strings ("scale": "2"), as every other number of the input may.
+    scale: Annotated[int, WithJsonSchema({"type": "integer", "enum": list(UPSCALE_SCALES)})] | None = Field(
         None,
         description="With upscale_from: the final's sides are this many times the draft's (default 2).",
         examples=[2],
@@ -331,6 +334,13 @@ class PredictionInput(BaseModel):
     @classmethod
     def _integer_not_bool(cls, value: Any) -> Any:
         return no_bool(value, "int_type")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_is_a_choice(cls, value: int | None) -> int | None:
+        if value is not None and value not in UPSCALE_SCALES:
+            raise ValueError(f"must be one of {', '.join(map(str, UPSCALE_SCALES))}")
+        return value
 
     @field_validator("redux_strength", "upscale_strength", mode="before")
     @classmethod

@@ -66,6 +66,8 @@ def download(
 # "/" decoded from %2F, a control character) must not reach the file system.
 _UNSAFE = re.compile(r"[^\w.-]+")
 MAX_STEM_CHARS = 100
+# The stem of the images made from a prompt alone: no reference to name them after.
+PROMPT_STEM = "prompt"
 
 
 def output_file_name(stem: str, seed: int | None, index: int, extension: str) -> str:

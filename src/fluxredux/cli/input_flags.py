@@ -25,13 +25,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 NOT_FLAGS = frozenset({"redux_image"})
 
 
-def _is_list(schema: dict[str, Any]) -> bool:
-    return schema.get("type") == "array" or any(s.get("type") == "array" for s in schema.get("anyOf", []))
+def _is_json(schema: dict[str, Any]) -> bool:
+    """A list or an object (a nested model is a ``$ref``), alone or or-None."""
+    return any(
+        s.get("type") in ("array", "object") or "$ref" in s for s in [schema, *schema.get("anyOf", [])]
+    )
 
 
-# Fields whose value is a list (redux_images): their flag takes it as JSON.
+# Fields whose value is a list or an object (redux_images, upscale_from): their flag takes
+# it as JSON.
 JSON_FLAGS = frozenset(
-    name for name, schema in PredictionInput.model_json_schema()["properties"].items() if _is_list(schema)
+    name for name, schema in PredictionInput.model_json_schema()["properties"].items() if _is_json(schema)
 )
 
 
@@ -47,27 +51,38 @@ _METAVARS = {"integer": "<int>", "number": "<float>", "string": "<str>", "array"
 _MAX_CHOICES_METAVAR = 12
 
 
+def _choices(schema: dict[str, Any]) -> list[Any] | None:
+    """The field's choices, also those of an or-None one (``Literal[2, 4] | None``)."""
+    return next((s["enum"] for s in [schema, *schema.get("anyOf", [])] if s.get("enum")), None)
+
+
+# The fields given as flags.
+FLAG_FIELDS = frozenset(PredictionInput.model_fields) - NOT_FLAGS
+
+
 def _metavar(schema: dict[str, Any]) -> str:
     """What ``--help`` shows a flag takes: its choices when they are short, else its type
     (for ``int | None``, the non-null one)."""
-    choices = schema.get("enum")
+    choices = _choices(schema)
     if choices:
         shown = "|".join(str(c) for c in choices)
         return f"<{shown}>" if len(shown) <= _MAX_CHOICES_METAVAR else "<choice>"
+    if _is_json(schema):
+        return "<json>"
     types = [schema.get("type"), *(s.get("type") for s in schema.get("anyOf", []))]
     return next((_METAVARS[t] for t in types if t in _METAVARS), "<str>")
 
 
 def _help(schema: dict[str, Any]) -> str:
     parts = [schema.get("description", "")]
-    choices = schema.get("enum")
+    choices = _choices(schema)
     if choices:
         parts.append("One of: " + ", ".join(str(c) for c in choices) + ".")
     if "minimum" in schema and "maximum" in schema and schema["maximum"] < 2**32:
         parts.append(f"Range {schema['minimum']}-{schema['maximum']}.")
     if schema.get("default") is not None:
         parts.append(f"Default: {schema['default']}.")
-    if _is_list(schema) and schema.get("examples"):
+    if _is_json(schema) and schema.get("examples"):
         parts.append(f"As JSON, e.g. '{json.dumps(schema['examples'][0])}'.")
     return " ".join(p for p in parts if p)
 
@@ -120,17 +135,25 @@ def parse_flags(flags: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_reference_choice(image_given: bool, flags: dict[str, Any]) -> None:
-    """One positional IMAGE, or several references with --redux-images: not both, not neither."""
-    if image_given == ("redux_images" in flags):
+    """One positional IMAGE, or several references with --redux-images, not both; or
+    neither, for a prompt alone (text to image) or a final made from a draft
+    (--upscale-from: the draft's references are the final's)."""
+    listed = "redux_images" in flags
+    if image_given and listed:
         raise InvalidInput("give a reference IMAGE, or several with --redux-images (not both)")
+    prompt = flags.get("prompt")
+    prompted = isinstance(prompt, str) and bool(prompt.strip())  # a blank one is no prompt
+    if not (image_given or listed or prompted or "upscale_from" in flags):
+        raise InvalidInput("give a reference IMAGE (or several with --redux-images), or a --prompt alone")
 
 
-def validate_flags(flags: dict[str, Any]) -> PredictionInput:
+def validate_flags(flags: dict[str, Any], *, image_given: bool = True) -> PredictionInput:
     """The (parsed) flags checked by the input model itself; errors name the flag.
 
     The images are checked apart (local files here, not what the API takes): the
-    positional one, or each of --redux-images, stands in as a placeholder."""
-    given: dict[str, Any] = {"redux_image": IMAGE_PLACEHOLDER}
+    positional one (when ``image_given``), or each of --redux-images, stands in as a
+    placeholder."""
+    given: dict[str, Any] = {"redux_image": IMAGE_PLACEHOLDER} if image_given else {}
     listed = flags.get("redux_images")
     if listed is not None:
         given = {}
@@ -151,8 +174,9 @@ def validate_flags(flags: dict[str, Any]) -> PredictionInput:
 
 
 def _named(error: FieldError, flags: dict[str, Any]) -> str:
-    """The error with its field named as the flag that gave it (``--redux-images 0.weight``)."""
+    """The error with its field named as the flag that gave it (``--redux-images 0.weight``),
+    or that is missing (``--height``, when only --width was given)."""
     head, _, rest = error.field.partition(".")
-    if head not in flags:
+    if head not in flags and head not in FLAG_FIELDS:
         return str(error)
     return f"{flag_name(head)}{' ' + rest if rest else ''}: {error.message}"

@@ -79,6 +79,14 @@ QuantizeOption = Annotated[
     ),
 ]
 
+# The commands that call a server (run, upscale).
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+ServerOption = Annotated[str, typer.Option("--server", envvar="FLUXREDUX_SERVER", help="Server URL.")]
+KeyOption = Annotated[
+    str | None, typer.Option("--key", "--api-key", envvar="FLUXREDUX_API_KEY", help="API key.")
+]
+OutputDirOption = Annotated[Path, typer.Option("--output-dir", "-o", help="Where to save the images.")]
+
 # Where a deployment keeps its state and files.
 DataDirOption = Annotated[
     Path | None,

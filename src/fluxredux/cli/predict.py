@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fluxredux.cli.app import app, err, fail, out, setup_logging
-from fluxredux.cli.download import output_file_name
+from fluxredux.cli.download import PROMPT_STEM, output_file_name
 from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
 from fluxredux.cli.options import (
     ModelFlags,
@@ -19,7 +19,7 @@ from fluxredux.cli.options import (
     with_bundles,
 )
 from fluxredux.config import Settings
-from fluxredux.errors import FluxReduxError, ImageError
+from fluxredux.errors import FluxReduxError, ImageError, InvalidInput
 from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.schema import PredictionInput
 from fluxredux.worker.predictor import PredictionResult
@@ -32,7 +32,8 @@ def predict(
     image: Annotated[
         Path | None,
         typer.Argument(
-            help="Reference image file (JPEG, PNG, WEBP or GIF); or several, with --redux-images."
+            help="Reference image file (JPEG, PNG, WEBP or GIF); or several, with --redux-images; "
+            "or none, for a --prompt alone."
         ),
     ] = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where to write the images.")] = Path(
@@ -43,21 +44,29 @@ def predict(
     *,
     inputs: dict[str, Any],
 ) -> None:
-    """Generate variations of IMAGE (or of --redux-images mixed) in this process and write
-    them to --output-dir."""
+    """Generate variations of IMAGE (or of --redux-images mixed; or an image of a --prompt
+    alone) in this process and write them to --output-dir."""
     settings = settings_from(model)
     require_model_packages(settings)
     setup_logging(verbose)
     try:
         parsed = parse_flags(inputs)
+        if "upscale_from" in parsed:
+            # The drafts are a server's predictions: this process has none to start from.
+            raise InvalidInput(
+                "--upscale-from needs the server that made the draft: fluxredux upscale ID --server URL"
+            )
         check_reference_choice(image is not None, parsed)
-        prediction_input = validate_flags(parsed)
-        paths = [image] if image is not None else [Path(item["image"]) for item in parsed["redux_images"]]
+        prediction_input = validate_flags(parsed, image_given=image is not None)
+        paths = (
+            [image] if image is not None else [Path(item["image"]) for item in parsed.get("redux_images", [])]
+        )
         references = [_read_image(path, settings)[1] for path in paths]
         result = _run(prediction_input, references, settings)
     except FluxReduxError as exc:
         raise fail(exc) from None
-    _report(result, paths[0], output_dir)
+    # A prompt alone has no reference to name its images after.
+    _report(result, paths[0].stem if paths else PROMPT_STEM, output_dir)
 
 
 def _read_image(path: Path, settings: Settings) -> tuple[bytes, Any]:
@@ -96,10 +105,10 @@ def _run(inputs: PredictionInput, references: list[Any], settings: Settings) -> 
     return result
 
 
-def _report(result: PredictionResult, image: Path, output_dir: Path) -> None:
+def _report(result: PredictionResult, stem: str, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     for output in result.outputs:
-        path = output_dir / output_file_name(image.stem, result.seed, output.index, output.extension)
+        path = output_dir / output_file_name(stem, result.seed, output.index, output.extension)
         path.write_bytes(output.data)
         out.print(f"{path}  {output.width}x{output.height}  {len(output.data):,} bytes", highlight=False)
     dropped = [i for i, verdict in enumerate(result.safety) if verdict.unsafe]

@@ -1,8 +1,12 @@
-"""``fluxredux run``: one prediction on a server, with progress, files downloaded."""
+"""``fluxredux run``: one prediction on a server, with progress, files downloaded; and
+what ``upscale`` shares with it (the server and key checked, the prediction followed, its
+images downloaded and listed)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -17,12 +21,13 @@ from rich.text import Text
 
 from fluxredux.api.eachlabs.shapes import Prediction
 from fluxredux.cli.app import app, err, fail, out, setup_logging
-from fluxredux.cli.download import output_file_name, output_indices, reference_stem
+from fluxredux.cli.download import PROMPT_STEM, output_file_name, output_indices, reference_stem
 from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
-from fluxredux.cli.options import VerboseOption
+from fluxredux.cli.options import DEFAULT_SERVER, KeyOption, OutputDirOption, ServerOption, VerboseOption
 from fluxredux.client import FluxRedux
 from fluxredux.client.core import TERMINAL, server_url
 from fluxredux.errors import FluxReduxError, ImageError, InvalidInput
+from fluxredux.schema import PredictionInput
 from fluxredux.storage import is_valid_id
 
 
@@ -33,16 +38,13 @@ def run(
         str | None,
         typer.Argument(
             help="Reference image: a local file, an http(s) URL or an uploaded file id; "
-            "or several, with --redux-images (local files among them are uploaded)."
+            "or several, with --redux-images (local files among them are uploaded). None for a "
+            "--prompt alone (text to image), or a final made with --upscale-from."
         ),
     ] = None,
-    server: Annotated[
-        str, typer.Option(envvar="FLUXREDUX_SERVER", help="Server URL.")
-    ] = "http://127.0.0.1:8000",
-    key: Annotated[str | None, typer.Option(envvar="FLUXREDUX_API_KEY", help="API key.")] = None,
-    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Where to save the images.")] = Path(
-        "."
-    ),
+    server: ServerOption = DEFAULT_SERVER,
+    key: KeyOption = None,
+    output_dir: OutputDirOption = Path("."),
     verbose: VerboseOption = False,
     *,
     inputs: dict[str, Any],
@@ -50,33 +52,89 @@ def run(
     """Run a prediction on a fluxredux server and download its images."""
     started = time.monotonic()  # the run's clock: the upload is part of the wait
     setup_logging(verbose)
-    if not key:
-        raise fail(InvalidInput("an API key is needed: --key or FLUXREDUX_API_KEY"))
-    try:
-        base = server_url(server)
-        if base.note:
-            err.print(f"note: {base.note}", highlight=False, soft_wrap=True)
+    with server_errors(server):
+        base, key = server_base(server, key)
         parsed = parse_flags(inputs)
         check_reference_choice(image is not None, parsed)
-        validate_flags(parsed)  # locally first: same model, same messages as the server
+        # Locally first: same model, same messages as the server.
+        checked = validate_flags(parsed, image_given=image is not None)
         if image is not None:
             parsed["redux_image"] = reference_argument(image)
-            first: str | Path = parsed["redux_image"]
-        else:
+        elif "redux_images" in parsed:
             parsed["redux_images"] = [
                 {**item, "image": reference_argument(item["image"])} for item in parsed["redux_images"]
             ]
-            first = parsed["redux_images"][0]["image"]
-        # The files are listed once the bar is gone: while it is shown, rich sends stdout
-        # through it (to stderr).
-        with FluxRedux(base.base, key) as client, RunProgress(started, uploads=_uploads(parsed)) as progress:
-            prediction = progress.follow(client, client.create(parsed))
-            saved = _download(client, prediction, output_dir, reference_stem(first), progress)
-        _report(prediction, saved)
+        create_and_download(
+            base,
+            key,
+            lambda client: client.create(parsed),
+            started=started,
+            uploads=_uploads(parsed),
+            output_dir=output_dir,
+            stem=_stem(parsed, checked),
+        )
+
+
+@contextmanager
+def server_errors(server: str) -> Iterator[None]:
+    """Domain errors printed plainly (exit 2 for a caller's mistake, else 1), and a server
+    that cannot be reached said so in one line: never a trace."""
+    try:
+        yield
     except FluxReduxError as exc:
         raise fail(exc) from None
     except httpx.HTTPError as exc:
         raise fail(FluxReduxError(f"cannot reach the server at {server}: {exc}")) from None
+
+
+def server_base(server: str, key: str | None) -> tuple[str, str]:
+    """The server's base URL (a note printed when it was corrected) and the key, checked
+    before anything is sent."""
+    if not key:
+        raise InvalidInput("an API key is needed: --key or FLUXREDUX_API_KEY")
+    base = server_url(server)
+    if base.note:
+        err.print(f"note: {base.note}", highlight=False, soft_wrap=True)
+    return base.base, key
+
+
+def create_and_download(
+    base: str,
+    key: str,
+    create: Callable[[FluxRedux], str],
+    *,
+    started: float,
+    uploads: bool,
+    output_dir: Path,
+    stem: str,
+) -> None:
+    """Create a prediction (``create``: its id), follow it on the progress line, save its
+    images in ``output_dir`` as ``<stem>-<seed>-<i>.<ext>`` and list them."""
+    # The files are listed once the bar is gone: while it is shown, rich sends stdout
+    # through it (to stderr).
+    with FluxRedux(base, key) as client, RunProgress(started, uploads=uploads) as progress:
+        prediction = progress.follow(client, create(client))
+        saved = _download(client, prediction, output_dir, stem, progress)
+    _report(prediction, saved)
+
+
+def final_stem(draft: str, index: int, scale: int | None) -> str:
+    """The stem of a final's images: its draft's id and output, and the scale (``x2``) when
+    the size was given by one (``final`` when by megapixels or width and height)."""
+    return f"{draft}-{index}-{f'x{scale}' if scale else 'final'}"
+
+
+def _stem(inputs: dict[str, Any], checked: PredictionInput) -> str:
+    """What names the images: the (first) reference, else the draft, else the prompt."""
+    if inputs.get("redux_image") is not None:
+        return reference_stem(inputs["redux_image"])
+    if inputs.get("redux_images"):
+        return reference_stem(inputs["redux_images"][0]["image"])
+    if checked.upscale_from is not None:
+        sized = checked.custom_size is not None or "megapixels" in checked.model_fields_set
+        scale = None if sized else checked.scale or 2
+        return final_stem(checked.upscale_from.prediction, checked.upscale_from.index, scale)
+    return PROMPT_STEM
 
 
 def reference_argument(reference: str) -> str | Path:

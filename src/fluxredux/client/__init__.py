@@ -27,6 +27,12 @@ server answers a repeated create with that key with the prediction the first one
 request refused, or its answer lost after it went out): the retry can only find the
 prediction the lost answer named, never make a second one.
 
+A draft made small and fast can be made a final: ``client.upscale(draft_id, index=0,
+scale=2)`` creates a prediction that resizes that output to twice its sides (or 4x) and
+refines it under the draft's own references, prompt and seed; it returns the new id, to
+``wait`` for as any other. A prompt alone (``create({"prompt": "..."})``, no reference) is
+a text-to-image prediction; ``width`` and ``height`` give a custom size.
+
 The server's URL is its base ("http://127.0.0.1:8000"): one copied with an API path or a
 docs page at its end ("http://host:8000/v1", ".../v1/prediction/", ".../docs") is used
 without it, with a logged warning saying so (``client.base_url`` is what is used); one

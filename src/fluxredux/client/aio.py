@@ -11,7 +11,7 @@ import httpx
 
 from fluxredux.api.eachlabs.shapes import Prediction, UploadedFile
 from fluxredux.client import core
-from fluxredux.client.core import Call, ClientBase, CreateOptions, Waiting
+from fluxredux.client.core import Call, ClientBase, CreateOptions, Scale, UpscaleOptions, Waiting
 
 if TYPE_CHECKING:  # only in annotations, which are never evaluated
     from typing_extensions import Unpack
@@ -58,6 +58,12 @@ class AsyncFluxRedux(ClientBase[httpx.AsyncClient]):
         """As FluxRedux.create."""
         plan = core.create_plan(inputs, **options)
         return await self._send(plan.call([(await self.upload(source)).id for source in plan.files]))
+
+    async def upscale(
+        self, prediction_id: str, index: int = 0, scale: Scale = 2, **options: Unpack[UpscaleOptions]
+    ) -> str:
+        """As FluxRedux.upscale."""
+        return await self._send(core.upscale_call(prediction_id, index, scale, **options))
 
     async def get(self, prediction_id: str, *, wait: float = 0) -> Prediction:
         return await self._send(core.get_call(prediction_id, wait))

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeGuard, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypedDict, TypeGuard, TypeVar
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel
@@ -187,6 +187,24 @@ class CreateOptions(TypedDict, total=False):
     idempotency_key: str | None
 
 
+class UpscaleOptions(TypedDict, total=False):
+    """What ``upscale`` takes besides the draft, its output and the scale: the final's own
+    settings (each absent one is the server's default: the draft's seed, strength 0.35...),
+    and an idempotency key as ``create`` takes it."""
+
+    upscale_strength: float
+    seed: int | None
+    num_outputs: int
+    output_format: Literal["webp", "jpg", "png"]
+    output_quality: int
+    num_inference_steps: int
+    disable_safety_checker: bool
+    idempotency_key: str | None
+
+
+Scale = Literal[2, 4]
+
+
 @dataclass(frozen=True)
 class Call(Generic[T]):
     """One request plan: what to send, and how its successful answer is read."""
@@ -244,22 +262,45 @@ class CreatePlan:
             body["webhook_url"] = self.options["webhook_url"]
         if self.options.get("webhook_secret"):
             body["webhook_secret"] = self.options["webhook_secret"]
-        key = self.options.get("idempotency_key")
-        if not key:
-            return Call("POST", "/v1/prediction/", _prediction_id, {"json": body})
-        # With a key, the server answers a repeat with the first create's prediction, so a
-        # create whose answer was lost may be asked for again.
-        options = {"json": body, "headers": {IDEMPOTENCY_HEADER: key}}
-        return Call("POST", "/v1/prediction/", _prediction_id, options, resend_if_lost=True)
+        return _create_call("/v1/prediction/", body, self.options.get("idempotency_key"))
+
+
+def _create_call(url: str, body: Mapping[str, Any], key: str | None) -> Call[str]:
+    """A POST that creates a prediction and answers its id (a create, an upscale)."""
+    if not key:
+        return Call("POST", url, _prediction_id, {"json": body})
+    # With a key, the server answers a repeat with the first create's prediction, so a
+    # create whose answer was lost may be asked for again.
+    options = {"json": body, "headers": {IDEMPOTENCY_HEADER: key}}
+    return Call("POST", url, _prediction_id, options, resend_if_lost=True)
+
+
+def _check_keywords(method: str, given: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    # The clients take these as **options: a misspelt one must still fail as a keyword
+    # argument does, and before anything is uploaded or sent.
+    unknown = sorted(given.keys() - allowed)
+    if unknown:
+        raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}")
 
 
 def create_plan(inputs: Mapping[str, Any], **options: Unpack[CreateOptions]) -> CreatePlan:
-    # The clients take these as **options: a misspelt one must still fail as a keyword
-    # argument does, and before anything is uploaded.
-    unknown = sorted(options.keys() - CreateOptions.__optional_keys__)
-    if unknown:
-        raise TypeError(f"create() got an unexpected keyword argument {unknown[0]!r}")
+    _check_keywords("create", options, CreateOptions.__optional_keys__)
     return CreatePlan(inputs, options)
+
+
+def upscale_call(
+    prediction_id: str, index: int, scale: Scale, **options: Unpack[UpscaleOptions]
+) -> Call[str]:
+    """A final from output ``index`` of the draft ``prediction_id`` (one of the caller's own
+    finished predictions), its sides ``scale`` times the draft's: the shortcut route for a
+    create with ``upscale_from``. The fields left out (or None) are not sent, so the server
+    takes them from the draft (its seed) or from its defaults."""
+    _check_keywords("upscale", options, UpscaleOptions.__optional_keys__)
+    fields = {name: value for name, value in options.items() if name != "idempotency_key"}
+    body = {"index": index, "scale": scale, **{k: v for k, v in fields.items() if v is not None}}
+    # Quoted whole: an id is never a path of its own (a "/" in it would reach another route).
+    url = f"/v1/prediction/{quote(prediction_id, safe='')}/upscale"
+    return _create_call(url, body, options.get("idempotency_key"))
 
 
 def get_call(prediction_id: str, wait: float) -> Call[Prediction]:

@@ -11,7 +11,7 @@ import httpx
 
 from fluxredux.api.eachlabs.shapes import Prediction, PredictionList, UploadedFile
 from fluxredux.client import core
-from fluxredux.client.core import Call, ClientBase, CreateOptions, Waiting
+from fluxredux.client.core import Call, ClientBase, CreateOptions, Scale, UpscaleOptions, Waiting
 
 if TYPE_CHECKING:  # only in annotations, which are never evaluated
     from typing_extensions import Unpack
@@ -67,6 +67,18 @@ class FluxRedux(ClientBase[httpx.Client]):
         repeat with the same key gets this prediction, so a lost answer is asked again."""
         plan = core.create_plan(inputs, **options)
         return self._send(plan.call([self.upload(source).id for source in plan.files]))
+
+    def upscale(
+        self, prediction_id: str, index: int = 0, scale: Scale = 2, **options: Unpack[UpscaleOptions]
+    ) -> str:
+        """Create a final from output ``index`` of the finished draft ``prediction_id``, its
+        sides ``scale`` (2 or 4) times the draft's, refined under the draft's own references,
+        prompt and seed; its id (follow it with ``wait``, as a create's).
+
+        ``options``: the final's settings (``upscale_strength``, ``seed``, ``num_outputs``,
+        ``output_format``, ``output_quality``, ``num_inference_steps``,
+        ``disable_safety_checker``) and ``idempotency_key``, as ``create`` takes it."""
+        return self._send(core.upscale_call(prediction_id, index, scale, **options))
 
     def get(self, prediction_id: str, *, wait: float = 0) -> Prediction:
         return self._send(core.get_call(prediction_id, wait))

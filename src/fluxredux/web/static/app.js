@@ -5,6 +5,12 @@ import { api, ApiError, outputUrls, extensionOf, formatBytes, formatSeconds, el 
 const KEY_STORAGE = "fluxredux.apiKey";
 const ACCEPTED_TYPES = ["image/jpeg", "image/png", "image/webp", "image/gif"];
 const TERMINAL = new Set(["success", "error", "cancelled"]);
+// Inputs the "Upscale 2×" button of an output sets (a final from that draft), never the form.
+const UPSCALE_ONLY = new Set(["upscale_from", "scale", "upscale_strength"]);
+// A custom size: the aspect ratio's "custom" choice, with a number field for each side.
+const SIDES = ["width", "height"];
+const CUSTOM = "custom";
+const UPSCALE_SCALE = 2;
 
 const state = {
   key: localStorage.getItem(KEY_STORAGE) || "",
@@ -256,12 +262,78 @@ async function buildForm() {
   const advanced = el("details", { id: "advanced" }, el("summary", {}, "Advanced"));
   for (const [name, prop] of Object.entries(schema.properties)) {
     if (prop["x-fluxredux-kind"] === "image") continue; // the reference image has its own panel
+    if (UPSCALE_ONLY.has(name) || SIDES.includes(name)) continue; // the Upscale button's; the custom size's
     const field = buildField(name, prop);
     if (!field) continue;
     state.fields.set(name, field);
     (prop["x-fluxredux-advanced"] ? advanced : container).append(field.wrap);
   }
   if (advanced.childElementCount > 1) container.append(advanced);
+  if (SIDES.every((name) => schema.properties[name])) addCustomSize(schema.properties);
+  $("input-prompt")?.addEventListener("input", showReferenceNeed);
+}
+
+// The aspect ratio's "custom" choice: two number fields (the schema's range and step), sent
+// as width and height in place of aspect_ratio and megapixels, which it hides.
+function addCustomSize(properties) {
+  const ratio = state.fields.get("aspect_ratio");
+  if (!ratio) return;
+  const megapixels = state.fields.get("megapixels");
+  const group = ratio.wrap.querySelector("fieldset");
+  const custom = el("input", { type: "radio", name: "aspect_ratio", value: CUSTOM });
+  group.append(el("label", { class: "choice" }, custom, el("span", {}, CUSTOM)));
+  const sides = el("div", { class: "row custom-size", id: "custom-size", hidden: "" });
+  const isCustom = () => custom.checked;
+  const update = () => {
+    sides.hidden = !isCustom();
+    if (megapixels) megapixels.wrap.hidden = isCustom(); // the size is the sides' alone
+  };
+  let range = "";
+  for (const name of SIDES) {
+    const prop = properties[name];
+    const number = prop.anyOf?.find((p) => p.type === "integer") || prop;
+    const input = el("input", {
+      type: "number", id: `input-${name}`, name, min: number.minimum, max: number.maximum,
+      step: number.multipleOf || 1, value: 1024, inputmode: "numeric",
+    });
+    const error = el("p", { class: "error", id: `error-${name}`, role: "alert" });
+    const wrap = el("div", { class: "side", id: `field-${name}` }, el("label", { for: input.id }, labelFor(name, prop)), input, error);
+    sides.append(wrap);
+    range = `${number.minimum}–${number.maximum} pixels a side, in steps of ${number.multipleOf || 1}.`;
+    state.fields.set(name, {
+      wrap,
+      error,
+      read: () => (isCustom() && input.value !== "" ? Number(input.value) : undefined),
+      write: (value) => {
+        if (value === null || value === undefined) return; // a size from the aspect ratio
+        input.value = value;
+        custom.checked = true;
+        update();
+      },
+    });
+  }
+  sides.append(el("p", { class: "hint" }, range));
+  group.after(sides);
+  group.addEventListener("change", update);
+  const { read: readRatio, write: writeRatio } = ratio;
+  ratio.read = () => (isCustom() ? undefined : readRatio());
+  ratio.write = (value) => {
+    writeRatio(value);
+    update();
+  };
+  if (megapixels) {
+    const readMegapixels = megapixels.read;
+    megapixels.read = () => (isCustom() ? undefined : readMegapixels());
+  }
+}
+
+function promptGiven() {
+  return Boolean($("input-prompt")?.value.trim());
+}
+
+// With a prompt the reference may be left out: the prompt alone makes the image.
+function showReferenceNeed() {
+  $("reference-label").textContent = promptGiven() ? "Reference image (optional with a prompt)" : "Reference image";
 }
 
 // --- the reference image ---------------------------------------------------------------
@@ -343,9 +415,11 @@ function clearErrors() {
   for (const node of document.querySelectorAll(".error")) node.textContent = "";
 }
 
-function showApiError(error) {
+// Each field's error under its field; the rest at ``fallback`` (the form's, or the
+// output panel's for an upscale).
+function showApiError(error, fallback = "error-form") {
   if (!(error instanceof ApiError)) {
-    $("error-form").textContent = `Could not reach the server: ${error.message}`;
+    $(fallback).textContent = `Could not reach the server: ${error.message}`;
     return;
   }
   const body = error.body;
@@ -363,7 +437,7 @@ function showApiError(error) {
     setReferenceError(body.error);
     placed = true;
   }
-  if (!placed) $("error-form").textContent = body.error || `The server answered ${error.status}.`;
+  if (!placed) $(fallback).textContent = body.error || `The server answered ${error.status}.`;
 }
 
 async function referenceValue() {
@@ -413,21 +487,21 @@ async function run(event) {
       if (value !== undefined) input[name] = value;
     }
     const reference = await referenceValue();
-    if (!reference) {
-      setReferenceError("Choose a reference image first: drop one, paste one, pick a file or give a URL.");
+    const mix = state.fields.get("redux_images");
+    const extras = mix ? mix.extras() : [];
+    if (!reference && (extras.length || input.prompt === undefined)) {
+      setReferenceError("Choose a reference image first: drop one, paste one, pick a file or give a URL (or type a prompt, under Advanced, to make an image from the text alone).");
       setStatus("Ready.");
       return;
     }
-    const mix = state.fields.get("redux_images");
-    const extras = mix ? mix.extras() : [];
     if (extras.length) {
       input.redux_images = [{ image: reference, weight: mix.mainWeight() }];
       for (const extra of extras) {
         input.redux_images.push({ image: await extraReference(extra), weight: Number(extra.weight.value) });
       }
-    } else {
+    } else if (reference) {
       input.redux_image = reference;
-    }
+    } // else a prompt alone: text to image, no reference sent
     const created = await call("/v1/prediction/", {
       method: "POST",
       body: JSON.stringify({ model: "flux-redux-schnell", version: "0.0.1", input }),
@@ -550,6 +624,8 @@ function showPrediction(prediction) {
   }
   if (prediction.seed !== null && prediction.seed !== undefined) state.lastSeed = prediction.seed;
   const parts = [];
+  const draft = draftOf(prediction);
+  if (draft) parts.push(`${finalLabel(prediction)} ${draft.prediction}`);
   if (prediction.seed !== null && prediction.seed !== undefined) parts.push(`seed ${prediction.seed}`);
   // Labelled, as they measure different things: total from created to completed (the
   // wait in the queue included), model the worker's own time on it (metrics.predict_time).
@@ -583,9 +659,48 @@ function outputCard(prediction, url, index, count) {
     $("viewer").showModal();
   });
   const download = el("a", { href: url, download: `fluxredux-${prediction.id}-${index + 1}.${ext}`, class: "button" }, "Download");
+  // Named with its visible text first, then which output it makes a final of.
+  const upscale = el("button", { type: "button", class: "upscale", "aria-label": `Upscale ${UPSCALE_SCALE}×: output ${index + 1}` }, `Upscale ${UPSCALE_SCALE}×`);
+  upscale.addEventListener("click", () => upscaleOutput(prediction.id, index, upscale));
   const verdicts = (prediction.safety || []).filter((v) => !v.unsafe);
   const safety = verdicts[index] ? "safety: passed" : prediction.safety?.length ? "" : "safety: not checked";
-  return el("figure", { class: "card" }, open, el("figcaption", {}, el("span", { class: "hint" }, `${ext.toUpperCase()} · ${safety}`), el("span", { class: "row" }, download)));
+  return el("figure", { class: "card" }, open, el("figcaption", {}, el("span", { class: "hint" }, `${ext.toUpperCase()} · ${safety}`), el("span", { class: "row" }, upscale, download)));
+}
+
+// A final from output ``index`` of the draft ``id`` (the shortcut route for a create with
+// upscale_from: the draft's references, prompt and seed), followed as a new run is.
+async function upscaleOutput(id, index, button) {
+  if (!state.key) {
+    promptKey("Enter your API key to run predictions.");
+    return;
+  }
+  clearErrors();
+  button.disabled = true;
+  setStatus(`Creating a ${UPSCALE_SCALE}× final…`);
+  try {
+    const created = await call(`/v1/prediction/${encodeURIComponent(id)}/upscale`, {
+      method: "POST",
+      body: JSON.stringify({ index, scale: UPSCALE_SCALE }),
+    });
+    watch(created.predictionID);
+  } catch (error) {
+    button.disabled = false;
+    setStatus("Not started.");
+    showApiError(error, "error-upscale_from");
+  }
+}
+
+// The draft a final was made from ({prediction, index}), or null for any other prediction.
+function draftOf(prediction) {
+  return prediction.upscaled_from || prediction.input?.upscale_from || null;
+}
+
+// "final 2× of output 1 of": what made a final, before its draft's id. (2×, as the button
+// says it: "×2" in the history is a number of outputs.)
+function finalLabel(prediction) {
+  const { scale, width, height } = prediction.input;
+  const size = scale ? `${scale}×` : width ? `${width}×${height}` : "";
+  return ["final", size, `of output ${draftOf(prediction).index + 1} of`].filter(Boolean).join(" ");
 }
 
 // --- sharing ----------------------------------------------------------------------------
@@ -688,17 +803,44 @@ async function loadHistory() {
   } catch {
     return;
   }
-  const list = $("history-list");
-  list.replaceChildren();
+  // A final is listed under its draft, when the draft is on this page too.
+  const listed = new Set(page.items.map((prediction) => prediction.id));
+  const finals = new Map(); // draft id -> its finals on this page
+  const top = [];
   for (const prediction of page.items) {
-    const first = outputUrls(prediction)[0];
-    const thumb = first ? el("img", { src: first, alt: "", loading: "lazy" }) : el("span", { class: "thumb-empty", "aria-hidden": "true" });
-    const when = new Date(prediction.created_at).toLocaleTimeString();
-    const label = `${prediction.status} · ${prediction.input.aspect_ratio} · ×${prediction.input.num_outputs} · ${when}`;
-    const button = el("button", { type: "button", class: "history-item", "aria-label": `Open prediction: ${label}` }, thumb, el("span", {}, label));
-    button.addEventListener("click", () => loadPrediction(prediction));
-    list.append(el("li", {}, button));
+    const draft = draftOf(prediction)?.prediction;
+    if (draft && listed.has(draft)) finals.set(draft, [...(finals.get(draft) || []), prediction]);
+    else top.push(prediction);
   }
+  $("history-list").replaceChildren(...top.map((prediction) => historyEntry(prediction, finals)));
+}
+
+function historyEntry(prediction, finals) {
+  const entry = el("li", {}, historyButton(prediction));
+  const made = finals.get(prediction.id) || [];
+  if (made.length) {
+    entry.append(el("ol", { class: "finals", "aria-label": "Finals made from it" }, ...made.map((final) => historyEntry(final, finals))));
+  }
+  return entry;
+}
+
+function historyButton(prediction) {
+  const first = outputUrls(prediction)[0];
+  const thumb = first ? el("img", { src: first, alt: "", loading: "lazy" }) : el("span", { class: "thumb-empty", "aria-hidden": "true" });
+  const when = new Date(prediction.created_at).toLocaleTimeString();
+  const label = `${prediction.status} · ${historySettings(prediction)} · ${when}`;
+  const button = el("button", { type: "button", class: "history-item", "aria-label": `Open prediction: ${label}` }, thumb, el("span", {}, label));
+  button.addEventListener("click", () => loadPrediction(prediction));
+  return button;
+}
+
+// What sets a prediction apart in the list: a final's draft, else its size and count.
+function historySettings(prediction) {
+  const input = prediction.input;
+  const draft = draftOf(prediction);
+  if (draft) return `${finalLabel(prediction)} ${draft.prediction}`;
+  const size = input.width ? `${input.width}×${input.height}` : input.aspect_ratio;
+  return `${size} · ×${input.num_outputs}`;
 }
 
 function loadPrediction(prediction) {
@@ -710,6 +852,7 @@ function loadPrediction(prediction) {
   for (const [name, field] of state.fields) {
     if (name in prediction.input) field.write(prediction.input[name]);
   }
+  showReferenceNeed();
   const reference = String(prediction.input.redux_image || "");
   clearReference();
   const ownFile = reference.match(new RegExp(`^${location.origin}/files/([A-Za-z0-9_-]{22})\\.`));

@@ -37,6 +37,14 @@ async function show() {
   if (!["success", "error", "cancelled"].includes(prediction.status)) setTimeout(() => location.reload(), 2000);
 }
 
+// Whether a field echoed with its default took part: the upscale settings only in a final,
+// the aspect ratio and megapixels not when a custom width and height (or a draft) set the size.
+function applies(name, input) {
+  if (name === "upscale_strength") return Boolean(input.upscale_from);
+  if (name === "aspect_ratio" || name === "megapixels") return !input.width && !input.upscale_from;
+  return true;
+}
+
 // Labelled as the playground labels them: total from created to completed, model the
 // worker's own time (metrics.predict_time).
 function times(metrics) {
@@ -56,7 +64,10 @@ function settingRows(prediction) {
     if (value === null || value === undefined || value === "") continue;
     if (name === "redux_image" || name === "redux_images" || name === "seed") continue; // below
     if (name === "output_quality" && input.output_format === "png") continue; // ignored for PNG
+    if (!applies(name, input)) continue;
     if (name === "disable_safety_checker") rows.push(["safety checker", value ? "off" : "on"]);
+    // Which output of which draft, without the draft's id: a share never names a prediction.
+    else if (name === "upscale_from") rows.push(["upscaled from", `output ${Number(value.index ?? 0) + 1} of a draft`]);
     else rows.push([name.replace(/_/g, " "), String(value)]);
   }
   const mix = input.redux_images;

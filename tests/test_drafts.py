@@ -239,3 +239,11 @@ def test_the_replicate_surface_takes_all_three(api: Harness) -> None:
         assert size(final) == (1536, 512) and final["input"]["upscale_from"]["prediction"] == custom["id"]
         refused = http.post(model, json={"input": {}})
         assert refused.status_code in (400, 422) and "redux_image" in refused.text, refused.text
+
+
+def test_an_upscale_counts_against_the_limits_like_any_create(tmp_path: Path) -> None:
+    with running_server(tmp_path, model=FakeModel(), rate_limit_per_minute=2) as api:
+        draft = finished(api, api.create(seed=2, megapixels="0.25"))
+        assert api.http.post(f"/v1/prediction/{draft['id']}/upscale", json={}).status_code == 200
+        over = api.http.post(f"/v1/prediction/{draft['id']}/upscale", json={})
+        assert over.status_code == 429 and "Retry-After" in over.headers, over.text

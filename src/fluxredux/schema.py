@@ -84,6 +84,8 @@ MIN_SIDE, MAX_SIDE = 256, 2048
 # table's 1024 x 1024), e.g. a 0.25 MP 16:9 draft upscaled 4x (2688 x 1536).
 MAX_AREA = 4 * 1024 * 1024
 UPSCALE_SCALES = (2, 4)
+# One side of a custom size.
+CustomSide = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIDE_MULTIPLE)]
 # The widest and tallest proportions match_input gives: those of the table (21:9, 9:21).
 _MATCH_RATIOS = (640 / 1536, 1536 / 640)
 
@@ -274,21 +276,15 @@ class PredictionInput(BaseModel):
         examples=["pad"],
         json_schema_extra={"x-fluxredux-advanced": True},
     )
-    width: int | None = Field(
+    width: CustomSide | None = Field(
         None,
-        ge=MIN_SIDE,
-        le=MAX_SIDE,
-        multiple_of=SIDE_MULTIPLE,
         description=f"A custom size instead of aspect_ratio and megapixels: the width in pixels "
         f"({MIN_SIDE}-{MAX_SIDE}, a multiple of {SIDE_MULTIPLE}); give height too.",
         examples=[1536],
         json_schema_extra={"x-fluxredux-advanced": True},
     )
-    height: int | None = Field(
+    height: CustomSide | None = Field(
         None,
-        ge=MIN_SIDE,
-        le=MAX_SIDE,
-        multiple_of=SIDE_MULTIPLE,
         description=f"The custom size's height in pixels ({MIN_SIDE}-{MAX_SIDE}, a multiple of "
         f"{SIDE_MULTIPLE}); give width too.",
         examples=[512],

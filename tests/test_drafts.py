@@ -106,6 +106,11 @@ def test_neither_a_prompt_nor_a_reference_is_a_400_naming_redux_image(api: Harne
 def test_the_hosted_contract_is_unchanged_without_the_new_fields(api: Harness) -> None:
     done = finished(api, api.create(seed=3))
     assert "upscaled_from" not in done  # a final's field only
+    # Nor does the input's echo grow: the new fields are recorded only where used.
+    assert not {"width", "height", "upscale_from", "scale", "upscale_strength"} & done["input"].keys()
+    custom = finished(api, api.create(seed=3, width=512, height=256))
+    assert (custom["input"]["width"], custom["input"]["height"]) == (512, 256)
+    assert "upscale_strength" not in custom["input"] and "scale" not in custom["input"]
 
 
 # --- finals from drafts ---------------------------------------------------------------------

@@ -243,10 +243,18 @@ def _is_url(reference: str) -> bool:
     return reference[:8].lower().startswith(("http://", "https://"))
 
 
+UNTIL_USED = ("width", "height", "upscale_from", "scale", "upscale_strength")
+
+
 def recorded_input(inputs: PredictionInput, stored: list[StoredImage]) -> dict[str, object]:
     """The input as the prediction keeps and echoes it: each reference that is not a URL
     by its stored file's id (not a 30 MB data: URI echoed on every poll)."""
     recorded = inputs.model_dump(mode="json")
+    # The fields of drafts to finals are kept only where used: a prediction without them
+    # is recorded, and echoed, exactly as before they existed (the hosted contract).
+    for name in UNTIL_USED:
+        if recorded[name] is None or (name == "upscale_strength" and inputs.upscale_from is None):
+            del recorded[name]
     if not stored:  # a prompt alone
         return recorded
     if inputs.redux_images is None:

@@ -83,14 +83,32 @@ def test_a_claim_that_runs_out_unfinished_can_be_taken_over(
     clock.now += 1
     taken = store.claim("key-a", "k1", "fp1", "pred-new")
     assert taken.won
-    # The claim it replaced may have made its prediction: the new claimer is told of it.
+    # The claim it replaced may have made its prediction: the new claimer is told of it,
+    # and, for the same request, names that prediction again rather than its own.
     assert taken.abandoned is not None and taken.abandoned.prediction_id == "pred-stale"
+    assert taken.record.prediction_id == "pred-stale"
     # The first claimer, back late, changes nothing: fenced by the claim's token.
     assert not store.complete(stale.record)
     assert not store.release(stale.record)
     assert store.complete(taken.record)
     found = store.get("key-a", "k1")
-    assert found is not None and found.prediction_id == "pred-new"
+    assert found is not None and found.prediction_id == "pred-stale"
+
+
+def test_claims_failing_in_a_row_name_the_first_ones_prediction(store: IdempotencyStore) -> None:
+    """However many creates of the same request fail without knowing whether the first was
+    made (its answer lost, then the look for it too), each names the same prediction: it
+    can be made once only. Another request under the key names its own."""
+    first = store.claim("key-a", "k1", "fp1", "pred-1")
+    assert store.release(first.record)
+    for attempt in range(2, 5):
+        again = store.claim("key-a", "k1", "fp1", f"pred-{attempt}")
+        assert again.won and again.record.prediction_id == "pred-1", attempt
+        assert again.abandoned is not None and again.abandoned.prediction_id == "pred-1"
+        assert store.release(again.record)
+    other = store.claim("key-a", "k1", "fp-other", "pred-10")
+    assert other.won and other.record.prediction_id == "pred-10"
+    assert other.abandoned is not None and other.abandoned.prediction_id == "pred-1"
 
 
 def test_release_frees_the_key_but_not_a_completed_one(store: IdempotencyStore) -> None:
@@ -390,3 +408,7 @@ def test_a_keyed_create_whose_answer_redis_loses_is_found_by_its_retry(
     assert created_count(api) == before + 1
     again = eachlabs_create(api, "lost-in-redis")
     assert again.json()["predictionID"] == retried.json()["predictionID"]
+    # The failed create left the queued job its reference: a worker can run it.
+    job = api.services.store.get(retried.json()["predictionID"])
+    assert job is not None and job.input_files
+    assert all(api.services.blobs.exists(name) for name in job.input_files)

@@ -82,7 +82,8 @@ class IdempotencyStore(Protocol):
     ) -> Claim:
         """One atomic step: when (scope, key) has no live record (none, expired, or a claim
         that ended without completing), store a new claim for ``fingerprint`` that will make
-        ``prediction_id`` and win; otherwise lose, with the live record (whatever its
+        ``prediction_id`` (or the prediction an abandoned claim of the same fingerprint
+        named: ``inherited``) and win; otherwise lose, with the live record (whatever its
         fingerprint). A claim resent after its answer was lost finds itself and wins."""
 
     def complete(self, claimed: IdempotencyRecord, adopt: IdempotencyRecord | None = None) -> bool:
@@ -108,6 +109,16 @@ def is_live(record: IdempotencyRecord, now: float) -> bool:
     if record.expires_at <= now:
         return False
     return record.claim_expires_at is None or record.claim_expires_at > now
+
+
+def inherited(replaced: IdempotencyRecord | None, fingerprint: str) -> str | None:
+    """The prediction id a new claim for ``fingerprint`` takes over from the abandoned claim
+    it replaces: the same request's, so that however many claims fail in a row without
+    knowing whether it was made, each names the same prediction (and a create can make
+    it only once: the id is taken then)."""
+    if replaced is None or replaced.fingerprint != fingerprint:
+        return None
+    return replaced.prediction_id
 
 
 def abandoned(record: IdempotencyRecord | None, now: float) -> IdempotencyRecord | None:

@@ -119,15 +119,20 @@ async def create_once(
         if time.monotonic() > deadline:
             raise Unavailable(f"a create with this {HEADER} is still in progress; retry shortly")
         await asyncio.sleep(_POLL_SECONDS)
-    if claim.abandoned is not None and (job := await _made(services, key, claim.abandoned)) is not None:
-        # An earlier create with this key failed, but only its answer was lost: its
-        # prediction is the key's, for the request that made it.
-        await asyncio.to_thread(store.complete, record, claim.abandoned)
-        if claim.abandoned.fingerprint != fingerprinted:
-            raise _conflict()
-        return job
     try:
-        job = await create(prediction_id)
+        if claim.abandoned is not None and (job := await _made(services, key, claim.abandoned)) is not None:
+            # An earlier create with this key failed, but only its answer was lost: its
+            # prediction is the key's, for the request that made it. (Not recorded as
+            # such if the store fails now: the claim names it, the next one finds it.)
+            with contextlib.suppress(StoreUnavailable):
+                await asyncio.to_thread(store.complete, record, claim.abandoned)
+            if claim.abandoned.fingerprint != fingerprinted:
+                raise _conflict()
+            return job
+        # The claim's id: this create's, or the one an abandoned claim of the same request
+        # named (its create may yet turn out to have made it: then the id is taken, and
+        # the create answers with that prediction).
+        job = await create(record.prediction_id or prediction_id)
     except BaseException:
         # Nothing that is known of was made: the key is free for the retry (a refusal is
         # not remembered). The claim stays behind, ended, naming its prediction, in case

@@ -147,16 +147,38 @@ def _accept(
         input_files=[image.name for image in stored],
         progress_total=_steps(inputs, stored),
     )
+    copies = [image.name for image in stored if image.saved_now]
     try:
         capacity = _insert(services, job)
-        if not capacity.accepted:
-            full = QueueFull("the server's queue is full; try again")
-            raise capacity_error(services.settings, capacity) or full
-    except FluxReduxError:
-        # Refused: the copies made for this request go (an upload stays).
-        services.blobs.delete([image.name for image in stored if image.saved_now])
-        raise
+    except KeyError:
+        # Its id is taken: an earlier create under the same Idempotency-Key named it and
+        # was queued after all (its answer lost). That job is the answer; these copies go.
+        services.blobs.delete(copies)
+        return _made_already(services, key, job.id)
+    except StoreUnavailable as exc:
+        # The insert's answer may be what was lost, with the job queued: its files stay
+        # unless the job is surely not there (a retry under its key finds the job, which
+        # needs them; without a key, it runs, and the worker finds it by its poll).
+        try:
+            found = services.store.get(job.id)
+        except StoreUnavailable:
+            raise exc from None
+        if found is None:
+            services.blobs.delete(copies)
+            raise
+        return found
+    if not capacity.accepted:
+        services.blobs.delete(copies)  # refused: the copies made for this request go (an upload stays)
+        full = QueueFull("the server's queue is full; try again")
+        raise capacity_error(services.settings, capacity) or full
     return job
+
+
+def _made_already(services: Services, key: ApiKey, prediction_id: str) -> Job:
+    found = services.store.get(prediction_id)
+    if found is None or found.owner != key.id:  # ids are random: never another's, but say so
+        raise StoreUnavailable(f"prediction {prediction_id} was made and is gone; retry the create")
+    return found
 
 
 def _store_inputs(

@@ -44,12 +44,16 @@ if r[1] and tonumber(r[5]) > now and (r[6] == '' or tonumber(r[6]) > now) then
 end
 local expires = fmt(now + tonumber(ARGV[4]))
 local claim = fmt(now + tonumber(ARGV[5]))
+if not r[1] then r = {'', '', '', '', '', ''} end
+-- The same request's abandoned claim (unfinished, within its 24 h): its prediction is named
+-- again (see access.idempotency.inherited).
+local prediction = ARGV[6]
+if r[1] == ARGV[2] and r[3] ~= '' and r[6] ~= '' and tonumber(r[5]) > now then prediction = r[3] end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'fingerprint', ARGV[2], 'token', ARGV[3], 'prediction_id', ARGV[6],
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[2], 'token', ARGV[3], 'prediction_id', prediction,
   'created_at', fmt(now), 'expires_at', expires, 'claim_expires_at', claim)
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[4])) + 60)
-if not r[1] then r = {'', '', '', '', '', ''} end
-return {1, ARGV[2], ARGV[3], ARGV[6], fmt(now), expires, claim, r[1], r[2], r[3], r[4], r[5], r[6]}
+return {1, ARGV[2], ARGV[3], prediction, fmt(now), expires, claim, r[1], r[2], r[3], r[4], r[5], r[6]}
 """
 )
 

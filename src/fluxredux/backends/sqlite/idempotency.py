@@ -11,6 +11,7 @@ from fluxredux.access.idempotency import (
     Claim,
     IdempotencyRecord,
     abandoned,
+    inherited,
     is_live,
     new_token,
 )
@@ -67,8 +68,16 @@ class SQLiteIdempotencyStore(ClockedTables):
             found = _record(row) if row is not None else None
             if found is not None and is_live(found, now):
                 return Claim(won=False, record=found)
+            replaced = abandoned(found, now)
             claimed = IdempotencyRecord(
-                scope, key, fingerprint, new_token(), prediction_id, now, now + ttl, now + claim_seconds
+                scope,
+                key,
+                fingerprint,
+                new_token(),
+                inherited(replaced, fingerprint) or prediction_id,
+                now,
+                now + ttl,
+                now + claim_seconds,
             )
             db.execute(
                 f"INSERT OR REPLACE INTO idempotency_keys ({_FIELDS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -83,7 +92,7 @@ class SQLiteIdempotencyStore(ClockedTables):
                     claimed.claim_expires_at,
                 ),
             )
-        return Claim(won=True, record=claimed, abandoned=abandoned(found, now))
+        return Claim(won=True, record=claimed, abandoned=replaced)
 
     def complete(self, claimed: IdempotencyRecord, adopt: IdempotencyRecord | None = None) -> bool:
         made, scope, key = adopt or claimed, claimed.scope, claimed.key

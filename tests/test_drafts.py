@@ -185,41 +185,68 @@ def test_a_draft_that_is_not_the_callers_or_not_usable_is_refused_naming_upscale
         json=body(upscale_from={"prediction": draft["id"]}),
         headers={"X-API-Key": other},
     )
-    assert refused(theirs, 404) == "upscale_from"
-    assert refused(api.http.post("/v1/prediction/unknown-id/upscale", json={}), 404) == "upscale_from"
+    assert refused(theirs, 404) == "input.upscale_from"
+    assert refused(api.http.post("/v1/prediction/unknown-id/upscale", json={}), 404) == "input.upscale_from"
     out_of_range = api.http.post(f"/v1/prediction/{draft['id']}/upscale", json={"index": 2})
-    assert refused(out_of_range) == "upscale_from.index"
+    assert refused(out_of_range) == "input.upscale_from.index"
     too_large = api.http.post("/v1/prediction/", json=body(upscale_from={"prediction": draft["id"]}, scale=4))
     assert too_large.status_code == 200  # 16:9 at 0.25 MP x4 is 2688x1536: under 4 MP
     big = finished(api, api.http.post("/v1/prediction/", json=api.body(seed=1)))  # 1 MP
     past = api.http.post("/v1/prediction/", json=body(upscale_from={"prediction": big["id"]}, scale=4))
-    assert refused(past) == "scale" and "4 MP" in past.json()["error"]
+    assert refused(past) == "input.scale" and "4 MP" in past.json()["error"]
     bad = api.http.post("/v1/prediction/", json=body(upscale_from={"prediction": draft["id"]}, scale=3))
     assert refused(bad) == "input.scale"
     alone = api.http.post("/v1/prediction/", json=api.body(scale=2))
     assert refused(alone) == "input.scale"
 
 
-def test_a_draft_still_running_or_whose_files_are_gone_is_a_clear_4xx(tmp_path: Path) -> None:
-    with running_server(tmp_path, model=FakeModel(step_seconds=0.5)) as api:
-        running = api.create_id(seed=1)
-        early = api.http.post(f"/v1/prediction/{running}/upscale", json={})
-        assert refused(early) == "upscale_from" and "only a finished one" in early.json()["error"]
-        done = api.wait_status(running, {"success"})
-        api.services.blobs.delete([name for name in api.services.store.get(running).output])  # type: ignore[union-attr]
-        gone = api.http.post(f"/v1/prediction/{done['id']}/upscale", json={})
-        assert refused(gone, 404) == "upscale_from" and "no longer stored" in gone.json()["error"]
+def test_a_draft_not_finished_is_refused_naming_upscale_from(tmp_path: Path) -> None:
+    with running_server(tmp_path, model=FakeModel(), run_worker=False) as api:
+        waiting = api.create_id(seed=1)  # no worker: it stays queued
+        early = api.http.post(f"/v1/prediction/{waiting}/upscale", json={})
+        assert refused(early) == "input.upscale_from" and "only a finished one" in early.json()["error"]
 
 
-def test_a_final_keeps_its_inputs_when_its_draft_is_deleted(tmp_path: Path) -> None:
-    with running_server(tmp_path, model=FakeModel(step_seconds=0.3)) as api:
-        draft = finished(api, api.create(seed=5, megapixels="0.25"))
-        final_id = api.http.post(f"/v1/prediction/{draft['id']}/upscale", json={}).json()["predictionID"]
-        stored = api.services.store.get(draft["id"])
-        assert stored is not None
-        api.services.blobs.delete([*stored.input_files, *stored.output])  # the draft's files go
-        final = api.wait_status(final_id, {"success", "error"})
-        assert final["status"] == "success", final
+def test_a_draft_whose_files_are_gone_is_a_404_naming_upscale_from(api: Harness) -> None:
+    done = draft_of(api)
+    stored = api.services.store.get(done["id"])
+    assert stored is not None
+    api.services.blobs.delete(stored.output)
+    gone = api.http.post(f"/v1/prediction/{done['id']}/upscale", json={})
+    assert refused(gone, 404) == "input.upscale_from" and "no longer stored" in gone.json()["error"]
+
+
+def test_a_final_keeps_its_inputs_when_its_draft_is_deleted(api: Harness) -> None:
+    done = finished(api, api.create(seed=5, megapixels="0.25"))
+    final_id = api.http.post(f"/v1/prediction/{done['id']}/upscale", json={}).json()["predictionID"]
+    stored, final = api.services.store.get(done["id"]), api.services.store.get(final_id)
+    assert stored is not None and final is not None
+    # Copies of its own: the draft's reference and output, not links to them.
+    assert len(final.input_files) == 2 and not set(final.input_files) & {*stored.input_files, *stored.output}
+    api.services.blobs.delete([*stored.input_files, *stored.output])  # the draft's files go
+    assert api.wait_status(final_id, {"success", "error"})["status"] == "success"
+
+
+def test_a_final_needs_something_to_steer_it(api: Harness) -> None:
+    draft = draft_of(api)
+    nothing = {"upscale_from": {"prediction": draft["id"]}, "redux_image": None}
+    assert refused(api.http.post("/v1/prediction/", json=body(**nothing))) == "input.redux_image"
+    ratio = {"upscale_from": {"prediction": draft["id"]}, "aspect_ratio": "1:1"}
+    assert refused(api.http.post("/v1/prediction/", json=body(**ratio))) == "input.aspect_ratio"
+    many = {"upscale_from": {"prediction": draft["id"]}, "scale": 4, "num_outputs": 2}
+    answer = api.http.post("/v1/prediction/", json=body(**many))
+    assert refused(answer) == "input.num_outputs" and "4 MP" in answer.json()["error"]
+    custom = api.create(width=2048, height=2048, num_outputs=2)
+    assert refused(custom) == "input.num_outputs"
+
+
+def test_a_shared_final_does_not_name_its_draft(api: Harness) -> None:
+    draft = draft_of(api)
+    final = finished(api, api.http.post(f"/v1/prediction/{draft['id']}/upscale", json={"index": 1}))
+    link = api.http.post(f"/v1/prediction/{final['id']}/share", json={}).json()
+    shared = httpx.get(f"{api.url}/v1/share/{link['token']}").json()
+    assert shared["input"]["upscale_from"] == {"index": 1}
+    assert draft["id"] not in str(shared)
 
 
 def test_the_replicate_surface_takes_all_three(api: Harness) -> None:

@@ -132,3 +132,9 @@ def test_a_prompt_alone_is_text_to_image(demo_model: ReduxModel) -> None:
     bird = predict(demo_model, [], prompt="a blue bird", width=512, height=256, seed=1, num_inference_steps=2)
     assert again.outputs[0].data == fox.outputs[0].data != bird.outputs[0].data
     assert "prior" not in fox.timings and fox.timings["prompt"] > 0
+
+
+def test_a_prompt_alone_ignores_redux_strength(demo_model: ReduxModel) -> None:
+    fields = {"prompt": "a red fox", "width": 256, "height": 256, "seed": 4, "num_inference_steps": 1}
+    weak = predict(demo_model, [], redux_strength=0.3, **fields)
+    assert weak.outputs[0].data == predict(demo_model, [], **fields).outputs[0].data

@@ -81,7 +81,9 @@ SIDE_MULTIPLE = 16
 # Custom sizes (width and height): each side in this range, a multiple of SIDE_MULTIPLE.
 MIN_SIDE, MAX_SIDE = 256, 2048
 # The largest image made, custom or upscaled: 4 MP in this API's megapixels (1 MP is the
-# table's 1024 x 1024), e.g. a 0.25 MP 16:9 draft upscaled 4x (2688 x 1536).
+# table's 1024 x 1024), e.g. a 0.25 MP 16:9 draft upscaled 4x (2688 x 1536). Also the most
+# a custom or upscaled prediction makes in all (num_outputs x width x height): what the
+# hosted sizes reach at most (4 outputs of about 1 MP), so no request needs more memory.
 MAX_AREA = 4 * 1024 * 1024
 UPSCALE_SCALES = (2, 4)
 # One side of a custom size.
@@ -116,6 +118,13 @@ def refine_steps(num_inference_steps: int, strength: float) -> int:
     least one). Here, torch-free: the API reports a final's step count too."""
     start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
     return max(1, num_inference_steps - start)
+
+
+def _too_many_pixels(width: int, height: int, outputs: int) -> str:
+    return (
+        f"{outputs} outputs of {width}x{height} are {width * height * outputs:,} pixels; at most "
+        f"{MAX_AREA:,} (4 MP) in all: ask fewer outputs or a smaller size"
+    )
 
 
 def _matching_size(reference: tuple[int, int], area: int) -> tuple[int, int]:
@@ -405,10 +414,19 @@ class PredictionInput(BaseModel):
                     "size_too_large",
                     f"width x height is {self.width * self.height:,} pixels; at most {MAX_AREA:,} (4 MP)",
                 )
+            if self.width * self.height * self.num_outputs > MAX_AREA:
+                raise PydanticCustomError(
+                    "outputs_too_large", _too_many_pixels(self.width, self.height, self.num_outputs)
+                )
         if self.upscale_from is None:
             for field in ("scale", "upscale_strength"):
                 if field in given:
                     raise PydanticCustomError(f"{field}_without_upscale", f"{field} needs upscale_from")
+        elif "aspect_ratio" in given:
+            raise PydanticCustomError(
+                "aspect_ratio_with_upscale",
+                "a final keeps its draft's proportions: give scale, megapixels, or width and height",
+            )
         elif self.scale is not None and ("megapixels" in given or self.width is not None):
             raise PydanticCustomError("scale_twice", "give scale, or megapixels, or width and height: one")
         return self
@@ -459,6 +477,8 @@ class PredictionInput(BaseModel):
                 f"{field}: the final would be {width}x{height} ({width * height:,} pixels); at most "
                 f"{MAX_AREA:,} (4 MP)"
             )
+        if width * height * self.num_outputs > MAX_AREA:
+            raise ValueError(f"num_outputs: {_too_many_pixels(width, height, self.num_outputs)}")
         return width, height
 
     def with_upscale_scale(self) -> PredictionInput:
@@ -506,6 +526,8 @@ _ABOUT = {
     "scale_without_upscale": ("scale",),
     "upscale_strength_without_upscale": ("upscale_strength",),
     "scale_twice": ("scale",),
+    "aspect_ratio_with_upscale": ("aspect_ratio",),
+    "outputs_too_large": ("num_outputs",),
 }
 
 

@@ -17,7 +17,7 @@ from fluxredux.jobs.job import Job, Status
 from fluxredux.jobs.store import JobStore
 from fluxredux.schema import PredictionInput
 
-FIELD = "upscale_from"
+FIELD = "input.upscale_from"
 # What a final takes from its draft unless the request gives it.
 _CONDITIONING = ("redux_image", "redux_images", "prompt", "redux_strength", "redux_image_crop")
 
@@ -70,9 +70,14 @@ def final_from(draft: Job, inputs: PredictionInput) -> Final:
         taken.pop("redux_image")
         taken.pop("redux_images")
     update = {name: value for name, value in taken.items() if name not in given}
-    if "seed" not in given and draft.seed is not None:
+    if inputs.seed is None and draft.seed is not None:  # "seed": null is no seed given
         update["seed"] = draft.seed
     final = inputs.model_copy(update=update).with_upscale_scale()
+    if not final.references and final.prompt is None:
+        # The request's nulls took away what conditioned the draft (its references, or
+        # its prompt alone): nothing is left to steer the final.
+        message = "a final needs its draft's reference or prompt; the request gives neither"
+        raise _refused(message, "input.redux_image")
     own = "redux_image" not in update
     references = [] if own else draft.input_files[: len(drafted.references)]
     return Final(input=final, files=[*references, draft.output[source.index]], own_references=own)
@@ -84,7 +89,7 @@ def checked_size(final: PredictionInput, draft_size: tuple[int, int]) -> tuple[i
         return final.upscaled_size(draft_size)
     except ValueError as exc:
         field, _, message = str(exc).partition(": ")
-        raise _refused(message, field) from None
+        raise _refused(message, f"input.{field}") from None
 
 
 def files_gone(draft: Job) -> ImageFileNotFound:

@@ -40,8 +40,8 @@ class GenerationRequest:
     what is asked for, so a request stays a plain value that compares, prints and can be
     run again as it is."""
 
-    # Made square already, their shares summing to 1. None: the prompt alone conditions
-    # (plain FLUX.1 [schnell] text-to-image, no Redux prior).
+    # Made square already, their shares summing to 1. None (empty): the prompt alone
+    # conditions (plain FLUX.1 [schnell] text-to-image, no Redux prior).
     references: Sequence[Reference]
     width: int
     height: int

@@ -350,7 +350,10 @@ class ReduxModel:
             else request.num_inference_steps
         )
         tokens = image_tokens(pipe, request.width, request.height)
-        if request.strength < 1 and not self.attention.takes_bias:
+        # A prompt alone has no reference to weaken: its strength changes nothing, and must
+        # not ask for a bias (nor be refused where the backend takes none).
+        strength = request.strength if request.references else 1.0
+        if strength < 1 and not self.attention.takes_bias:
             raise InvalidInput(
                 f"redux_strength below 1 needs an attention bias, which this worker's attention "
                 f"backend ({self.attention.name}) does not take; use redux_strength 1",
@@ -388,7 +391,7 @@ class ReduxModel:
             pipe,
             conditioning,
             layout,
-            request.strength,
+            strength,
             width=request.width,
             height=request.height,
             num_outputs=request.num_outputs,

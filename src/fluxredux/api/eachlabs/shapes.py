@@ -42,9 +42,10 @@ class PredictionRequest(BaseModel):
 class UpscaleRequest(BaseModel):
     """Body of ``POST /v1/prediction/{id}/upscale``: a final from one of that prediction's
     outputs; a shortcut for a create with ``upscale_from``. The fields are checked as that
-    create's input is (the one input model), so each is only typed here."""
+    create's input is (the one input model), so each is only typed here: strictly, so that
+    a JSON true is not read as 1 on its way there (the input model refuses it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     index: int = Field(0, description="Which output of the draft (0: the first).")
     scale: int | None = Field(

@@ -96,6 +96,9 @@ def public_view(share: Share, job: Job, base: str) -> SharedPrediction:
     if not share.include_reference:
         shown_input.pop("redux_image", None)
         shown_input.pop("redux_images", None)
+    if isinstance(source := shown_input.get("upscale_from"), dict):
+        # A share never names a prediction: of a final's draft, only which output it was.
+        shown_input["upscale_from"] = {"index": source.get("index", 0)}
     return SharedPrediction(
         status=full.status,
         input=shown_input,

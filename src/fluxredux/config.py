@@ -17,10 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ModelChoice = Literal["auto", "flux", "demo", "fake"]
 MetricsAccess = Literal["open", "key", "off"]
-Offload = Literal["none", "model", "sequential"]
+Offload = Literal["none", "model", "sequential", "group"]
 TextEncoderPolicy = Literal["keep", "unload"]
 CompileMode = Literal["none", "transformer", "all"]
-Quantization = Literal["none", "fp8"]
+Quantization = Literal["none", "fp8", "int8", "nf4", "gguf"]
+TextEncoderQuantization = Literal["none", "int8", "nf4"]
 LogFormat = Literal["text", "json"]
 
 # How long a SQLite write waits for another process's write lock before giving up: long
@@ -56,7 +57,26 @@ class Settings(BaseSettings):
     offload: Offload = Field(
         "none",
         description="CUDA only. model: keep idle components in CPU RAM (saves ~10 GiB of GPU memory, "
-        "slower); sequential: stream weights layer by layer (smallest GPU footprint, much slower).",
+        "slower); group: the transformer's blocks streamed to the GPU a group at a time, overlapped "
+        "with compute on CUDA streams (diffusers group offloading); sequential: stream weights layer "
+        "by layer (smallest GPU footprint, much slower).",
+    )
+    memory_profile: str = Field(
+        "auto",
+        description="auto: on a CUDA GPU, the fastest combination of quantize and offload that fits "
+        "its free memory (docs/performance.md has the table), unless quantize or offload is given, "
+        "which always wins; elsewhere nothing changes. A profile's name picks that one. manual: only "
+        "quantize and offload as given.",
+    )
+    transformer_file: str | None = Field(
+        None,
+        description="quantize=gguf: the transformer as one GGUF checkpoint, a local path or a Hugging "
+        "Face file as owner/repo/file.gguf (`fluxredux download --gguf Q8_0` fetches one).",
+    )
+    text_encoder_quantize: TextEncoderQuantization = Field(
+        "none",
+        description="The T5 text encoder a prompt loads (CLIP is small): int8 (torchao, weight-only) "
+        "or nf4 (bitsandbytes, CUDA) to hold it in less memory.",
     )
     text_encoders: TextEncoderPolicy = Field(
         "keep",
@@ -128,9 +148,11 @@ class Settings(BaseSettings):
     )
     quantize: Quantization = Field(
         "none",
-        description="fp8: the transformer's linear layers in float8 (dynamic activations and weights, "
-        "torchao), about twice the matmul throughput with a small change in outputs. Needs a CUDA GPU "
-        "of compute capability 8.9 or newer (Ada, Hopper, Blackwell) and torchao installed.",
+        description="The transformer's weights. fp8: float8 linear layers (dynamic activations and "
+        "weights, torchao), about twice the matmul throughput; needs a CUDA GPU of compute capability "
+        "8.9 or newer (Ada, Hopper, Blackwell). int8: torchao int8 weight-only (any CUDA GPU, and CPUs): "
+        "half bf16's memory. nf4: bitsandbytes 4-bit (CUDA): about a quarter. gguf: a GGUF checkpoint "
+        "(transformer_file), dequantised layer by layer as it runs.",
     )
 
     # --- the server -------------------------------------------------------------------

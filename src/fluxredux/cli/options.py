@@ -21,7 +21,15 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from fluxredux.cli.app import err
-from fluxredux.config import CompileMode, LogFormat, ModelChoice, Quantization, Settings
+from fluxredux.config import (
+    CompileMode,
+    LogFormat,
+    ModelChoice,
+    Offload,
+    Quantization,
+    Settings,
+    TextEncoderQuantization,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -74,8 +82,39 @@ QuantizeOption = Annotated[
     Quantization | None,
     typer.Option(
         "--quantize",
-        help="fp8: the transformer in float8 (CUDA, compute capability 8.9+). "
-        "Default: FLUXREDUX_QUANTIZE or none.",
+        help="The transformer: fp8 (CUDA 8.9+), int8 (torchao; CUDA or CPU), nf4 (bitsandbytes, CUDA), "
+        "gguf (--transformer-file). Default: FLUXREDUX_QUANTIZE, or what --memory-profile picks.",
+    ),
+]
+OffloadOption = Annotated[
+    Offload | None,
+    typer.Option(
+        "--offload",
+        help="CUDA: model (idle parts in CPU RAM), group (transformer blocks streamed in groups), "
+        "sequential (layer by layer). Default: FLUXREDUX_OFFLOAD, or what --memory-profile picks.",
+    ),
+]
+MemoryProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-profile",
+        help="auto: on CUDA, the fastest quantize/offload that fits the free GPU memory (an explicit "
+        "--quantize or --offload wins); a profile's name (fluxredux doctor lists them); manual. "
+        "Default: FLUXREDUX_MEMORY_PROFILE or auto.",
+    ),
+]
+TransformerFileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--transformer-file",
+        help="--quantize gguf: a GGUF checkpoint of the transformer (path, or owner/repo/file.gguf).",
+    ),
+]
+TextEncoderQuantizeOption = Annotated[
+    TextEncoderQuantization | None,
+    typer.Option(
+        "--text-encoder-quantize",
+        help="T5 for prompts: int8 or nf4 (CUDA). Default: FLUXREDUX_TEXT_ENCODER_QUANTIZE or none.",
     ),
 ]
 
@@ -130,6 +169,10 @@ class ModelFlags(Bundle):
     attention_backend: AttentionBackendOption = None
     compile: CompileOption = None
     quantize: QuantizeOption = None
+    offload: OffloadOption = None
+    memory_profile: MemoryProfileOption = None
+    transformer_file: TransformerFileOption = None
+    text_encoder_quantize: TextEncoderQuantizeOption = None
 
 
 @dataclass(frozen=True)

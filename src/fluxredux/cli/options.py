@@ -192,13 +192,18 @@ def settings_from(*bundles: Bundle, **overrides: Any) -> Settings:
 
     given = {k: v for bundle in bundles for k, v in bundle.overrides().items()} | overrides
     try:
-        return Settings(**{k: v for k, v in given.items() if v is not None})
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(part) for part in error["loc"]) or "settings"
             message = str(error["msg"]).removeprefix("Value error, ")
             err.print(f"[bold red]error[/]: {where}: {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    if settings.memory_profile == "auto" and {"quantize", "offload"} & settings.model_fields_set:
+        # A quantize or offload given (a flag or its FLUXREDUX_ variable) wins over auto. Decided
+        # here, where what was given is known: a worker child gets every setting as a variable.
+        settings = settings.model_copy(update={"memory_profile": "manual"})
+    return settings
 
 
 def require_model_packages(settings: Settings) -> None:

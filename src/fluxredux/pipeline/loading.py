@@ -12,11 +12,14 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Literal
 
-from fluxredux.config import Settings
+from fluxredux.config import Offload, Settings
 from fluxredux.errors import ModelUnavailable
 
 if TYPE_CHECKING:
+    import torch
+
     from fluxredux.pipeline.redux_model import ReduxModel
+    from fluxredux.pipeline.speed import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +80,48 @@ def load_model(settings: Settings) -> ReduxModel:
         log.info("loading the DEMO model (%s): random weights, outputs are noise", why)
     else:
         schnell_ref, redux_ref = settings.schnell_model, settings.redux_model
+    tuning, offload, profile = Tuning.from_settings(settings), settings.offload, ""
+    if kind == "flux" and device.type == "cuda" and settings.memory_profile != "manual":
+        tuning, offload, profile = _with_memory_profile(settings, device, tuning)
     model = ReduxModel.load(
         schnell_ref,
         redux_ref,
         kind=kind,
         device=device,
-        offload=settings.offload,
+        offload=offload,
         conditioning_cache=ConditioningCache.from_megabytes(settings.conditioning_cache_mb),
         keep_text_encoders=settings.text_encoders == "keep",
-        tuning=Tuning.from_settings(settings),
+        tuning=tuning,
+        memory_profile=profile,
     )
     log.info("model ready: %s", model.info.describe())
     return model
+
+
+def _with_memory_profile(
+    settings: Settings, device: torch.device, tuning: Tuning
+) -> tuple[Tuning, Offload, str]:
+    """The quantize and offload of the memory profile asked for ("auto": the fastest that
+    fits this GPU's free memory now; a profile's name: that one), and the line that says
+    which and why (the model's description shows it: the log, /health, workers)."""
+    from dataclasses import replace
+
+    import torch
+
+    from fluxredux.pipeline.devices import cuda_device
+    from fluxredux.pipeline.memory_profiles import choose_profile, describe_choice
+
+    # This worker's GPU only: reading another's free memory would make a CUDA context there.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        choice = choose_profile(
+            cuda_device(index),
+            requested=settings.memory_profile,
+            conditioning_cache_mb=settings.conditioning_cache_mb,
+        )
+    except ValueError as exc:
+        raise ModelUnavailable(f"--memory-profile: {exc}") from None
+    line = describe_choice(choice)
+    log.info("%s: %s", line, choice.reason)
+    profile = choice.profile
+    return replace(tuning, quantize=profile.quantize), profile.offload, line

@@ -19,7 +19,7 @@ from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from PIL import Image
 from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
-from fluxredux.config import Offload
+from fluxredux.config import Offload, TextEncoderQuantization
 from fluxredux.errors import InvalidInput, ModelUnavailable, PredictionCancelled, TextEncodersMissing
 from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
 from fluxredux.pipeline.attention import AttentionChoice
@@ -43,6 +43,7 @@ from fluxredux.pipeline.protocol import (
     ProgressCallback,
     Reference,
 )
+from fluxredux.pipeline.quantization import nf4_config
 from fluxredux.pipeline.speed import Tuning, check_tuning, ready_for_speed
 from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
 from fluxredux.pipeline.weights import REDUX, SCHNELL, resolve_text_encoders, resolve_weights
@@ -60,6 +61,7 @@ class ModelInfo:
     redux: str
     offload: str = "none"
     speed: str = ""  # what the Tuning made of it: collapse, attention, compile, quantize
+    memory_profile: str = ""  # which profile chose quantize and offload, and why (CUDA only)
 
     @property
     def is_demo(self) -> bool:
@@ -73,7 +75,8 @@ class ModelInfo:
     def describe(self) -> str:
         name = "DEMO model (random weights, outputs are noise)" if self.is_demo else "FLUX.1 Redux [schnell]"
         speed = f"; {self.speed}" if self.speed else ""
-        return f"{name} on {self.device} ({self.dtype}, offload {self.offload}{speed})"
+        profile = f"; {self.memory_profile}" if self.memory_profile else ""
+        return f"{name} on {self.device} ({self.dtype}, offload {self.offload}{speed}{profile})"
 
 
 @dataclass
@@ -113,8 +116,19 @@ class ReduxModel:
         self.attention = attention or AttentionChoice("auto", takes_bias=True)
         parts.pipe.set_progress_bar_config(disable=True)  # progress goes through our callback
         # Drafts refined into finals (upscales): the same components (nothing loaded twice,
-        # the compiled transformer included), diffusers' img2img schedule over them.
-        self.refiner = FluxImg2ImgPipeline.from_pipe(parts.pipe)
+        # the compiled transformer included), diffusers' img2img schedule over them. Built
+        # from them, not by from_pipe: that casts every part to one dtype, which diffusers
+        # refuses for a quantised (GGUF) transformer.
+        pipe = parts.pipe
+        self.refiner = FluxImg2ImgPipeline(
+            scheduler=pipe.scheduler,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+            transformer=pipe.transformer,
+        )
         self.refiner.set_progress_bar_config(disable=True)
 
     @classmethod
@@ -153,6 +167,7 @@ class ReduxModel:
         conditioning_cache: ConditioningCache | None = None,
         keep_text_encoders: bool = True,
         tuning: Tuning | None = None,
+        memory_profile: str = "",
     ) -> ReduxModel:
         """Load from local folders or the Hugging Face cache; never downloads.
 
@@ -172,7 +187,8 @@ class ReduxModel:
 
         log.info("loading %s from %s and %s", kind, schnell_dir, redux_dir)
         with quiet_library_progress():
-            parts = cls._load_components(schnell_dir, redux_dir, dtype)
+            transformer = _quantized_transformer(schnell_dir, tuning, dtype)
+            parts = cls._load_components(schnell_dir, redux_dir, dtype, transformer=transformer)
         # The Redux prior is small (0.9 GiB) and runs once per prediction: it stays on the device.
         parts.image_encoder.to(device).eval()
         parts.image_embedder.to(device).eval()
@@ -180,6 +196,18 @@ class ReduxModel:
             parts.pipe.enable_model_cpu_offload(device=device)
         elif offload == "sequential":
             parts.pipe.enable_sequential_cpu_offload(device=device)
+        elif offload == "group":
+            # The transformer's blocks on the GPU a group at a time, the next one copied in
+            # on a CUDA stream while this one computes (diffusers group offloading); the
+            # rest of the pipeline (the VAE) stays on the device.
+            parts.pipe.transformer.enable_group_offload(
+                onload_device=device,
+                offload_device=torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=True,
+            )
+            parts.pipe.vae.to(device)
         else:
             parts.pipe.to(device)
         info = ModelInfo(
@@ -189,9 +217,15 @@ class ReduxModel:
             schnell=schnell_ref,
             redux=redux_ref,
             offload=offload,
+            memory_profile=memory_profile,
         )
         load_encoders = functools.partial(
-            _load_text_encoders, schnell_ref, dtype=dtype, device=device, offload=offload
+            _load_text_encoders,
+            schnell_ref,
+            dtype=dtype,
+            device=device,
+            offload=offload,
+            quantize=tuning.text_encoder_quantize,
         )
         return cls._assemble(
             parts,
@@ -244,9 +278,13 @@ class ReduxModel:
         return cls._assemble(parts, info, device=device, tuning=tuning, conditioning_cache=conditioning_cache)
 
     @staticmethod
-    def _load_components(schnell_dir: Path, redux_dir: Path, dtype: torch.dtype) -> ReduxComponents:
+    def _load_components(
+        schnell_dir: Path, redux_dir: Path, dtype: torch.dtype, *, transformer: torch.nn.Module | None = None
+    ) -> ReduxComponents:
         # Text encoders and tokenizers are passed as None: Redux conditions on the image
-        # alone, and not loading T5-XXL saves 9 GiB and ~20 s.
+        # alone, and not loading T5-XXL saves 9 GiB and ~20 s. A transformer loaded apart
+        # (quantised as it was read: nf4, gguf) is given; None would mean "none at all".
+        given = {} if transformer is None else {"transformer": transformer}
         pipe = FluxPipeline.from_pretrained(
             schnell_dir,
             text_encoder=None,
@@ -255,6 +293,7 @@ class ReduxModel:
             tokenizer_2=None,
             dtype=dtype,
             local_files_only=True,
+            **given,
         )
         image_encoder = SiglipVisionModel.from_pretrained(
             redux_dir, subfolder="image_encoder", dtype=dtype, local_files_only=True
@@ -406,12 +445,41 @@ class ReduxModel:
         return Generation(images=images, seed=request.seed, timings=timings, sequence=layout.describe())
 
 
+def _quantized_transformer(schnell_dir: Path, tuning: Tuning, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The transformer quantised as it is read (nf4, gguf), or None: loaded with the rest
+    (and quantised afterwards by torchao for fp8 and int8, in ``ready_for_speed``)."""
+    if tuning.quantize == "nf4":
+        from diffusers import FluxTransformer2DModel
+
+        transformer: torch.nn.Module = FluxTransformer2DModel.from_pretrained(
+            schnell_dir,
+            subfolder="transformer",
+            quantization_config=nf4_config(dtype),
+            torch_dtype=dtype,
+            local_files_only=True,
+        )
+        return transformer
+    if tuning.quantize == "gguf":
+        from fluxredux.pipeline.gguf import load_gguf_transformer, resolve_transformer_file
+
+        assert tuning.transformer_file is not None  # check_quantization said so already
+        file = resolve_transformer_file(tuning.transformer_file)
+        gguf_transformer: torch.nn.Module = load_gguf_transformer(file, schnell_dir, dtype)
+        return gguf_transformer
+    return None
+
+
 def _load_text_encoders(
-    schnell_ref: str, *, dtype: torch.dtype, device: torch.device, offload: Offload
+    schnell_ref: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    offload: Offload,
+    quantize: TextEncoderQuantization = "none",
 ) -> TextEncoders:
     """FLUX.1 [schnell]'s text encoders for ``schnell_ref`` (a folder or a repo id), or
     TextEncodersMissing naming where they were looked for and how to get them."""
     folder = resolve_text_encoders(schnell_ref)
     log.info("loading the text encoders from %s", folder)
     with quiet_library_progress():
-        return load_text_encoders(folder, dtype=dtype, device=device, offload=offload)
+        return load_text_encoders(folder, dtype=dtype, device=device, offload=offload, quantize=quantize)

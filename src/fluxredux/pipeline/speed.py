@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fluxredux.config import CompileMode, Offload, Quantization, Settings
+from fluxredux.config import CompileMode, Offload, Quantization, Settings, TextEncoderQuantization
 from fluxredux.errors import ModelUnavailable
 from fluxredux.pipeline.attention import AttentionChoice, choose_attention
 from fluxredux.pipeline.compilation import (
@@ -35,7 +35,11 @@ from fluxredux.pipeline.conditioning import (
     token_layout,
 )
 from fluxredux.pipeline.denoising import denoise_and_decode, image_tokens
-from fluxredux.pipeline.quantization import check_quantization, quantize_transformer
+from fluxredux.pipeline.quantization import (
+    check_quantization,
+    check_text_encoder_quantization,
+    quantize_transformer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,8 @@ class Tuning:
     compile: CompileMode = "none"
     quantize: Quantization = "none"
     compile_cache: Path | None = None  # where inductor keeps compiled code (None: its default)
+    transformer_file: str | None = None  # quantize=gguf: the checkpoint
+    text_encoder_quantize: TextEncoderQuantization = "none"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Tuning:
@@ -58,6 +64,8 @@ class Tuning:
             compile=settings.compile,
             quantize=settings.quantize,
             compile_cache=settings.data_dir / "compile-cache",
+            transformer_file=settings.transformer_file,
+            text_encoder_quantize=settings.text_encoder_quantize,
         )
 
 
@@ -90,14 +98,12 @@ class SpeedSetup:
 
 def check_tuning(tuning: Tuning, device: torch.device, offload: Offload) -> None:
     """Before any weight is read: what cannot run with this device and offload mode."""
-    check_quantization(tuning.quantize, device)
-    if tuning.quantize != "none" and offload != "none":
-        # Offloading moves the weights off the GPU between uses (to meta tensors, for
-        # sequential): quantising those would fail after minutes of loading, or not happen.
-        raise ModelUnavailable(f"quantize={tuning.quantize} cannot be combined with offload={offload}")
-    if tuning.compile != "none" and offload == "sequential":
-        # accelerate's hook on every layer breaks the graph at each one.
-        raise ModelUnavailable(f"compile={tuning.compile} cannot be combined with offload=sequential")
+    check_quantization(tuning.quantize, device, offload=offload, transformer_file=tuning.transformer_file)
+    check_text_encoder_quantization(tuning.text_encoder_quantize, device)
+    if tuning.compile != "none" and offload in ("sequential", "group"):
+        # A hook on every layer (accelerate's, or group offloading's onload) breaks the graph
+        # at each one: compiling would cost minutes and gain nothing.
+        raise ModelUnavailable(f"compile={tuning.compile} cannot be combined with offload={offload}")
 
 
 def ready_for_speed(

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from fluxredux.config import Offload
+from fluxredux.config import Offload, TextEncoderQuantization
 from fluxredux.pipeline.conditioning import TEXT_SEQUENCE_LENGTH, Conditioning
+from fluxredux.pipeline.quantization import nf4_config, quantize_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,9 @@ class TextEncoders:
 
     @contextmanager
     def _on_device(self) -> Iterator[None]:
-        """With offload ``model``: on the device for the encoding only, then back to CPU RAM."""
-        if self.offload != "model":
+        """With offload ``model`` or ``group`` (which streams the transformer only): on the
+        device for the encoding only, then back to CPU RAM."""
+        if self.offload not in ("model", "group"):
             yield
             return
         self.clip.to(self.device)
@@ -100,19 +102,28 @@ class TextEncoders:
 
 
 def load_text_encoders(
-    folder: Path, *, dtype: torch.dtype, device: torch.device, offload: Offload = "none"
+    folder: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    offload: Offload = "none",
+    quantize: TextEncoderQuantization = "none",
 ) -> TextEncoders:
     """The four components from a FLUX.1 [schnell] folder (subfolders text_encoder, tokenizer,
-    text_encoder_2, tokenizer_2); never downloads."""
+    text_encoder_2, tokenizer_2); never downloads. ``quantize``: T5's weights (CLIP is small)."""
     weights = {"dtype": dtype, "local_files_only": True}
     clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **weights)
-    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **weights)
+    t5_weights = dict(weights)
+    if quantize == "nf4":  # quantised as it loads; int8 after (quantize_text_encoder)
+        t5_weights["quantization_config"] = nf4_config(dtype, for_transformers=True)
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", **t5_weights)
+    quantize_text_encoder(t5, quantize)
     clip_tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
     t5_tokenizer = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True)
     models: list[torch.nn.Module] = [clip, t5]
     for model in models:
         model.eval().requires_grad_(False)
-        if offload == "none":
+        if offload == "none" and not (model is t5 and quantize == "nf4"):  # nf4 loads onto the GPU
             model.to(device)
         elif offload == "sequential":
             from accelerate import cpu_offload  # type: ignore[import-untyped]

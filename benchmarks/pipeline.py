@@ -37,12 +37,12 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from PIL import Image
 
-from fluxredux.config import Settings
+from fluxredux.config import Quantization, Settings
 from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.pipeline.loading import load_model, use_pil_image_processors
 
@@ -74,6 +74,11 @@ SETTINGS_MATRIX: list[dict[str, Any]] = [
     {"collapse_zero_tokens": True, "compile": "all", "quantize": "none"},
     {"collapse_zero_tokens": True, "compile": "none", "quantize": "fp8"},
     {"collapse_zero_tokens": True, "compile": "transformer", "quantize": "fp8"},
+    # The memory profiles' quantizations that random weights can take (torchao, in memory).
+    # nf4 and gguf are quantised as real weights load: --model flux --quantize nf4 (or gguf
+    # with --transformer-file), a row each.
+    {"collapse_zero_tokens": True, "compile": "none", "quantize": "int8"},
+    {"collapse_zero_tokens": True, "compile": "transformer", "quantize": "int8"},
 ]
 
 
@@ -102,7 +107,8 @@ def parse_args() -> argparse.Namespace:
     )
     speed.add_argument("--compile", choices=["none", "transformer", "all"])
     speed.add_argument("--attention-backend")
-    speed.add_argument("--quantize", choices=["none", "fp8"])
+    speed.add_argument("--quantize", choices=list(get_args(Quantization)))
+    speed.add_argument("--transformer-file", help="--quantize gguf: the GGUF checkpoint")
     parser.add_argument(
         "--realistic-width",
         action="store_true",
@@ -125,14 +131,15 @@ def parse_args() -> argparse.Namespace:
 
 def chosen_tuning(args: argparse.Namespace) -> dict[str, Any]:
     """The speed settings given on the command line (the others keep their defaults)."""
-    names = ("collapse_zero_tokens", "compile", "attention_backend", "quantize")
+    names = ("collapse_zero_tokens", "compile", "attention_backend", "quantize", "transformer_file")
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def build_model(args: argparse.Namespace, tuning: dict[str, Any], data_dir: Path) -> ReduxModel:
     # A data dir of the row's own: a compile's time is a cold compile, never read back
     # from another row's cache on disk.
-    settings = Settings(model=args.model, data_dir=data_dir, **tuning)
+    # manual: each row is the setting it names, not what a memory profile would pick.
+    settings = Settings(model=args.model, data_dir=data_dir, memory_profile="manual", **tuning)
     spec_name = "full" if args.full_size_random else args.random_spec
     if spec_name:
         cuda = torch.cuda.is_available()

@@ -57,7 +57,10 @@ class ThreadWorkers:
     problem: str | None = None
 
     def status(self) -> dict[str, Any]:
-        return {"ready": self.worker is not None and self.error is None, "demo": True, "error": self.error}
+        ready = self.worker is not None and self.error is None
+        # As a worker process describes its model (ModelInfo.describe: the memory profile too).
+        description = "FAKE model (test worker thread)" if self.worker is not None else None
+        return {"ready": ready, "demo": True, "error": self.error, "description": description}
 
     def problems(self) -> list[str]:
         return [self.problem] if self.problem else []

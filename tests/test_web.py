@@ -169,6 +169,13 @@ def test_run_watch_download_and_share(browser: Browser, api: Harness, tmp_path: 
     assert watched.foreign_requests() == []
 
 
+def test_the_footer_says_what_runs_the_predictions(browser: Browser, api: Harness) -> None:
+    """The model's description as its worker gives it (on a GPU: the memory profile it chose)."""
+    watched = open_page(browser, api)
+    expect(watched.page.locator("#model-footer")).to_have_text("Model: FAKE model (test worker thread)")
+    assert watched.errors == []
+
+
 def test_cancel_a_running_prediction_with_the_keyboard(browser: Browser, api: Harness) -> None:
     watched = open_page(browser, api)
     page = watched.page

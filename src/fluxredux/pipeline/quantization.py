@@ -57,7 +57,10 @@ def _needs_torchao(what: str) -> None:
             quantize_,
         )
     except ImportError:
-        raise ModelUnavailable(f"{what} needs torchao 0.14 or newer: pip install 'fluxredux[fp8]'") from None
+        extra = "fp8" if "fp8" in what else "int8"
+        raise ModelUnavailable(
+            f"{what} needs torchao 0.14 or newer: pip install 'fluxredux[{extra}]'"
+        ) from None
 
 
 def _needs_bitsandbytes(what: str) -> None:

@@ -251,6 +251,10 @@ class ReduxModel:
         times exactly like the real model (the benchmark's --full-size-random). No text
         encoders: it takes no prompt."""
         tuning = tuning or Tuning()
+        if tuning.quantize in ("nf4", "gguf"):  # quantised as real weights load: never a silent bf16
+            raise ModelUnavailable(
+                f"quantize={tuning.quantize} needs real weights (--model flux), not random ones"
+            )
         check_tuning(tuning, device, "none")
         random = build_random_components(spec, seed=seed, device=device, dtype=dtype)
         pipe = FluxPipeline(

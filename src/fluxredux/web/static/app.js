@@ -882,6 +882,9 @@ async function start() {
   try {
     const health = await (await fetch("/health")).json();
     $("demo-banner").hidden = !health.model?.demo;
+    const footer = $("model-footer");
+    footer.textContent = health.model?.description ? `Model: ${health.model.description}` : "";
+    footer.hidden = !footer.textContent;
     if (health.limits?.max_image_bytes) state.maxImageBytes = health.limits.max_image_bytes;
   } catch {
     // the form still works; the banner simply stays hidden

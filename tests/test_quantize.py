@@ -152,9 +152,23 @@ def test_a_quantize_or_offload_given_wins_over_the_auto_profile(monkeypatch: pyt
     assert settings_from(ModelFlags(quantize="none")).memory_profile == "manual"  # given, even as none
     monkeypatch.setenv("FLUXREDUX_OFFLOAD", "model")
     assert settings_from(ModelFlags()).memory_profile == "manual"
+    monkeypatch.delenv("FLUXREDUX_OFFLOAD")
     assert settings_from(ModelFlags(memory_profile="nf4")).memory_profile == "nf4"  # a name is kept
 
 
+@pytest.fixture
+def cuda_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the start-up checks ask of torch.cuda, answered as on an RTX 30x0 (cc 8.6) with
+    bitsandbytes' CUDA build: the choice's glue is tested here, the GPU itself cannot be."""
+    from fluxredux.pipeline import quantization
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 30x0")
+    monkeypatch.setattr(quantization, "_needs_bitsandbytes", lambda what: None)
+
+
+@pytest.mark.usefixtures("cuda_here")
 def test_a_worker_on_a_12_gb_gpu_loads_the_profile_auto_picks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The loading step's use of the choice (the choice itself: tests/test_memory_profiles.py):
     this worker's GPU is read, the picked profile's quantize and offload replace the
@@ -184,3 +198,67 @@ def test_a_worker_on_a_12_gb_gpu_loads_the_profile_auto_picks(monkeypatch: pytes
     assert "nf4" in line
     with pytest.raises(ModelUnavailable, match="--memory-profile"):
         _with_memory_profile(Settings(memory_profile="tiny"), torch.device("cuda", 0), Tuning())
+
+
+def test_a_profile_name_is_checked_at_once_and_never_overrides_a_flag(tmp_path: Path) -> None:
+    unknown = run_cli("predict", str(SAMPLE_IMAGE), "--memory-profile", "tiny", cache=tmp_path, cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown memory profile 'tiny'" in unknown.stderr, unknown.stderr
+    both = run_cli(
+        "predict",
+        str(SAMPLE_IMAGE),
+        "--memory-profile",
+        "nf4",
+        "--quantize",
+        "int8",
+        cache=tmp_path,
+        cwd=tmp_path,
+    )
+    assert both.returncode == 2 and "drop it or --quantize" in both.stderr, both.stderr
+    alone = run_cli(
+        "predict", str(SAMPLE_IMAGE), "--transformer-file", "x.gguf", cache=tmp_path, cwd=tmp_path
+    )
+    assert alone.returncode != 0 and "it needs --quantize gguf" in alone.stderr, alone.stderr
+
+
+@pytest.mark.usefixtures("cuda_here")
+def test_auto_passes_over_what_this_worker_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile that needs a package not installed here, or an offload its --compile cannot
+    combine with, is passed over, saying why; a prompt on a card that needs nf4 and model
+    offload gets its T5 in 4-bit too."""
+    from fluxredux.pipeline import devices, quantization
+    from fluxredux.pipeline.loading import _with_memory_profile
+    from fluxredux.pipeline.memory_profiles import DeviceReport
+
+    gib = 2**30
+
+    def a_3080(index: int) -> DeviceReport:
+        return DeviceReport(
+            name="RTX 3080", total_bytes=10 * gib, free_bytes=int(9.5 * gib), capability=(8, 6)
+        )
+
+    monkeypatch.setattr(devices, "cuda_device", a_3080)
+    tuning, offload, _ = _with_memory_profile(Settings(), torch.device("cuda", 0), Tuning())
+    assert (tuning.quantize, offload, tuning.text_encoder_quantize) == ("nf4", "model", "nf4")
+
+    def no_bitsandbytes(what: str) -> None:
+        raise ModelUnavailable(f"{what} needs bitsandbytes")
+
+    monkeypatch.setattr(quantization, "_needs_bitsandbytes", no_bitsandbytes)
+    tuning, offload, _ = _with_memory_profile(Settings(), torch.device("cuda", 0), Tuning())
+    assert (tuning.quantize, offload) == ("none", "group")  # nf4 passed over: 8 GB's choice
+    # 9.5 GiB free with --compile: group and sequential offload would stream, which compile
+    # cannot; with bitsandbytes back, nf4 with model offload is what fits and runs.
+    monkeypatch.setattr(quantization, "_needs_bitsandbytes", lambda what: None)
+    compiled = Tuning(compile="transformer")
+    tuning, offload, _ = _with_memory_profile(Settings(), torch.device("cuda", 0), compiled)
+    assert (tuning.quantize, offload) == ("nf4", "model")
+
+
+@pytest.mark.usefixtures("cuda_here")
+def test_every_profile_is_a_combination_the_start_up_checks_accept() -> None:
+    from fluxredux.pipeline.memory_profiles import PROFILES
+
+    for profile in PROFILES:
+        if profile.quantize == "fp8":
+            continue  # cc 8.9+, and this stand-in GPU is 8.6: refused by design, not by the table
+        check_tuning(Tuning(quantize=profile.quantize), CUDA, profile.offload)

@@ -67,7 +67,7 @@ def doctor() -> None:
     FLUXREDUX_ variables, as for the other commands."""
     from fluxredux.pipeline.devices import cuda_devices, driver_facts
 
-    settings = settings_from()
+    settings = settings_from(resolve_memory_profile=False)
     devices = cuda_devices()
     facts = driver_facts()
 

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -184,7 +184,7 @@ class StoreFlags(Bundle):
     storage: StorageOption = None
 
 
-def settings_from(*bundles: Bundle, **overrides: Any) -> Settings:
+def settings_from(*bundles: Bundle, resolve_memory_profile: bool = True, **overrides: Any) -> Settings:
     """Settings from the environment, with the flags that were given on top. A bad value
     (a malformed URL, a flag out of range) is a plain error naming it, not a trace."""
     from pydantic import ValidationError
@@ -199,11 +199,38 @@ def settings_from(*bundles: Bundle, **overrides: Any) -> Settings:
             message = str(error["msg"]).removeprefix("Value error, ")
             err.print(f"[bold red]error[/]: {where}: {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    if settings.memory_profile == "auto" and {"quantize", "offload"} & settings.model_fields_set:
-        # A quantize or offload given (a flag or its FLUXREDUX_ variable) wins over auto. Decided
-        # here, where what was given is known: a worker child gets every setting as a variable.
-        settings = settings.model_copy(update={"memory_profile": "manual"})
+    # (fluxredux doctor reports a bad profile setting rather than stop at it.)
+    return _memory_profile_resolved(settings) if resolve_memory_profile else settings
+
+
+def _memory_profile_resolved(settings: Settings) -> Settings:
+    """A quantize, offload or GGUF file given (a flag or its FLUXREDUX_ variable) wins over
+    auto: decided here, where what was given is known (a worker child gets every setting as
+    a variable). A profile's name with them is a contradiction, said at once; so is a name
+    that is no profile's (checked torch-free, before any worker starts)."""
+    from fluxredux.pipeline.memory_profiles import AUTO, MANUAL, check_requested
+
+    given = {"quantize", "offload", "transformer_file"} & settings.model_fields_set
+    try:
+        check_requested(settings.memory_profile)
+    except ValueError as exc:
+        _refuse(f"memory_profile: {exc}")
+    if settings.memory_profile not in (AUTO, MANUAL) and given:
+        flags = ", ".join(f"--{name.replace('_', '-')}" for name in sorted(given))
+        _refuse(
+            f"memory_profile: --memory-profile {settings.memory_profile} sets quantize and offload; "
+            f"drop it or {flags}"
+        )
+    if settings.memory_profile == AUTO and given:
+        return settings.model_copy(update={"memory_profile": MANUAL})
     return settings
+
+
+def _refuse(message: str) -> NoReturn:
+    from rich.markup import escape
+
+    err.print(f"[bold red]error[/]: {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def require_model_packages(settings: Settings) -> None:

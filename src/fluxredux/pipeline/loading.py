@@ -109,7 +109,29 @@ def _with_memory_profile(
     import torch
 
     from fluxredux.pipeline.devices import cuda_device
-    from fluxredux.pipeline.memory_profiles import choose_profile, describe_choice
+    from fluxredux.pipeline.memory_profiles import MemoryProfile, choose_profile, describe_choice
+    from fluxredux.pipeline.speed import check_tuning
+
+    def cannot_run(profile: MemoryProfile) -> str | None:
+        """What this worker lacks for ``profile`` (a package, a combination with its other
+        settings, e.g. --compile with an offload that streams): auto passes over it."""
+        try:
+            check_tuning(with_profile(profile), device, profile.offload)
+        except ModelUnavailable as exc:
+            return f"cannot run here ({exc.message})"
+        return None
+
+    def with_profile(profile: MemoryProfile) -> Tuning:
+        chosen = replace(tuning, quantize=profile.quantize)
+        if (
+            profile.quantize == "nf4"
+            and profile.offload == "model"
+            and tuning.text_encoder_quantize == "none"
+        ):
+            # A card that needs model offload cannot hold T5 whole in bf16 (9 GiB) for a
+            # prompt either: 4-bit like the transformer (2.7 GiB).
+            chosen = replace(chosen, text_encoder_quantize="nf4")
+        return chosen
 
     # This worker's GPU only: reading another's free memory would make a CUDA context there.
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -118,10 +140,10 @@ def _with_memory_profile(
             cuda_device(index),
             requested=settings.memory_profile,
             conditioning_cache_mb=settings.conditioning_cache_mb,
+            cannot_run=cannot_run,
         )
     except ValueError as exc:
         raise ModelUnavailable(f"--memory-profile: {exc}") from None
     line = describe_choice(choice)
     log.info("%s: %s", line, choice.reason)
-    profile = choice.profile
-    return replace(tuning, quantize=profile.quantize), profile.offload, line
+    return with_profile(choice.profile), choice.profile.offload, line

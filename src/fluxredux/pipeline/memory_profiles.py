@@ -14,7 +14,7 @@ What a GPU really uses is for a GPU run to measure.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -681,8 +681,11 @@ def choose_profile(
     megapixels: float = SIZING_MEGAPIXELS,
     conditioning_cache_mb: int = DEFAULT_CONDITIONING_CACHE_MB,
     parts: ModelParts = FLUX_SCHNELL,
+    cannot_run: Callable[[MemoryProfile], str | None] = lambda profile: None,
 ) -> ProfileChoice:
-    """The profile for ``device`` (None: no CUDA GPU).
+    """The profile for ``device`` (None: no CUDA GPU). ``cannot_run``: what the worker
+    lacks for a profile (a package not installed, a setting it cannot combine with), or
+    None; auto passes over those, saying why.
 
     - no device: the bf16 row (quantize none, offload none), so the caller changes nothing;
     - a profile's name: that profile, whatever fits (the reason says when it may not);
@@ -720,6 +723,9 @@ def choose_profile(
     passed: list[str] = []
     for profile in PROFILES:
         amount = needed(profile)
+        if (lacking := cannot_run(profile)) is not None:
+            passed.append(f"{profile.name} {lacking}")
+            continue
         if fits(profile, device, amount):
             reason = (
                 f"{_gib(free)} GiB free: {profile.name} needs {_gib(amount)} GiB (computed) "

@@ -16,6 +16,7 @@ the time are; the VAE and the image encoders are small and more sensitive.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -41,11 +42,9 @@ COMBINES_WITH: dict[str, frozenset[str]] = {
 }
 
 
-def _needs_cuda(what: str, device: torch.device, gpu: str = "a CUDA GPU") -> None:
+def _needs_cuda(what: str, device: torch.device, gpu: str = "a CUDA GPU", flag: str = "--quantize") -> None:
     if device.type != "cuda" or not torch.cuda.is_available():
-        raise ModelUnavailable(
-            f"{what} needs {gpu}; this worker runs on {device}. Use --quantize int8 or none."
-        )
+        raise ModelUnavailable(f"{what} needs {gpu}; this worker runs on {device}. Use {flag} int8 or none.")
 
 
 def _needs_torchao(what: str) -> None:
@@ -64,12 +63,10 @@ def _needs_torchao(what: str) -> None:
 
 
 def _needs_bitsandbytes(what: str) -> None:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ModelUnavailable(
-            f"{what} needs bitsandbytes with its CUDA build: pip install 'fluxredux[nf4]'"
-        ) from None
+    # Looked for, not imported: importing it initialises its CUDA backend, and the optional
+    # package need not be installed for the type checker either.
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelUnavailable(f"{what} needs bitsandbytes with its CUDA build: pip install 'fluxredux[nf4]'")
 
 
 def check_quantization(
@@ -87,6 +84,10 @@ def check_quantization(
         raise ModelUnavailable(
             f"quantize={mode} cannot be combined with offload={offload} (it combines with offload {ways}); "
             "see fluxredux doctor for the profiles that fit this GPU"
+        )
+    if transformer_file and mode != "gguf":
+        raise ModelUnavailable(
+            f"--transformer-file is a GGUF checkpoint: it needs --quantize gguf, not {mode}"
         )
     if mode == "none":
         return
@@ -119,18 +120,35 @@ def check_quantization(
             ) from None
 
 
-def check_text_encoder_quantization(mode: TextEncoderQuantization, device: torch.device) -> None:
+def check_text_encoder_quantization(
+    mode: TextEncoderQuantization, device: torch.device, offload: Offload = "none"
+) -> None:
+    if mode == "none":
+        return
+    if offload == "sequential":  # as for the transformer: quantised tensors are not streamed
+        raise ModelUnavailable(f"text_encoder_quantize={mode} cannot be combined with offload=sequential")
     if mode == "int8":
         _needs_torchao("text_encoder_quantize=int8")
     elif mode == "nf4":
-        _needs_cuda("text_encoder_quantize=nf4", device, "a CUDA GPU (bitsandbytes 4-bit)")
+        gpu = "a CUDA GPU (bitsandbytes 4-bit)"
+        _needs_cuda("text_encoder_quantize=nf4", device, gpu, flag="--text-encoder-quantize")
         _needs_bitsandbytes("text_encoder_quantize=nf4")
 
 
-def quantize_transformer(transformer: torch.nn.Module, mode: Quantization) -> None:
+def is_quantized(transformer: torch.nn.Module) -> bool:
+    """Whether torchao has quantised ``transformer``'s linear layers already."""
+    linear = next((m for m in transformer.modules() if isinstance(m, torch.nn.Linear)), None)
+    return linear is not None and type(linear.weight).__module__.startswith("torchao")
+
+
+def quantize_transformer(
+    transformer: torch.nn.Module, mode: Quantization, device: torch.device | None = None
+) -> None:
     """Quantise ``transformer`` in place when ``mode`` is torchao's (``check_quantization``
-    first); nf4 and gguf were quantised as they loaded (``load_quantized``)."""
-    if mode not in TORCHAO_MODES:
+    first); nf4 and gguf were quantised as they loaded. With ``device``, each layer is moved
+    there as it is quantised: a transformer on the CPU reaches the GPU quantised, never
+    whole in bf16 (which is what a card that needs the smaller weights cannot hold). Once."""
+    if mode not in TORCHAO_MODES or is_quantized(transformer):
         return
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
@@ -140,10 +158,10 @@ def quantize_transformer(transformer: torch.nn.Module, mode: Quantization) -> No
     )
 
     if mode == "fp8":
-        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+        quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), device=device)
         log.info("transformer quantised to fp8 (dynamic activations, per-row weights)")
     else:
-        quantize_(transformer, Int8WeightOnlyConfig())
+        quantize_(transformer, Int8WeightOnlyConfig(), device=device)
         log.info("transformer quantised to int8 (weight-only)")
 
 

@@ -43,7 +43,7 @@ from fluxredux.pipeline.protocol import (
     ProgressCallback,
     Reference,
 )
-from fluxredux.pipeline.quantization import nf4_config
+from fluxredux.pipeline.quantization import nf4_config, quantize_transformer
 from fluxredux.pipeline.speed import Tuning, check_tuning, ready_for_speed
 from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
 from fluxredux.pipeline.weights import REDUX, SCHNELL, resolve_text_encoders, resolve_weights
@@ -192,6 +192,9 @@ class ReduxModel:
         # The Redux prior is small (0.9 GiB) and runs once per prediction: it stays on the device.
         parts.image_encoder.to(device).eval()
         parts.image_embedder.to(device).eval()
+        # torchao's modes: quantised on the way to the device, layer by layer (they take no
+        # offload), so the bf16 transformer never has to fit on the card at once.
+        quantize_transformer(parts.pipe.transformer, tuning.quantize, device=device)
         if offload == "model":
             parts.pipe.enable_model_cpu_offload(device=device)
         elif offload == "sequential":
@@ -455,13 +458,20 @@ def _quantized_transformer(schnell_dir: Path, tuning: Tuning, dtype: torch.dtype
     if tuning.quantize == "nf4":
         from diffusers import FluxTransformer2DModel
 
-        transformer: torch.nn.Module = FluxTransformer2DModel.from_pretrained(
-            schnell_dir,
-            subfolder="transformer",
-            quantization_config=nf4_config(dtype),
-            torch_dtype=dtype,
-            local_files_only=True,
-        )
+        try:
+            transformer: torch.nn.Module = FluxTransformer2DModel.from_pretrained(
+                schnell_dir,
+                subfolder="transformer",
+                quantization_config=nf4_config(dtype),
+                torch_dtype=dtype,
+                local_files_only=True,
+            )
+        except (ImportError, RuntimeError, ValueError) as exc:  # bitsandbytes' CUDA build, memory
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ModelUnavailable(
+                f"quantize=nf4: the transformer could not be loaded in 4-bit ({first}); check bitsandbytes' "
+                "CUDA build (pip install 'fluxredux[nf4]'), or use --quantize int8"
+            ) from exc
         return transformer
     if tuning.quantize == "gguf":
         from fluxredux.pipeline.gguf import load_gguf_transformer, resolve_transformer_file

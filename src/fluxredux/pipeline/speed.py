@@ -99,7 +99,7 @@ class SpeedSetup:
 def check_tuning(tuning: Tuning, device: torch.device, offload: Offload) -> None:
     """Before any weight is read: what cannot run with this device and offload mode."""
     check_quantization(tuning.quantize, device, offload=offload, transformer_file=tuning.transformer_file)
-    check_text_encoder_quantization(tuning.text_encoder_quantize, device)
+    check_text_encoder_quantization(tuning.text_encoder_quantize, device, offload)
     if tuning.compile != "none" and offload in ("sequential", "group"):
         # A hook on every layer (accelerate's, or group offloading's onload) breaks the graph
         # at each one: compiling would cost minutes and gain nothing.

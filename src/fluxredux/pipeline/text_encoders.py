@@ -87,9 +87,8 @@ class TextEncoders:
 
     @contextmanager
     def _on_device(self) -> Iterator[None]:
-        """With offload ``model`` or ``group`` (which streams the transformer only): on the
-        device for the encoding only, then back to CPU RAM."""
-        if self.offload not in ("model", "group"):
+        """With offload ``model``: on the device for the encoding only, then back to CPU RAM."""
+        if self.offload != "model":
             yield
             return
         self.clip.to(self.device)
@@ -125,7 +124,9 @@ def load_text_encoders(
         model.eval().requires_grad_(False)
         if offload == "none" and not (model is t5 and quantize == "nf4"):  # nf4 loads onto the GPU
             model.to(device)
-        elif offload == "sequential":
+        elif offload in ("sequential", "group"):
+            # Streamed layer by layer, with group offloading too: the cards that need it
+            # cannot hold T5 (9 GiB in bf16) whole beside the rest.
             from accelerate import cpu_offload  # type: ignore[import-untyped]
 
             cpu_offload(model, execution_device=device)

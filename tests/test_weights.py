@@ -119,3 +119,42 @@ def test_a_repo_missing_from_the_cache_is_reported_without_network(
     assert "'black-forest-labs/FLUX.1-Redux-dev' is not in the Hugging Face cache" in info.value.message
     assert info.value.message.startswith("FLUX.1 Redux prior weights not found")
     assert_helpful(info.value)
+
+
+def test_with_a_gguf_the_bf16_transformer_is_neither_fetched_nor_needed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--quantize gguf reads the transformer's weights from the GGUF file: of the diffusers
+    folder only its config is fetched (23 GB less) and required."""
+    from typer.testing import CliRunner
+
+    import fluxredux.cli.download
+    from fluxredux.cli import app
+    from fluxredux.pipeline.weights import SCHNELL_FOR_GGUF
+
+    chosen = selected(SCHNELL_FOR_GGUF, SCHNELL_REPO_FILES)
+    assert "transformer/config.json" in chosen
+    assert not any(f.startswith("transformer/diffusion_pytorch_model") for f in chosen)
+    specs: list[str] = []
+
+    def fetch(spec: WeightsSpec, repo: str, token: str | None = None) -> Path:
+        specs.append(",".join(spec.allow_patterns))
+        return tmp_path
+
+    monkeypatch.setattr(fluxredux.cli.download, "download_weights", fetch)
+    monkeypatch.setattr(
+        fluxredux.cli.download, "download_gguf", lambda repo, name, token=None: tmp_path / name
+    )
+    assert CliRunner().invoke(app, ["download", "--gguf", "Q8_0"]).exit_code == 0
+    assert (
+        ",".join(SCHNELL_FOR_GGUF.allow_patterns) in specs and ",".join(SCHNELL.allow_patterns) not in specs
+    )
+    # A folder with the transformer's config and no weights of it: enough for gguf only.
+    folder = tmp_path / "schnell"
+    for name in SCHNELL.required_files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("{}")
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    assert resolve_weights(str(folder), SCHNELL_FOR_GGUF) == folder
+    with pytest.raises(WeightsNotFound, match="transformer"):
+        resolve_weights(str(folder), SCHNELL)

@@ -18,6 +18,7 @@ from fluxredux.pipeline.weights import (
     LICENSE_NOTE,
     REDUX,
     SCHNELL,
+    SCHNELL_FOR_GGUF,
     TEXT_ENCODERS,
     TEXT_ENCODERS_SIZE,
     download_weights,
@@ -60,7 +61,8 @@ def download(
     ] = None,
     verbose: VerboseOption = False,
 ) -> None:
-    """Download FLUX.1 [schnell] and the Redux prior (diffusers files only, ~24 GB).
+    """Download FLUX.1 [schnell] and the Redux prior (diffusers files only, ~24 GB; with
+    --gguf, the transformer from the GGUF file instead of its 23 GB of bf16).
 
     The text encoders are left out unless --with-text-encoders asks for them, the GGUF
     transformer unless --gguf does."""
@@ -71,7 +73,8 @@ def download(
         raise fail(exc) from None
     err.print(LICENSE_NOTE, highlight=False)
     # The gated one first: fail fast.
-    wanted = [(REDUX, redux), (SCHNELL, schnell)]
+    # With --gguf, the transformer's weights come from the GGUF file: its config only.
+    wanted = [(REDUX, redux), (SCHNELL if gguf_target is None else SCHNELL_FOR_GGUF, schnell)]
     if with_text_encoders:
         wanted.append((TEXT_ENCODERS, schnell))
     try:

@@ -46,7 +46,13 @@ from fluxredux.pipeline.protocol import (
 from fluxredux.pipeline.quantization import nf4_config, quantize_transformer
 from fluxredux.pipeline.speed import Tuning, check_tuning, ready_for_speed
 from fluxredux.pipeline.text_encoders import LazyTextEncoders, TextEncoders, load_text_encoders
-from fluxredux.pipeline.weights import REDUX, SCHNELL, resolve_text_encoders, resolve_weights
+from fluxredux.pipeline.weights import (
+    REDUX,
+    SCHNELL,
+    SCHNELL_FOR_GGUF,
+    resolve_text_encoders,
+    resolve_weights,
+)
 from fluxredux.schema import refine_steps
 
 log = logging.getLogger(__name__)
@@ -180,7 +186,7 @@ class ReduxModel:
             raise ModelUnavailable(f"offload '{offload}' needs a CUDA device; this one is {device}")
         tuning = tuning or Tuning()
         check_tuning(tuning, device, offload)  # before minutes of loading, not after
-        schnell_dir = resolve_weights(schnell_ref, SCHNELL)
+        schnell_dir = resolve_weights(schnell_ref, SCHNELL_FOR_GGUF if tuning.quantize == "gguf" else SCHNELL)
         redux_dir = resolve_weights(redux_ref, REDUX)
         # bf16 on GPUs (the weights' own precision); fp32 on CPUs, where bf16 is ~15x slower.
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

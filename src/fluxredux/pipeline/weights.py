@@ -7,7 +7,7 @@ imports no torch, so the download command and the error path stay fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fluxredux.config import REDUX_REPO, SCHNELL_REPO
@@ -46,6 +46,14 @@ SCHNELL = WeightsSpec(
         "vae/config.json",
     ),
     weight_folders=("transformer", "vae"),
+)
+
+# FLUX.1 [schnell] for --quantize gguf: the transformer's weights come from the GGUF file,
+# so only its config is needed of the diffusers folder (23 GB less to fetch and keep).
+SCHNELL_FOR_GGUF = replace(
+    SCHNELL,
+    allow_patterns=("model_index.json", "scheduler/*", "transformer/config.json", "vae/*"),
+    weight_folders=("vae",),
 )
 
 # Only a prompt needs them; ``fluxredux download --with-text-encoders`` fetches them.

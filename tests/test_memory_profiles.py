@@ -292,9 +292,8 @@ def test_describe_choice_is_one_short_line() -> None:
 
 
 def test_no_cuda_device_here_and_the_driver_facts_never_fail(monkeypatch: pytest.MonkeyPatch) -> None:
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a CUDA GPU")
-    assert devices_module.cuda_devices() == []
+    if not torch.cuda.is_available():  # on a GPU machine the driver facts are checked alone
+        assert devices_module.cuda_devices() == []
     monkeypatch.setenv("PATH", "/nonexistent")
     facts = devices_module.driver_facts()
     assert facts["torch"] == torch.__version__

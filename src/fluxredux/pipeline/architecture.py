@@ -22,6 +22,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
+from fluxredux.pipeline.memory_profiles import SCHNELL_TRANSFORMER
+
 # FLUX.1 [schnell]'s scheduler: flow matching, fixed shift 1.0 (no resolution-dependent shift).
 SCHNELL_SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -69,18 +71,9 @@ class ArchitectureSpec:
 
 FULL = ArchitectureSpec(
     name="full",
-    transformer={
-        "patch_size": 1,
-        "in_channels": 64,
-        "num_layers": 19,
-        "num_single_layers": 38,
-        "attention_head_dim": 128,
-        "num_attention_heads": 24,
-        "joint_attention_dim": 4096,
-        "pooled_projection_dim": 768,
-        "guidance_embeds": False,  # schnell is guidance-distilled: no guidance input
-        "axes_dims_rope": [16, 56, 56],
-    },
+    # The shapes live in the torch-free memory_profiles (the HTTP process sizes profiles
+    # from them); the rotary embedding's axes are only the model's business.
+    transformer={**SCHNELL_TRANSFORMER, "axes_dims_rope": [16, 56, 56]},
     vae=_vae_config((128, 256, 512, 512), layers=2, groups=32, attention=True),
     # google/siglip-so400m-patch14-384: 27x27 = 729 image tokens.
     siglip={

@@ -24,9 +24,9 @@ GIB = 1024**3
 MIB = 1024**2
 
 # --- the model's shapes -------------------------------------------------------------------
-# The keys of architecture.FULL's configs these formulas read, copied here because that
-# module imports torch and this one must not. A test asserts that every value below equals
-# FULL's, so the copy cannot drift from what the worker builds.
+# FLUX.1 [schnell]'s transformer shapes: architecture.FULL builds its transformer from
+# these (this module is torch-free, that one is not). Of the other parts, the keys these
+# formulas read are copied below; a test asserts that each equals FULL's.
 SCHNELL_TRANSFORMER: dict[str, Any] = {
     "patch_size": 1,
     "in_channels": 64,
@@ -36,7 +36,7 @@ SCHNELL_TRANSFORMER: dict[str, Any] = {
     "num_attention_heads": 24,
     "joint_attention_dim": 4096,
     "pooled_projection_dim": 768,
-    "guidance_embeds": False,
+    "guidance_embeds": False,  # schnell is guidance-distilled: no guidance input
 }
 SCHNELL_VAE: dict[str, Any] = {
     "in_channels": 3,

@@ -11,17 +11,15 @@ see fluxredux.access.uploads); another key's upload id is refused as an unknown 
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
 from fluxredux.access.uploads import UploadStore, upload_id_of
 from fluxredux.errors import ImageError, ImageFileNotFound, StorageError
-from fluxredux.images import DecodeLimits, decode_image, parse_data_uri
+from fluxredux.images import DecodeLimits, parse_data_uri
+from fluxredux.images.decode import displayed_size, load_checked
 from fluxredux.images.formats import INPUT_FORMATS
 from fluxredux.net import SafeFetcher
 from fluxredux.schema import PredictionInput
@@ -52,9 +50,9 @@ class StoredImage:
 
 def _probe(data: bytes, limits: DecodeLimits) -> tuple[str, int, int]:
     """Format and displayed size, after the full check the worker's decode will do."""
-    width, height = decode_image(data, limits).size
-    with Image.open(io.BytesIO(data)) as original:  # header only: which format it was
-        return str(original.format), width, height
+    with load_checked(data, limits) as image:  # decoded once; its format still known
+        width, height = displayed_size(image)
+        return str(image.format), width, height
 
 
 async def check_and_store(

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from fluxredux.errors import ImageError
 
@@ -51,6 +51,14 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
     image_unsupported_format, image_not_an_image, image_too_many_pixels,
     image_truncated, image_corrupt.
     """
+    return to_rgb(ImageOps.exif_transpose(load_checked(data, limits)))
+
+
+def load_checked(data: bytes, limits: DecodeLimits) -> Image.Image:
+    """The image as stored, its first frame fully decoded (so every check decode_image
+    makes is made), in its own mode and orientation, its ``format`` known. For a create's
+    check, which needs only the format and the displayed size: converting and rotating the
+    pixels too would be work thrown away on the path of every create."""
     if not data:
         raise ImageError("image_empty", "the image file is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -101,8 +109,19 @@ def decode_image(data: bytes, limits: DecodeLimits) -> Image.Image:
             if "truncated" in str(exc).lower() or isinstance(exc, EOFError):
                 raise _truncated() from exc
             raise ImageError("image_corrupt", f"the {image.format} image could not be decoded") from exc
+    return image
 
-    return to_rgb(ImageOps.exif_transpose(image))
+
+# EXIF orientations that turn the picture a quarter (transposed, rotated 90 or 270):
+# width and height swap when it is displayed.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def displayed_size(image: Image.Image) -> tuple[int, int]:
+    """The size ``image`` has once its EXIF orientation is applied, as decode_image applies it."""
+    width, height = image.size
+    orientation = image.getexif().get(ExifTags.Base.Orientation)
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

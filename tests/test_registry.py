@@ -218,3 +218,34 @@ def test_redis_registry_on_redis_time_keeps_deployments_apart(engine: Engine) ->
     assert before <= seen.last_seen <= registry.now()
     assert seen.details == {"demo": True, "error": {"code": "oom", "at": 1.25}}
     assert other.workers() == [] and other.heartbeat("w1") is False
+
+
+def test_a_stop_that_lands_while_the_worker_registers_still_leaves_the_registry(tmp_path: Path) -> None:
+    """SIGTERM raises out of whatever the main thread is doing while the model loads; if
+    that is the first registry write, the worker must still leave (it did not, once in CI:
+    the entry stayed "loading" until its TTL)."""
+    from fluxredux.backends import backends_for
+    from fluxredux.worker.process import WorkerProcess
+
+    settings = Settings(data_dir=tmp_path, model="fake")
+    process = WorkerProcess(settings, worker_id="w")
+    registry = process.backends.registry
+
+    class SignalledWhileRegistering:
+        """The registry, with SIGTERM's handler running right after the first write lands."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(registry, name)
+
+        def register(self, info: WorkerInfo) -> None:
+            registry.register(info)
+            process.request_stop()  # what the SIGTERM handler calls: raises SystemExit(0)
+
+    process.registration.registry = SignalledWhileRegistering()  # type: ignore[assignment]
+    with pytest.raises(SystemExit):
+        process.run()
+    after = backends_for(settings)
+    try:
+        assert after.registry.workers() == []
+    finally:
+        after.close()

@@ -144,8 +144,10 @@ class WorkerProcess:
             log.warning(problem)
         for warning in self.backends.start():  # a Redis that keeps nothing; the deployment's marker
             log.warning("%s", warning)
-        self.registration.start()
         try:
+            # Inside the try: a SIGTERM can land during the first registry write, and the
+            # entry it made must still be taken back (it stayed "loading" once in CI).
+            self.registration.start()
             try:
                 import_torch(settings.model)
                 model = self._model_factory(settings)

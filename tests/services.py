@@ -4,6 +4,8 @@ S3-compatible server (moto's server mode, from PyPI). Nothing is downloaded at t
 
 from __future__ import annotations
 
+import itertools
+import os
 import shutil
 import signal
 import socket
@@ -16,11 +18,29 @@ from pathlib import Path
 
 import pytest
 
+# Ports handed out for a server to bind later lie below Linux's ephemeral range (32768 and
+# up, where every bind to port 0 lands: the tests' webhook receivers, the kernel's outgoing
+# connections): a port picked there, then released, could be taken by one of those before
+# the server bound it (a webhook receiver once answered a server's health polls with 501).
+# Each xdist worker takes its own slice, in turn, so two tests never get the same port.
+_PORT_SLICE = 2000
+_FIRST_PORT = 20000
+_ports = itertools.count()
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port that nothing listens on now, for a server started next."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = _FIRST_PORT + (int(worker) if worker.isdigit() else 0) % 6 * _PORT_SLICE
+    for _ in range(_PORT_SLICE):
+        port = base + next(_ports) % _PORT_SLICE
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use (a server of an earlier test still up, another program)
+                continue
+            return port
+    raise RuntimeError(f"no free port in {base}-{base + _PORT_SLICE - 1}")
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 20) -> None:

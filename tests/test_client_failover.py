@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,10 @@ class Server:
 
     data_dir: Path
     log: Path
-    port: int = field(default_factory=free_port)
+    # 0 until the first start binds a free port itself (a port picked here and bound later
+    # can be taken meanwhile by another test's server: it once answered this one's polls);
+    # restarts reuse it, as a restarted server would.
+    port: int = 0
     key: str = ""
     process: subprocess.Popen[bytes] | None = None
 
@@ -57,7 +60,9 @@ class Server:
             assert self.process.poll() is None, self.log.read_text()
             assert time.monotonic() < deadline, self.log.read_text()
             try:
-                if httpx.get(self.url + "/health", timeout=1).json()["model"]["ready"]:
+                if not self.port:
+                    self.port = self._bound_port()
+                elif httpx.get(self.url + "/health", timeout=1).json()["model"]["ready"]:
                     break
             except httpx.HTTPError:
                 pass
@@ -66,6 +71,11 @@ class Server:
             match = re.search(r"(fr_[0-9a-f]{12}_[A-Za-z0-9_-]+)", self.log.read_text())
             assert match, self.log.read_text()
             self.key = match.group(1)
+
+    def _bound_port(self) -> int:
+        """The port the server says it serves on, once it has said so (0 before)."""
+        served = re.findall(r"serving on http://127\.0\.0\.1:(\d+)", self.log.read_text())
+        return int(served[-1]) if served else 0
 
     def kill(self) -> None:
         """kill -9: no shutdown code runs; its open connections just drop."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +181,22 @@ def test_outputs_carry_no_metadata(fmt: str) -> None:
     assert not encoded.getexif()
     assert "icc_profile" not in encoded.info
     assert not {"exif", "xmp", "XML:com.adobe.xmp", "comment"} & set(encoded.info)
+
+
+def test_a_stored_reference_records_its_size_as_displayed(tmp_path: Path) -> None:
+    """A phone photo held sideways (EXIF orientation 6) is recorded at the size the model
+    sees it, rotated: a final's size is computed from it, and the check on it is the one
+    decode check the create makes (one decode, not two)."""
+    from fluxredux.api.inputs import check_and_store
+    from fluxredux.storage.local import LocalBlobStore
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": 64x48 as stored, 48x64 as displayed
+    data = image_bytes(gradient(64, 48), "JPEG", exif=exif, quality=95)
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    stored = asyncio.run(check_and_store(data, blobs, LIMITS))
+    assert (stored.width, stored.height) == (48, 64)
+    assert (stored.content_type, stored.size) == ("image/jpeg", len(data))
+    assert blobs.get(stored.name) == data  # the original bytes, EXIF and all: the worker rotates
+    upright = asyncio.run(check_and_store(image_bytes(gradient(64, 48), "PNG"), blobs, LIMITS))
+    assert (upright.width, upright.height) == (64, 48)

@@ -24,7 +24,7 @@ from fluxredux.api.routes.web import STATIC_DIR
 from fluxredux.api.services import Services
 from fluxredux.errors import PayloadTooLarge, StoreUnavailable
 from fluxredux.jobs.events import JobEvent
-from fluxredux.jobs.job import Status
+from fluxredux.jobs.job import TERMINAL, Status
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,10 @@ class CountRequests:
                 ).inc()
 
 
+# An event's status is a string (as it crossed the bus): the terminal ones, as strings.
+_TERMINAL_STATUSES = frozenset(status.value for status in TERMINAL)
+
+
 def create_app(services: Services) -> FastAPI:
     pending: set[asyncio.Task[None]] = set()  # strong references until each task is done
 
@@ -126,8 +130,10 @@ def create_app(services: Services) -> FastAPI:
     def on_event(event: JobEvent) -> None:
         # Called on the event loop: the store is read in a thread (in the tasks), never here.
         if event.status == Status.PROCESSING.value:  # claimed, or a step done: maybe a webhook event
+            if services.webhooks.ignores_progress(event.job_id):
+                return  # most jobs: no task at all
             task = asyncio.get_running_loop().create_task(services.webhooks.progressed(event.job_id))
-        elif event.status in {s.value for s in (Status.SUCCEEDED, Status.FAILED, Status.CANCELED)}:
+        elif event.status in _TERMINAL_STATUSES:
             services.metrics.finished.labels(event.status).inc()
             task = asyncio.get_running_loop().create_task(after_terminal(event, time.monotonic()))
         else:

@@ -196,13 +196,19 @@ class WebhookSender:
         last = self._last_event.get(job_id)
         return last is not None and time.monotonic() - last < EVENT_INTERVAL_SECONDS
 
+    def ignores_progress(self, job_id: str) -> bool:
+        """Whether a change of running ``job_id`` can be let go without a look: it wants no
+        ``logs`` events (known), or one went out too recently. On the event loop, no I/O: the
+        caller spares a task per step of every job without a progress webhook."""
+        return job_id in self._no_logs or self._throttled(job_id)
+
     async def progressed(self, job_id: str) -> None:
         """A running job changed (a worker claimed it, or finished a step): a ``logs`` event
         for receivers that want one. Throttled before the job is even read: this is called
         for every step of every job. One read at a time per job: the changes that arrive
         during a read are coalesced into one more read after it (a fast model's steps come
         faster than a read, and each read is a thread hop on this busy process)."""
-        if self._throttled(job_id) or job_id in self._no_logs:
+        if self.ignores_progress(job_id):
             return
         if job_id in self._reading:  # one read at a time per job; it reads once more after
             self._reading[job_id] = True
@@ -212,7 +218,7 @@ class WebhookSender:
             self._no_logs.clear()
         self._reading[job_id] = False
         try:
-            while not (self._throttled(job_id) or job_id in self._no_logs):
+            while not self.ignores_progress(job_id):
                 self._reading[job_id] = False
                 await self._logs_event(job_id)
                 if not self._reading[job_id]:  # no change arrived during that read

@@ -27,6 +27,8 @@ from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable
 from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import JobEvent
+from fluxredux.loras.catalog import LoraCatalog
+from fluxredux.loras.fetch import AdapterFiles
 from fluxredux.net import SafeFetcher
 from fluxredux.pipeline.fake import FakeModel
 from fluxredux.pipeline.protocol import ImageModel
@@ -162,7 +164,11 @@ def running_server(
         )
         worker = Worker(
             lifecycle,
-            Predictor(model or FakeModel(), SafetyChecker(NothingFound())),
+            Predictor(
+                model or FakeModel(),
+                SafetyChecker(NothingFound()),
+                adapters=AdapterFiles(LoraCatalog.from_settings(settings)),
+            ),
             # The same storage as the server, as a worker process does (or a test's own view of it).
             worker_blobs or blob_store(settings),
             WorkerConfig(

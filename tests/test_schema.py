@@ -56,6 +56,7 @@ def test_defaults_match_the_hosted_model() -> None:
         "upscale_from": None,
         "scale": None,
         "upscale_strength": 0.35,
+        "loras": None,
     }
     assert inputs.size() == (1024, 1024)
 

@@ -23,6 +23,7 @@ from playwright.sync_api import Browser, Page, expect
 from fluxredux.pipeline.fake import FakeModel
 from tests.conftest import SAMPLE_IMAGE
 from tests.harness import Harness, running_server
+from tests.loras import tiny_lora
 
 
 @pytest.fixture
@@ -90,6 +91,7 @@ def test_run_watch_download_and_share(browser: Browser, api: Harness, tmp_path: 
     images = page.get_by_role("img", name="Output")
     expect(images).to_have_count(2)
     for i in range(2):
+        images.nth(i).scroll_into_view_if_needed()  # lazy: an image out of view never loads
         images.nth(i).evaluate("img => img.decode()")
         width, height = images.nth(i).evaluate("img => [img.naturalWidth, img.naturalHeight]")
         assert (width, height) == (1344, 768)
@@ -255,6 +257,7 @@ def test_advanced_controls_are_folded_and_reach_the_prediction(browser: Browser,
     expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
 
     image = page.get_by_role("img", name="Output")
+    image.scroll_into_view_if_needed()  # lazy: an image out of view never loads
     image.evaluate("img => img.decode()")
     # The sample is 768x512 (3:2): match_input keeps that at about a megapixel.
     assert image.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [1248, 832]
@@ -423,6 +426,7 @@ def created_input(page: Page, click: Any) -> dict[str, Any]:
 
 def natural_size(page: Page, nth: int = 0) -> list[int]:
     image = page.get_by_role("img", name="Output").nth(nth)
+    image.scroll_into_view_if_needed()  # lazy: an image out of view never loads
     image.evaluate("img => img.decode()")
     return list(image.evaluate("img => [img.naturalWidth, img.naturalHeight]"))
 
@@ -541,4 +545,28 @@ def test_upscale_an_output_and_find_the_final_under_its_draft(browser: Browser, 
     page.reload()  # a fresh page lists them the same way
     expect(page.locator("#history-list > li")).to_have_count(1)
     expect(page.locator("#history-list .finals li")).to_have_count(1)
+    assert watched.errors == []
+
+
+def test_style_adapters_are_chosen_from_those_the_server_offers(browser: Browser, api: Harness) -> None:
+    for seed, name in enumerate(("ink", "moss"), start=1):
+        tiny_lora(api.services.settings.loras_dir / f"{name}.safetensors", seed=seed)
+    watched = open_page(browser, api)
+    page = watched.page
+    enter_key(page, api.key)
+    drop_file(page, SAMPLE_IMAGE.read_bytes(), "sample.jpg", "image/jpeg")
+    page.get_by_text("Advanced", exact=True).click()
+    plain = created_input(page, lambda: page.get_by_role("button", name="Run", exact=True).click())
+    assert "loras" not in plain  # no adapter row: the hosted API's request
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+    page.get_by_role("button", name="Add a style adapter").click()
+    adapter = page.get_by_label("Adapter 1", exact=True)
+    assert adapter.locator("option").all_text_contents() == ["ink", "moss"]  # GET /v1/loras's
+    adapter.select_option("moss")
+    page.get_by_label("Scale of adapter 1").fill("0.5")
+    sent = created_input(page, lambda: page.get_by_role("button", name="Run", exact=True).click())
+    assert sent["loras"] == [{"name": "moss", "scale": 0.5}]
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+    job = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0]
+    assert job.input["loras"] == [{"name": "moss", "scale": 0.5}]
     assert watched.errors == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -33,6 +34,16 @@ DEFAULT_BUSY_TIMEOUT = 2.0
 # minutes of botocore's defaults: a create answers 503 quickly, a worker retries itself.
 DEFAULT_STORAGE_TIMEOUT = 3.0
 DEFAULT_STORAGE_ATTEMPTS = 2
+
+# One entry of lora_sources: hf:owner/* (any repo of owner) or hf:owner/repo.
+HUB_SOURCE = re.compile(
+    r"^hf:(?P<owner>[A-Za-z0-9][A-Za-z0-9_.-]{0,95})/(?P<repo>\*|[A-Za-z0-9][A-Za-z0-9_.-]{0,95})$"
+)
+
+
+def _source_entries(sources: str) -> list[str]:
+    return [entry for entry in (part.strip() for part in sources.split(",")) if entry]
+
 
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"
@@ -119,6 +130,33 @@ class Settings(BaseSettings):
         description="Each worker keeps the Redux conditioning of recent reference images, on the "
         "model's device (GPU memory), up to this many MiB (the real model's is 5.7 MiB per image): a "
         "repeated reference skips the image encoder. 0 turns the cache off.",
+    )
+
+    # --- style adapters (LoRA; docs/loras.md) ------------------------------------------
+    lora_dir: Path | None = Field(
+        None,
+        description="Where the operator puts LoRA adapters (NAME.safetensors) that callers may "
+        "name in `loras`. Default: DATA_DIR/loras. Workers and API nodes must see the same files.",
+    )
+    lora_sources: str = Field(
+        "",
+        max_length=2000,
+        description="Hugging Face repos callers may name as LoRA adapters too, comma-separated: "
+        "hf:owner/* (any repo of owner) or hf:owner/repo. Default: none (local adapters only). A "
+        "worker downloads an allowed one on first use; callers' URLs are never fetched.",
+    )
+    lora_cache_count: int = Field(
+        4, ge=1, le=64, description="LoRA adapters a worker keeps loaded at most (least recently used out)."
+    )
+    lora_cache_mb: int = Field(
+        2048, ge=1, description="And the MiB of adapter weights it keeps loaded at most (files' sizes)."
+    )
+    lora_max_rank: int = Field(
+        128,
+        ge=1,
+        le=1024,
+        description="Largest LoRA rank accepted; with --compile, every adapter is padded to it so "
+        "that a new one swaps in without recompiling (hotswap).",
     )
 
     # --- speed (the worker's model; see docs/performance.md) -----------------------------
@@ -322,6 +360,26 @@ class Settings(BaseSettings):
         if self.workers is not None:
             return self.workers
         return 0 if self.redis_url else 1
+
+    @field_validator("lora_sources")
+    @classmethod
+    def _lora_sources_are_patterns(cls, value: str) -> str:
+        for entry in _source_entries(value):
+            if HUB_SOURCE.match(entry) is None:
+                raise ValueError(f"{entry[:100]!r} is not hf:owner/* or hf:owner/repo")
+        return value
+
+    @property
+    def lora_hub_sources(self) -> list[tuple[str, str]]:
+        """(owner, repo or "*") for each entry of ``lora_sources``."""
+        return [
+            (m["owner"], m["repo"]) for m in map(HUB_SOURCE.match, _source_entries(self.lora_sources)) if m
+        ]
+
+    @property
+    def loras_dir(self) -> Path:
+        """``lora_dir``, or its default under the data dir."""
+        return self.lora_dir if self.lora_dir is not None else self.data_dir / "loras"
 
     @property
     def database_path(self) -> Path:

@@ -35,6 +35,21 @@ class InvalidInput(ClientError):
     code = "invalid_input"
 
 
+class InvalidLora(InvalidInput):
+    """An adapter that cannot be used, named by its field (``input.loras.N.name``). A 400
+    at create time, or a failed prediction's error where only the worker can tell (a LoRA
+    whose shapes are another model's). ``code`` names the specific reason."""
+
+    def __init__(self, code: str, message: str, *, index: int) -> None:
+        field = f"input.loras.{index}.name"
+        super().__init__(
+            f"{field}: {message}",
+            fields=[{"field": field, "message": message, "type": code}],
+            field=field,
+        )
+        self.code = code
+
+
 class ImageError(ClientError):
     """The reference image cannot be used. ``code`` names the specific reason."""
 

@@ -201,6 +201,34 @@ class UpscaleSource(BaseModel):
         return no_bool(value, "int_type")
 
 
+MAX_LORAS = 3
+MIN_LORA_SCALE, MAX_LORA_SCALE = -2.0, 2.0
+
+
+class LoraUse(BaseModel):
+    """One style adapter (LoRA) a prediction runs with, and how strongly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        description="An adapter this server offers (GET /v1/loras): a local adapter's name, or an "
+        "allowed Hugging Face repo's owner/repo[/file.safetensors].",
+        min_length=1,
+        max_length=300,
+    )
+    scale: float = Field(
+        1.0,
+        ge=MIN_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        description="How strongly it applies (0: not at all; negative: away from its style).",
+    )
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale_not_bool(cls, value: Any) -> Any:
+        return no_bool(value, "float_type")
+
+
 class PredictionInput(BaseModel):
     """Inputs of one flux-redux-schnell prediction.
 
@@ -326,6 +354,15 @@ class PredictionInput(BaseModel):
         json_schema_extra={"x-fluxredux-advanced": True},
     )
 
+    loras: list[LoraUse] | None = Field(
+        None,
+        max_length=MAX_LORAS,
+        description=f"Style adapters (LoRA) to run with, up to {MAX_LORAS}, each with its scale "
+        f"({MIN_LORA_SCALE:g} to {MAX_LORA_SCALE:g}, default 1).",
+        examples=[[{"name": "watercolor", "scale": 0.8}]],
+        json_schema_extra={"x-fluxredux-kind": "loras", "x-fluxredux-advanced": True},
+    )
+
     @field_validator(
         "num_outputs",
         "num_inference_steps",
@@ -374,6 +411,13 @@ class PredictionInput(BaseModel):
         if value is None or not value.strip():
             return None
         return value.strip()
+
+    @field_validator("loras")
+    @classmethod
+    def _no_loras_is_none(cls, value: list[LoraUse] | None) -> list[LoraUse] | None:
+        # An empty list (an emptied form) is no adapter: the prediction runs, and is
+        # recorded, exactly as one that never named the field.
+        return value or None
 
     @field_validator("redux_images")
     @classmethod

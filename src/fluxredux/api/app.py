@@ -19,7 +19,7 @@ from fluxredux.api import errors
 from fluxredux.api.eachlabs import routes as eachlabs_routes
 from fluxredux.api.maintenance import run_maintenance
 from fluxredux.api.replicate import routes as replicate_routes
-from fluxredux.api.routes import docs, files, shares, system, web
+from fluxredux.api.routes import docs, files, loras, shares, system, web
 from fluxredux.api.routes.web import STATIC_DIR
 from fluxredux.api.services import Services
 from fluxredux.errors import PayloadTooLarge, StoreUnavailable
@@ -178,6 +178,7 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(replicate_routes.router)
     app.include_router(shares.router)
     app.include_router(files.router)
+    app.include_router(loras.router)
     app.include_router(system.router)
     app.include_router(web.router)
     app.include_router(docs.router)

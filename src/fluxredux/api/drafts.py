@@ -19,7 +19,9 @@ from fluxredux.schema import PredictionInput
 
 FIELD = "input.upscale_from"
 # What a final takes from its draft unless the request gives it.
-_CONDITIONING = ("redux_image", "redux_images", "prompt", "redux_strength", "redux_image_crop")
+# What a final takes from its draft unless the request gives it: what conditioned the
+# draft, its style adapters included (a final refines the draft's look, not another one).
+_CONDITIONING = ("redux_image", "redux_images", "prompt", "redux_strength", "redux_image_crop", "loras")
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,7 @@ def _is_url(reference: str) -> bool:
     return reference[:8].lower().startswith(("http://", "https://"))
 
 
-UNTIL_USED = ("width", "height", "upscale_from", "scale", "upscale_strength")
+UNTIL_USED = ("width", "height", "upscale_from", "scale", "upscale_strength", "loras")
 
 
 def recorded_input(inputs: PredictionInput, stored: list[StoredImage]) -> dict[str, object]:

@@ -56,16 +56,33 @@ class _WorkerCollector(Collector):
             "References a worker's conditioning cache did not hold (the image encoder ran)",
             labels=["worker"],
         )
+        lora_loads = CounterMetricFamily(
+            "fluxredux_lora_loads",
+            "LoRA adapters a worker loaded from their files (a first use, or one the cache had let go)",
+            labels=["worker"],
+        )
+        lora_hits = CounterMetricFamily(
+            "fluxredux_lora_cache_hits",
+            "LoRA adapters a worker had loaded already when a prediction asked for them",
+            labels=["worker"],
+        )
         now = self.registry.now()
         for worker in self.registry.workers():
+            if is_gone(worker, now, self.ttl):
+                continue
             counts = worker.details.get("conditioning_cache")
-            if is_gone(worker, now, self.ttl) or not isinstance(counts, dict):
-                continue  # gone, or no cache (the fake model, or the cache turned off)
-            if _is_count(counts.get("hits")) and _is_count(counts.get("misses")):
+            # None: no cache (the fake model, or the cache turned off)
+            if isinstance(counts, dict) and _is_count(counts.get("hits")) and _is_count(counts.get("misses")):
                 hits.add_metric([worker.id], counts["hits"])
                 misses.add_metric([worker.id], counts["misses"])
+            adapters = worker.details.get("loras")
+            if isinstance(adapters, dict) and all(_is_count(adapters.get(n)) for n in ("loads", "hits")):
+                lora_loads.add_metric([worker.id], adapters["loads"])
+                lora_hits.add_metric([worker.id], adapters["hits"])
         yield hits
         yield misses
+        yield lora_loads
+        yield lora_hits
 
 
 def _is_count(value: Any) -> bool:

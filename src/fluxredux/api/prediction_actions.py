@@ -133,6 +133,8 @@ def _accept(
     job queued, unless a limit is reached (then the copies made for it are deleted)."""
     if downloaded is None:
         _admit(services, key, count=True)
+    if order.input.loras:  # before anything is stored: an unknown adapter is a 400 now, not a failed run
+        services.loras.check(order.input.loras)
     inputs, stored = _store_inputs(services, key, order, own_files, downloaded)
     job = Job(
         id=prediction_id,

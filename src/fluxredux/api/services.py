@@ -27,6 +27,7 @@ from fluxredux.jobs.limits import RateLimiter
 from fluxredux.jobs.outbox import WebhookOutbox
 from fluxredux.jobs.registry import WorkerRegistry
 from fluxredux.jobs.store import JobStore
+from fluxredux.loras.catalog import LoraCatalog
 from fluxredux.net import FetchPolicy, SafeFetcher
 from fluxredux.storage import BlobStore, blob_store
 from fluxredux.webhooks.sender import WebhookPolicy, WebhookSender
@@ -62,9 +63,11 @@ class Services:
     readiness: Readiness = field(default_factory=Readiness)
     # Reads of a job from the event loop, shared by the tasks its change wakes at once.
     job_reads: SharedReads = field(init=False)
+    loras: LoraCatalog = field(init=False)  # the style adapters this deployment offers
 
     def __post_init__(self) -> None:
         store, backends = self.store, self.backends
+        self.loras = LoraCatalog.from_settings(self.settings)
         self.job_reads = SharedReads(
             store.get, now=lambda job_id: backends.read_without_waiting(lambda: store.get(job_id))
         )

@@ -12,14 +12,26 @@ import sys
 # A third-party package the commands import, missing: the server extra is not installed.
 _server_missing: ModuleNotFoundError | None = None
 try:
-    from fluxredux.cli import doctor, download, predict, run, serve, upscale, worker, workers
+    from fluxredux.cli import doctor, download, loras, predict, run, serve, upscale, worker, workers
     from fluxredux.cli.app import app
 except ModuleNotFoundError as exc:
     if (exc.name or "fluxredux").partition(".")[0] == "fluxredux":
         raise  # a module of our own missing is a broken install, not a missing extra
     _server_missing = exc
 
-__all__ = ["app", "doctor", "download", "main", "predict", "run", "serve", "upscale", "worker", "workers"]
+__all__ = [
+    "app",
+    "doctor",
+    "download",
+    "loras",
+    "main",
+    "predict",
+    "run",
+    "serve",
+    "upscale",
+    "worker",
+    "workers",
+]
 
 
 def main() -> None:

@@ -184,6 +184,32 @@ class StoreFlags(Bundle):
     storage: StorageOption = None
 
 
+LoraDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--lora-dir",
+        help="LoRA adapters callers may name (NAME.safetensors files). Default: FLUXREDUX_LORA_DIR "
+        "or DATA_DIR/loras.",
+    ),
+]
+LoraSourcesOption = Annotated[
+    str | None,
+    typer.Option(
+        "--lora-sources",
+        help="Hugging Face repos callers may name as adapters too: hf:owner/* or hf:owner/repo, "
+        "comma-separated. Default: FLUXREDUX_LORA_SOURCES or none (local adapters only).",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class LoraFlags(Bundle):
+    """Which style adapters (LoRA) a deployment offers: for serve, worker and loras."""
+
+    lora_dir: LoraDirOption = None
+    lora_sources: LoraSourcesOption = None
+
+
 def settings_from(*bundles: Bundle, resolve_memory_profile: bool = True, **overrides: Any) -> Settings:
     """Settings from the environment, with the flags that were given on top. A bad value
     (a malformed URL, a flag out of range) is a plain error naming it, not a trace."""

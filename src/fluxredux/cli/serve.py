@@ -11,6 +11,7 @@ from fluxredux.cli.app import app, err, out, plain_errors, setup_logging
 from fluxredux.cli.options import (
     DataDirOption,
     LogFormatOption,
+    LoraFlags,
     ModelFlags,
     RedisOption,
     StoreFlags,
@@ -38,6 +39,7 @@ def serve(
         ),
     ] = None,
     model: ModelFlags = ModelFlags(),
+    loras: LoraFlags = LoraFlags(),
     log_format: LogFormatOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -45,7 +47,9 @@ def serve(
 
     One machine by default (SQLite, files in the data dir, one worker). With --redis it is
     one API node of many: state in Redis, files in --storage, workers anywhere."""
-    settings = settings_from(store, model, host=host, port=port, workers=workers, log_format=log_format)
+    settings = settings_from(
+        store, model, loras, host=host, port=port, workers=workers, log_format=log_format
+    )
     if settings.local_workers:
         require_model_packages(settings)
     setup_logging(verbose, settings.log_format, process="server")

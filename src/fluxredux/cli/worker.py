@@ -10,6 +10,7 @@ import typer
 from fluxredux.cli.app import app, err, setup_logging
 from fluxredux.cli.options import (
     LogFormatOption,
+    LoraFlags,
     ModelFlags,
     StoreFlags,
     VerboseOption,
@@ -24,6 +25,7 @@ from fluxredux.cli.options import (
 def worker(
     store: StoreFlags = StoreFlags(),
     model: ModelFlags = ModelFlags(),
+    loras: LoraFlags = LoraFlags(),
     device: Annotated[
         str | None, typer.Option("--device", help="torch device, e.g. cuda:1 (default: cuda when present).")
     ] = None,
@@ -34,7 +36,7 @@ def worker(
 
     Start one per GPU, on any machine that reaches Redis and the storage. SIGTERM (or
     Ctrl+C) finishes the running job, then exits; its registry entry goes with it."""
-    settings = settings_from(store, model, device=device, log_format=log_format)
+    settings = settings_from(store, model, loras, device=device, log_format=log_format)
     if settings.redis_url is None:
         err.print(
             "[bold red]error[/]: a worker needs the deployment's Redis: --redis redis://HOST:PORT/DB "

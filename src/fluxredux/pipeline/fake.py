@@ -86,10 +86,11 @@ class FakeModel:
             on_phase(DECODING)
         if share:
             time.sleep(share)
-        # A prompt changes the colours, as it changes a real model's images; without one
-        # they are what they always were.
+        # A prompt or an adapter changes the colours, as they change a real model's images;
+        # without them (or with adapters at scale 0) the colours are what they always were.
         seed, prompt = request.seed, request.prompt
-        rng = random.Random(seed if prompt is None else f"{seed}:{prompt}")
+        styles = [f"{lora.name}@{lora.scale:g}" for lora in request.loras if lora.scale != 0]
+        rng = random.Random(seed if prompt is None and not styles else f"{seed}:{prompt}:{styles}")
         images = []
         for _ in range(request.num_outputs):
             colour = np.array([rng.randrange(256) for _ in range(3)], dtype=np.uint8)

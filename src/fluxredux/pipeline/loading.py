@@ -62,6 +62,7 @@ def load_model(settings: Settings) -> ReduxModel:
     use_pil_image_processors()  # before anything below imports diffusers
     import torch
 
+    from fluxredux.pipeline.adapters import AdapterBudget
     from fluxredux.pipeline.conditioning_cache import ConditioningCache
     from fluxredux.pipeline.demo import ensure_demo_model
     from fluxredux.pipeline.redux_model import ReduxModel
@@ -93,6 +94,7 @@ def load_model(settings: Settings) -> ReduxModel:
         keep_text_encoders=settings.text_encoders == "keep",
         tuning=tuning,
         memory_profile=profile,
+        adapter_budget=AdapterBudget(settings.lora_cache_count, settings.lora_cache_mb * 1024 * 1024),
     )
     log.info("model ready: %s", model.info.describe())
     return model

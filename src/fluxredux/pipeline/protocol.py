@@ -32,6 +32,17 @@ Reference = tuple[Image.Image, float]
 
 
 @dataclass(frozen=True)
+class AdapterFile:
+    """A style adapter (LoRA) a generation runs with: its checked safetensors file (local,
+    or fetched from an allowed hub repo by the worker) and its scale."""
+
+    name: str  # as the request named it
+    path: str
+    scale: float
+    index: int  # its place in the request's loras (errors name input.loras.N.name)
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """What one generation makes: the same request gives the same images, on any model.
 
@@ -55,6 +66,8 @@ class GenerationRequest:
     # strength leaves. None (or a strength of 1): generated from noise, as without one.
     init_image: Image.Image | None = None
     init_strength: float = 1.0
+    # Style adapters, in the request's order; none: the model runs exactly as without them.
+    loras: tuple[AdapterFile, ...] = ()
 
     @property
     def refines(self) -> bool:

@@ -21,6 +21,7 @@ from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from fluxredux.config import Offload, TextEncoderQuantization
 from fluxredux.errors import InvalidInput, ModelUnavailable, PredictionCancelled, TextEncodersMissing
+from fluxredux.pipeline.adapters import AdapterBudget, AdapterCache
 from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
 from fluxredux.pipeline.attention import AttentionChoice
 from fluxredux.pipeline.components import ReduxComponents
@@ -109,6 +110,7 @@ class ReduxModel:
         text_encoders: LazyTextEncoders | None = None,
         tuning: Tuning | None = None,
         attention: AttentionChoice | None = None,
+        adapter_budget: AdapterBudget | None = None,
     ) -> None:
         """Takes components readied for speed already (see ``_assemble``): ``tuning`` is
         what was asked, ``attention`` what it became."""
@@ -136,6 +138,8 @@ class ReduxModel:
             transformer=pipe.transformer,
         )
         self.refiner.set_progress_bar_config(disable=True)
+        # Style adapters go into the one transformer both pipelines share.
+        self.adapters = AdapterCache(pipe, adapter_budget or AdapterBudget())
 
     @classmethod
     def _assemble(
@@ -147,6 +151,7 @@ class ReduxModel:
         tuning: Tuning,
         conditioning_cache: ConditioningCache | None,
         text_encoders: LazyTextEncoders | None = None,  # None: the model takes no prompt
+        adapter_budget: AdapterBudget | None = None,
     ) -> ReduxModel:
         """Ready the loaded components for speed as ``tuning`` says (fp8, the attention
         backend, compile and its warm-up: the worker takes no job before this is done),
@@ -159,6 +164,7 @@ class ReduxModel:
             text_encoders=text_encoders,
             tuning=tuning,
             attention=speed.attention,
+            adapter_budget=adapter_budget,
         )
 
     @classmethod
@@ -174,6 +180,7 @@ class ReduxModel:
         keep_text_encoders: bool = True,
         tuning: Tuning | None = None,
         memory_profile: str = "",
+        adapter_budget: AdapterBudget | None = None,
     ) -> ReduxModel:
         """Load from local folders or the Hugging Face cache; never downloads.
 
@@ -243,6 +250,7 @@ class ReduxModel:
             tuning=tuning,
             conditioning_cache=conditioning_cache,
             text_encoders=LazyTextEncoders(load_encoders, keep=keep_text_encoders),
+            adapter_budget=adapter_budget,
         )
 
     @classmethod
@@ -439,6 +447,11 @@ class ReduxModel:
                 on_phase(DECODING)
 
         raise_if_cancelled()
+        started = time.perf_counter()
+        # Before the timer of the steps: a first use loads its file (seconds), a cached one
+        # only switches (milliseconds); the adapters' own share of each step is in "denoise".
+        if self.adapters.activate(request.loras):
+            timings["adapters"] = time.perf_counter() - started
         images = denoise_and_decode(
             pipe,
             conditioning,

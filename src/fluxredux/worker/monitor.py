@@ -112,6 +112,8 @@ class WorkerFleet:
             "description": first.model if first else None,
             "demo": bool(first.details.get("demo", False)) if first else False,
             "notice": first.details.get("notice") if first else None,
+            # The style adapters loaded on some ready worker (a request naming one runs at once there).
+            "loras": sorted({name for worker in ready for name in loaded_adapters(worker.details)}),
         }
         if self.local:
             status["local"] = [worker.status() for worker in self.local]
@@ -154,3 +156,11 @@ class WorkerFleet:
         # Remote workers hear the queued job on the event bus; local ones get a nudge too.
         for worker in self.local:
             worker.wake()
+
+
+def loaded_adapters(details: dict[str, Any]) -> list[str]:
+    """The adapters a worker's registry entry says it has loaded (another machine wrote
+    it: anything malformed counts as none)."""
+    loras = details.get("loras")
+    loaded = loras.get("loaded") if isinstance(loras, dict) else None
+    return [name for name in loaded if isinstance(name, str)] if isinstance(loaded, list) else []

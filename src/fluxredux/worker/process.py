@@ -34,6 +34,8 @@ from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.events import EventPublisher, listening, publish_changes
 from fluxredux.jobs.job import Status
 from fluxredux.jobs.registry import new_worker_id
+from fluxredux.loras.catalog import LoraCatalog
+from fluxredux.loras.fetch import AdapterFiles
 from fluxredux.pipeline.protocol import ImageModel
 from fluxredux.pipeline.requirements import import_problem, import_torch
 from fluxredux.storage import blob_store, unshared_storage
@@ -66,6 +68,18 @@ class HasConditioningCache(Protocol):
     def conditioning_cache(self) -> CacheCounters | None: ...
 
 
+class AdapterCounters(Protocol):
+    def counters(self) -> dict[str, object]: ...
+
+
+@runtime_checkable
+class HasAdapters(Protocol):
+    """A model that loads style adapters (LoRA): the real and demo models."""
+
+    @property
+    def adapters(self) -> AdapterCounters: ...
+
+
 @runtime_checkable
 class HasTextEncoders(Protocol):
     """A model that loads text encoders when a prompt first needs them (real and demo)."""
@@ -84,6 +98,8 @@ def model_details(model: ImageModel) -> dict[str, object]:
         details["conditioning_cache"] = model.conditioning_cache.counters()
     if isinstance(model, HasTextEncoders):
         details["text_encoders_loaded"] = model.text_encoders_loaded
+    if isinstance(model, HasAdapters):
+        details["loras"] = model.adapters.counters()
     return details
 
 
@@ -188,7 +204,7 @@ class WorkerProcess:
             events = self._events
             self._worker = worker = Worker(
                 Lifecycle(self.backends.jobs, publish=publish_changes(events)),
-                Predictor(model, checker),
+                Predictor(model, checker, adapters=AdapterFiles(LoraCatalog.from_settings(settings))),
                 blob_store(settings),
                 WorkerConfig(
                     worker_id=self.worker_id,

@@ -27,6 +27,7 @@ from fluxredux.config import Settings
 from fluxredux.errors import FluxReduxError, ModelUnavailable, NoWorker, StoreUnavailable
 from fluxredux.jobs import Lifecycle
 from fluxredux.jobs.registry import WorkerRegistry, new_worker_id
+from fluxredux.worker.monitor import loaded_adapters
 from fluxredux.worker.process import EXIT_MODEL_FAILED
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class WorkerState:
     down_since: float | None = None  # monotonic; while no process runs
     next_start_at: float | None = None  # monotonic; when the next start is due
     storage_error: str | None = None  # the worker could not write outputs
+    loras: list[str] = field(default_factory=list)  # the style adapters it has loaded now
     supervisor_error: str | None = None  # the last thing that went wrong here
     # Why the worker is not started again: it exited at start because its model (or a
     # package it needs) cannot be imported or loaded, which no restart changes.
@@ -110,6 +112,7 @@ class WorkerSupervisor:
             "error": state.error,
             "storage_error": state.storage_error,
             "cannot_start": state.cannot_start,
+            "loras": state.loras,
             **state.model,
         }
 
@@ -295,6 +298,7 @@ class WorkerSupervisor:
         worker, state = found[0], self.state
         details = worker.details
         state.storage_error = details.get("storage_error")
+        state.loras = loaded_adapters(details)
         if worker.state == "ready" and not state.ready:
             state.model = {"description": worker.model, "demo": details.get("demo", False)}
             state.model["notice"] = details.get("notice")

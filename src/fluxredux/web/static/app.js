@@ -237,11 +237,68 @@ function referencesField(name, prop) {
   };
 }
 
+function lorasField(name, prop) {
+  // Style adapters: a row per adapter (one the server offers, GET /v1/loras, and its
+  // scale). Sent only when a row is there: without one the request is the hosted API's.
+  const { wrap, error, hint } = fieldShell(name, prop);
+  const list = prop.anyOf?.find((p) => p.type === "array") || {};
+  const most = list.maxItems || 3;
+  const rows = [];
+  const container = el("div", { class: "loras" });
+  const add = el("button", { type: "button", id: "add-lora" }, "Add a style adapter");
+  let offered = null; // the adapters' names, asked for once, when the first row is added
+  const addRow = async (chosen = null, scale = 1) => {
+    if (offered === null) {
+      try {
+        offered = (await call("/v1/loras")).adapters.map((a) => a.name);
+      } catch {
+        offered = [];
+      }
+    }
+    const n = rows.length + 1;
+    const names = chosen && !offered.includes(chosen) ? [chosen, ...offered] : offered;
+    const select = el("select", { "aria-label": `Adapter ${n}` }, ...names.map((a) => el("option", { value: a }, a)));
+    if (chosen) select.value = chosen;
+    const slider = el("input", { type: "range", min: -2, max: 2, step: 0.05, value: scale, "aria-label": `Scale of adapter ${n}` });
+    const shown = el("output", {}, String(scale));
+    slider.addEventListener("input", () => (shown.textContent = slider.value));
+    const remove = el("button", { type: "button" }, "Remove");
+    const entry = { select, slider, row: el("div", { class: "lora" }, select, shown, slider, remove) };
+    remove.addEventListener("click", () => {
+      rows.splice(rows.indexOf(entry), 1);
+      entry.row.remove();
+      add.disabled = rows.length >= most;
+    });
+    rows.push(entry);
+    container.append(entry.row);
+    add.disabled = rows.length >= most;
+    if (!names.length) error.textContent = "This server offers no style adapters yet (its operator adds them with `fluxredux loras add`).";
+  };
+  add.addEventListener("click", () => addRow());
+  wrap.append(el("span", { class: "label" }, labelFor(name, prop)));
+  if (hint) wrap.append(hint);
+  wrap.append(container, add, error);
+  return {
+    wrap,
+    error,
+    read: () => {
+      const chosen = rows.filter((r) => r.select.value).map((r) => ({ name: r.select.value, scale: Number(r.slider.value) }));
+      return chosen.length ? chosen : undefined;
+    },
+    write: async (value) => {
+      for (const row of [...rows]) row.row.remove();
+      rows.length = 0;
+      for (const lora of value || []) await addRow(lora.name, lora.scale ?? 1);
+    },
+  };
+}
+
 function buildField(name, prop) {
   const nullable = Array.isArray(prop.anyOf) && prop.anyOf.some((p) => p.type === "null");
   const numeric = nullable ? prop.anyOf.find((p) => p.type === "integer") : null;
   if (numeric) return seedField(name, prop, numeric);
   if (prop["x-fluxredux-kind"] === "images") return referencesField(name, prop);
+  if (prop["x-fluxredux-kind"] === "loras") return lorasField(name, prop);
   const text = nullable ? prop.anyOf.find((p) => p.type === "string") : null;
   if (text) return textField(name, prop, text);
   if (prop.enum) {

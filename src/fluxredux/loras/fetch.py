@@ -1,0 +1,64 @@
+"""A worker's side of the catalog: the files of a request's adapters, checked, and
+fetched from the Hugging Face Hub where the operator allows it. Torch-free."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from fluxredux.errors import InvalidLora
+from fluxredux.loras.catalog import SUFFIX, HubRef, LoraCatalog, normalised
+from fluxredux.pipeline.protocol import AdapterFile
+from fluxredux.schema import LoraUse
+
+log = logging.getLogger(__name__)
+
+
+class AdapterFiles:
+    """Names to checked files, for the model. Everything the API checked at create time
+    is checked again here: the file may have changed or gone since, and a final inherits
+    its draft's adapters without a new check."""
+
+    def __init__(self, catalog: LoraCatalog) -> None:
+        self.catalog = catalog
+
+    def files(self, uses: Sequence[LoraUse]) -> tuple[AdapterFile, ...]:
+        self.catalog.check(uses)  # names, duplicates, sources (cheap: headers are remembered)
+        return tuple(self._file(index, use) for index, use in enumerate(uses))
+
+    def _file(self, index: int, use: LoraUse) -> AdapterFile:
+        name = normalised(use.name)
+        if "/" in name:
+            path = self._fetched(self.catalog.hub_ref(name, index), index)
+            self.catalog.check_file(path, index, name)
+        else:
+            path = self.catalog.local_file(name, index)
+        return AdapterFile(name=name, path=str(path), scale=use.scale, index=index)
+
+    def _fetched(self, ref: HubRef, index: int) -> Path:
+        """The hub file, from the local Hugging Face cache or downloaded into it once.
+        Only safetensors files are ever asked for (the name's pattern says so)."""
+        from huggingface_hub import hf_hub_download, list_repo_files
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        name = f"{ref.repo_id}/{ref.filename}" if ref.filename else ref.repo_id
+        try:
+            filename = ref.filename
+            if filename is None:  # the repo's only adapter file
+                found = [f for f in list_repo_files(ref.repo_id) if f.endswith(SUFFIX)]
+                if len(found) != 1:
+                    raise InvalidLora(
+                        "lora_not_found",
+                        f"'{name}' holds {len(found)} safetensors files; "
+                        f"name one: {ref.repo_id}/FILE.safetensors",
+                        index=index,
+                    )
+                filename = found[0]
+            log.info("fetching LoRA adapter %s/%s from the Hugging Face Hub", ref.repo_id, filename)
+            return Path(hf_hub_download(ref.repo_id, filename))
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise InvalidLora(
+                "lora_not_found", f"'{name}' could not be fetched from the Hub ({first})", index=index
+            ) from exc

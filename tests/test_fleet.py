@@ -38,7 +38,17 @@ def test_a_ready_worker_makes_the_fleet_ready() -> None:
     assert fleet.problems() == [] and fleet.refusal() is None
     assert fleet.status() | {"description": None} == {
         "ready": True, "workers": 2, "workers_ready": 1, "description": None, "demo": True, "notice": "demo",
+        "loras": [],
     }  # fmt: skip
+
+
+def test_the_fleet_lists_the_adapters_its_ready_workers_have_loaded() -> None:
+    registry = MemoryWorkerRegistry()
+    register(registry, "w1", "ready", loras={"loaded": ["ink"], "loads": 1, "hits": 0})
+    register(registry, "w2", "ready", loras={"loaded": ["moss", "ink"], "loads": 2, "hits": 5})
+    register(registry, "w3", "loading", loras={"loaded": ["rust"]})  # not ready: runs nothing yet
+    register(registry, "w4", "ready", loras={"loaded": "garbled"})  # another machine's bad entry
+    assert fleet_of(registry).status()["loras"] == ["ink", "moss"]
 
 
 def test_a_worker_that_cannot_store_outputs_does_not_count_as_ready() -> None:

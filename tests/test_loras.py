@@ -333,3 +333,30 @@ def test_an_adapter_only_the_worker_can_refuse_fails_the_prediction_with_its_fie
         assert done["error"].startswith("input.loras.0.name: 'wide' does not fit this model")
         fine = finished(api, api.create(loras=[{"name": "ink"}], megapixels="0.25", num_inference_steps=1))
         assert fine["status"] == "success", fine
+
+
+def test_adapter_loads_and_hits_reach_metrics_through_the_registry(
+    tmp_path: Path, adapted: Predictor, reference_image: Image.Image
+) -> None:
+    from fluxredux.jobs.registry import WorkerInfo
+    from fluxredux.worker.registration import Registration
+
+    image_of(adapted, reference_image, "ink")
+    image_of(adapted, reference_image, "ink")  # a hit at least
+    counted = counters(adapted)
+    with running_server(tmp_path, run_worker=False) as api:
+        registry = api.services.registry
+        remote = {"process_space": "elsewhere", "loras": {"loaded": ["moss"], "loads": 3, "hits": 7}}
+        registry.register(WorkerInfo("gpu-box-2", "gpu-box", 99, "flux", "cuda", "ready", 1, details=remote))
+        registration = Registration(registry, "demo-worker", model="demo", device="cpu", every=0.1)
+        registration.start()
+        try:
+            registration.update("ready", **model_details(adapted.model))
+            metrics = httpx.get(api.url + "/metrics").text
+        finally:
+            registration.stop()
+    assert "# TYPE fluxredux_lora_loads_total counter" in metrics
+    assert f'fluxredux_lora_loads_total{{worker="demo-worker"}} {float(counted["loads"])}' in metrics
+    assert f'fluxredux_lora_cache_hits_total{{worker="demo-worker"}} {float(counted["hits"])}' in metrics
+    assert 'fluxredux_lora_cache_hits_total{worker="gpu-box-2"} 7.0' in metrics
+    assert "ink" in counted["loaded"]

@@ -360,3 +360,63 @@ def test_adapter_loads_and_hits_reach_metrics_through_the_registry(
     assert f'fluxredux_lora_cache_hits_total{{worker="demo-worker"}} {float(counted["hits"])}' in metrics
     assert 'fluxredux_lora_cache_hits_total{worker="gpu-box-2"} 7.0' in metrics
     assert "ink" in counted["loaded"]
+
+
+# --- a compiled transformer: adapters hot-swapped into fixed slots -------------------------
+
+
+@pytest.mark.timeout(900)  # compiling takes minutes on a 2-core CPU
+def test_with_compile_adapters_swap_in_without_compiling_and_match_eager(
+    model_cache_dir: Path, lora_dir: Path, adapted: Predictor, reference_image: Image.Image, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from fluxredux.pipeline.adapters import AdapterBudget
+    from fluxredux.pipeline.compilation import compiled_graphs
+    from fluxredux.pipeline.demo import demo_model_paths
+    from fluxredux.pipeline.redux_model import ReduxModel
+    from fluxredux.pipeline.speed import Tuning
+
+    paths = demo_model_paths(model_cache_dir)
+    model = ReduxModel.load(
+        str(paths.schnell),
+        str(paths.redux),
+        kind="demo",
+        device=torch.device("cpu"),
+        tuning=Tuning(compile="transformer", compile_cache=tmp_path / "compile-cache"),
+        adapter_budget=AdapterBudget(count=4, max_rank=8),
+    )
+    compiled = Predictor(model, None, adapters=AdapterFiles(catalog_of(lora_dir)))
+
+    def pixels(data: bytes) -> Any:
+        return np.asarray(Image.open(io.BytesIO(data)), dtype=np.int16)
+
+    before = compiled_graphs()
+    asked: list[tuple[str | tuple[str, float], ...]] = [
+        (),
+        ("ink",),
+        ("moss",),
+        (("ink", 0.5), ("moss", -1.0)),
+        ("rust", "ink", "moss"),
+        (("ink", 0.0),),
+        (),
+    ]
+    made = [image_of(compiled, reference_image, *named) for named in asked]
+    assert compiled_graphs() == before, "switching adapters compiled a graph"
+    assert made[0] == made[-1] == made[-2]  # none, or at scale 0: the same bytes
+    assert len({made[1], made[2], made[3], made[4], made[0]}) == 5
+    for named, result in zip(asked, made, strict=True):
+        eager = image_of(adapted, reference_image, *named)
+        difference = np.abs(pixels(result) - pixels(eager))
+        assert difference.max() <= 2, f"{named}: max difference {difference.max()}/255"
+    details = model.adapters.counters()
+    assert details["loaded"] == ["ink", "moss"]  # in the slots now: ink (twice), moss
+    assert details["loads"] == 3  # each file read once; the rest were in memory or in place
+    # One that does not fit: the prediction fails naming it, nothing is copied, and the
+    # model runs on as before, compiling nothing.
+    with pytest.raises(InvalidLora) as info:
+        image_of(compiled, reference_image, "wide")
+    assert info.value.detail["field"] == "input.loras.0.name"
+    assert image_of(compiled, reference_image) == made[0]
+    assert image_of(compiled, reference_image, "ink") == made[1]
+    assert compiled_graphs() == before

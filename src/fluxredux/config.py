@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         "repeated reference skips the image encoder. 0 turns the cache off.",
     )
 
-    # --- style adapters (LoRA; docs/loras.md) ------------------------------------------
+    # --- style adapters (LoRA; README: "Style adapters") --------------------------------
     lora_dir: Path | None = Field(
         None,
         description="Where the operator puts LoRA adapters (NAME.safetensors) that callers may "

@@ -94,7 +94,12 @@ def load_model(settings: Settings) -> ReduxModel:
         keep_text_encoders=settings.text_encoders == "keep",
         tuning=tuning,
         memory_profile=profile,
-        adapter_budget=AdapterBudget(settings.lora_cache_count, settings.lora_cache_mb * 1024 * 1024),
+        adapter_budget=AdapterBudget(
+            settings.lora_cache_count,
+            settings.lora_cache_mb * 1024 * 1024,
+            max_rank=settings.lora_max_rank,
+            offered=adapters_offered(settings),
+        ),
     )
     log.info("model ready: %s", model.info.describe())
     return model
@@ -149,3 +154,9 @@ def _with_memory_profile(
     line = describe_choice(choice)
     log.info("%s: %s", line, choice.reason)
     return with_profile(choice.profile), choice.profile.offload, line
+
+
+def adapters_offered(settings: Settings) -> bool:
+    """Whether callers may name any LoRA adapter here: a file in the folder, or a hub source."""
+    folder = settings.loras_dir
+    return bool(settings.lora_hub_sources) or (folder.is_dir() and any(folder.glob("*.safetensors")))

@@ -21,7 +21,7 @@ from transformers import SiglipImageProcessorPil, SiglipVisionModel
 
 from fluxredux.config import Offload, TextEncoderQuantization
 from fluxredux.errors import InvalidInput, ModelUnavailable, PredictionCancelled, TextEncodersMissing
-from fluxredux.pipeline.adapters import AdapterBudget, AdapterCache
+from fluxredux.pipeline.adapters import AdapterBudget, AdapterCache, Adapters, HotswapSlots
 from fluxredux.pipeline.architecture import ArchitectureSpec, build_random_components, quiet_library_progress
 from fluxredux.pipeline.attention import AttentionChoice
 from fluxredux.pipeline.components import ReduxComponents
@@ -54,7 +54,7 @@ from fluxredux.pipeline.weights import (
     resolve_text_encoders,
     resolve_weights,
 )
-from fluxredux.schema import refine_steps
+from fluxredux.schema import MAX_LORAS, refine_steps
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,11 @@ class ReduxModel:
         text_encoders: LazyTextEncoders | None = None,
         tuning: Tuning | None = None,
         attention: AttentionChoice | None = None,
-        adapter_budget: AdapterBudget | None = None,
+        adapters: Adapters | None = None,
     ) -> None:
         """Takes components readied for speed already (see ``_assemble``): ``tuning`` is
-        what was asked, ``attention`` what it became."""
+        what was asked, ``attention`` what it became; ``adapters``, the hotswap slots made
+        before a compile (None: adapters loaded as they come, PEFT's way)."""
         self.parts = parts
         self.info = info
         # Redux tokens of recent references (None: every reference is encoded anew).
@@ -139,7 +140,7 @@ class ReduxModel:
         )
         self.refiner.set_progress_bar_config(disable=True)
         # Style adapters go into the one transformer both pipelines share.
-        self.adapters = AdapterCache(pipe, adapter_budget or AdapterBudget())
+        self.adapters: Adapters = adapters or AdapterCache(pipe, AdapterBudget())
 
     @classmethod
     def _assemble(
@@ -156,6 +157,11 @@ class ReduxModel:
         """Ready the loaded components for speed as ``tuning`` says (fp8, the attention
         backend, compile and its warm-up: the worker takes no job before this is done),
         then the model, whose description says what came of it."""
+        budget = adapter_budget or AdapterBudget()
+        adapters: Adapters = AdapterCache(parts.pipe, budget)
+        if tuning.compile != "none" and budget.offered:
+            # Before the compile, so that it compiles the slots in: no adapter compiles again.
+            adapters = HotswapSlots.prepare(parts.pipe, budget, slots=MAX_LORAS)
         speed = ready_for_speed(parts, tuning, device=device, takes_prompts=text_encoders is not None)
         return cls(
             parts,
@@ -164,7 +170,7 @@ class ReduxModel:
             text_encoders=text_encoders,
             tuning=tuning,
             attention=speed.attention,
-            adapter_budget=adapter_budget,
+            adapters=adapters,
         )
 
     @classmethod

@@ -420,3 +420,22 @@ def test_with_compile_adapters_swap_in_without_compiling_and_match_eager(
     assert image_of(compiled, reference_image) == made[0]
     assert image_of(compiled, reference_image, "ink") == made[1]
     assert compiled_graphs() == before
+
+
+def test_predict_on_the_command_line_takes_adapters_from_the_lora_dir(
+    tmp_path: Path, model_cache_dir: Path, lora_dir: Path
+) -> None:
+    from tests.conftest import SAMPLE_IMAGE
+    from tests.test_cli import run_cli
+
+    def predict(*flags: str) -> subprocess.CompletedProcess[str]:
+        args = (str(SAMPLE_IMAGE), "--megapixels", "0.25", "--num-inference-steps", "1", "--seed", "3")
+        return run_cli(
+            "predict", *args, "--lora-dir", str(lora_dir), *flags, cache=model_cache_dir, cwd=tmp_path
+        )
+
+    made = predict("--loras", '[{"name": "ink", "scale": 0.7}]', "--output-format", "png", "-o", "out")
+    assert made.returncode == 0, made.stderr
+    assert len(list((tmp_path / "out").iterdir())) == 1
+    unknown = predict("--loras", '[{"name": "nowhere"}]', "-o", "none")
+    assert unknown.returncode != 0 and "input.loras.0.name" in unknown.stderr, unknown.stderr

@@ -12,6 +12,7 @@ from fluxredux.cli.app import app, err, fail, out, setup_logging
 from fluxredux.cli.download import PROMPT_STEM, output_file_name
 from fluxredux.cli.input_flags import check_reference_choice, parse_flags, validate_flags, with_input_flags
 from fluxredux.cli.options import (
+    LoraFlags,
     ModelFlags,
     VerboseOption,
     require_model_packages,
@@ -40,13 +41,14 @@ def predict(
         "."
     ),
     model: ModelFlags = ModelFlags(),
+    adapter_flags: LoraFlags = LoraFlags(),
     verbose: VerboseOption = False,
     *,
     inputs: dict[str, Any],
 ) -> None:
     """Generate variations of IMAGE (or of --redux-images mixed; or an image of a --prompt
     alone) in this process and write them to --output-dir."""
-    settings = settings_from(model)
+    settings = settings_from(model, adapter_flags)
     require_model_packages(settings)
     setup_logging(verbose)
     try:
@@ -80,6 +82,8 @@ def _read_image(path: Path, settings: Settings) -> tuple[bytes, Any]:
 
 def _run(inputs: PredictionInput, references: list[Any], settings: Settings) -> PredictionResult:
     # Imported here: torch and diffusers take seconds to import, and `--help` should not.
+    from fluxredux.loras.catalog import LoraCatalog
+    from fluxredux.loras.fetch import AdapterFiles
     from fluxredux.worker.factories import build_checker, build_model
     from fluxredux.worker.predictor import Predictor
 
@@ -97,7 +101,8 @@ def _run(inputs: PredictionInput, references: list[Any], settings: Settings) -> 
         transient=False,
     ) as progress:
         task = progress.add_task("denoising", total=inputs.num_inference_steps)
-        result = Predictor(image_model, checker).predict(
+        adapters = AdapterFiles(LoraCatalog.from_settings(settings))  # --loras: --lora-dir's files
+        result = Predictor(image_model, checker, adapters=adapters).predict(
             inputs,
             references,
             on_step=lambda done, total: progress.update(task, completed=done, total=total),

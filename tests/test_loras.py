@@ -282,6 +282,10 @@ def test_get_loras_lists_the_usable_adapters(api: Harness, lora_dir: Path) -> No
     }
     assert listed.json()["max_loras"] == 3
     assert httpx.get(f"{api.url}/v1/loras").status_code == 401  # a caller's view: needs a key
+    from fluxredux.client import FluxRedux
+
+    with FluxRedux(api.url, api.key) as client:  # the Python client's view of the same
+        assert sorted(adapter.name for adapter in client.loras().adapters) == ["ink", "moss", "rust", "wide"]
 
 
 def test_a_prediction_with_adapters_records_them_and_they_change_its_images(api: Harness) -> None:

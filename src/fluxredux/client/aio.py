@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from fluxredux.api.eachlabs.shapes import Prediction, UploadedFile
+from fluxredux.api.eachlabs.shapes import LoraList, Prediction, UploadedFile
 from fluxredux.client import core
 from fluxredux.client.core import Call, ClientBase, CreateOptions, Scale, UpscaleOptions, Waiting
 
@@ -84,6 +84,10 @@ class AsyncFluxRedux(ClientBase[httpx.AsyncClient]):
 
     async def cancel(self, prediction_id: str) -> Prediction:
         return await self._send(core.cancel_call(prediction_id))
+
+    async def loras(self) -> LoraList:
+        """The style adapters (LoRA) this server offers: names for ``loras`` in an input."""
+        return await self._send(core.loras_call())
 
     async def download(self, url: str) -> bytes:
         return await self._send(core.download_call(url))

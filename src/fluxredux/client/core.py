@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel
 
-from fluxredux.api.eachlabs.shapes import Prediction, PredictionList, UploadedFile
+from fluxredux.api.eachlabs.shapes import LoraList, Prediction, PredictionList, UploadedFile
 from fluxredux.errors import ClientError, FluxReduxError
 from fluxredux.schema import MODEL_NAME, MODEL_VERSION
 
@@ -318,6 +318,11 @@ def cancel_call(prediction_id: str) -> Call[Prediction]:
 def list_call(limit: int, cursor: str | None) -> Call[PredictionList]:
     params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
     return Call("GET", "/v1/prediction/", _as(PredictionList), {"params": params}, resend_if_lost=True)
+
+
+def loras_call() -> Call[LoraList]:
+    """The style adapters (LoRA) the server offers: what ``loras`` may name."""
+    return Call("GET", "/v1/loras", _as(LoraList), resend_if_lost=True)
 
 
 def download_call(url: str) -> Call[bytes]:

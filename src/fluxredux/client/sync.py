@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from fluxredux.api.eachlabs.shapes import Prediction, PredictionList, UploadedFile
+from fluxredux.api.eachlabs.shapes import LoraList, Prediction, PredictionList, UploadedFile
 from fluxredux.client import core
 from fluxredux.client.core import Call, ClientBase, CreateOptions, Scale, UpscaleOptions, Waiting
 
@@ -117,6 +117,10 @@ class FluxRedux(ClientBase[httpx.Client]):
 
     def list(self, *, limit: int = 20, cursor: str | None = None) -> PredictionList:
         return self._send(core.list_call(limit, cursor))
+
+    def loras(self) -> LoraList:
+        """The style adapters (LoRA) this server offers: names for ``loras`` in an input."""
+        return self._send(core.loras_call())
 
     def download(self, url: str) -> bytes:
         return self._send(core.download_call(url))

@@ -140,3 +140,20 @@ class UploadedFile(BaseModel):
     size: int
     width: int
     height: int
+
+
+# GET /v1/loras (both surfaces' callers use it; the client reads it too).
+class LoraAdapter(BaseModel):
+    name: str = Field(description="What to give as loras[].name.")
+    source: Literal["local", "hub"] = Field(
+        description="local: a file on this server; hub: Hugging Face repos of this pattern "
+        "(owner/* or owner/repo), fetched by a worker on first use."
+    )
+    rank: int | None = Field(description="The adapter's LoRA rank (unknown for a hub pattern).")
+    size: int | None = Field(description="Its file's size in bytes (unknown for a hub pattern).")
+
+
+class LoraList(BaseModel):
+    adapters: list[LoraAdapter]
+    max_loras: int = Field(description="At most this many per prediction.")
+    max_rank: int = Field(description="The largest rank this server accepts.")

@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
 
 from fluxredux.api.deps import ReaderKeyDep, ServicesDep
+from fluxredux.api.eachlabs.shapes import LoraAdapter, LoraList
 from fluxredux.api.errors import error_responses
 from fluxredux.schema import MAX_LORAS
 
 router = APIRouter(tags=["loras"], responses=error_responses(401, 429))
-
-
-class LoraAdapter(BaseModel):
-    name: str = Field(description="What to give as loras[].name.")
-    source: Literal["local", "hub"] = Field(
-        description="local: a file on this server; hub: Hugging Face repos of this pattern "
-        "(owner/* or owner/repo), fetched by a worker on first use."
-    )
-    rank: int | None = Field(description="The adapter's LoRA rank (unknown for a hub pattern).")
-    size: int | None = Field(description="Its file's size in bytes (unknown for a hub pattern).")
-
-
-class LoraList(BaseModel):
-    adapters: list[LoraAdapter]
-    max_loras: int = Field(description="At most this many per prediction.")
-    max_rank: int = Field(description="The largest rank this server accepts.")
 
 
 @router.get("/v1/loras", response_model=LoraList, summary="The style adapters (LoRA) you may use")

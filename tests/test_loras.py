@@ -443,3 +443,35 @@ def test_predict_on_the_command_line_takes_adapters_from_the_lora_dir(
     assert len(list((tmp_path / "out").iterdir())) == 1
     unknown = predict("--loras", '[{"name": "nowhere"}]', "-o", "none")
     assert unknown.returncode != 0 and "input.loras.0.name" in unknown.stderr, unknown.stderr
+
+
+def test_a_failed_first_request_leaves_no_adapter_on(
+    model_cache_dir: Path, lora_dir: Path, reference_image: Image.Image
+) -> None:
+    """Its first adapter loaded (and was turned on), its second did not fit: the next request
+    without adapters must still run the model's own layers."""
+    from fluxredux.pipeline.loading import load_model
+
+    model = load_model(Settings(model="demo", cache_dir=model_cache_dir))
+    fresh = Predictor(model, None, adapters=AdapterFiles(catalog_of(lora_dir)))
+    with pytest.raises(InvalidLora):
+        image_of(fresh, reference_image, "ink", "wide")
+    plain = Predictor(load_model(Settings(model="demo", cache_dir=model_cache_dir)), None)
+    assert image_of(fresh, reference_image) == image_of(plain, reference_image)
+
+
+def test_truncated_files_dotted_hub_paths_and_one_file_under_two_names_are_refused(tmp_path: Path) -> None:
+    made = tiny_lora(tmp_path / "ink.safetensors", seed=1)
+    (tmp_path / "cut.safetensors").write_bytes(made.read_bytes()[: made.stat().st_size // 2])
+    (tmp_path / "alias.safetensors").symlink_to(made)
+    catalog = LoraCatalog.from_settings(
+        Settings(data_dir=tmp_path, lora_dir=tmp_path, lora_sources="hf:studio/*")
+    )
+    assert refusal(catalog, *uses("cut")) == ("lora_not_safetensors", "input.loras.0.name")
+    assert refusal(catalog, *uses("studio/x/../../etc.safetensors")) == (
+        "lora_not_found",
+        "input.loras.0.name",
+    )
+    with pytest.raises(InvalidLora) as info:
+        AdapterFiles(catalog).files(uses("ink", "alias"))
+    assert (info.value.code, info.value.detail["field"]) == ("lora_twice", "input.loras.1.name")

@@ -30,7 +30,7 @@ LOCAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # A Hugging Face adapter's name: owner/repo, or owner/repo/path/to/file.safetensors.
 HUB_NAME = re.compile(
     r"^(?P<owner>[A-Za-z0-9][A-Za-z0-9_.-]{0,95})/(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]{0,95})"
-    r"(?:/(?P<file>(?:[A-Za-z0-9_.-]+/)*[A-Za-z0-9_.-]+\.safetensors))?$"
+    r"(?:/(?P<file>(?:[A-Za-z0-9_][A-Za-z0-9_.-]*/)*[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors))?$"
 )
 # Files that can run code when loaded (pickle): named, refused, never opened.
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
@@ -126,6 +126,17 @@ def read_header(path: Path) -> dict[str, Any]:
         raise not_safetensors from None
     if not isinstance(header, dict):
         raise not_safetensors
+    # Every tensor's bytes inside the file: a truncated download is refused here, not
+    # found out by the worker's load.
+    ends = [
+        spec.get("data_offsets", [0, 0])[-1]
+        for k, spec in header.items()
+        if k != "__metadata__" and isinstance(spec, dict)
+    ]
+    if any(not isinstance(end, int) or end > size - 8 - length for end in ends):
+        raise LoraFileProblem(
+            "lora_not_safetensors", "a truncated safetensors file (its tensors end past the file)"
+        )
     return header
 
 
@@ -192,11 +203,14 @@ class LoraCatalog:
             name = path.name.removesuffix(SUFFIX)
             if not LOCAL_NAME.match(name) or not path.is_file():
                 continue
-            size = path.stat().st_size
             try:
+                size = path.stat().st_size
                 header = self._checked(path)
             except LoraFileProblem as exc:
                 listed.append(LoraEntry(name, "local", size=size, problem=str(exc)))
+                continue
+            except OSError as exc:  # unreadable, or gone since the folder was read
+                listed.append(LoraEntry(name, "local", problem=f"cannot be read ({exc.strerror or exc})"))
                 continue
             listed.append(LoraEntry(name, "local", size=size, rank=header.rank))
         for owner, repo in self.hub:
@@ -242,10 +256,7 @@ class LoraCatalog:
                 f"no LoRA adapter named '{name[:128]}' (GET /v1/loras lists them)",
                 index=index,
             )
-        try:
-            self._checked(path)
-        except LoraFileProblem as exc:
-            raise InvalidLora(exc.code, f"'{name}': {exc}", index=index) from None
+        self.check_file(path, index, name)
         return path
 
     def hub_ref(self, name: str, index: int) -> HubRef:
@@ -273,6 +284,9 @@ class LoraCatalog:
             return self._checked(path)
         except LoraFileProblem as exc:
             raise InvalidLora(exc.code, f"'{name}': {exc}", index=index) from None
+        except OSError as exc:  # unreadable, or gone since it was listed
+            message = f"'{name}' cannot be read ({exc.strerror or exc})"
+            raise InvalidLora("lora_not_found", message, index=index) from None
 
     def _checked(self, path: Path) -> LoraHeader:
         header = inspect_file(path)

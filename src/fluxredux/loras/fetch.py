@@ -4,6 +4,7 @@ fetched from the Hugging Face Hub where the operator allows it. Torch-free."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,15 @@ class AdapterFiles:
 
     def files(self, uses: Sequence[LoraUse]) -> tuple[AdapterFile, ...]:
         self.catalog.check(uses)  # names, duplicates, sources (cheap: headers are remembered)
-        return tuple(self._file(index, use) for index, use in enumerate(uses))
+        files = tuple(self._file(index, use) for index, use in enumerate(uses))
+        seen: set[str] = set()
+        for file in files:  # two names for one file (a repo's only file, a link): once only
+            real = os.path.realpath(file.path)
+            if real in seen:
+                message = f"'{file.name}' is the same file as another adapter of the request; give it once"
+                raise InvalidLora("lora_twice", message, index=file.index)
+            seen.add(real)
+        return files
 
     def _file(self, index: int, use: LoraUse) -> AdapterFile:
         name = normalised(use.name)
@@ -39,6 +48,7 @@ class AdapterFiles:
     def _fetched(self, ref: HubRef, index: int) -> Path:
         """The hub file, from the local Hugging Face cache or downloaded into it once.
         Only safetensors files are ever asked for (the name's pattern says so)."""
+        import httpx
         from huggingface_hub import hf_hub_download, list_repo_files
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -57,7 +67,7 @@ class AdapterFiles:
                 filename = found[0]
             log.info("fetching LoRA adapter %s/%s from the Hugging Face Hub", ref.repo_id, filename)
             return Path(hf_hub_download(ref.repo_id, filename))
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError, httpx.HTTPError) as exc:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise InvalidLora(
                 "lora_not_found", f"'{name}' could not be fetched from the Hub ({first})", index=index

@@ -65,7 +65,9 @@ class AdapterCache:
         """Make exactly ``files`` active at their scales (none: the model's own layers
         only); each loaded unless cached. What happened to each, by name: "loaded" or "cached"."""
         if not files:
-            if self._enabled:
+            # Any adapter loaded may be on (diffusers turns a new one on as it loads, and a
+            # request can fail after one of its adapters loaded): off, whatever we noted.
+            if self._enabled or self._loaded:
                 self.pipe.disable_lora()
                 self._enabled = False
             return {}
@@ -161,9 +163,15 @@ def read_adapter(file: AdapterFile) -> dict[str, torch.Tensor]:
     """The adapter's tensors, read by safetensors (never pickle), its transformer's only:
     handed to diffusers as a state dict, which converts the other trainers' formats (kohya,
     XLabs) from it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(file.path)
+    try:
+        state = load_file(file.path)
+    except (SafetensorError, OSError) as exc:  # truncated, replaced, gone since it was checked
+        raise InvalidLora(
+            "lora_not_safetensors", f"'{file.name}' cannot be read ({exc})", index=file.index
+        ) from None
     return {k: v for k, v in state.items() if not k.startswith(("text_encoder", "lora_te"))}
 
 

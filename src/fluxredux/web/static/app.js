@@ -250,7 +250,8 @@ function lorasField(name, prop) {
   const addRow = async (chosen = null, scale = 1) => {
     if (offered === null) {
       try {
-        offered = (await call("/v1/loras")).adapters.map((a) => a.name);
+        // A hub pattern (owner/*) is not a name: the page offers the names it can send.
+        offered = (await call("/v1/loras")).adapters.map((a) => a.name).filter((a) => !a.includes("*"));
       } catch {
         offered = [];
       }

@@ -475,3 +475,31 @@ def test_truncated_files_dotted_hub_paths_and_one_file_under_two_names_are_refus
     with pytest.raises(InvalidLora) as info:
         AdapterFiles(catalog).files(uses("ink", "alias"))
     assert (info.value.code, info.value.detail["field"]) == ("lora_twice", "input.loras.1.name")
+
+
+def test_a_hub_adapter_larger_than_the_cache_is_refused_before_any_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No internet here: the Hub's listing is stood in for, and a download fails the test."""
+    import huggingface_hub
+    from huggingface_hub.hf_api import RepoFile
+
+    asked: list[tuple[str, list[str]]] = []
+
+    def paths_info(self: Any, repo_id: str, paths: list[str], **_: Any) -> list[Any]:
+        asked.append((repo_id, paths))
+        return [RepoFile(path=paths[0], size=5 * 2**30, oid="x")] if "huge" in paths[0] else []
+
+    def no_download(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("downloaded")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", paths_info)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    catalog = LoraCatalog.from_settings(Settings(data_dir=tmp_path, lora_sources="hf:studio/*"))
+    with pytest.raises(InvalidLora) as info:
+        AdapterFiles(catalog).files(uses("studio/styles/huge.safetensors"))
+    assert (info.value.code, info.value.detail["field"]) == ("lora_too_large", "input.loras.0.name")
+    with pytest.raises(InvalidLora) as info:
+        AdapterFiles(catalog).files(uses("studio/styles/missing.safetensors"))
+    assert info.value.code == "lora_not_found"
+    assert asked == [("studio/styles", ["huge.safetensors"]), ("studio/styles", ["missing.safetensors"])]

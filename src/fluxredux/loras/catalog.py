@@ -161,15 +161,22 @@ def inspect_header(header: dict[str, Any]) -> LoraHeader:
 
 
 @functools.lru_cache(maxsize=512)
-def _inspected(path: str, mtime_ns: int, size: int) -> LoraHeader:
-    # Keyed by the file's identity as stat sees it: a replaced file is read again.
-    return inspect_header(read_header(Path(path)))
+def _inspected(path: str, mtime_ns: int, size: int) -> LoraHeader | LoraFileProblem:
+    # Keyed by the file's identity as stat sees it: a replaced file is read again. A bad
+    # file's verdict is kept too: naming it again must not parse its header again.
+    try:
+        return inspect_header(read_header(Path(path)))
+    except LoraFileProblem as exc:
+        return exc
 
 
 def inspect_file(path: Path) -> LoraHeader:
     """``inspect_header`` of ``path``, remembered while the file stays the same."""
     stat = path.stat()
-    return _inspected(str(path), stat.st_mtime_ns, stat.st_size)
+    found = _inspected(str(path), stat.st_mtime_ns, stat.st_size)
+    if isinstance(found, LoraFileProblem):
+        raise LoraFileProblem(found.code, str(found))
+    return found
 
 
 class LoraCatalog:

@@ -49,7 +49,7 @@ class AdapterFiles:
         """The hub file, from the local Hugging Face cache or downloaded into it once.
         Only safetensors files are ever asked for (the name's pattern says so)."""
         import httpx
-        from huggingface_hub import hf_hub_download, list_repo_files
+        from huggingface_hub import HfApi, hf_hub_download, list_repo_files
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
         name = f"{ref.repo_id}/{ref.filename}" if ref.filename else ref.repo_id
@@ -65,6 +65,18 @@ class AdapterFiles:
                         index=index,
                     )
                 filename = found[0]
+            # Its size first, from the Hub's listing: a caller may name any file of an allowed
+            # owner, and one larger than the cache would fill the disk for nothing.
+            found_files = HfApi().get_paths_info(ref.repo_id, [filename])
+            size = getattr(found_files[0], "size", None) if found_files else None
+            if size is None:
+                raise InvalidLora("lora_not_found", f"'{name}': no such file on the Hub", index=index)
+            if size > self.catalog.max_bytes:
+                message = (
+                    f"'{name}' ({size / 2**20:.0f} MiB) is larger than a worker's adapter cache "
+                    f"({self.catalog.max_bytes / 2**20:.0f} MiB; --lora-cache-mb)"
+                )
+                raise InvalidLora("lora_too_large", message, index=index)
             log.info("fetching LoRA adapter %s/%s from the Hugging Face Hub", ref.repo_id, filename)
             return Path(hf_hub_download(ref.repo_id, filename))
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError, httpx.HTTPError) as exc:

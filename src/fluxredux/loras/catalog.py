@@ -231,10 +231,15 @@ class LoraCatalog:
 
     def check(self, choices: Sequence[LoraUse]) -> None:
         """Every adapter a request names is one this deployment offers: InvalidLora naming
-        the first that is not. Local files are checked fully (format, FLUX keys, rank,
-        size); a hub adapter's file is the worker's to fetch and check. Blocking (reads
-        file headers): in the create's thread."""
+        the first that is not. Blocking (reads file headers): in the create's thread."""
+        self.resolve(choices)
+
+    def resolve(self, choices: Sequence[LoraUse]) -> list[Path | HubRef]:
+        """Each adapter's checked local file, or the hub file it stands for (the worker's to
+        fetch and check); InvalidLora naming the first that is not offered. Local files are
+        checked fully (format, FLUX keys, rank, size)."""
         seen: set[str] = set()
+        found: list[Path | HubRef] = []
         for index, choice in enumerate(choices):
             name = normalised(choice.name)
             if name in seen:
@@ -242,10 +247,8 @@ class LoraCatalog:
                     "lora_twice", f"'{name}' is named twice; give it once with the scale wanted", index=index
                 )
             seen.add(name)
-            if "/" in name:
-                self.hub_ref(name, index)
-            else:
-                self.local_file(name, index)
+            found.append(self.hub_ref(name, index) if "/" in name else self.local_file(name, index))
+        return found
 
     def local_file(self, name: str, index: int) -> Path:
         """The checked file of local adapter ``name``."""

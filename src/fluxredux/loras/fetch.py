@@ -25,25 +25,22 @@ class AdapterFiles:
         self.catalog = catalog
 
     def files(self, uses: Sequence[LoraUse]) -> tuple[AdapterFile, ...]:
-        self.catalog.check(uses)  # names, duplicates, sources (cheap: headers are remembered)
-        files = tuple(self._file(index, use) for index, use in enumerate(uses))
+        files = []
         seen: set[str] = set()
-        for file in files:  # two names for one file (a repo's only file, a link): once only
-            real = os.path.realpath(file.path)
-            if real in seen:
-                message = f"'{file.name}' is the same file as another adapter of the request; give it once"
-                raise InvalidLora("lora_twice", message, index=file.index)
+        for index, (use, found) in enumerate(zip(uses, self.catalog.resolve(uses), strict=True)):
+            name = normalised(use.name)
+            if isinstance(found, HubRef):
+                path = self._fetched(found, index)
+                self.catalog.check_file(path, index, name)
+            else:
+                path = found
+            real = os.path.realpath(path)
+            if real in seen:  # two names for one file (a repo's only file, a link): once only
+                message = f"'{name}' is the same file as another adapter of the request; give it once"
+                raise InvalidLora("lora_twice", message, index=index)
             seen.add(real)
-        return files
-
-    def _file(self, index: int, use: LoraUse) -> AdapterFile:
-        name = normalised(use.name)
-        if "/" in name:
-            path = self._fetched(self.catalog.hub_ref(name, index), index)
-            self.catalog.check_file(path, index, name)
-        else:
-            path = self.catalog.local_file(name, index)
-        return AdapterFile(name=name, path=str(path), scale=use.scale, index=index)
+            files.append(AdapterFile(name=name, path=str(path), scale=use.scale, index=index))
+        return tuple(files)
 
     def _fetched(self, ref: HubRef, index: int) -> Path:
         """The hub file, from the local Hugging Face cache or downloaded into it once.

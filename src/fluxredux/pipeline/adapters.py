@@ -56,7 +56,6 @@ class AdapterCache:
         self._loaded: OrderedDict[tuple[str, int, int], _Loaded] = OrderedDict()
         self._shown: dict[str, str] = {}  # adapter -> the request's name for it
         self._serial = 0
-        self._enabled = False  # whether the adapters' layers take part now
         self.loads = 0
         self.hits = 0
         self.load_seconds = 0.0
@@ -66,10 +65,9 @@ class AdapterCache:
         only); each loaded unless cached. What happened to each, by name: "loaded" or "cached"."""
         if not files:
             # Any adapter loaded may be on (diffusers turns a new one on as it loads, and a
-            # request can fail after one of its adapters loaded): off, whatever we noted.
-            if self._enabled or self._loaded:
+            # request can fail after one of its adapters loaded): off.
+            if self._loaded:
                 self.pipe.disable_lora()
-                self._enabled = False
             return {}
         keys = [_identity(file) for file in files]
         outcome: dict[str, str] = {}
@@ -83,7 +81,6 @@ class AdapterCache:
                 self._load(file, key)
                 outcome[file.name] = "loaded"
         self.pipe.enable_lora()
-        self._enabled = True
         self.pipe.set_adapters(
             [self._loaded[key].adapter for key in keys], adapter_weights=[file.scale for file in files]
         )
@@ -208,6 +205,7 @@ class HotswapSlots:
         # Each slot's LoRA layers with their scaling as the adapter in it set it (alpha / rank):
         # a request's scale multiplies that.
         self._bases: list[list[tuple[Any, float]]] = [[] for _ in range(slots)]
+        self._layers: list[Any] = []  # the transformer's LoRA layers, once the slots are made
         self.loads = 0
         self.hits = 0
         self.load_seconds = 0.0
@@ -219,6 +217,7 @@ class HotswapSlots:
         made = cls(pipe, budget, slots)
         for index in range(slots):
             made._build_slot(index)
+        made._layers[:] = made._lora_layers()  # fixed from here on: the slots never change shape
         return made
 
     def _lora_layers(self) -> list[Any]:
@@ -295,7 +294,7 @@ class HotswapSlots:
             raise does_not_fit(file, exc) from None
         self._in_slot[index], self._shown[index] = key, file.name
         self._bases[index] = [
-            (layer, float(layer.scaling[slot])) for layer in self._lora_layers() if slot in layer.scaling
+            (layer, float(layer.scaling[slot])) for layer in self._layers if slot in layer.scaling
         ]
         if outcome == "loaded":
             self.loads += 1
@@ -337,7 +336,7 @@ class HotswapSlots:
         """The slot's weights zeroed in place and its scale 0: as if it never held one."""
         slot = self.slots[index]
         with torch.no_grad():
-            for layer in self._lora_layers():
+            for layer in self._layers:
                 if slot in layer.lora_A:
                     layer.lora_A[slot].weight.zero_()
                     layer.lora_B[slot].weight.zero_()
@@ -355,7 +354,7 @@ class HotswapSlots:
     def _scale(self, index: int, scale: float) -> None:
         slot = self.slots[index]
         if self._in_slot[index] is None or scale == 0:
-            for layer in self._lora_layers():
+            for layer in self._layers:
                 if slot in layer.scaling:
                     layer.scaling[slot].fill_(0.0)
             return

@@ -426,6 +426,24 @@ def test_with_compile_adapters_swap_in_without_compiling_and_match_eager(
     assert compiled_graphs() == before
 
 
+def test_a_compiled_model_without_slots_says_once_that_adapters_recompile_it(
+    model_cache_dir: Path, lora_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker compiled before any adapter was offered has no hotswap slots: the first
+    adapter it loads tells the operator what that costs and what to do."""
+    from fluxredux.pipeline.adapters import AdapterBudget, AdapterCache
+    from fluxredux.pipeline.loading import load_model
+
+    model = load_model(Settings(model="demo", cache_dir=model_cache_dir))
+    cache = AdapterCache(model.parts.pipe, AdapterBudget(), compiled=True)  # type: ignore[attr-defined]
+    files = AdapterFiles(catalog_of(lora_dir))
+    with caplog.at_level("WARNING", logger="fluxredux.pipeline.adapters"):
+        cache.activate(files.files(uses("ink")))
+        cache.activate(files.files(uses("moss")))
+    warned = [r.getMessage() for r in caplog.records if "recompiles" in r.getMessage()]
+    assert len(warned) == 1 and "restart the worker" in warned[0], warned
+
+
 def test_predict_on_the_command_line_takes_adapters_from_the_lora_dir(
     tmp_path: Path, model_cache_dir: Path, lora_dir: Path
 ) -> None:

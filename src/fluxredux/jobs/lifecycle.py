@@ -8,13 +8,14 @@ is published (long-poll wake-ups, webhooks, metrics).
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from fluxredux.jobs.job import IN_FLIGHT, Job, Status
-from fluxredux.jobs.store import Capacity, JobStore
-from fluxredux.jobs.transitions import InvalidTransition, transition
+from fluxredux.jobs.store import CLAIM_WINDOW, Capacity, JobStore
+from fluxredux.jobs.transitions import InvalidTransition, start_attempt, transition
 
 __all__ = ["WORKER_LOST", "InvalidTransition", "Lifecycle", "transition"]
 
@@ -22,8 +23,21 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[Job], None]
 Clock = Callable[[], float]
+# A claim's choice among the waiting jobs (oldest first): the one to take, or None.
+Choose = Callable[[Sequence[Job]], Job | None]
+
+# How many rounds a choosing claim tries when other workers keep taking its choice first
+# (each lost round means some job was claimed).
+CLAIM_ROUNDS = 8
 
 WORKER_LOST = "the worker running this prediction stopped unexpectedly (worker lost); please retry"
+
+
+def _start_if_waiting(worker_id: str, now: float, lease_seconds: float, job: Job) -> Job | None:
+    """A claim of ``job`` as a store change: none if another worker took it meanwhile."""
+    if job.status != Status.STARTING:
+        return None
+    return start_attempt(job, worker_id, now, lease_seconds)
 
 
 class Lifecycle:
@@ -56,9 +70,23 @@ class Lifecycle:
             self._emit(job)
         return capacity
 
-    def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
-        """Take the oldest waiting job, leased to ``worker_id`` (one atomic store operation)."""
-        return self._emit(self.store.claim(worker_id, lease_seconds))
+    def claim(self, worker_id: str, lease_seconds: float, choose: Choose | None = None) -> Job | None:
+        """Take the oldest waiting job, leased to ``worker_id`` (one atomic store operation).
+
+        With ``choose``, the job it picks among the oldest ``CLAIM_WINDOW`` waiting ones
+        (None: take none now), claimed by a compare-and-set on its status: when another
+        worker took it meanwhile, ``choose`` picks again from the queue as it is then."""
+        if choose is None:
+            return self._emit(self.store.claim(worker_id, lease_seconds))
+        for _ in range(CLAIM_ROUNDS):
+            window = self.store.find([Status.STARTING], limit=CLAIM_WINDOW)
+            chosen = choose(window)
+            if chosen is None:
+                return None
+            start = functools.partial(_start_if_waiting, worker_id, self.clock(), lease_seconds)
+            if (claimed := self.store.update(chosen.id, start)) is not None:
+                return self._emit(claimed)
+        return None  # every round lost to other workers: the next poll tries again
 
     def heartbeat(
         self,

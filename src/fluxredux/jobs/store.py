@@ -18,6 +18,10 @@ from fluxredux.jobs.job import Job, Status
 
 Change = Callable[[Job], Job | None]  # returns the new job, or None for "no change"
 
+# How many jobs at the head of the queue one claim looks at (a backend skips entries it
+# cannot take; a worker with adapter affinity chooses among them).
+CLAIM_WINDOW = 16
+
 
 @dataclass(frozen=True)
 class Capacity:

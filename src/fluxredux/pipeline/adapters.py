@@ -49,8 +49,11 @@ class AdapterCache:
     """The adapters loaded into ``pipe``'s transformer, by file (path, mtime, size: a
     replaced file is a new adapter)."""
 
-    def __init__(self, pipe: FluxPipeline, budget: AdapterBudget) -> None:
+    def __init__(self, pipe: FluxPipeline, budget: AdapterBudget, *, compiled: bool = False) -> None:
         self.pipe = pipe
+        # A compiled transformer without hotswap slots (no adapter was offered when the
+        # worker started): each adapter it loads recompiles it. Said once, with the way out.
+        self._warn_recompiles = compiled
         self.max_count = budget.count
         self.max_bytes = budget.bytes
         self._loaded: OrderedDict[tuple[str, int, int], _Loaded] = OrderedDict()
@@ -87,6 +90,14 @@ class AdapterCache:
         return outcome
 
     def _load(self, file: AdapterFile, key: tuple[str, int, int]) -> None:
+        if self._warn_recompiles:
+            self._warn_recompiles = False
+            log.warning(
+                "LoRA adapter %s on a compiled model without hotswap slots (no adapter was offered "
+                "when this worker started): each adapter change recompiles the transformer; "
+                "restart the worker to make its slots",
+                file.name,
+            )
         self._serial += 1
         adapter = f"lora{self._serial}"
         started = time.perf_counter()

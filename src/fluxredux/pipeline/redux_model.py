@@ -158,7 +158,7 @@ class ReduxModel:
         backend, compile and its warm-up: the worker takes no job before this is done),
         then the model, whose description says what came of it."""
         budget = adapter_budget or AdapterBudget()
-        adapters: Adapters = AdapterCache(parts.pipe, budget)
+        adapters: Adapters = AdapterCache(parts.pipe, budget, compiled=tuning.compile != "none")
         if tuning.compile != "none" and budget.offered:
             # Before the compile, so that it compiles the slots in: no adapter compiles again.
             adapters = HotswapSlots.prepare(parts.pipe, budget, slots=MAX_LORAS)

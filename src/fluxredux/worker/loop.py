@@ -56,7 +56,7 @@ from fluxredux.errors import FluxReduxError, PredictionCancelled, StorageError, 
 from fluxredux.images import DecodeLimits, decode_image
 from fluxredux.images.formats import PNG
 from fluxredux.jobs.job import Job, Status
-from fluxredux.jobs.lifecycle import Lifecycle
+from fluxredux.jobs.lifecycle import Choose, Lifecycle
 from fluxredux.pipeline.protocol import STORING, Phase
 from fluxredux.schema import PredictionInput
 from fluxredux.storage import BlobNotFound, BlobStore, BlobStoreError, new_key
@@ -106,12 +106,15 @@ class Worker:
         blobs: BlobStore,
         config: WorkerConfig,
         report_storage: StorageReport = lambda problem: None,
+        choose: Choose | None = None,
     ) -> None:
         self.lifecycle = lifecycle
         self.predictor = predictor
         self.blobs = blobs
         self.config = config
         self.report_storage = report_storage
+        # Which waiting job a claim takes (worker/affinity.py); None: the oldest.
+        self.choose = choose
         self.wakeup = threading.Event()
         self._storage_problem: str | None = None
         self._failed_write_size = 0
@@ -174,7 +177,7 @@ class Worker:
     def run_once(self) -> bool:
         """Claim one job and run its model stage; then its post stage, in the background
         with overlap (once the previous one has ended), else here. False: queue empty."""
-        job = self.lifecycle.claim(self.config.worker_id, self.config.lease_seconds)
+        job = self.lifecycle.claim(self.config.worker_id, self.config.lease_seconds, self.choose)
         if job is None:
             return False
         log.info("prediction %s: started (attempt %d)", job.id, job.attempt)

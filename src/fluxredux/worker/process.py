@@ -39,6 +39,7 @@ from fluxredux.loras.fetch import AdapterFiles
 from fluxredux.pipeline.protocol import ImageModel
 from fluxredux.pipeline.requirements import import_problem, import_torch
 from fluxredux.storage import blob_store, unshared_storage
+from fluxredux.worker.affinity import Affinity
 from fluxredux.worker.factories import build_checker, build_model
 from fluxredux.worker.logs import configure_logging as configure_process_logging
 from fluxredux.worker.loop import Worker, WorkerConfig
@@ -202,6 +203,7 @@ class WorkerProcess:
             else:
                 log.info("worker %s ready", self.worker_id)
             events = self._events
+            affinity = self._affinity(model)
             self._worker = worker = Worker(
                 Lifecycle(self.backends.jobs, publish=publish_changes(events)),
                 Predictor(model, checker, adapters=AdapterFiles(LoraCatalog.from_settings(settings))),
@@ -217,6 +219,7 @@ class WorkerProcess:
                     overlap=settings.overlap,
                 ),
                 report_storage=lambda problem: self.registration.update(storage_error=problem),
+                choose=affinity.choose if affinity is not None else None,
             )
             if self.backends.scale_out:
                 # A job queued (or put back after a lost worker) anywhere wakes us at once,
@@ -233,6 +236,28 @@ class WorkerProcess:
         finally:
             self.registration.stop()  # gone on purpose: nobody waits for our silence
             self.backends.close()
+
+    def _affinity(self, model: ImageModel) -> Affinity | None:
+        """Adapter affinity, for a model that loads adapters, where it may have peers: other
+        workers of ``serve``, or workers anywhere (scale-out). A lone worker claims the
+        oldest job through the store's own claim, as ever."""
+        several = self.backends.scale_out or self.settings.local_workers > 1
+        if not isinstance(model, HasAdapters) or not several:
+            return None
+        adapters = model.adapters
+
+        def loaded() -> list[str]:
+            names = adapters.counters().get("loaded")
+            return [str(name) for name in names] if isinstance(names, list) else []
+
+        return Affinity(
+            self.worker_id,
+            self.backends.jobs,
+            self.backends.registry,
+            loaded=loaded,
+            announce=lambda: self.registration.update(None, None, **model_details(model)),
+            ttl=self.settings.worker_ttl_seconds,
+        )
 
     def _store_details(self) -> dict[str, object]:
         lost = self.backends.lost_data()

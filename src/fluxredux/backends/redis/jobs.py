@@ -39,7 +39,7 @@ from fluxredux.backends.redis.client import redis_errors
 from fluxredux.backends.redis.common import ClientOrUrl, Clock, RedisSeam
 from fluxredux.errors import StoreUnavailable
 from fluxredux.jobs.job import IN_FLIGHT, Job, Status, job_from_json, job_to_json
-from fluxredux.jobs.store import Capacity, Change, same_create
+from fluxredux.jobs.store import CLAIM_WINDOW, Capacity, Change, same_create
 from fluxredux.jobs.transitions import start_attempt
 
 # A compare-and-set that keeps losing is retried this often before the store reports itself
@@ -47,8 +47,6 @@ from fluxredux.jobs.transitions import start_attempt
 # only a pathological hot spot ever gets here.
 # How long a write keeps redoing rounds lost to concurrent writers before a 503.
 CONFLICT_BUDGET_SECONDS = 2.0
-# How many jobs at the head of the queue one claim round tries.
-CLAIM_WINDOW = 16
 # At most this many ids are read from a lease or completion range by one ``find``.
 RANGE_CAP = 20_000
 # How many ids a paged index scan reads per round trip.

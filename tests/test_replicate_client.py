@@ -216,3 +216,26 @@ def test_a_bad_input_raises_replicate_error_naming_the_field(client: Any) -> Non
     with pytest.raises(replicate.exceptions.ReplicateError) as unknown:
         client.run("someone/else", input={"redux_image": "https://example.com/x.png"})
     assert unknown.value.status == 404 and "someone/else" in (unknown.value.detail or "")
+
+
+def test_stream_yields_progress_logs_then_each_output_then_done(client: Any, server: Server) -> None:
+    events = list(
+        client.stream(
+            MODEL,
+            input={
+                "redux_image": SAMPLE_DATA_URI,
+                "megapixels": "0.25",
+                "num_inference_steps": 2,
+                "num_outputs": 2,
+            },
+        )
+    )
+    kinds = [event.event.value for event in events]
+    assert kinds[-1] == "done" and set(kinds) <= {"logs", "output", "done"}
+    logs = [event.data for event in events if event.event.value == "logs"]
+    assert any(line.endswith("1/2") for line in logs) and any(line.endswith("2/2") for line in logs), logs
+    outputs = [str(event) for event in events if event.event.value == "output"]  # str(): an output's data
+    assert len(outputs) == 2 and all(url.startswith(server.url + "/files/") for url in outputs)
+    assert kinds.index("output") > max(i for i, kind in enumerate(kinds) if kind == "logs")
+    for url in outputs:
+        assert image_bytes(url)  # the files are there

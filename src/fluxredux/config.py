@@ -261,6 +261,12 @@ class Settings(BaseSettings):
     read_limit_per_minute: int = Field(1200, ge=1, description="Polls, lists and uploads per key per minute.")
     max_in_flight_per_key: int = Field(10, ge=1, description="Queued + running predictions per key.")
     max_queue: int = Field(1000, ge=1, description="Queued predictions in all; over it: 503.")
+    max_streams_per_key: int = Field(
+        10, ge=1, description="Event streams a key may hold open on one API node; over it: 429."
+    )
+    max_streams: int = Field(
+        500, ge=1, description="Event streams open on one API node in all; over it: 429."
+    )
     max_body_bytes: int = Field(40 * 1024 * 1024, gt=0, description="Largest request body.")
     # uvicorn times out idle keep-alive connections only; these bound a slow (or stalled)
     # client, which otherwise holds its connection forever (see api/timeouts.py).

@@ -144,6 +144,12 @@ class RateLimited(FluxReduxError):
         self.retry_after: int = self.detail["retry_after"]
 
 
+class TooManyStreams(RateLimited):
+    """As many event streams open as the key (or the node) may hold; close one first."""
+
+    code = "too_many_streams"
+
+
 class QueueFull(FluxReduxError):
     """The server's queue is at its cap; nothing was queued."""
 

@@ -54,6 +54,7 @@ class Notifier:
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, set[EndWaiter]] = {}
+        self._watchers: dict[str, set[EndWaiter]] = {}  # woken by every event of their job
         self._listeners: list[Listener] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -88,6 +89,8 @@ class Notifier:
         if event.status in _ENDS:
             for waiter in self._waiters.get(event.job_id, ()):
                 waiter.wake(event.job)
+        for watcher in self._watchers.get(event.job_id, ()):
+            watcher.wake(event.job)
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -102,11 +105,25 @@ class Notifier:
         return waiter
 
     def unsubscribe(self, job_id: str, waiter: EndWaiter) -> None:
-        waiters = self._waiters.get(job_id)
-        if waiters is not None:
-            waiters.discard(waiter)
-            if not waiters:
-                del self._waiters[job_id]
+        _discard(self._waiters, job_id, waiter)
+
+    def watch(self, job_id: str) -> EndWaiter:
+        """As ``subscribe``, but woken by every change of the job (an event stream's), not
+        only by its end; the end's wake-up still carries the ended job."""
+        waiter = EndWaiter()
+        self._watchers.setdefault(job_id, set()).add(waiter)
+        return waiter
+
+    def unwatch(self, job_id: str, waiter: EndWaiter) -> None:
+        _discard(self._watchers, job_id, waiter)
+
+
+def _discard(waiters: dict[str, set[EndWaiter]], job_id: str, waiter: EndWaiter) -> None:
+    of_job = waiters.get(job_id)
+    if of_job is not None:
+        of_job.discard(waiter)
+        if not of_job:
+            del waiters[job_id]
 
 
 class SharedReads:

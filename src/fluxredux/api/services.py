@@ -16,6 +16,7 @@ from fluxredux.api.metrics import Metrics
 from fluxredux.api.notifier import Notifier, SharedReads
 from fluxredux.api.readiness import Readiness
 from fluxredux.api.replicate.render import render_replicate
+from fluxredux.api.stream_slots import StreamSlots
 from fluxredux.backends import Backends, backends_for
 from fluxredux.config import Settings
 from fluxredux.errors import WouldWait
@@ -64,10 +65,12 @@ class Services:
     # Reads of a job from the event loop, shared by the tasks its change wakes at once.
     job_reads: SharedReads = field(init=False)
     loras: LoraCatalog = field(init=False)  # the style adapters this deployment offers
+    streams: StreamSlots = field(init=False)  # the event streams open on this node
 
     def __post_init__(self) -> None:
         store, backends = self.store, self.backends
         self.loras = LoraCatalog.from_settings(self.settings)
+        self.streams = StreamSlots(self.settings.max_streams_per_key, self.settings.max_streams)
         self.job_reads = SharedReads(
             store.get, now=lambda job_id: backends.read_without_waiting(lambda: store.get(job_id))
         )

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sse_starlette import ServerSentEvent
 
 from fluxredux.api.eachlabs.shapes import Prediction, PublicStatus
 from fluxredux.api.inputs import shown_references
 from fluxredux.jobs.job import Job, Status
+
+if TYPE_CHECKING:
+    from fluxredux.api.streams import Moment
 
 PUBLIC_STATUS: dict[Status, PublicStatus] = {
     Status.STARTING: "starting",
@@ -90,3 +96,30 @@ def render(job: Job, base_url: str, queue_position: int | None = None) -> Predic
             },
         }
     )
+
+
+# The stream's last event, by how the prediction ended.
+END_EVENTS = {Status.SUCCEEDED: "done", Status.FAILED: "failed", Status.CANCELED: "canceled"}
+
+
+def stream_events(moment: Moment, base_url: str) -> list[ServerSentEvent]:
+    """One moment of a prediction's stream (``GET /v1/prediction/{id}/stream``): its event,
+    named as the moment is, with JSON data; the end's data is the prediction as ``GET``
+    answers it. Outputs come with the end's body, not as events of their own."""
+    job = moment.job
+    data: dict[str, Any]
+    name: str = moment.kind
+    if moment.kind == "queued":
+        data = {"status": "starting", "queue_position": moment.queue_position}
+    elif moment.kind == "started":
+        data = {"status": "processing", "attempt": job.attempt}
+    elif moment.kind == "step":
+        data = {"step": moment.step, "total": moment.total}
+    elif moment.kind == "phase":
+        data = {"phase": running_phase(job)}
+    elif moment.kind == "end":
+        name = END_EVENTS[job.status]
+        data = render(job, base_url).model_dump(mode="json")
+    else:  # "output": told by the end's body
+        return []
+    return [ServerSentEvent(json.dumps(data, separators=(",", ":")), event=name, id=moment.id)]

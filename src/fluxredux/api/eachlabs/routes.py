@@ -8,10 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
 
 from fluxredux.access.keys import ApiKey
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, ReaderKeyDep, ServicesDep
-from fluxredux.api.eachlabs.render import render
+from fluxredux.api.eachlabs.render import render, stream_events
 from fluxredux.api.eachlabs.shapes import (
     Prediction,
     PredictionCreated,
@@ -32,6 +33,7 @@ from fluxredux.api.prediction_actions import (
     wait_until_done,
 )
 from fluxredux.api.services import Services
+from fluxredux.api.streams import LastEventIdHeader, event_stream
 from fluxredux.errors import UnknownModel
 from fluxredux.jobs.job import Job, Status
 from fluxredux.schema import MODEL_NAME
@@ -172,6 +174,29 @@ async def get_prediction(
     else:
         job = await services.read(owned_job, services, prediction_id, key)
     return await render_live(services, job, base)
+
+
+@router.get(
+    "/{prediction_id}/stream",
+    response_class=EventSourceResponse,
+    summary="Follow a prediction as it runs (Server-Sent Events)",
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "Events queued (queue_position), started, step (step, total), phase, "
+            "then done, failed or canceled with the prediction; each id resumes (Last-Event-ID).",
+        }
+    },
+)
+async def stream_prediction(
+    prediction_id: str,
+    key: ReaderKeyDep,
+    services: ServicesDep,
+    base: BaseUrlDep,
+    last_event_id: LastEventIdHeader = None,
+) -> EventSourceResponse:
+    job = await services.read(owned_job, services, prediction_id, key)
+    return event_stream(services, job, key.id, last_event_id, lambda moment: stream_events(moment, base))
 
 
 async def render_live(services: Services, job: Job, base: str) -> Prediction:

@@ -3,9 +3,24 @@ names (its statuses are the lifecycle's own), output always a list of URLs."""
 
 from __future__ import annotations
 
-from fluxredux.api.eachlabs.render import iso_time, job_metrics, output_urls, running_phase, shown_input
+import json
+from typing import TYPE_CHECKING
+
+from sse_starlette import ServerSentEvent
+
+from fluxredux.api.eachlabs.render import (
+    file_url,
+    iso_time,
+    job_metrics,
+    output_urls,
+    running_phase,
+    shown_input,
+)
 from fluxredux.api.replicate.shapes import REPLICATE_MODEL, ReplicatePrediction
 from fluxredux.jobs.job import Job, Status
+
+if TYPE_CHECKING:
+    from fluxredux.api.streams import Moment
 
 
 def prediction_url(base_url: str, job_id: str) -> str:
@@ -59,8 +74,41 @@ def render_replicate(job: Job, base_url: str, *, waited_out: bool = False) -> Re
             "urls": {
                 "get": prediction_url(base_url, job.id),
                 "cancel": f"{prediction_url(base_url, job.id)}/cancel",
+                "stream": f"{prediction_url(base_url, job.id)}/stream",
                 # No page per prediction: the playground, where predictions are made.
                 "web": f"{base_url}/",
             },
         }
     )
+
+
+def stream_events(moment: Moment, base_url: str) -> list[ServerSentEvent]:
+    """One moment of a prediction's stream in Replicate's event format, as its official
+    client's ``stream()`` reads it: only ``logs`` (log lines: the queue, the start, a
+    tqdm-style line per step, the phases), ``output`` (one per image: its URL), ``error``
+    (the message; the client raises it) and ``done`` (``{}``, or the reason it ended
+    otherwise). Any other event name would make that client fail."""
+    job = moment.job
+    if moment.kind == "queued":
+        ahead = moment.queue_position or 0
+        lines = [f"waiting in the queue ({ahead} ahead)" if ahead else "waiting in the queue (next)"]
+    elif moment.kind == "started":
+        lines = ["starting" if job.attempt == 1 else f"starting again (attempt {job.attempt})"]
+    elif moment.kind == "step":
+        lines = [progress_line(moment.step, moment.total)]
+    elif moment.kind == "phase":
+        lines = [f"{running_phase(job)}…"]
+    elif moment.kind == "output":
+        return [
+            ServerSentEvent(file_url(base_url.rstrip("/"), str(moment.output)), event="output", id=moment.id)
+        ]
+    elif job.status == Status.FAILED:
+        done = json.dumps({"reason": "error"})
+        return [
+            ServerSentEvent(job.error or "the prediction failed", event="error", id=moment.id),
+            ServerSentEvent(done, event="done", id=moment.id),
+        ]
+    else:
+        reason = {} if job.status == Status.SUCCEEDED else {"reason": "canceled"}
+        return [ServerSentEvent(json.dumps(reason), event="done", id=moment.id)]
+    return [ServerSentEvent(line, event="logs", id=moment.id) for line in lines]

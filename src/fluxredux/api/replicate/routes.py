@@ -16,6 +16,7 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from sse_starlette import EventSourceResponse
 
 from fluxredux.access.keys import ApiKey
 from fluxredux.api.deps import ApiKeyDep, BaseUrlDep, PresentedKeyDep, ReaderKeyDep, ServicesDep
@@ -29,7 +30,7 @@ from fluxredux.api.prediction_actions import (
     queue_job,
     wait_after_create,
 )
-from fluxredux.api.replicate.render import render_replicate
+from fluxredux.api.replicate.render import render_replicate, stream_events
 from fluxredux.api.replicate.shapes import (
     REPLICATE_MODEL,
     ReplicateModel,
@@ -41,6 +42,7 @@ from fluxredux.api.replicate.shapes import (
     version_schema,
 )
 from fluxredux.api.services import Services
+from fluxredux.api.streams import LastEventIdHeader, event_stream
 from fluxredux.config import Settings
 from fluxredux.errors import InvalidInput, UnknownModel
 from fluxredux.jobs.job import REPLICATE, WEBHOOK_EVENTS
@@ -241,6 +243,23 @@ async def get_prediction(
 ) -> ReplicatePrediction:
     job = await services.read(owned_job, services, prediction_id, key)
     return render_replicate(job, base)
+
+
+@router.get(
+    "/v1/predictions/{prediction_id}/stream",
+    response_class=EventSourceResponse,
+    summary="Follow a prediction as it runs (Replicate's Server-Sent Events: logs, output, error, done)",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def stream_prediction(
+    prediction_id: str,
+    key: ReaderKeyDep,
+    services: ServicesDep,
+    base: BaseUrlDep,
+    last_event_id: LastEventIdHeader = None,
+) -> EventSourceResponse:
+    job = await services.read(owned_job, services, prediction_id, key)
+    return event_stream(services, job, key.id, last_event_id, lambda moment: stream_events(moment, base))
 
 
 @router.post(

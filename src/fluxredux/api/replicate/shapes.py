@@ -35,6 +35,10 @@ class ReplicatePredictionRequest(BaseModel):
     webhook: str | None = Field(
         None, max_length=2048, description="Receives the prediction (POST) on the events asked for."
     )
+    stream: bool | None = Field(
+        None,
+        description="Accepted, as the official client's stream() sends it: every prediction has urls.stream.",
+    )
     webhook_events_filter: list[WebhookEvent] | None = Field(
         None,
         min_length=1,
@@ -48,6 +52,7 @@ class ReplicatePredictionUrls(BaseModel):
     get: str
     cancel: str
     web: str
+    stream: str = Field(description="Server-Sent Events of the prediction as it runs (logs, output, done).")
 
 
 class ReplicatePrediction(BaseModel):

@@ -52,6 +52,7 @@ def test_create_and_read_in_replicates_shape(api: Harness) -> None:
             "get": f"{api.url}/v1/predictions/{prediction['id']}",
             "cancel": f"{api.url}/v1/predictions/{prediction['id']}/cancel",
             "web": f"{api.url}/",
+            "stream": f"{api.url}/v1/predictions/{prediction['id']}/stream",
         }
         done = api.wait_status(prediction["id"], {"success"})
         assert done["status"] == "success"

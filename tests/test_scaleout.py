@@ -506,3 +506,31 @@ def test_the_demo_model_runs_behind_redis_and_s3(
         assert [httpx.get(u).content for u in again["output"]] == [
             httpx.get(u).content for u in done["output"]
         ]
+
+
+def test_a_stream_on_one_node_follows_a_job_that_a_worker_anywhere_runs(deployment: Cluster) -> None:
+    """Created on node A, streamed from node B, run by a worker of neither: each step's
+    event reaches B over Redis as it happens, not when the job is over."""
+    a, b = deployment.node("api-a"), deployment.node("api-b")
+    deployment.worker("worker-1", env={"FLUXREDUX_FAKE_STEP_SECONDS": "0.5"})
+    made = a.create_id(num_inference_steps=4)
+    received: list[tuple[str, dict[str, object], float]] = []
+    with httpx.stream(
+        "GET", f"{b.url}/v1/prediction/{made}/stream", headers=b.headers(), timeout=60
+    ) as response:
+        assert response.status_code == 200, response.read()
+        name = ""
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                name = line.partition(":")[2].strip()
+            elif line.startswith("data:"):
+                received.append((name, json.loads(line.partition(":")[2]), time.time()))
+                if name in ("done", "failed", "canceled"):
+                    break
+    names = [name for name, _, _ in received]
+    assert names[-1] == "done" and received[-1][1]["status"] == "success", names
+    steps = [(data["step"], at) for name, data, at in received if name == "step"]
+    assert [step for step, _ in steps] == [1, 2, 3, 4]
+    # One machine: the same clock as Redis's TIME, which stamped completed_at.
+    ended = unix(str(received[-1][1]["completed_at"]))
+    assert steps[0][1] < ended, "the first step was told only after the job had ended"

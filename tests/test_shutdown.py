@@ -1,4 +1,4 @@
-"""Stopping the server is bounded: SIGTERM with 40 long-polls open, a webhook receiver
+"""Stopping the server is bounded: SIGTERM with 40 long-polls and 10 event streams open, a webhook receiver
 that never answers and a prediction running, and ``serve`` exits within its documented
 bound (docs/deploy.md, "Stopping"); nothing it accepted is lost, and after a restart
 every prediction ends.
@@ -26,6 +26,7 @@ from tests.test_serve import ServerProcess, start_server
 # are cut and retried after their claim's lease by whichever process sweeps next.
 SHUTDOWN_BOUND_SECONDS = 20.0
 LONG_POLLS = 40
+STREAMS = 10
 
 
 class HeldReceiver:
@@ -75,6 +76,21 @@ def _long_poll(server: ServerProcess, prediction_id: str, answers: list[object])
         answers.append(type(exc).__name__)
 
 
+def _stream(server: ServerProcess, prediction_id: str, ends: list[object]) -> None:
+    try:
+        with httpx.stream(
+            "GET",
+            f"{server.url}/v1/prediction/{prediction_id}/stream",
+            headers={"X-API-Key": server.key},
+            timeout=90,
+        ) as response:
+            for _line in response.iter_lines():
+                pass
+        ends.append(response.status_code)
+    except httpx.HTTPError as exc:
+        ends.append(type(exc).__name__)
+
+
 def test_sigterm_with_long_polls_and_a_webhook_in_flight_exits_within_the_bound(
     tmp_path: Path, model_cache_dir: Path, held_receiver: HeldReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -98,9 +114,17 @@ def test_sigterm_with_long_polls_and_a_webhook_in_flight_exits_within_the_bound(
             threading.Thread(target=_long_poll, args=(server, ids[i % len(ids)], answers), daemon=True)
             for i in range(LONG_POLLS)
         ]
-        for poll in polls:
+        streamed: list[object] = []
+        streams = [
+            threading.Thread(target=_stream, args=(server, ids[-1 - i % 2], streamed), daemon=True)
+            for i in range(STREAMS)
+        ]
+        for poll in [*polls, *streams]:
             poll.start()
-        _until(lambda: _open_connections(server.process.pid) >= LONG_POLLS, "the long-polls are open")
+        _until(
+            lambda: _open_connections(server.process.pid) >= LONG_POLLS + STREAMS,
+            "the long-polls and streams are open",
+        )
 
         started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
@@ -113,6 +137,9 @@ def test_sigterm_with_long_polls_and_a_webhook_in_flight_exits_within_the_bound(
         for poll in polls:
             poll.join(30)
         assert len(answers) == LONG_POLLS  # every long-poll got an answer or a cut connection
+        for stream in streams:
+            stream.join(30)
+        assert len(streamed) == STREAMS  # every stream ended (its job's end, or cut)
 
         # Nothing accepted is lost: after a restart, every prediction ends.
         server = start_server(data_dir, model_cache_dir, log, key=server.key, model="fake")

@@ -206,3 +206,73 @@ def test_the_replicate_surface_streams_replicate_s_events(api: Harness) -> None:
     outputs = [event.data for event in events if event.name == "output"]
     done = api.http.get(f"/v1/predictions/{prediction['id']}").json()
     assert outputs == done["output"] and events[-1].name == "done" and events[-1].json() == {}
+
+
+# --- the Python client ----------------------------------------------------------------------
+
+
+class CutMidStream(httpx.SyncByteStream):
+    """A stream's body that breaks right after the first chunk telling a step."""
+
+    def __init__(self, inner: httpx.SyncByteStream) -> None:
+        self.inner = inner
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.inner:
+            yield chunk
+            if b"event: step" in chunk:
+                raise httpx.ReadError("the link broke")
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class CutsTheFirstStream(httpx.BaseTransport):
+    """httpx's own transport, but the first stream's connection is lost mid-way."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.resumed_after: list[str | None] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner.handle_request(request)
+        if request.url.path.endswith("/stream"):
+            self.resumed_after.append(request.headers.get("Last-Event-ID"))
+            if len(self.resumed_after) == 1:
+                assert isinstance(response.stream, httpx.SyncByteStream)
+                response.stream = CutMidStream(response.stream)
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_the_client_streams_typed_events_and_resumes_a_lost_stream_without_a_gap(api: Harness) -> None:
+    from fluxredux.client import FluxRedux
+
+    transport = CutsTheFirstStream()
+    with FluxRedux(api.url, api.key, transport=transport) as client:
+        prediction = client.create(
+            {"redux_image": api.body()["input"]["redux_image"], "num_inference_steps": 4}
+        )
+        events = list(client.stream(prediction))
+    assert [event.step for event in events if event.event == "step"] == [1, 2, 3, 4]
+    assert len(transport.resumed_after) == 2 and transport.resumed_after[1] is not None  # one reconnect
+    end = events[-1]
+    assert end.event == "done" and end.ended and end.prediction is not None
+    assert end.prediction.status == "success" and end.prediction.id == prediction
+
+
+def test_the_async_client_streams_the_same_events(api: Harness) -> None:
+    import asyncio
+
+    from fluxredux.client import AsyncFluxRedux
+
+    async def follow() -> list[Any]:
+        async with AsyncFluxRedux(api.url, api.key) as client:
+            prediction = await client.create({"redux_image": api.body()["input"]["redux_image"]})
+            return [event async for event in client.stream(prediction)]
+
+    events = asyncio.run(follow())
+    assert events[-1].event == "done" and events[-1].prediction.status == "success"
+    assert [event.step for event in events if event.event == "step"][-1] == 4

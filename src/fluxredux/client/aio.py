@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from fluxredux.api.eachlabs.shapes import LoraList, Prediction, UploadedFile
+from fluxredux.api.eachlabs.shapes import LoraList, Prediction, StreamEvent, UploadedFile
 from fluxredux.client import core
 from fluxredux.client.core import Call, ClientBase, CreateOptions, Scale, UpscaleOptions, Waiting
 
@@ -50,6 +50,31 @@ class AsyncFluxRedux(ClientBase[httpx.AsyncClient]):
             return await self._http.request(call.method, call.url, **call.options)
         except httpx.TransportError as exc:  # the exchange decides: resend (when, how often), or raise
             return exc
+
+    async def stream(self, prediction_id: str) -> AsyncIterator[StreamEvent]:
+        """As FluxRedux.stream: ``async for event in client.stream(id)``."""
+        reconnects = core.Reconnects(core.stream_call(prediction_id), self.max_retry_wait)
+        last: str | None = None
+        while True:
+            url, stream_headers = core.stream_request(prediction_id, last)
+            try:
+                timeout = httpx.Timeout(self._http.timeout.connect, read=core.STREAM_SILENCE)
+                async with self._http.stream("GET", url, headers=stream_headers, timeout=timeout) as response:
+                    if response.status_code != 200:
+                        await response.aread()
+                        core.raise_for(response)
+                    decoder = core.StreamDecoder()
+                    async for line in response.aiter_lines():
+                        if (event := decoder.feed(line)) is None:
+                            continue
+                        last = event.id
+                        reconnects.heard()
+                        yield event
+                        if event.ended:
+                            return
+                raise httpx.RemoteProtocolError("the stream closed before the prediction ended")
+            except httpx.TransportError as loss:
+                await _sleep(reconnects.lost(loss))
 
     async def upload(self, source: Path | bytes) -> UploadedFile:
         return await self._send(core.upload_call(source))

@@ -15,6 +15,7 @@ checks them, and answers a bad one with a 400 that becomes an ApiError (the CLI'
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel
 
-from fluxredux.api.eachlabs.shapes import LoraList, Prediction, PredictionList, UploadedFile
+from fluxredux.api.eachlabs.shapes import LoraList, Prediction, PredictionList, StreamEvent, UploadedFile
 from fluxredux.errors import ClientError, FluxReduxError
 from fluxredux.schema import MODEL_NAME, MODEL_VERSION
 
@@ -327,6 +328,82 @@ def loras_call() -> Call[LoraList]:
 
 def download_call(url: str) -> Call[bytes]:
     return Call("GET", url, _content, resend_if_lost=True)
+
+
+# --- event streams
+
+
+def stream_request(prediction_id: str, last_event_id: str | None) -> tuple[str, dict[str, str]]:
+    """The URL and headers of a stream's connection (``last_event_id``: resume after it)."""
+    headers = {"Accept": "text/event-stream"}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    return f"/v1/prediction/{quote(prediction_id, safe='')}/stream", headers
+
+
+# A stream that hears nothing (not even a keep-alive, every 15 s) for this long is lost.
+STREAM_SILENCE = 45.0
+
+
+class StreamDecoder:
+    """The lines of a text/event-stream, as events. Written here rather than taken from a
+    library: it is twenty lines, and httpx-sse would be a dependency of the client for them."""
+
+    def __init__(self) -> None:
+        self._name = "message"
+        self._id = ""
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> StreamEvent | None:
+        """One line (without its end); the event it completes, if any."""
+        if not line:
+            data, self._data = self._data, []
+            name, self._name = self._name, "message"
+            if not data:
+                return None
+            fields = json.loads("\n".join(data))
+            if name in ("done", "failed", "canceled"):
+                fields = {"prediction": fields}
+            return StreamEvent.model_validate({"event": name, "id": self._id, **fields})
+        field_name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field_name == "event":
+            self._name = value
+        elif field_name == "id":
+            self._id = value
+        elif field_name == "data":
+            self._data.append(value)
+        return None  # a comment (keep-alive), or a field this client has no use for
+
+
+class Reconnects:
+    """A stream's reconnections after lost connections: at once, then 0.5 s doubling up to
+    5 s, until ``max_wait`` s have passed since the last event (ConnectionLost)."""
+
+    def __init__(self, call: Call[Any], max_wait: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.call, self.max_wait, self.clock = call, max_wait, clock
+        self._losses = 0
+        self._since = clock()
+
+    def heard(self) -> None:
+        self._losses = 0
+        self._since = self.clock()
+
+    def lost(self, loss: httpx.TransportError) -> float:
+        """The pause before reconnecting; raises ConnectionLost when there is no time left."""
+        if not isinstance(loss, RESENDABLE_LOSSES):
+            raise loss
+        now = self.clock()
+        pause = 0.0 if not self._losses else min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** (self._losses - 1))
+        self._losses += 1
+        if now + pause - self._since > self.max_wait:
+            raise ConnectionLost(self.call, loss, self._losses, now - self._since) from loss
+        return pause
+
+
+def stream_call(prediction_id: str) -> Call[None]:
+    """What ConnectionLost names for a stream (the stream is sent by the clients themselves)."""
+    return Call("GET", stream_request(prediction_id, None)[0], lambda response: None)
 
 
 # --- local files among the references: uploaded first, then named by id

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from fluxredux.api.eachlabs.shapes import LoraList, Prediction, PredictionList, UploadedFile
+from fluxredux.api.eachlabs.shapes import LoraList, Prediction, PredictionList, StreamEvent, UploadedFile
 from fluxredux.client import core
 from fluxredux.client.core import Call, ClientBase, CreateOptions, Scale, UpscaleOptions, Waiting
 
@@ -114,6 +114,34 @@ class FluxRedux(ClientBase[httpx.Client]):
 
     def cancel(self, prediction_id: str) -> Prediction:
         return self._send(core.cancel_call(prediction_id))
+
+    def stream(self, prediction_id: str) -> Iterator[StreamEvent]:
+        """The prediction's events as they happen (queued, started, step, phase, preview),
+        ending with its end (done, failed or canceled: ``event.prediction``). A lost
+        connection is taken up again after the last event received (Last-Event-ID), within
+        ``max_retry_wait`` of it; so no step is missed across a server restart."""
+        reconnects = core.Reconnects(core.stream_call(prediction_id), self.max_retry_wait)
+        last: str | None = None
+        while True:
+            url, stream_headers = core.stream_request(prediction_id, last)
+            try:
+                timeout = httpx.Timeout(self._http.timeout.connect, read=core.STREAM_SILENCE)
+                with self._http.stream("GET", url, headers=stream_headers, timeout=timeout) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        core.raise_for(response)
+                    decoder = core.StreamDecoder()
+                    for line in response.iter_lines():
+                        if (event := decoder.feed(line)) is None:
+                            continue
+                        last = event.id
+                        reconnects.heard()
+                        yield event
+                        if event.ended:
+                            return
+                raise httpx.RemoteProtocolError("the stream closed before the prediction ended")
+            except httpx.TransportError as loss:
+                _sleep(reconnects.lost(loss))
 
     def list(self, *, limit: int = 20, cursor: str | None = None) -> PredictionList:
         return self._send(core.list_call(limit, cursor))

@@ -93,6 +93,7 @@ def render(job: Job, base_url: str, queue_position: int | None = None) -> Predic
             "urls": {
                 "get": f"{base_url}/v1/prediction/{job.id}",
                 "cancel": f"{base_url}/v1/prediction/{job.id}/cancel",
+                "stream": f"{base_url}/v1/prediction/{job.id}/stream",
             },
         }
     )

@@ -84,6 +84,7 @@ class PredictionMetrics(BaseModel):
 class PredictionUrls(BaseModel):
     get: str
     cancel: str
+    stream: str = Field(description="Server-Sent Events of the prediction as it runs.")
 
 
 class PredictionProgress(BaseModel):
@@ -126,6 +127,27 @@ class Prediction(BaseModel):
     started_at: str | None = None
     completed_at: str | None = None
     urls: PredictionUrls
+
+
+StreamEventName = Literal["queued", "started", "step", "phase", "preview", "done", "failed", "canceled"]
+
+
+class StreamEvent(BaseModel):
+    """One event of ``GET /v1/prediction/{id}/stream``, as the Python client yields it."""
+
+    event: StreamEventName
+    id: str = Field(description="Its Last-Event-ID: a stream resumed after it misses no step.")
+    queue_position: int | None = None  # queued
+    attempt: int | None = None  # started (2: run again, after a lost worker)
+    step: int | None = None  # step, preview
+    total: int | None = None  # step
+    phase: str | None = None  # phase: after the last step
+    image: str | None = None  # preview: a JPEG data URI
+    prediction: Prediction | None = None  # done, failed, canceled: the prediction as it ended
+
+    @property
+    def ended(self) -> bool:
+        return self.prediction is not None
 
 
 class PredictionList(BaseModel):

@@ -62,7 +62,15 @@ class ThreadWorkers:
         ready = self.worker is not None and self.error is None
         # As a worker process describes its model (ModelInfo.describe: the memory profile too).
         description = "FAKE model (test worker thread)" if self.worker is not None else None
-        return {"ready": ready, "demo": True, "error": self.error, "description": description}
+        model = self.worker.predictor.model if self.worker is not None else None
+        previews = bool(getattr(model, "previews_available", False))
+        return {
+            "ready": ready,
+            "demo": True,
+            "error": self.error,
+            "description": description,
+            "previews": previews,
+        }
 
     def problems(self) -> list[str]:
         return [self.problem] if self.problem else []

@@ -39,6 +39,7 @@ def test_a_ready_worker_makes_the_fleet_ready() -> None:
     assert fleet.status() | {"description": None} == {
         "ready": True, "workers": 2, "workers_ready": 1, "description": None, "demo": True, "notice": "demo",
         "loras": [],
+        "previews": False,
     }  # fmt: skip
 
 

@@ -57,6 +57,7 @@ def test_defaults_match_the_hosted_model() -> None:
         "scale": None,
         "upscale_strength": 0.35,
         "loras": None,
+        "preview": False,
     }
     assert inputs.size() == (1024, 1024)
 

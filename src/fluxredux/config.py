@@ -47,6 +47,7 @@ def _source_entries(sources: str) -> list[str]:
 
 SCHNELL_REPO = "black-forest-labs/FLUX.1-schnell"
 REDUX_REPO = "black-forest-labs/FLUX.1-Redux-dev"
+TAEF1_REPO = "madebyollin/taef1"  # MIT, ~10 MB: step previews
 
 
 class Settings(BaseSettings):
@@ -64,6 +65,11 @@ class Settings(BaseSettings):
     )
     redux_model: str = Field(
         REDUX_REPO, description="FLUX.1 Redux prior: a local diffusers folder or a Hugging Face repo id."
+    )
+    preview_model: str = Field(
+        TAEF1_REPO,
+        description="TAEF1, the tiny FLUX autoencoder of step previews (input preview): a local "
+        "diffusers folder or a Hugging Face repo id (fluxredux download --previews).",
     )
     offload: Offload = Field(
         "none",

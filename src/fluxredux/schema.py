@@ -363,6 +363,14 @@ class PredictionInput(BaseModel):
         json_schema_extra={"x-fluxredux-kind": "loras", "x-fluxredux-advanced": True},
     )
 
+    preview: StrictBool = Field(
+        False,
+        description="Show the image as it denoises: each step's preview (a small JPEG, from TAEF1) "
+        "in the event stream and as progress.preview while it runs. Needs the previews' weights "
+        "on the worker (fluxredux download --previews).",
+        json_schema_extra={"x-fluxredux-advanced": True},
+    )
+
     @field_validator(
         "num_outputs",
         "num_inference_steps",

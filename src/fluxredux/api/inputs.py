@@ -241,7 +241,7 @@ def _is_url(reference: str) -> bool:
     return reference[:8].lower().startswith(("http://", "https://"))
 
 
-UNTIL_USED = ("width", "height", "upscale_from", "scale", "upscale_strength", "loras")
+UNTIL_USED = ("width", "height", "upscale_from", "scale", "upscale_strength", "loras", "preview")
 
 
 def recorded_input(inputs: PredictionInput, stored: list[StoredImage]) -> dict[str, object]:
@@ -251,7 +251,11 @@ def recorded_input(inputs: PredictionInput, stored: list[StoredImage]) -> dict[s
     # The fields of drafts to finals are kept only where used: a prediction without them
     # is recorded, and echoed, exactly as before they existed (the hosted contract).
     for name in UNTIL_USED:
-        if recorded[name] is None or (name == "upscale_strength" and inputs.upscale_from is None):
+        if (
+            recorded[name] is None
+            or (name == "upscale_strength" and inputs.upscale_from is None)
+            or (name == "preview" and not inputs.preview)
+        ):
             del recorded[name]
     if not stored:  # a prompt alone
         return recorded

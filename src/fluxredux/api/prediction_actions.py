@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fluxredux.access.keys import ApiKey
 from fluxredux.api.drafts import checked_size, draft_of, files_gone, final_from
@@ -87,6 +88,22 @@ class PredictionOrder:
     base_url: str | None = None
 
 
+def check_previews(workers: dict[str, Any]) -> None:
+    """``preview: true`` where the ready workers make no previews (their TAEF1 weights are
+    missing) is the caller's 400, naming the field, rather than a prediction that quietly
+    shows none. With no worker ready yet there is no telling: accepted."""
+    if workers.get("ready") and not workers.get("previews"):
+        message = (
+            "this server's workers make no step previews (their TAEF1 weights are missing: the "
+            "operator runs fluxredux download --previews); leave preview out"
+        )
+        raise InvalidInput(
+            f"input.preview: {message}",
+            fields=[{"field": "input.preview", "message": message, "type": "previews_unavailable"}],
+            field="input.preview",
+        )
+
+
 async def queue_job(order: PredictionOrder, key: ApiKey, services: Services, prediction_id: str) -> Job:
     """Validate everything, check limits, store the reference images, queue the job as
     ``prediction_id`` (named by the caller: see fluxredux.api.idempotent.create_once).
@@ -99,6 +116,8 @@ async def queue_job(order: PredictionOrder, key: ApiKey, services: Services, pre
     refusal = services.workers.refusal()
     if refusal is not None:  # accepting work that no worker can run would only hide the problem
         raise refusal
+    if order.input.preview:
+        check_previews(services.workers.status())
     own_files = f"{order.base_url.rstrip('/')}/files/" if order.base_url else None
     if not order.webhook_url and not needs_download(order.input, own_files):
         job = await asyncio.to_thread(_accept, services, key, order, prediction_id, own_files)

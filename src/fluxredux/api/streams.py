@@ -46,7 +46,7 @@ PHASE_ORDER = ("decoding", "safety check", "encoding", "storing")
 QUEUED_RECHECK_SECONDS = 1.0  # how often a queued job's position is read again
 RUNNING_RECHECK_SECONDS = 5.0  # a read without a wake-up: a lost event costs latency only
 
-MomentKind = Literal["queued", "started", "step", "phase", "output", "end"]
+MomentKind = Literal["queued", "started", "step", "preview", "phase", "output", "end"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,9 @@ def moments(job: Job, queue_position: int | None, *, resumed: bool) -> Iterator[
         first = 1 if resumed else job.progress_step
         for step in range(max(first, 1), job.progress_step + 1):
             yield Moment((attempt, RUNNING, step, 0), "step", job, step=step, total=total)
+        if job.status == Status.PROCESSING and job.progress_preview is not None and job.progress_step:
+            # Only the latest is kept: one missed while the client was away is not told.
+            yield Moment((attempt, RUNNING, job.progress_step, 1), "preview", job, step=job.progress_step)
         if (phase := running_phase(job)) is not None:
             order = PHASE_ORDER.index(phase) if phase in PHASE_ORDER else 0
             yield Moment((attempt, AFTER_STEPS, 0, order), "phase", job, total=total)

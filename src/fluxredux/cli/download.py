@@ -16,6 +16,7 @@ from fluxredux.cli.options import VerboseOption
 from fluxredux.errors import FluxReduxError, InvalidInput, WeightsNotFound
 from fluxredux.pipeline.weights import (
     LICENSE_NOTE,
+    PREVIEWS,
     REDUX,
     SCHNELL,
     SCHNELL_FOR_GGUF,
@@ -45,6 +46,10 @@ def download(
             help=f"Also fetch FLUX.1 [schnell]'s text encoders and tokenizers (T5-XXL + CLIP-L, "
             f"{TEXT_ENCODERS_SIZE} more), which only the optional `prompt` input needs.",
         ),
+    ] = False,
+    previews: Annotated[
+        bool,
+        typer.Option("--previews", help="Also fetch TAEF1 (about 10 MB), which the `preview` input needs."),
     ] = False,
     gguf: Annotated[
         str | None,
@@ -77,6 +82,8 @@ def download(
     wanted = [(REDUX, redux), (SCHNELL if gguf_target is None else SCHNELL_FOR_GGUF, schnell)]
     if with_text_encoders:
         wanted.append((TEXT_ENCODERS, schnell))
+    if previews:
+        wanted.append((PREVIEWS, PREVIEWS.default_repo))
     try:
         for spec, repo in wanted:
             # markup=False: "[schnell]" is a name, not rich markup.

@@ -67,6 +67,9 @@ class Job:
     # What a running job does after its last step (decoding, safety check, encoding,
     # storing): None while it denoises, or before it starts.
     progress_phase: str | None = None
+    # A running job's latest step preview (input preview: true): a small JPEG as a data
+    # URI, dropped when it ends or goes back to the queue.
+    progress_preview: str | None = None
     output: list[str] = field(default_factory=list)  # output file names
     seed: int | None = None
     error: str | None = None

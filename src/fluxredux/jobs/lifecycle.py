@@ -96,8 +96,10 @@ class Lifecycle:
         *,
         step: int | None = None,
         total: int | None = None,
+        preview: str | None = None,
     ) -> Job | None:
-        """Extend the lease (and record progress). None: the job is no longer ours."""
+        """Extend the lease (and record progress, with the step's preview). None: the job
+        is no longer ours."""
         now = self.clock()
 
         def extend(current: Job) -> Job | None:
@@ -106,6 +108,8 @@ class Lifecycle:
             current.lease_expires_at = now + lease_seconds
             if step is not None:
                 current.progress_step, current.progress_total = step, total or current.progress_total
+            if preview is not None:
+                current.progress_preview = preview
             return current
 
         updated = self.store.update(job.id, extend)

@@ -29,6 +29,8 @@ def transition(job: Job, to: Status, now: float, **fields: Any) -> Job:
         setattr(job, name, value)
     if to == Status.PROCESSING and job.started_at is None:
         job.started_at = now
+    if to.is_terminal or to == Status.STARTING:
+        job.progress_preview = None  # a preview is of a run in progress, never kept after it
     if to.is_terminal:
         job.completed_at = now
         job.lease_owner = job.lease_expires_at = None

@@ -73,6 +73,40 @@ def ensure_demo_model(cache_dir: Path) -> DemoModelPaths:
     return paths
 
 
+# The demo's TAEF1 (step previews): tiny and random too, apart from the demo model so that
+# adding it rebuilt no cached demo model. Its own version for the same reason.
+DEMO_PREVIEWS_VERSION = "v1"
+
+
+def ensure_demo_previews(cache_dir: Path) -> Path:
+    """A tiny random TAEF1 (``AutoencoderTiny`` with FLUX's 16 latent channels and 8x
+    upscale), written once under ``cache_dir`` in the diffusers layout; its folder."""
+    from diffusers import AutoencoderTiny
+
+    folder = Path(cache_dir) / f"demo-taef1-{DEMO_PREVIEWS_VERSION}"
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-taef1-", dir=folder.parent))
+    try:
+        torch.manual_seed(DEMO_SEED)
+        AutoencoderTiny(
+            latent_channels=16,
+            encoder_block_out_channels=(8, 8, 8, 8),
+            decoder_block_out_channels=(8, 8, 8, 8),
+            num_encoder_blocks=(1, 1, 1, 1),
+            num_decoder_blocks=(1, 1, 1, 1),
+        ).save_pretrained(staging)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not folder.is_dir():  # lost a race to another writer: theirs is identical
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def write_demo_model(root: Path) -> DemoModelPaths:
     """Build the tiny model deterministically and save it in the diffusers layout."""
     with quiet_library_progress():

@@ -7,11 +7,13 @@ index, so tests can tell outputs apart and check that the same seed gives the sa
 
 from __future__ import annotations
 
+import io
 import random
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from fluxredux.errors import PredictionCancelled
 from fluxredux.pipeline.protocol import (
@@ -19,6 +21,7 @@ from fluxredux.pipeline.protocol import (
     CancelCheck,
     GenerationRequest,
     PhaseCallback,
+    PreviewCallback,
     ProgressCallback,
 )
 
@@ -40,7 +43,15 @@ class FakeGeneration:
     sequence: str | None = None  # no transformer
 
 
+def _grey_jpeg(level: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (level, level, level)).save(out, "JPEG")
+    return out.getvalue()
+
+
 class FakeModel:
+    previews_available = True  # its previews cost nothing: a tiny grey JPEG per step
+
     def __init__(self, step_seconds: float = 0.0, cpu_seconds: float = 0.0) -> None:
         self.info = FakeModelInfo()
         # > 0 makes runs slow enough to cancel mid-way: the run's "GPU time" is
@@ -66,6 +77,7 @@ class FakeModel:
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
         on_phase: PhaseCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> FakeGeneration:
         steps = request.num_inference_steps
         # One share per step and one for the decode, so that the decode can be seen (as the
@@ -78,6 +90,8 @@ class FakeModel:
                 raise PredictionCancelled("the prediction was cancelled")
             if share:
                 time.sleep(share)
+            if on_preview is not None:  # a grey that lightens as the steps go
+                on_preview(step, _grey_jpeg(round(255 * step / steps)))
             if on_step is not None:
                 on_step(step, steps)
         if cancelled():  # as the real model checks before its decode

@@ -64,7 +64,7 @@ def load_model(settings: Settings) -> ReduxModel:
 
     from fluxredux.pipeline.adapters import AdapterBudget
     from fluxredux.pipeline.conditioning_cache import ConditioningCache
-    from fluxredux.pipeline.demo import ensure_demo_model
+    from fluxredux.pipeline.demo import ensure_demo_model, ensure_demo_previews
     from fluxredux.pipeline.redux_model import ReduxModel
     from fluxredux.pipeline.speed import Tuning
 
@@ -79,8 +79,10 @@ def load_model(settings: Settings) -> ReduxModel:
         # predict's output) says "demo model: random weights, outputs are noise" once per
         # start; this line comes again at every load (a worker restart).
         log.info("loading the DEMO model (%s): random weights, outputs are noise", why)
+        preview_ref = str(ensure_demo_previews(settings.cache_dir))
     else:
         schnell_ref, redux_ref = settings.schnell_model, settings.redux_model
+        preview_ref = settings.preview_model
     tuning, offload, profile = Tuning.from_settings(settings), settings.offload, ""
     if kind == "flux" and device.type == "cuda" and settings.memory_profile != "manual":
         tuning, offload, profile = _with_memory_profile(settings, device, tuning)
@@ -100,6 +102,7 @@ def load_model(settings: Settings) -> ReduxModel:
             max_rank=settings.lora_max_rank,
             offered=adapters_offered(settings),
         ),
+        preview_ref=preview_ref,
     )
     log.info("model ready: %s", model.info.describe())
     return model

@@ -17,6 +17,9 @@ from PIL import Image
 # The one definition of each, for every model (real, demo, fake) and every caller.
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps), after each step
 CancelCheck = Callable[[], bool]  # asked at every step: True stops the run there
+# (step, a small JPEG of what the image will look like), after each step and before its
+# progress call, so that the worker records both in one write.
+PreviewCallback = Callable[[int, bytes], None]
 # What a run does after its last denoising step, in this order: the model reports the
 # first (the VAE decode, inside its generate), the worker's post stage the others.
 Phase = Literal["decoding", "safety check", "encoding", "storing"]
@@ -101,7 +104,16 @@ class ImageModel(Protocol):
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
         on_phase: PhaseCallback | None = None,  # told DECODING once the last step is done
+        on_preview: PreviewCallback | None = None,  # each step's preview, where it makes them
     ) -> GenerationLike: ...
+
+
+@runtime_checkable
+class HasPreviews(Protocol):
+    """A model that can decode step previews (its TAEF1 weights are there): real and demo."""
+
+    @property
+    def previews_available(self) -> bool: ...
 
 
 @runtime_checkable

@@ -5,6 +5,7 @@ The only module (with its siblings in this package) that imports torch and diffu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -36,11 +37,13 @@ from fluxredux.pipeline.conditioning_cache import ConditioningCache, cached_redu
 from fluxredux.pipeline.demo import DEMO_NOTICE
 from fluxredux.pipeline.denoising import denoise_and_decode, elapsed, image_tokens
 from fluxredux.pipeline.loading import ModelKind
+from fluxredux.pipeline.previews import Estimates, PreviewDecoder, catching_estimates
 from fluxredux.pipeline.protocol import (
     DECODING,
     CancelCheck,
     GenerationRequest,
     PhaseCallback,
+    PreviewCallback,
     ProgressCallback,
     Reference,
 )
@@ -111,11 +114,14 @@ class ReduxModel:
         tuning: Tuning | None = None,
         attention: AttentionChoice | None = None,
         adapters: Adapters | None = None,
+        previews: PreviewDecoder | None = None,
     ) -> None:
         """Takes components readied for speed already (see ``_assemble``): ``tuning`` is
         what was asked, ``attention`` what it became; ``adapters``, the hotswap slots made
-        before a compile (None: adapters loaded as they come, PEFT's way)."""
+        before a compile (None: adapters loaded as they come, PEFT's way); ``previews``,
+        TAEF1 for step previews (None: its weights are not here, no previews)."""
         self.parts = parts
+        self.previews = previews
         self.info = info
         # Redux tokens of recent references (None: every reference is encoded anew).
         self.conditioning_cache = conditioning_cache
@@ -142,6 +148,10 @@ class ReduxModel:
         # Style adapters go into the one transformer both pipelines share.
         self.adapters: Adapters = adapters or AdapterCache(pipe, AdapterBudget())
 
+    @property
+    def previews_available(self) -> bool:
+        return self.previews is not None
+
     @classmethod
     def _assemble(
         cls,
@@ -153,6 +163,7 @@ class ReduxModel:
         conditioning_cache: ConditioningCache | None,
         text_encoders: LazyTextEncoders | None = None,  # None: the model takes no prompt
         adapter_budget: AdapterBudget | None = None,
+        previews: PreviewDecoder | None = None,
     ) -> ReduxModel:
         """Ready the loaded components for speed as ``tuning`` says (fp8, the attention
         backend, compile and its warm-up: the worker takes no job before this is done),
@@ -171,6 +182,7 @@ class ReduxModel:
             tuning=tuning,
             attention=speed.attention,
             adapters=adapters,
+            previews=previews,
         )
 
     @classmethod
@@ -187,8 +199,10 @@ class ReduxModel:
         tuning: Tuning | None = None,
         memory_profile: str = "",
         adapter_budget: AdapterBudget | None = None,
+        preview_ref: str | None = None,
     ) -> ReduxModel:
         """Load from local folders or the Hugging Face cache; never downloads.
+        ``preview_ref``: TAEF1's folder or repo, for step previews (absent: none).
 
         Both locations are checked before any weight is read, so missing weights are
         reported within a second, not after minutes of loading the other half. The text
@@ -257,6 +271,7 @@ class ReduxModel:
             conditioning_cache=conditioning_cache,
             text_encoders=LazyTextEncoders(load_encoders, keep=keep_text_encoders),
             adapter_budget=adapter_budget,
+            previews=_load_previews(preview_ref, parts.pipe, device),
         )
 
     @classmethod
@@ -398,6 +413,7 @@ class ReduxModel:
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
         on_phase: PhaseCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> Generation:
         """Generate ``request.num_outputs`` images as one batch from the references mixed by
         their shares (see ``mix_conditionings``) and the optional prompt (see ``with_text``);
@@ -442,7 +458,15 @@ class ReduxModel:
             refine = (self.refiner, request.init_image, request.init_strength)
         layout = token_layout(conditioning, image_tokens=tokens)
 
+        # Previews: the transformer's x0 estimates, caught by a hook only while one is asked for.
+        caught = Estimates() if on_preview is not None and self.previews is not None else None
+
         def step_end(step: int) -> None:
+            if caught is not None and caught.latest is not None and self.previews is not None:
+                assert on_preview is not None
+                started = time.perf_counter()
+                on_preview(step + 1, self.previews.jpeg(caught.latest, request.width, request.height))
+                timings["previews"] = timings.get("previews", 0.0) + time.perf_counter() - started
             if on_step is not None:
                 on_step(step + 1, steps_run)
             raise_if_cancelled()
@@ -458,23 +482,40 @@ class ReduxModel:
         # only switches (milliseconds); the adapters' own share of each step is in "denoise".
         if self.adapters.activate(request.loras):
             timings["adapters"] = time.perf_counter() - started
-        images = denoise_and_decode(
-            pipe,
-            conditioning,
-            layout,
-            strength,
-            width=request.width,
-            height=request.height,
-            num_outputs=request.num_outputs,
-            num_inference_steps=request.num_inference_steps,
-            seed=request.seed,
-            device=self.device,
-            on_step_end=step_end,
-            before_decode=before_decode,
-            timings=timings,
-            refine=refine,
+        hooked = (
+            catching_estimates(pipe.transformer, caught) if caught is not None else contextlib.nullcontext()
         )
+        with hooked:
+            images = denoise_and_decode(
+                pipe,
+                conditioning,
+                layout,
+                strength,
+                width=request.width,
+                height=request.height,
+                num_outputs=request.num_outputs,
+                num_inference_steps=request.num_inference_steps,
+                seed=request.seed,
+                device=self.device,
+                on_step_end=step_end,
+                before_decode=before_decode,
+                timings=timings,
+                refine=refine,
+            )
         return Generation(images=images, seed=request.seed, timings=timings, sequence=layout.describe())
+
+
+def _load_previews(ref: str | None, pipe: FluxPipeline, device: torch.device) -> PreviewDecoder | None:
+    """TAEF1 from ``ref`` (a folder, or a repo in the Hugging Face cache), or None, said
+    once in the log: a worker without it makes images all the same, only no previews."""
+    if ref is None:
+        return None
+    try:
+        with quiet_library_progress():
+            return PreviewDecoder.load(ref, int(pipe.vae_scale_factor), device)
+    except (OSError, ValueError) as exc:
+        log.info("no step previews: TAEF1 (%s) is not here (%s); fluxredux download --previews", ref, exc)
+        return None
 
 
 def _quantized_transformer(schnell_dir: Path, tuning: Tuning, dtype: torch.dtype) -> torch.nn.Module | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fluxredux.config import REDUX_REPO, SCHNELL_REPO
+from fluxredux.config import REDUX_REPO, SCHNELL_REPO, TAEF1_REPO
 from fluxredux.errors import TextEncodersMissing, WeightsNotFound
 
 LICENSE_NOTE = (
@@ -82,6 +82,15 @@ REDUX = WeightsSpec(
         "image_embedder/config.json",
     ),
     weight_folders=("image_encoder", "image_embedder"),
+)
+
+# TAEF1, the tiny autoencoder of step previews (input preview): MIT, about 10 MB.
+PREVIEWS = WeightsSpec(
+    title="TAEF1 (step previews)",
+    default_repo=TAEF1_REPO,
+    allow_patterns=("config.json", "*.safetensors"),
+    required_files=("config.json",),
+    weight_folders=(),
 )
 
 

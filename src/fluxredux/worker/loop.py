@@ -43,6 +43,7 @@ succeeds. The lifecycle's fencing makes either end happen exactly once.
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 import time
@@ -126,6 +127,8 @@ class Worker:
         # two threads, each for its own job).
         self._seen: dict[tuple[str, int], tuple[float, Job | None]] = {}
         self._leases = LeaseKeeper(self._renew, config.heartbeat_seconds)
+        # job id -> the preview its model made at the step now ending (see _progress).
+        self._previews: dict[str, str] = {}
 
     def run_forever(self, stop: threading.Event) -> None:
         """Claim and run jobs until ``stop``. Nothing that goes wrong here ends the loop: a
@@ -242,6 +245,7 @@ class Worker:
                 on_step=lambda step, total: self._progress(job, step, total),
                 is_cancelled=lambda: self._cancel_requested(job),
                 on_phase=lambda phase: self._enter_phase(job, phase),
+                on_preview=lambda step, jpeg: self._keep_preview(job, jpeg),
             )
         except Exception as exc:
             self._end_with_error(job, exc)
@@ -312,10 +316,16 @@ class Worker:
             self._stop_if_cancelled(job)
             pause = min(pause * 2, 5.0)
 
+    def _keep_preview(self, job: Job, jpeg: bytes) -> None:
+        """A step's preview, written with that step's progress (``_progress``, called next)."""
+        self._previews[job.id] = jpeg_data_uri(jpeg)
+
     def _progress(self, job: Job, step: int, total: int) -> None:
+        # The step's preview, if the model made one just now: recorded in the same write.
+        preview = self._previews.pop(job.id, None)
         try:
             current = self.lifecycle.heartbeat(
-                job, self.config.worker_id, self.config.lease_seconds, step=step, total=total
+                job, self.config.worker_id, self.config.lease_seconds, step=step, total=total, preview=preview
             )
         except StoreUnavailable as exc:  # progress is nice to have; the run goes on
             log.warning("prediction %s: progress not recorded: %s", job.id, exc.message)
@@ -474,3 +484,7 @@ class Worker:
             self._discard(names)
         else:
             log.info("prediction %s: succeeded in %.2f s", job.id, elapsed)
+
+
+def jpeg_data_uri(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")

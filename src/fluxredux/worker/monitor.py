@@ -114,6 +114,8 @@ class WorkerFleet:
             "notice": first.details.get("notice") if first else None,
             # The style adapters loaded on some ready worker (a request naming one runs at once there).
             "loras": sorted({name for worker in ready for name in loaded_adapters(worker.details)}),
+            # Whether some ready worker makes step previews (input preview).
+            "previews": any(worker.details.get("previews") is True for worker in ready),
         }
         if self.local:
             status["local"] = [worker.status() for worker in self.local]

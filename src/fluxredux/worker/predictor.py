@@ -31,9 +31,11 @@ from fluxredux.pipeline.protocol import (
     CancelCheck,
     GenerationRequest,
     HasPostStageWork,
+    HasPreviews,
     ImageModel,
     Phase,
     PhaseCallback,
+    PreviewCallback,
     ProgressCallback,
 )
 from fluxredux.safety import SafetyChecker, SafetyVerdict
@@ -124,9 +126,12 @@ class Predictor:
         on_step: ProgressCallback | None = None,
         is_cancelled: CancelCheck | None = None,
         on_phase: PhaseCallback | None = None,
+        on_preview: PreviewCallback | None = None,
     ) -> Generated:
         """The model stage (the GPU's part): references -> decoded images, nothing checked
-        yet. ``on_phase`` hears the model's own phase after its steps (decoding)."""
+        yet. ``on_phase`` hears the model's own phase after its steps (decoding);
+        ``on_preview`` each step's preview, when the input asks for them (``preview``) and
+        the model can make them (else none: the images are made all the same)."""
         seed = inputs.seed if inputs.seed is not None else random_seed()
         # An upscale's draft comes after its references (as the create stored them).
         draft: Image.Image | None = None
@@ -162,8 +167,14 @@ class Predictor:
             init_strength=inputs.upscale_strength if draft is not None else 1.0,
             loras=loras,
         )
+        previewing = inputs.preview and isinstance(self.model, HasPreviews) and self.model.previews_available
+        # Asked for only when previewing: a model that makes none need not take the argument.
         generation = self.model.generate(
-            request, on_step=on_step, is_cancelled=is_cancelled, on_phase=on_phase
+            request,
+            on_step=on_step,
+            is_cancelled=is_cancelled,
+            on_phase=on_phase,
+            **({"on_preview": on_preview} if previewing and on_preview is not None else {}),
         )
         return Generated(
             inputs=inputs,

@@ -36,7 +36,7 @@ from fluxredux.jobs.job import Status
 from fluxredux.jobs.registry import new_worker_id
 from fluxredux.loras.catalog import LoraCatalog
 from fluxredux.loras.fetch import AdapterFiles
-from fluxredux.pipeline.protocol import ImageModel
+from fluxredux.pipeline.protocol import HasPreviews, ImageModel
 from fluxredux.pipeline.requirements import import_problem, import_torch
 from fluxredux.storage import blob_store, unshared_storage
 from fluxredux.worker.affinity import Affinity
@@ -101,6 +101,8 @@ def model_details(model: ImageModel) -> dict[str, object]:
         details["text_encoders_loaded"] = model.text_encoders_loaded
     if isinstance(model, HasAdapters):
         details["loras"] = model.adapters.counters()
+    if isinstance(model, HasPreviews):
+        details["previews"] = model.previews_available
     return details
 
 

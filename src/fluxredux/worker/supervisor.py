@@ -49,6 +49,7 @@ class WorkerState:
     next_start_at: float | None = None  # monotonic; when the next start is due
     storage_error: str | None = None  # the worker could not write outputs
     loras: list[str] = field(default_factory=list)  # the style adapters it has loaded now
+    previews: bool = False  # whether its model makes step previews (TAEF1 is there)
     supervisor_error: str | None = None  # the last thing that went wrong here
     # Why the worker is not started again: it exited at start because its model (or a
     # package it needs) cannot be imported or loaded, which no restart changes.
@@ -113,6 +114,7 @@ class WorkerSupervisor:
             "storage_error": state.storage_error,
             "cannot_start": state.cannot_start,
             "loras": state.loras,
+            "previews": state.previews,
             **state.model,
         }
 
@@ -299,6 +301,7 @@ class WorkerSupervisor:
         details = worker.details
         state.storage_error = details.get("storage_error")
         state.loras = loaded_adapters(details)
+        state.previews = details.get("previews") is True
         if worker.state == "ready" and not state.ready:
             state.model = {"description": worker.model, "demo": details.get("demo", False)}
             state.model["notice"] = details.get("notice")

@@ -82,7 +82,12 @@ def render(job: Job, base_url: str, queue_position: int | None = None) -> Predic
             "logs": job.logs,
             "seed": job.seed,
             "metrics": job_metrics(job),
-            "progress": {"step": job.progress_step, "total": total, "phase": running_phase(job)},
+            "progress": {
+                "step": job.progress_step,
+                "total": total,
+                "phase": running_phase(job),
+                "preview": job.progress_preview if job.status == Status.PROCESSING else None,
+            },
             "queue_position": queue_position if job.status == Status.STARTING else None,
             "safety": job.extra.get("safety", []),
             "demo": bool(job.extra.get("demo", False)),
@@ -116,6 +121,8 @@ def stream_events(moment: Moment, base_url: str) -> list[ServerSentEvent]:
         data = {"status": "processing", "attempt": job.attempt}
     elif moment.kind == "step":
         data = {"step": moment.step, "total": moment.total}
+    elif moment.kind == "preview":
+        data = {"step": moment.step, "image": job.progress_preview}
     elif moment.kind == "phase":
         data = {"phase": running_phase(job)}
     elif moment.kind == "end":

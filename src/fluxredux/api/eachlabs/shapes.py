@@ -93,6 +93,8 @@ class PredictionProgress(BaseModel):
     # After the last step: what the prediction is doing now ("decoding", "safety check",
     # "encoding", "storing"); None while it denoises.
     phase: str | None = None
+    # With input preview: the latest step's preview while it runs (a JPEG data URI).
+    preview: str | None = Field(None, exclude_if=_absent)
 
 
 class Prediction(BaseModel):

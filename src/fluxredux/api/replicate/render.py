@@ -98,6 +98,8 @@ def stream_events(moment: Moment, base_url: str) -> list[ServerSentEvent]:
         lines = [progress_line(moment.step, moment.total)]
     elif moment.kind == "phase":
         lines = [f"{running_phase(job)}…"]
+    elif moment.kind == "preview":  # Replicate's events have no place for a picture
+        return []
     elif moment.kind == "output":
         return [
             ServerSentEvent(file_url(base_url.rstrip("/"), str(moment.output)), event="output", id=moment.id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from fluxredux.config import Offload, Settings
@@ -64,7 +65,7 @@ def load_model(settings: Settings) -> ReduxModel:
 
     from fluxredux.pipeline.adapters import AdapterBudget
     from fluxredux.pipeline.conditioning_cache import ConditioningCache
-    from fluxredux.pipeline.demo import ensure_demo_model, ensure_demo_previews
+    from fluxredux.pipeline.demo import ensure_demo_model
     from fluxredux.pipeline.redux_model import ReduxModel
     from fluxredux.pipeline.speed import Tuning
 
@@ -79,7 +80,7 @@ def load_model(settings: Settings) -> ReduxModel:
         # predict's output) says "demo model: random weights, outputs are noise" once per
         # start; this line comes again at every load (a worker restart).
         log.info("loading the DEMO model (%s): random weights, outputs are noise", why)
-        preview_ref = str(ensure_demo_previews(settings.cache_dir))
+        preview_ref = demo_previews(settings.cache_dir)
     else:
         schnell_ref, redux_ref = settings.schnell_model, settings.redux_model
         preview_ref = settings.preview_model
@@ -157,6 +158,18 @@ def _with_memory_profile(
     line = describe_choice(choice)
     log.info("%s: %s", line, choice.reason)
     return with_profile(choice.profile), choice.profile.offload, line
+
+
+def demo_previews(cache_dir: Path) -> str | None:
+    """The demo's tiny TAEF1 (written on first use), or None where the cache cannot hold it:
+    the demo model runs all the same, without previews."""
+    from fluxredux.pipeline.demo import ensure_demo_previews
+
+    try:
+        return str(ensure_demo_previews(cache_dir))
+    except OSError as exc:
+        log.warning("no step previews for the demo model: %s", exc)
+        return None
 
 
 def adapters_offered(settings: Settings) -> bool:

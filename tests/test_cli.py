@@ -103,7 +103,7 @@ def test_every_input_field_is_a_flag() -> None:
     result = subprocess.run(
         [FLUXREDUX, "predict", "--help"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}
     )
-    assert {"redux_image"} == NOT_FLAGS  # the positional image
+    assert {"redux_image", "preview"} == NOT_FLAGS  # the positional image; run's --preview DIR
     for field in PredictionInput.model_fields:
         if field not in NOT_FLAGS:
             assert "--" + field.replace("_", "-") in result.stdout
@@ -370,3 +370,21 @@ def test_run_makes_a_final_with_upscale_from_and_no_image(tmp_path: Path) -> Non
     assert written.name == f"{draft}-0-x4-8-0.webp"
     with Image.open(written) as image:
         assert image.size == (672 * 4, 384 * 4)
+
+
+def test_run_with_preview_writes_each_step_s_preview_from_the_stream(tmp_path: Path) -> None:
+    from fluxredux.pipeline.fake import FakeModel
+    from tests.harness import running_server
+
+    with running_server(tmp_path, model=FakeModel(step_seconds=0.2)) as api:
+        args = (str(SAMPLE_IMAGE), "--server", api.url, "--key", api.key, "--num-inference-steps", "3")
+        result = run_cli("run", *args, "--preview", "steps", "-o", "out", cache=tmp_path, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        [job] = api.services.store.list_by_owner(api.services.keys.list()[0].id, 5)
+        assert job.input["preview"] is True
+    written = sorted(path.name for path in (tmp_path / "steps").iterdir())
+    assert written == [f"{job.id}-step-{step}.jpg" for step in (1, 2, 3)]
+    for name in written:
+        with Image.open(tmp_path / "steps" / name) as image:
+            assert image.format == "JPEG"
+    assert len(list((tmp_path / "out").iterdir())) == 1  # and the image itself, as ever

@@ -21,8 +21,9 @@ from fluxredux.schema import FieldError, PredictionInput, field_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Fields given another way than a flag (the image is the positional argument).
-NOT_FLAGS = frozenset({"redux_image"})
+# Fields given another way than a flag: the image is the positional argument, and
+# ``run --preview DIR`` names where the previews go (it sets preview).
+NOT_FLAGS = frozenset({"redux_image", "preview"})
 
 
 def _is_json(schema: dict[str, Any]) -> bool:

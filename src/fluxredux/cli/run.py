@@ -4,6 +4,7 @@ images downloaded and listed)."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,6 +46,15 @@ def run(
     server: ServerOption = DEFAULT_SERVER,
     key: KeyOption = None,
     output_dir: OutputDirOption = Path("."),
+    preview: Annotated[
+        Path | None,
+        typer.Option(
+            "--preview",
+            metavar="DIR",
+            help="Ask for step previews and write each as it comes (DIR/<id>-step-<n>.jpg); the "
+            "progress follows the prediction's event stream.",
+        ),
+    ] = None,
     verbose: VerboseOption = False,
     *,
     inputs: dict[str, Any],
@@ -64,6 +74,8 @@ def run(
             parsed["redux_images"] = [
                 {**item, "image": reference_argument(item["image"])} for item in parsed["redux_images"]
             ]
+        if preview is not None:
+            parsed["preview"] = True
         create_and_download(
             base,
             key,
@@ -72,6 +84,7 @@ def run(
             uploads=_uploads(parsed),
             output_dir=output_dir,
             stem=_stem(parsed, checked),
+            previews=preview,
         )
 
 
@@ -107,13 +120,19 @@ def create_and_download(
     uploads: bool,
     output_dir: Path,
     stem: str,
+    previews: Path | None = None,
 ) -> None:
     """Create a prediction (``create``: its id), follow it on the progress line, save its
-    images in ``output_dir`` as ``<stem>-<seed>-<i>.<ext>`` and list them."""
+    images in ``output_dir`` as ``<stem>-<seed>-<i>.<ext>`` and list them; with
+    ``previews``, its step previews there as they come."""
     # The files are listed once the bar is gone: while it is shown, rich sends stdout
     # through it (to stderr).
     with FluxRedux(base, key) as client, RunProgress(started, uploads=uploads) as progress:
-        prediction = progress.follow(client, create(client))
+        prediction_id = create(client)
+        if previews is None:
+            prediction = progress.follow(client, prediction_id)
+        else:
+            prediction = progress.stream(client, prediction_id, previews)
         saved = _download(client, prediction, output_dir, stem, progress)
     _report(prediction, saved)
 
@@ -212,6 +231,28 @@ class RunProgress:
         """Poll the prediction until it ends, showing each state."""
         self._update(description=prediction_id)
         return client.wait(prediction_id, poll=0.25, on_update=self.show)
+
+    def stream(self, client: FluxRedux, prediction_id: str, previews: Path) -> Prediction:
+        """Follow the prediction's event stream until it ends, writing each preview."""
+        self._update(description=prediction_id)
+        previews.mkdir(parents=True, exist_ok=True)
+        for event in client.stream(prediction_id):
+            if event.prediction is not None:
+                self.show(event.prediction)
+                return event.prediction
+            if event.event == "queued":
+                ahead = event.queue_position
+                self._update(state="queued" if not ahead else f"queued, {ahead} ahead")
+            elif event.event == "step" and event.step is not None:
+                self._update(
+                    state=f"step {event.step} of {event.total}", total=event.total, completed=event.step
+                )
+            elif event.event == "phase":
+                self._update(state=event.phase)
+            elif event.event == "preview" and event.image is not None:
+                data = base64.b64decode(event.image.partition(",")[2])
+                (previews / f"{prediction_id}-step-{event.step}.jpg").write_bytes(data)
+        raise FluxReduxError("the prediction's event stream ended before the prediction did")
 
     def show(self, prediction: Prediction) -> None:
         progress = prediction.progress

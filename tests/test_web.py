@@ -570,3 +570,24 @@ def test_style_adapters_are_chosen_from_those_the_server_offers(browser: Browser
     job = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0]
     assert job.input["loras"] == [{"name": "moss", "scale": 0.5}]
     assert watched.errors == []
+
+
+def test_a_previewing_run_shows_the_image_as_it_denoises_from_the_event_stream(
+    browser: Browser, api: Harness
+) -> None:
+    watched = open_page(browser, api)
+    page = watched.page
+    enter_key(page, api.key)
+    drop_file(page, SAMPLE_IMAGE.read_bytes(), "sample.jpg", "image/jpeg")
+    page.get_by_text("Advanced", exact=True).click()
+    page.get_by_label("Preview", exact=True).check()
+    page.get_by_role("button", name="Run", exact=True).click()
+    preview = page.get_by_role("img", name="The image as it denoises (a preview)")
+    expect(preview).to_be_visible(timeout=15_000)  # mid-run, under the progress bar
+    assert preview.evaluate("img => img.src").startswith("data:image/jpeg;base64,")
+    expect(page.locator("#status-text")).to_contain_text("Done", timeout=15_000)
+    expect(preview).to_be_hidden()  # the images themselves take its place
+    assert any(url.endswith("/stream") for url in watched.requests), watched.requests
+    job = api.services.store.list_by_owner(api.services.keys.list()[0].id, 1)[0]
+    assert job.input["preview"] is True
+    assert watched.errors == []

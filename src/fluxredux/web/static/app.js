@@ -628,6 +628,8 @@ function watch(id) {
   // On a phone the output panel sits below the form: bring the progress into view.
   const panel = $("results-title").getBoundingClientRect();
   if (panel.top > window.innerHeight) $("results-title").scrollIntoView({ behavior: "smooth", block: "start" });
+  $("preview").hidden = true;
+  let streamTried = false;
   const poll = async () => {
     if (state.current !== id) return;
     let prediction;
@@ -647,16 +649,94 @@ function watch(id) {
     }
     if (prediction.status === "processing") {
       setStatus(runningText(prediction.progress), prediction.progress);
+      showPreview(prediction.progress.preview);
     }
     if (TERMINAL.has(prediction.status)) {
-      $("cancel").hidden = true;
-      showPrediction(prediction);
-      loadHistory();
+      ended(prediction);
       return;
+    }
+    // Then its event stream, to the end; polling again only if the stream fails.
+    if (!streamTried) {
+      streamTried = true;
+      if (await follow(id, prediction.progress.total)) return;
     }
     state.pollTimer = setTimeout(poll, 200);
   };
   poll();
+}
+
+function ended(prediction) {
+  $("cancel").hidden = true;
+  $("preview").hidden = true;
+  showPrediction(prediction);
+  loadHistory();
+}
+
+function showPreview(image) {
+  if (!image) return;
+  $("preview").src = image;
+  $("preview").hidden = false;
+}
+
+// The prediction's event stream (GET .../stream), read with fetch: EventSource cannot send
+// the API key header. True once it has shown the end; false if the stream failed (the
+// caller polls instead), or another prediction was opened meanwhile (nothing to do).
+async function follow(id, total) {
+  let reader;
+  try {
+    const response = await fetch(`/v1/prediction/${encodeURIComponent(id)}/stream`, {
+      headers: { "X-API-Key": state.key, Accept: "text/event-stream" },
+    });
+    if (!response.ok || !response.body) return false;
+    reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    let name = "message";
+    let data = [];
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || state.current !== id) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, end).replace(/\r$/, "");
+        buffer = buffer.slice(end + 1);
+        if (line === "") {
+          if (data.length && onStreamEvent(name, JSON.parse(data.join("\n")), total)) {
+            reader.cancel();
+            return true;
+          }
+          name = "message";
+          data = [];
+        } else if (line.startsWith("event:")) {
+          name = line.slice(6).trim();
+        } else if (line.startsWith("data:")) {
+          data.push(line.slice(5).replace(/^ /, ""));
+        }
+      }
+    }
+  } catch {
+    // a proxy that buffers or cuts streams, a lost connection: polling takes over
+  }
+  reader?.cancel().catch(() => {});
+  return state.current !== id;
+}
+
+// One event: the progress line and the preview; true at the end (the prediction shown).
+function onStreamEvent(name, data, total) {
+  if (name === "queued") {
+    const ahead = data.queue_position;
+    setStatus(`Queued${ahead ? ` (${ahead} ahead)` : " (next)"}…`, { step: 0, total });
+  } else if (name === "step") {
+    setStatus(runningText(data), data);
+  } else if (name === "phase") {
+    setStatus(runningText({ phase: data.phase }), { step: total, total });
+  } else if (name === "preview") {
+    showPreview(data.image);
+  } else if (name === "done" || name === "failed" || name === "canceled") {
+    ended(data);
+    return true;
+  }
+  return false;
 }
 
 $("cancel").addEventListener("click", async () => {

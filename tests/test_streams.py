@@ -276,3 +276,16 @@ def test_the_async_client_streams_the_same_events(api: Harness) -> None:
     events = asyncio.run(follow())
     assert events[-1].event == "done" and events[-1].prediction.status == "success"
     assert [event.step for event in events if event.event == "step"][-1] == 4
+
+
+def test_streams_are_bounded_per_node_in_all(tmp_path: Path) -> None:
+    with running_server(tmp_path, model=FakeModel(step_seconds=0.5), max_streams=1) as api:
+        prediction = api.create_id(num_inference_steps=4)
+        _key, other = api.services.keys.create("another caller")
+        theirs = api.http.post("/v1/prediction/", json=api.body(), headers={"X-API-Key": other}).json()[
+            "predictionID"
+        ]
+        with api.http.stream("GET", f"/v1/prediction/{prediction}/stream", timeout=30) as first:
+            assert first.status_code == 200
+            refused = api.http.get(f"/v1/prediction/{theirs}/stream", headers={"X-API-Key": other})
+            assert refused.status_code == 429 and refused.json()["code"] == "too_many_streams"

@@ -122,6 +122,10 @@ class ReduxModel:
         TAEF1 for step previews (None: its weights are not here, no previews)."""
         self.parts = parts
         self.previews = previews
+        # One catcher for every previewing run, hooked in and out by each: a compiled
+        # transformer then sees the same hook each time (its graph with the hook is compiled
+        # once, not once per request).
+        self._estimates = Estimates()
         self.info = info
         # Redux tokens of recent references (None: every reference is encoded anew).
         self.conditioning_cache = conditioning_cache
@@ -459,7 +463,9 @@ class ReduxModel:
         layout = token_layout(conditioning, image_tokens=tokens)
 
         # Previews: the transformer's x0 estimates, caught by a hook only while one is asked for.
-        caught = Estimates() if on_preview is not None and self.previews is not None else None
+        caught = self._estimates if on_preview is not None and self.previews is not None else None
+        if caught is not None:
+            caught.latest = None  # nothing of an earlier run's
 
         def step_end(step: int) -> None:
             if caught is not None and caught.latest is not None and self.previews is not None:

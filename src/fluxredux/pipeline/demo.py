@@ -13,6 +13,7 @@ import os
 import shutil
 import string
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,22 +56,28 @@ def ensure_demo_model(cache_dir: Path) -> DemoModelPaths:
     writer never leaves a half-written model behind.
     """
     paths = demo_model_paths(cache_dir)
-    root = paths.schnell.parent
-    if root.is_dir():
-        return paths
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    if _written_once(paths.schnell.parent, write_demo_model):
+        log.info("wrote the demo model to %s", paths.schnell.parent)
+    return paths
+
+
+def _written_once(folder: Path, write: Callable[[Path], object]) -> bool:
+    """``write`` into a temporary folder beside ``folder``, then renamed into place, unless
+    it is there already (False): a crash or a concurrent writer never leaves half a model."""
+    if folder.is_dir():
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        write_demo_model(staging)
+        write(staging)
         try:
-            os.rename(staging, root)
+            os.rename(staging, folder)
         except OSError:
-            if not root.is_dir():  # lost a race to another writer: theirs is identical
+            if not folder.is_dir():  # lost a race to another writer: theirs is identical
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("wrote the demo model to %s", root)
-    return paths
+    return True
 
 
 # The demo's TAEF1 (step previews): tiny and random too, apart from the demo model so that
@@ -84,11 +91,8 @@ def ensure_demo_previews(cache_dir: Path) -> Path:
     from diffusers import AutoencoderTiny
 
     folder = Path(cache_dir) / f"demo-taef1-{DEMO_PREVIEWS_VERSION}"
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-taef1-", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         torch.manual_seed(DEMO_SEED)
         AutoencoderTiny(
             latent_channels=16,
@@ -97,13 +101,8 @@ def ensure_demo_previews(cache_dir: Path) -> Path:
             num_encoder_blocks=(1, 1, 1, 1),
             num_decoder_blocks=(1, 1, 1, 1),
         ).save_pretrained(staging)
-        try:
-            os.rename(staging, folder)
-        except OSError:
-            if not folder.is_dir():  # lost a race to another writer: theirs is identical
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    _written_once(folder, write)
     return folder
 
 

@@ -180,3 +180,11 @@ def test_preview_where_no_worker_can_make_them_is_a_400_naming_the_field(tmp_pat
         assert body["field"] == "input.preview" and body["fields"][0]["type"] == "previews_unavailable"
         assert api.get(api.create_id(), wait=30)["status"] == "success"  # without it: as ever
         assert httpx.get(api.url + "/health").json()["model"]["previews"] is False
+
+
+def test_a_large_output_s_preview_is_decoded_from_a_latent_averaged_down(demo_model: Any) -> None:
+    """A 1 MP output's preview: the latent averaged by 4 before TAEF1, 256 px decoded."""
+    previews = demo_model.previews
+    packed = torch.randn(1, 64 * 64, 64, generator=torch.Generator().manual_seed(1))
+    assert previews.decode_array(packed, 1024, 1024).shape == (256, 256, 3)
+    assert previews.decode_array(packed[:, : 64 * 32], 1024, 512).shape == (128, 256, 3)

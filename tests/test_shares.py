@@ -92,7 +92,7 @@ def test_a_bare_prediction_id_opens_nothing(api: Harness) -> None:
 
 
 def test_the_prediction_no_longer_links_to_a_share_page(api: Harness) -> None:
-    assert set(done(api)["urls"]) == {"get", "cancel"}
+    assert set(done(api)["urls"]) == {"get", "cancel", "stream"}
 
 
 def test_the_reference_image_is_shared_only_when_included(api: Harness) -> None:

@@ -84,7 +84,8 @@ class PredictionMetrics(BaseModel):
 class PredictionUrls(BaseModel):
     get: str
     cancel: str
-    stream: str = Field(description="Server-Sent Events of the prediction as it runs.")
+    # Optional: the client reads predictions of servers without streams too (the hosted API).
+    stream: str | None = Field(None, description="Server-Sent Events of the prediction as it runs.")
 
 
 class PredictionProgress(BaseModel):

@@ -185,3 +185,54 @@ def test_the_compose_file_is_what_the_docs_quote_and_runs_api_nodes_and_gpu_work
     assert {"redis", "api1", "api2", "worker0", "worker1"} <= set(services)
     assert "--workers" in services["api1"]["command"]
     assert services["worker0"]["command"][0] == "worker"
+    for service in ("api1", "worker0"):  # each built from its image's Dockerfile, which exists
+        build = services[service]["build"]
+        assert (REPO / "deploy" / build["context"] / build["dockerfile"]).resolve().is_file(), build
+    assert services["api1"]["build"]["dockerfile"].endswith("api.Dockerfile")
+    assert services["worker0"]["build"]["dockerfile"].endswith("worker.Dockerfile")
+
+
+# --- the images: linted without a Docker daemon ------------------------------------------
+
+
+def dockerfile(name: str) -> list[tuple[str, str]]:
+    """(instruction, arguments) of ``deploy/docker/<name>``, continuation lines joined."""
+    text = (REPO / "deploy" / "docker" / name).read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def resolved_bases(steps: list[tuple[str, str]]) -> list[str]:
+    """Each stage's base image, its ARG defaults filled in."""
+    defaults = dict(arg.split("=", 1) for kind, arg in steps if kind == "ARG" and "=" in arg)
+    bases = []
+    for kind, arg in steps:
+        if kind == "FROM":
+            image = arg.split()[0]
+            for name, value in defaults.items():
+                image = image.replace("${" + name + "}", value)
+            bases.append(image)
+    return bases
+
+
+@pytest.mark.parametrize("name", ["api.Dockerfile", "worker.Dockerfile"])
+def test_each_image_is_multi_stage_pinned_and_runs_as_a_user(name: str) -> None:
+    steps = dockerfile(name)
+    bases = resolved_bases(steps)
+    assert len(bases) == 2, bases  # build, then a runtime stage without the build's leftovers
+    for base in bases:
+        repository, _, tag = base.rpartition(":")
+        assert repository and tag and tag != "latest" and any(c.isdigit() for c in tag), base
+    final = steps[max(i for i, (kind, _) in enumerate(steps) if kind == "FROM") :]
+    users = [arg for kind, arg in final if kind == "USER"]
+    assert users and users[-1] not in ("root", "0"), users
+    assert any(kind == "ENTRYPOINT" and "fluxredux" in arg for kind, arg in final)
+
+
+def test_the_api_image_has_no_torch_and_the_worker_s_installs_it_first() -> None:
+    api_runs = " ".join(arg for kind, arg in dockerfile("api.Dockerfile") if kind == "RUN")
+    assert "torch" not in api_runs and ".[server]" in api_runs and "[model]" not in api_runs
+    worker_runs = [arg for kind, arg in dockerfile("worker.Dockerfile") if kind == "RUN"]
+    torch_at = next(i for i, run in enumerate(worker_runs) if "torch==" in run)
+    model_at = next(i for i, run in enumerate(worker_runs) if ".[model]" in run)
+    assert torch_at < model_at  # else pip would pull whatever torch build it likes

@@ -9,6 +9,7 @@ is not on these machines)."""
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +237,35 @@ def test_the_api_image_has_no_torch_and_the_worker_s_installs_it_first() -> None
     torch_at = next(i for i, run in enumerate(worker_runs) if "torch==" in run)
     model_at = next(i for i, run in enumerate(worker_runs) if ".[model]" in run)
     assert torch_at < model_at  # else pip would pull whatever torch build it likes
+
+
+# --- the metrics an autoscaler reads --------------------------------------------------------
+
+
+def sample(metrics: str, series: str) -> float:
+    [line] = [line for line in metrics.splitlines() if line.startswith(series + " ")]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_every_api_node_exports_what_an_autoscaler_needs(tmp_path: Path) -> None:
+    from fluxredux.pipeline.fake import FakeModel
+
+    with running_server(tmp_path, model=FakeModel(step_seconds=0.4)) as api:
+        running = api.create_id(num_inference_steps=4)
+        waiting = api.create_id()
+        deadline = time.monotonic() + 20
+        while api.get(running)["status"] != "processing" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # the waiting one has waited a while now
+        metrics = httpx.get(api.url + "/metrics").text
+        assert sample(metrics, "fluxredux_queue_depth") == 1
+        assert sample(metrics, "fluxredux_oldest_queued_age_seconds") >= 0.3
+        in_flight = [line for line in metrics.splitlines() if line.startswith("fluxredux_worker_in_flight{")]
+        assert len(in_flight) == 1 and in_flight[0].endswith(" 1.0"), in_flight
+        assert sample(metrics, 'fluxredux_workers{state="ready"}') == 1
+        assert sample(metrics, 'fluxredux_workers{state="failed"}') == 0
+        assert api.get(waiting, wait=30)["status"] == "success"
+        metrics = httpx.get(api.url + "/metrics").text
+        assert sample(metrics, "fluxredux_oldest_queued_age_seconds") == 0
+        # One per successful prediction (the fake model reports its denoise time as 0).
+        assert sample(metrics, "fluxredux_step_seconds_count") == 2

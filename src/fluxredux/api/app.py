@@ -125,6 +125,8 @@ def create_app(services: Services) -> FastAPI:
             return
         if job.status == Status.SUCCEEDED and "predict_time" in job.metrics:
             services.metrics.predict_time.observe(job.metrics["predict_time"])
+            if "denoise" in job.metrics and job.progress_total:
+                services.metrics.step_time.observe(job.metrics["denoise"] / job.progress_total)
         await services.webhooks.enqueue(job)  # and the sweeper woken: the first try goes out now
 
     def on_event(event: JobEvent) -> None:

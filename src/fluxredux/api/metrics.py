@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter as CollectionsCounter
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,23 @@ class _StoreCollector(Collector):
         yield GaugeMetricFamily(
             "fluxredux_queue_depth", "Predictions waiting for a worker", value=counts[Status.STARTING]
         )
+        # What an autoscaler wants beside the depth: how long the oldest has waited, and
+        # what each worker holds (one read each; a scrape comes every few seconds at most).
+        oldest = self.store.find([Status.STARTING], limit=1) if counts[Status.STARTING] else []
+        yield GaugeMetricFamily(
+            "fluxredux_oldest_queued_age_seconds",
+            "How long the oldest waiting prediction has waited (0: none waits)",
+            value=max(0.0, self.store.now() - oldest[0].created_at) if oldest else 0.0,
+        )
+        in_flight = GaugeMetricFamily(
+            "fluxredux_worker_in_flight", "Running predictions each worker holds", labels=["worker"]
+        )
+        held = CollectionsCounter(
+            job.lease_owner for job in self.store.find([Status.PROCESSING]) if job.lease_owner
+        )
+        for worker, count in sorted(held.items()):
+            in_flight.add_metric([worker], count)
+        yield in_flight
 
 
 class _WorkerCollector(Collector):
@@ -45,7 +63,7 @@ class _WorkerCollector(Collector):
         self.registry = registry
         self.ttl = ttl
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         hits = CounterMetricFamily(
             "fluxredux_conditioning_cache_hits",
             "References whose Redux conditioning a worker had cached (the image encoder was skipped)",
@@ -66,10 +84,15 @@ class _WorkerCollector(Collector):
             "LoRA adapters a worker had loaded already when a prediction asked for them",
             labels=["worker"],
         )
+        by_state = GaugeMetricFamily("fluxredux_workers", "Live workers, by state", labels=["state"])
+        states: CollectionsCounter[str] = CollectionsCounter(
+            {state: 0 for state in ("loading", "ready", "failed")}
+        )
         now = self.registry.now()
         for worker in self.registry.workers():
             if is_gone(worker, now, self.ttl):
                 continue
+            states[worker.state] += 1
             counts = worker.details.get("conditioning_cache")
             # None: no cache (the fake model, or the cache turned off)
             if isinstance(counts, dict) and _is_count(counts.get("hits")) and _is_count(counts.get("misses")):
@@ -79,6 +102,9 @@ class _WorkerCollector(Collector):
             if isinstance(adapters, dict) and all(_is_count(adapters.get(n)) for n in ("loads", "hits")):
                 lora_loads.add_metric([worker.id], adapters["loads"])
                 lora_hits.add_metric([worker.id], adapters["hits"])
+        for state, count in states.items():
+            by_state.add_metric([state], count)
+        yield by_state
         yield hits
         yield misses
         yield lora_loads
@@ -110,6 +136,12 @@ class Metrics:
             "fluxredux_predict_time_seconds",
             "Time a worker spent on a successful prediction (with Redis: the whole deployment's)",
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.step_time = Histogram(
+            "fluxredux_step_seconds",
+            "Time of one denoising step (a successful prediction's denoise time over its steps)",
+            buckets=(0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8),
             registry=self.registry,
         )
         self.registry.register(_StoreCollector(store))
